@@ -1,0 +1,161 @@
+"""Per-layer budget allocations: how many weights each layer keeps for an overall sparsity.
+
+Every allocation returns integer keep-counts whose sum is exactly ``round(N * (1 - sparsity))``
+(N = weights of the pruned layers), so "sparsity" means the same number for every method.
+Used by the baseline pruners and to seed the DE population.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def total_keep(numels: Sequence[int], sparsity: float) -> int:
+    return int(round(sum(numels) * (1.0 - sparsity)))
+
+
+def largest_remainder(real_counts: np.ndarray, total: int, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Round real-valued counts to integers within [lower, upper] summing exactly to ``total``."""
+    real = np.clip(real_counts, lower, upper)
+    k = np.clip(np.floor(real).astype(np.int64), lower, upper)
+    diff = int(total - k.sum())
+    frac = real - np.floor(real)
+    if diff > 0:
+        for i in np.argsort(-frac, kind="stable"):
+            if diff == 0:
+                break
+            room = int(upper[i] - k[i])
+            add = min(room, 1 if frac[i] > 0 else room, diff)
+            k[i] += add
+            diff -= add
+        for i in np.argsort(-(upper - k), kind="stable"):  # still short: fill wherever room is
+            if diff == 0:
+                break
+            add = min(int(upper[i] - k[i]), diff)
+            k[i] += add
+            diff -= add
+    elif diff < 0:
+        for i in np.argsort(frac, kind="stable"):
+            if diff == 0:
+                break
+            take = min(int(k[i] - lower[i]), 1, -diff)
+            k[i] -= take
+            diff += take
+        for i in np.argsort(-(k - lower), kind="stable"):
+            if diff == 0:
+                break
+            take = min(int(k[i] - lower[i]), -diff)
+            k[i] -= take
+            diff += take
+    if diff != 0:
+        raise ValueError(
+            f"cannot keep exactly {total} weights within the per-layer bounds "
+            f"(min {int(lower.sum())}, max {int(upper.sum())}); relax max_layer_sparsity"
+        )
+    return k
+
+
+def fit_budget(
+    density: np.ndarray, numels: np.ndarray, total: int, min_keep: np.ndarray, upper: np.ndarray | None = None
+) -> np.ndarray:
+    """Scale per-layer densities by one factor so the kept counts sum to ``total`` (repair).
+
+    Preserves the *shape* of an allocation (which layers are pruned harder) while meeting the
+    budget exactly; layers hitting their bounds are clipped and the rest absorb the difference.
+    """
+    numels = np.asarray(numels, dtype=np.int64)
+    upper = numels if upper is None else np.maximum(np.asarray(upper, dtype=np.int64), min_keep)
+    density = np.clip(np.asarray(density, dtype=float), 0.0, 1.0)
+    lo_c, hi_c = 0.0, 1.0
+    want = lambda c: np.clip(density * c * numels, min_keep, upper).sum()  # noqa: E731
+    while want(hi_c) < total and hi_c < 1e12:
+        hi_c *= 2.0
+        if np.all(density == 0):
+            density = np.ones_like(density)
+    for _ in range(100):
+        mid = 0.5 * (lo_c + hi_c)
+        if want(mid) < total:
+            lo_c = mid
+        else:
+            hi_c = mid
+    real = np.clip(density * hi_c * numels, min_keep, upper)
+    return largest_remainder(real, total, min_keep.astype(np.int64), upper.astype(np.int64))
+
+
+def _topk_counts(scores: list[torch.Tensor], total: int) -> np.ndarray:
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    counts = np.zeros(len(scores), dtype=np.int64)
+    if total <= 0:
+        return counts
+    idx = torch.topk(flat, total, sorted=False).indices
+    bounds = np.cumsum([0] + [s.numel() for s in scores])
+    counts[:] = np.histogram(idx.numpy(), bins=bounds)[0]
+    return counts
+
+
+def uniform(weights: list[torch.Tensor], sparsity: float) -> np.ndarray:
+    """Same sparsity in every layer."""
+    n = np.array([w.numel() for w in weights])
+    return largest_remainder(n * (1.0 - sparsity), total_keep(n, sparsity), np.zeros_like(n), n)
+
+
+def global_magnitude(weights: list[torch.Tensor], sparsity: float) -> np.ndarray:
+    """One magnitude threshold over all layers."""
+    return _topk_counts([w.detach().abs().float() for w in weights], total_keep([w.numel() for w in weights], sparsity))
+
+
+def lamp_scores(w: torch.Tensor) -> torch.Tensor:
+    """LAMP (Lee et al. 2021): w_u^2 / sum of w_v^2 over the layer's weights at least as large."""
+    sq = w.detach().float().reshape(-1) ** 2
+    order = torch.argsort(sq, stable=True)  # ascending
+    s = sq[order]
+    suffix = torch.flip(torch.cumsum(torch.flip(s, [0]), 0), [0])
+    out = torch.empty_like(sq)
+    out[order] = s / suffix.clamp_min(1e-30)
+    return out
+
+
+def lamp(weights: list[torch.Tensor], sparsity: float) -> np.ndarray:
+    """Global top-k on LAMP scores (search-free, layer-adaptive)."""
+    return _topk_counts([lamp_scores(w) for w in weights], total_keep([w.numel() for w in weights], sparsity))
+
+
+def erk(weights: list[torch.Tensor], sparsity: float) -> np.ndarray:
+    """Erdos-Renyi-Kernel (Evci et al. 2020): density proportional to sum(dims) / prod(dims)."""
+    n = np.array([w.numel() for w in weights], dtype=float)
+    raw = np.array([sum(w.shape) / float(np.prod(w.shape)) for w in weights])
+    total = total_keep(n.astype(int), sparsity)
+    dense = np.zeros(len(weights), dtype=bool)
+    while True:  # layers whose density would exceed 1 are kept dense; the rest share the budget
+        rest = total - n[dense].sum()
+        eps = rest / max((raw * n)[~dense].sum(), 1e-30)
+        d = np.where(dense, 1.0, eps * raw)
+        over = (~dense) & (d > 1.0)
+        if not over.any():
+            break
+        dense |= over
+    ni = n.astype(np.int64)
+    return largest_remainder(d * n, total, np.zeros_like(ni), ni)
+
+
+ALLOCATIONS = {
+    "uniform_magnitude": uniform,
+    "global_magnitude": global_magnitude,
+    "lamp": lamp,
+    "erk": erk,
+}
+
+
+def masks_from_counts(weights: list[torch.Tensor], counts: Sequence[int]) -> list[torch.Tensor]:
+    """Keep the ``k`` largest-magnitude weights of each layer (stable tie-break by position)."""
+    out = []
+    for w, k in zip(weights, counts):
+        flat = w.detach().abs().reshape(-1)
+        m = torch.zeros(flat.numel(), dtype=torch.bool)
+        if k > 0:
+            order = torch.argsort(flat, descending=True, stable=True)
+            m[order[: int(k)]] = True
+        out.append(m.reshape(w.shape))
+    return out

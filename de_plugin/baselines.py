@@ -1,0 +1,55 @@
+"""Search-free baselines (ALGORITHMS.md section 3), run through the same loop as de_layerwise."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import allocation
+from .hookspecs import hookimpl
+from .iterative import IterativePruner, State
+
+
+class _AllocationPruner(IterativePruner):
+    rule = staticmethod(allocation.uniform)
+
+    def allocate(self, state: State, keep: int, round_index: int) -> tuple[np.ndarray, dict[str, Any]]:
+        sparsity = 1.0 - keep / state.total
+        counts = self.rule(state.weights(), sparsity)
+        lo = state.min_keep(self.options.max_layer_sparsity)
+        if np.any(counts < lo):  # respect max_layer_sparsity like the DE does
+            counts = allocation.fit_budget(np.maximum(counts, lo) / state.numels, state.numels, keep, lo)
+        return counts, {}
+
+
+class UniformMagnitude(_AllocationPruner):
+    """Same sparsity in every layer, magnitude inside each layer."""
+
+    name = "uniform_magnitude"
+    rule = staticmethod(allocation.uniform)
+
+
+class GlobalMagnitude(_AllocationPruner):
+    """One magnitude threshold over all pruned layers."""
+
+    name = "global_magnitude"
+    rule = staticmethod(allocation.global_magnitude)
+
+
+class Lamp(_AllocationPruner):
+    """LAMP scores (Lee et al., ICLR 2021), one global top-k."""
+
+    name = "lamp"
+    rule = staticmethod(allocation.lamp)
+
+
+class Erk(_AllocationPruner):
+    """Erdos-Renyi-Kernel densities (Evci et al., 2020)."""
+
+    name = "erk"
+    rule = staticmethod(allocation.erk)
+
+
+@hookimpl
+def register_pruners():
+    return [UniformMagnitude, GlobalMagnitude, Lamp, Erk]

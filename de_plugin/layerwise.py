@@ -1,0 +1,310 @@
+"""``de_layerwise``: differential evolution over per-layer pruning thresholds (Wu et al. 2021).
+
+Each round, DE searches one value per prunable layer jointly; magnitude pruning is applied
+inside each layer; the loop in :mod:`de_plugin.iterative` then fine-tunes (with optional
+recovery) and moves to the next round. Why it beats one-shot allocation (ALGORITHMS.md §4):
+searching in small steps, each round re-allocating over the fine-tuned weights, with the
+population seeded by the baselines' allocations so DE can only improve on them.
+
+Parametrisations (``parametrization``):
+* ``ratio`` (default): ``x_l`` is layer l's sparsity;
+* ``std``: layer l keeps ``|w| > x_l * std(W_l)`` (Han et al.'s quality parameter).
+
+Fitness:
+* budget form: every candidate is projected onto the exact budget (its per-layer density shape
+  scaled by one factor), then scored by validation accuracy; DE maximises it;
+* accuracy form: minimise the kept fraction subject to
+  ``acc_val >= reference - search_drop`` (Deb's feasibility rules), or the penalty
+  ``a (1 - acc) + (1 - a) density`` with ``fitness="penalty"``. ``search_drop`` bounds the drop
+  *before* fine-tuning; the loop then checks ``max_accuracy_drop`` after fine-tuning.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from . import allocation
+from .de import DifferentialEvolution
+from .hookspecs import hookimpl
+from .iterative import IterativeOptions, IterativePruner, State
+from .pruner import Context
+from .targets import get_param
+
+log = logging.getLogger("de_plugin")
+
+
+class LayerwiseOptions(IterativeOptions):
+    population: int = Field(20, ge=4, description="DE population size")
+    generations: int = Field(20, ge=0, description="DE generations per round")
+    max_evals: Optional[int] = Field(None, ge=1, description="total fitness evaluations over all rounds")
+    time_limit: Optional[float] = Field(None, gt=0, description="seconds for all searches; DE stops early")
+    parametrization: str = Field("ratio", pattern="^(ratio|std)$")
+    max_std: float = Field(4.0, gt=0, description="std parametrisation: upper bound of x_l")
+    fitness: str = Field("feasibility", pattern="^(feasibility|penalty)$")
+    penalty_weight: float = Field(0.5, ge=0.0, le=1.0, description="a in a*(1-acc)+(1-a)*density")
+    search_drop: float = Field(0.03, gt=0.0, lt=1.0, description="accuracy form: allowed drop before fine-tuning")
+    strategy: str = Field("rand1bin", pattern="^(rand1bin|best1bin|currenttobest1bin)$")
+    mutation: float = Field(0.5, ge=0.0, le=2.0)
+    recombination: float = Field(0.9, ge=0.0, le=1.0)
+    bound_handling: str = Field("clip", pattern="^(clip|reflect|random)$")
+    seed_baselines: bool = Field(True, description="seed the population with uniform/global/LAMP/ERK allocations")
+    sensitivity_scan: bool = Field(True, description="per-layer sensitivity scan in the first round (warm start)")
+    scan_levels: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
+    perturb: float = Field(0.05, ge=0.0, le=1.0, description="noise (share of range) for perturbed seeds")
+    device: Optional[str] = Field(None, description="move the working copy here (e.g. 'cuda')")
+
+
+class LayerSearch:
+    """Fitness evaluation of keep-count vectors on the working model, for one round.
+
+    Weights are snapshot once; a candidate is applied by copying back the changed layers and
+    zeroing their pruned entries (no model copies), and identical candidates are cached.
+    """
+
+    def __init__(self, pruner: "DELayerwise", ctx: Context, state: State):
+        self.pruner, self.ctx, self.state = pruner, ctx, state
+        self.params = [get_param(ctx.model, t) for t in ctx.targets]
+        self.w0 = [p.detach().clone() for p in self.params]
+        mags = [w.abs().reshape(-1) for w in self.w0]
+        self.order = [torch.argsort(m, descending=True, stable=True) for m in mags]
+        self.sorted_mag = [m[o].cpu().numpy() for m, o in zip(mags, self.order)]
+        active = [w[w != 0] for w in self.w0]
+        self.std = np.array([float(a.std()) if a.numel() > 1 else 1.0 for a in active])
+        self.std[self.std <= 0] = 1.0
+        self.applied = [None] * len(self.params)
+        self.cache: dict[tuple[int, ...], float] = {}
+
+    def apply(self, counts: np.ndarray) -> None:
+        with torch.no_grad():
+            for i, (p, k) in enumerate(zip(self.params, counts)):
+                if self.applied[i] == int(k):
+                    continue
+                p.copy_(self.w0[i])
+                p.view(-1)[self.order[i][int(k):]] = 0
+                self.applied[i] = int(k)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, w in zip(self.params, self.w0):
+                p.copy_(w)
+        self.applied = [None] * len(self.params)
+
+    def score(self, counts: np.ndarray) -> float:
+        key = tuple(int(c) for c in counts)
+        if key not in self.cache:
+            self.apply(counts)
+            self.cache[key] = self.ctx.score()
+            self.pruner.nfev += 1
+        return self.cache[key]
+
+    # x <-> counts ---------------------------------------------------------------------------
+    def counts_from_x(self, x: np.ndarray) -> np.ndarray:
+        n = self.state.numels
+        if self.pruner.options.parametrization == "ratio":
+            k = n - np.round(np.asarray(x) * n).astype(np.int64)
+        else:
+            k = np.array([int(np.sum(s > xi * sd)) for s, xi, sd in zip(self.sorted_mag, x, self.std)])
+        return np.clip(k, self.min_keep, self.state.counts)
+
+    def x_from_counts(self, counts: np.ndarray) -> np.ndarray:
+        n = self.state.numels
+        if self.pruner.options.parametrization == "ratio":
+            return 1.0 - counts / n
+        x = []
+        for s, k, sd in zip(self.sorted_mag, counts, self.std):
+            k = int(k)
+            hi = s[k - 1] if k > 0 else s[0] * 1.01 + 1e-12
+            lo = s[k] if k < len(s) else 0.0
+            x.append(0.5 * (hi + lo) / sd)
+        return np.asarray(x)
+
+    @property
+    def min_keep(self) -> np.ndarray:
+        return self.state.min_keep(self.pruner.options.max_layer_sparsity)
+
+    def bounds(self) -> list[tuple[float, float]]:
+        o = self.pruner.options
+        if o.parametrization == "ratio":
+            cur = 1.0 - self.state.counts / self.state.numels
+            return [(min(c, o.max_layer_sparsity), o.max_layer_sparsity) for c in cur]
+        return [(0.0, o.max_std)] * len(self.params)
+
+    def fit(self, counts_or_density: np.ndarray, keep: int, is_density: bool = False) -> np.ndarray:
+        d = counts_or_density if is_density else counts_or_density / self.state.numels
+        return allocation.fit_budget(d, self.state.numels, keep, self.min_keep, upper=self.state.counts)
+
+
+class DELayerwise(IterativePruner):
+    """Differential-evolution layer-wise magnitude pruning (``de_layerwise``)."""
+
+    name = "de_layerwise"
+    Options = LayerwiseOptions
+    needs_evaluate = True
+
+    def begin(self, ctx: Context, reference: Optional[float]) -> None:
+        o = self.options
+        if o.device:
+            ctx.model.to(o.device)
+        self.reference = reference
+        self.sensitivity: dict[str, list[tuple[float, float]]] = {}
+        self.deadline = None if o.time_limit is None else time.perf_counter() + o.time_limit
+        budget_rounds = o.rounds if ctx.sparsity is not None else o.rounds + o.patience
+        scan_cost = len(ctx.targets) * len(o.scan_levels) if o.sensitivity_scan else 0
+        self.evals_per_round = None if o.max_evals is None else max(o.population, (o.max_evals - scan_cost) // budget_rounds)
+        self.rng = np.random.default_rng(ctx.seed)
+
+    # ---------------------------------------------------------------------- warm starts
+    def _scan(self, search: LayerSearch) -> None:
+        """Per-layer sensitivity: accuracy with only that layer pruned to each scan level."""
+        base = search.state.counts.copy()
+        for i, t in enumerate(self.ctx.targets):
+            curve = []
+            for level in self.options.scan_levels:
+                k = int(round(t.numel * (1.0 - min(level, self.options.max_layer_sparsity))))
+                if k >= base[i]:
+                    continue
+                counts = base.copy()
+                counts[i] = max(k, int(search.min_keep[i]))
+                curve.append((float(level), search.score(counts)))
+            self.sensitivity[t.name] = curve
+
+    def _sensitivity_densities(self, search: LayerSearch, base_acc: float, tol: float) -> np.ndarray:
+        """Per layer, the sparsest scanned level whose accuracy stays within ``tol`` of the base."""
+        d = search.state.counts / search.state.numels
+        out = d.copy()
+        for i, t in enumerate(self.ctx.targets):
+            ok = [lvl for lvl, acc in self.sensitivity.get(t.name, []) if acc >= base_acc - tol]
+            if ok:
+                out[i] = min(d[i], 1.0 - max(ok))
+        return out
+
+    def _seed_counts(self, search: LayerSearch, keeps: list[int]) -> list[np.ndarray]:
+        state, seeds = search.state, []
+        weights = state.weights()
+        for keep in keeps:
+            if self.options.seed_baselines:
+                for rule in allocation.ALLOCATIONS.values():
+                    seeds.append(search.fit(rule(weights, 1.0 - keep / state.total), keep))
+            seeds.append(search.fit(state.counts, keep))  # previous round's shape, scaled
+            if self.sensitivity:
+                base = self.reference if self.reference is not None else 1.0
+                for tol in (0.01, 0.03, 0.1):
+                    seeds.append(search.fit(self._sensitivity_densities(search, base, tol), keep, is_density=True))
+        uniq: dict[tuple, np.ndarray] = {}
+        for s in seeds:
+            uniq.setdefault(tuple(int(v) for v in s), s)
+        return list(uniq.values())
+
+    # ---------------------------------------------------------------------- the search
+    def _solver(self, search: LayerSearch, seeds: list[np.ndarray], round_index: int) -> DifferentialEvolution:
+        o = self.options
+        bounds = search.bounds()
+        x0 = [search.x_from_counts(s) for s in seeds][: o.population]
+        lo, hi = np.array(bounds).T
+        while len(x0) < min(o.population, 2 * max(1, len(seeds))) and seeds:
+            base = x0[int(self.rng.integers(len(seeds)))]
+            x0.append(np.clip(base + self.rng.normal(0, o.perturb, len(base)) * (hi - lo), lo, hi))
+        return DifferentialEvolution(
+            bounds, popsize=o.population, strategy=o.strategy, mutation=o.mutation,
+            recombination=o.recombination, maxiter=o.generations, maxfun=self.evals_per_round,
+            bound_handling=o.bound_handling, x0=np.array(x0) if x0 else None,
+            seed=int(self.rng.integers(2**31)),
+        )
+
+    def _run_de(self, solver: DifferentialEvolution, evaluate_batch, desc: str) -> None:
+        pbar = tqdm(total=solver.maxiter + 1, desc=desc, leave=False, disable=not self.ctx.progress)
+        while not solver.done:
+            if self.deadline is not None and time.perf_counter() > self.deadline and solver.nit >= 0 and solver.history:
+                log.info("time_limit reached: stopping the search at generation %d", solver.nit)
+                break
+            xs = solver.ask()
+            f, v, x_eff = evaluate_batch(xs)
+            solver.tell(f, v, x_eff)
+            pbar.update(1)
+            pbar.set_postfix(best=f"{solver.fun[solver.best_index()]:.4f}")
+        pbar.close()
+
+    def _round_info(self, solver: DifferentialEvolution, extra: dict[str, Any]) -> dict[str, Any]:
+        r = solver.result()
+        return {"de": {"nfev": r.nfev, "nit": r.nit, "best_fun": r.fun, "best_violation": r.violation,
+                       "message": r.message, "history": [h["best_fun"] for h in r.history]}, **extra}
+
+    def allocate(self, state: State, keep: int, round_index: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """Budget form: maximise validation accuracy over allocations with exactly ``keep`` weights."""
+        search = LayerSearch(self, self.ctx, state)
+        try:
+            if self.options.sensitivity_scan and not self.sensitivity:
+                self._scan(search)
+            solver = self._solver(search, self._seed_counts(search, [keep]), round_index)
+
+            def evaluate_batch(xs):
+                counts = [search.fit(search.counts_from_x(x), keep) for x in xs]
+                f = [-search.score(c) for c in counts]
+                return f, None, np.array([search.x_from_counts(c) for c in counts])
+
+            self._run_de(solver, evaluate_batch, f"DE round {round_index}")
+            best = search.fit(search.counts_from_x(solver.population[solver.best_index()]), keep)
+            acc = search.score(best)
+        finally:
+            search.restore()
+        return best, self._round_info(solver, {"val_accuracy_before_finetune": acc})
+
+    def propose(self, state: State, round_index: int, caution: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """Accuracy form: minimise kept weights s.t. accuracy >= reference - search_drop (Deb's rules)."""
+        o = self.options
+        drop = o.search_drop * (0.5 ** caution)
+        limit = self.reference - drop
+        search = LayerSearch(self, self.ctx, state)
+        try:
+            if o.sensitivity_scan and not self.sensitivity:
+                self._scan(search)
+            cur = int(state.counts.sum())
+            keeps = [max(int(search.min_keep.sum()), int(round(cur * o.step_density ** j))) for j in (1, 2, 3)]
+            seeds = [state.counts.copy()] + self._seed_counts(search, keeps)
+            if self.sensitivity:
+                seeds.append(np.clip(np.round(self._sensitivity_densities(search, self.reference, drop)
+                                              * state.numels).astype(np.int64), search.min_keep, state.counts))
+            solver = self._solver(search, seeds, round_index)
+            total = state.total
+
+            def evaluate_batch(xs):
+                f, v = [], []
+                counts = [search.counts_from_x(x) for x in xs]
+                for c in counts:
+                    acc = search.score(c)
+                    dens = float(c.sum()) / total
+                    if o.fitness == "penalty":
+                        f.append(o.penalty_weight * (1.0 - acc) + (1.0 - o.penalty_weight) * dens)
+                        v.append(0.0)
+                    else:
+                        f.append(dens)
+                        v.append(max(0.0, limit - acc))
+                return f, v, np.array([search.x_from_counts(c) for c in counts])
+
+            self._run_de(solver, evaluate_batch, f"DE round {round_index}")
+            b = solver.best_index()
+            best = search.counts_from_x(solver.population[b])
+            acc = search.score(best)
+            if o.fitness == "feasibility" and solver.violation[b] > 0:
+                best = state.counts.copy()
+        finally:
+            search.restore()
+        return best, self._round_info(solver, {"val_accuracy_before_finetune": acc, "search_drop": drop})
+
+    def run(self, ctx: Context):
+        self.ctx = ctx
+        result = super().run(ctx)
+        if self.sensitivity and result.history:
+            result.history[0]["sensitivity_scan"] = self.sensitivity
+        return result
+
+
+@hookimpl
+def register_pruners():
+    return [DELayerwise]

@@ -1,0 +1,34 @@
+"""Option validation shared by all pruners: pydantic models with friendly errors."""
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class Options(BaseModel):
+    """Base of every pruner's options: unknown keys are errors, values are type-checked."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def validate_options(model_cls: type[Options], pruner_name: str, options: dict[str, Any]) -> Options:
+    """Build the options object or raise a ValueError that names each problem and the fix."""
+    known = list(model_cls.model_fields)
+    try:
+        return model_cls(**options)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(options)"
+            if err["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                lines.append(f"unknown option {key!r}{hint}")
+            else:
+                lines.append(f"option {key!r}: {err['msg']} (got {err.get('input')!r})")
+        raise ValueError(
+            f"invalid options for pruner {pruner_name!r}: " + "; ".join(lines)
+            + f". Valid options: {', '.join(sorted(known))}"
+        ) from None

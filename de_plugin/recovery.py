@@ -1,0 +1,132 @@
+"""Fine-tuning with recovery of pruned connections (ALGORITHMS.md section 1).
+
+A round's fine-tune runs the user's ``finetune(model, epochs)`` with masks attached. With a
+recovery mode, the first ``epochs - 1`` epochs train with some pruned connections allowed back:
+
+* ``random``: re-enable a random fraction of each layer's pruned weights, initialised to zero or
+  to their last non-zero value;
+* ``splicing`` (Dynamic Network Surgery): masked weights keep receiving gradients
+  (straight-through) and every ``splice_interval`` training forwards each layer's mask is
+  updated: prune where ``|w| <= 0.9 t``, splice back where ``|w| > 1.1 t``, ``t`` being the
+  layer's cut magnitude for this round;
+
+then the layer is cut back by magnitude to exactly the round's keep-count and one last epoch
+trains with that fixed mask. The round's sparsity is therefore met exactly, and every method
+in a comparison spends the same number of epochs.
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .allocation import masks_from_counts
+from .targets import Target, get_param, masks_attached
+
+Recovery = Literal["none", "random", "splicing"]
+
+
+class Splicer:
+    """DNS mask update called from the masks' forward pre-hook (works inside any training loop)."""
+
+    def __init__(self, thresholds: dict[tuple[int, str], float], interval: int, low: float = 0.9, high: float = 1.1):
+        self.thresholds = thresholds
+        self.interval = max(1, int(interval))
+        self.low, self.high = low, high
+        self.calls: dict[tuple[int, str], int] = {}
+        self.spliced = 0
+
+    def __call__(self, module: nn.Module, name: str) -> None:
+        key = (id(module), name)
+        n = self.calls.get(key, 0) + 1
+        self.calls[key] = n
+        if n % self.interval:
+            return
+        t = self.thresholds[key]
+        with torch.no_grad():
+            w = getattr(module, name + "_orig").abs()
+            mask = getattr(module, name + "_mask")
+            before = int(mask.sum())
+            new = (w > self.high * t) | ((mask > 0) & (w > self.low * t))
+            mask.copy_(new.to(mask.dtype))
+            self.spliced += max(0, int(mask.sum()) - before)
+
+
+def _cut_magnitude(w: torch.Tensor, k: int) -> float:
+    """Magnitude between the k-th kept weight and the first pruned one."""
+    flat = w.detach().abs().reshape(-1)
+    if k <= 0:
+        return float(flat.max()) * 1.0001 + 1e-12
+    if k >= flat.numel():
+        return 0.0
+    top = torch.topk(flat, k + 1).values
+    return 0.5 * float(top[k - 1] + top[k])
+
+
+def finetune_round(
+    model: nn.Module,
+    targets: Sequence[Target],
+    counts: Sequence[int],
+    finetune: Optional[Callable[[nn.Module, int], None]],
+    epochs: int,
+    *,
+    recovery: Recovery = "none",
+    fraction: float = 0.02,
+    init: str = "zero",
+    splice_interval: int = 10,
+    last_values: Optional[dict[str, torch.Tensor]] = None,
+    rng: Optional[np.random.Generator] = None,
+    torch_seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Prune to ``counts`` by magnitude, fine-tune (with recovery), return final masks and stats.
+
+    On return the model's pruned weights are exactly zero and each layer keeps ``counts[l]``.
+    """
+    weights = [get_param(model, t) for t in targets]
+    masks = {t.name: m for t, m in zip(targets, masks_from_counts(weights, counts))}
+    stats = {"recovered": 0.0, "spliced": 0.0}
+    with torch.no_grad():
+        for t, w in zip(targets, weights):
+            w.mul_(masks[t.name].to(w.dtype))
+    if finetune is None or epochs <= 0:
+        return masks, stats
+    rng = rng or np.random.default_rng(0)
+    if recovery != "none" and epochs >= 2:
+        phase = {k: v.clone() for k, v in masks.items()}
+        splicer = None
+        if recovery == "random":
+            with torch.no_grad():
+                for t, w in zip(targets, weights):
+                    pruned = (~phase[t.name]).reshape(-1).nonzero().reshape(-1).numpy()
+                    n_rec = int(round(fraction * pruned.size))
+                    if n_rec == 0:
+                        continue
+                    pick = torch.from_numpy(rng.choice(pruned, size=n_rec, replace=False))
+                    phase[t.name].view(-1)[pick] = True
+                    if init == "old" and last_values is not None:
+                        w.view(-1)[pick] = last_values[t.name].view(-1)[pick].to(w.dtype)
+                    else:
+                        w.view(-1)[pick] = 0.0
+                    stats["recovered"] += n_rec
+        else:
+            thresholds = {}
+            for t, w, k in zip(targets, weights, counts):
+                thresholds[(id(model.get_submodule(t.module_name)), t.param_name)] = _cut_magnitude(w, int(k))
+            splicer = Splicer(thresholds, splice_interval)
+        torch.manual_seed(torch_seed)
+        with masks_attached(model, targets, phase, straight_through=splicer is not None, on_forward=splicer):
+            finetune(model, epochs - 1)
+        if splicer is not None:
+            stats["spliced"] = float(splicer.spliced)
+        weights = [get_param(model, t) for t in targets]
+        masks = {t.name: m for t, m in zip(targets, masks_from_counts(weights, counts))}
+        with torch.no_grad():
+            for t, w in zip(targets, weights):
+                w.mul_(masks[t.name].to(w.dtype))
+        epochs = 1
+    torch.manual_seed(torch_seed + 1)
+    with masks_attached(model, targets, masks):
+        finetune(model, epochs)
+    return masks, stats

@@ -1,0 +1,69 @@
+"""Pruners by name, timm-style: ``@register_pruner``, ``list_pruners("de*")``, ``create_pruner``."""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Any, Callable
+
+_PRUNERS: dict[str, type] = {}
+_METRICS: dict[str, Callable] = {}
+_synced = False
+
+
+def register_pruner(cls: type) -> type:
+    """Class decorator: make a pruner available by its ``name`` (for scripts; packages use the hook)."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls!r} needs a non-empty string attribute `name` to be registered")
+    other = _PRUNERS.get(name)
+    if other is not None and other is not cls:
+        raise ValueError(f"a pruner named {name!r} is already registered ({other.__module__}.{other.__qualname__})")
+    _PRUNERS[name] = cls
+    return cls
+
+
+def _sync() -> None:
+    global _synced
+    if _synced:
+        return
+    from .plugins import load_plugins
+
+    pm = load_plugins()
+    _synced = True
+    for classes in pm.hook.register_pruners():
+        for cls in classes or ():
+            register_pruner(cls)
+    for metrics in pm.hook.register_fitness_metrics():
+        _METRICS.update(metrics or {})
+
+
+def list_pruners(pattern: str = "*") -> list[str]:
+    """Sorted names of the available pruners, filtered by an fnmatch pattern."""
+    _sync()
+    return sorted(n for n in _PRUNERS if fnmatch.fnmatchcase(n, pattern))
+
+
+def get_pruner_class(name: str) -> type:
+    _sync()
+    if not isinstance(name, str) or name not in _PRUNERS:
+        close = difflib.get_close_matches(str(name), list(_PRUNERS), n=3, cutoff=0.4)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown pruner {name!r}.{hint} Available pruners: {', '.join(sorted(_PRUNERS))}")
+    return _PRUNERS[name]
+
+
+def create_pruner(name: str, **options: Any):
+    """Instantiate a pruner by name; its options are validated before any work."""
+    return get_pruner_class(name)(**options)
+
+
+def list_metrics() -> list[str]:
+    _sync()
+    return sorted(_METRICS)
+
+
+def get_metric(name: str) -> Callable:
+    _sync()
+    if name not in _METRICS:
+        raise ValueError(f"unknown fitness metric {name!r}; available: {', '.join(sorted(_METRICS))}")
+    return _METRICS[name]

@@ -1,0 +1,105 @@
+"""What a pruning run returns, and how it is saved and re-applied."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class PruningResult:
+    """Masks and measurements of one run. ``model`` is the pruned copy (weights zeroed)."""
+
+    pruner: str
+    masks: dict[str, torch.Tensor]
+    sparsity: float
+    layer_sparsity: dict[str, float]
+    accuracy: float | None
+    reference_accuracy: float | None
+    history: list[dict[str, Any]]
+    nfev: int
+    wall_time: float
+    model: nn.Module | None = None
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    @property
+    def compression(self) -> float:
+        """1 / (1 - sparsity) over the pruned layers' weights (ALGORITHMS.md section 0)."""
+        return float("inf") if self.sparsity >= 1.0 else 1.0 / (1.0 - self.sparsity)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "pruner": self.pruner,
+            "seed": self.seed,
+            "sparsity": self.sparsity,
+            "compression": self.compression,
+            "layer_sparsity": self.layer_sparsity,
+            "accuracy": self.accuracy,
+            "reference_accuracy": self.reference_accuracy,
+            "accuracy_drop": None
+            if self.accuracy is None or self.reference_accuracy is None
+            else self.reference_accuracy - self.accuracy,
+            "nfev": self.nfev,
+            "wall_time": self.wall_time,
+            "layers": self.layers,
+            "options": self.options,
+            "history": self.history,
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.summary(), indent=kwargs.pop("indent", 2), default=_jsonable, **kwargs)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write masks and summary atomically (temporary file, then rename)."""
+        payload = {"format": "de_plugin.masks/1", "masks": {k: v.cpu().bool() for k, v in self.masks.items()},
+                   "summary": json.loads(self.to_json())}
+        path = os.fspath(path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Apply masks saved by ``PruningResult.save`` to ``model`` in place (zeroing pruned weights).
+
+    Every name and shape is checked before any weight is touched, so a mismatch leaves the
+    model as it was.
+    """
+    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != "de_plugin.masks/1":
+        raise ValueError(f"{path} is not a de_plugin masks file (written by PruningResult.save)")
+    params = dict(model.named_parameters())
+    problems = []
+    for name, m in payload["masks"].items():
+        if name not in params:
+            problems.append(f"{name}: no such parameter in the model")
+        elif tuple(params[name].shape) != tuple(m.shape):
+            problems.append(f"{name}: mask shape {tuple(m.shape)} != parameter shape {tuple(params[name].shape)}")
+    if problems:
+        raise ValueError("masks do not fit this model: " + "; ".join(problems))
+    with torch.no_grad():
+        for name, m in payload["masks"].items():
+            params[name].mul_(m.to(params[name].device, params[name].dtype))
+    return model

@@ -1,0 +1,68 @@
+"""Plain training / evaluation callables for the examples, tests and benchmarks.
+
+They implement the core's contract: ``evaluate(model) -> float`` and ``finetune(model, epochs)``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def make_evaluate(x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> Callable[[nn.Module], float]:
+    """Accuracy on fixed tensors (eval mode, no gradients)."""
+
+    def evaluate(model: nn.Module) -> float:
+        dev = next(model.parameters()).device
+        was = model.training
+        model.eval()
+        correct = 0
+        with torch.inference_mode():
+            for i in range(0, len(y), batch_size):
+                correct += int((model(x[i : i + batch_size].to(dev)).argmax(1) == y[i : i + batch_size].to(dev)).sum())
+        model.train(was)
+        return correct / len(y)
+
+    return evaluate
+
+
+def make_finetune(
+    x: torch.Tensor, y: torch.Tensor, lr: float = 5e-4, batch_size: int = 128, progress: bool = False,
+    max_steps: int | None = None,
+) -> Callable[[nn.Module, int], None]:
+    """Adam training for whole epochs over (x, y); the returned callable counts its steps.
+
+    ``finetune.steps`` accumulates the gradient steps taken, so benchmarks can show every
+    method got the same training budget.
+    """
+
+    def finetune(model: nn.Module, epochs: int) -> None:
+        dev = next(model.parameters()).device
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        model.train()
+        for ep in range(epochs):
+            perm = torch.randperm(len(y))
+            it = range(0, len(y), batch_size)
+            for i in tqdm(it, desc=f"fine-tune epoch {ep + 1}/{epochs}", leave=False, disable=not progress):
+                if max_steps is not None and finetune.steps >= max_steps:
+                    return
+                idx = perm[i : i + batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x[idx].to(dev)), y[idx].to(dev))
+                loss.backward()
+                opt.step()
+                finetune.steps += 1
+
+    finetune.steps = 0
+    return finetune
+
+
+def train(model: nn.Module, x, y, epochs: int, lr: float = 1e-3, batch_size: int = 128, seed: int = 0,
+          progress: bool = False) -> nn.Module:
+    """Train a dense model from scratch (seeded)."""
+    torch.manual_seed(seed)
+    make_finetune(x, y, lr=lr, batch_size=batch_size, progress=progress)(model, epochs)
+    return model
