@@ -48,10 +48,10 @@ class Splicer:
         with torch.no_grad():
             w = getattr(module, name + "_orig").abs()
             mask = getattr(module, name + "_mask")
-            before = int(mask.sum())
-            new = (w > self.high * t) | ((mask > 0) & (w > self.low * t))
+            old = mask > 0
+            new = (w > self.high * t) | (old & (w > self.low * t))
             mask.copy_(new.to(mask.dtype))
-            self.spliced += max(0, int(mask.sum()) - before)
+            self.spliced += int((new & ~old).sum())
 
 
 def _cut_magnitude(w: torch.Tensor, k: int) -> float:
@@ -87,9 +87,11 @@ def finetune_round(
     weights = [get_param(model, t) for t in targets]
     masks = {t.name: m for t, m in zip(targets, masks_from_counts(weights, counts))}
     stats = {"recovered": 0.0, "spliced": 0.0}
-    with torch.no_grad():
-        for t, w in zip(targets, weights):
-            w.mul_(masks[t.name].to(w.dtype))
+    splicing = recovery == "splicing" and finetune is not None and epochs >= 2
+    if not splicing:  # DNS keeps pruned values behind the mask so they can be spliced back
+        with torch.no_grad():
+            for t, w in zip(targets, weights):
+                w.mul_(masks[t.name].to(w.dtype))
     if finetune is None or epochs <= 0:
         return masks, stats
     rng = rng or np.random.default_rng(0)

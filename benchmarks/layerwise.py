@@ -1,0 +1,163 @@
+"""de_layerwise against the baselines on LeNet-300-100 and LeNet-5 (Fashion-MNIST), one run.
+
+Every method follows the same sparsity ladder from the same dense model: at each rung it is
+pruned further (``prune(..., rounds=1)`` on the previous rung's fine-tuned model) and fine-tuned
+for the same number of epochs with the same optimiser, so all methods spend exactly the same
+gradient steps (DE's fitness does no training). Test accuracy is recorded at every rung; from the
+curve we read the compression reached within 0.5 pp and 1 pp of the dense test accuracy, and the
+accuracy at 90/95/98% sparsity. ``--ablation`` adds de_layerwise with recovery none / random /
+splicing, judged on *validation* accuracy (defaults are chosen on validation data only).
+
+    python benchmarks/layerwise.py --seeds 0 1 2 --out benchmarks/results/layerwise
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import de_plugin
+from de_plugin.data import load_idx_dataset
+from de_plugin.models import create_model
+from de_plugin.training import make_evaluate, make_finetune, train
+
+LADDER = [0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.985]
+CONFIG = {
+    # dense epochs, train subset used for fine-tuning, val images used by the search, DE size
+    "lenet300": {"dense_epochs": 10, "ft_limit": None, "search_val": 5000, "population": 20, "generations": 15},
+    "lenet5": {"dense_epochs": 6, "ft_limit": 20000, "search_val": 1000, "population": 12, "generations": 8},
+}
+BASELINES = ["global_magnitude", "lamp", "erk", "uniform_magnitude"]
+
+
+def run_method(method, dense, data, cfg, seed, epochs, options):
+    """Walk the ladder with one method; return per-rung measurements."""
+    x_ft, y_ft = data.x_train, data.y_train
+    if cfg["ft_limit"]:
+        x_ft, y_ft = x_ft[: cfg["ft_limit"]], y_ft[: cfg["ft_limit"]]
+    finetune = make_finetune(x_ft, y_ft, lr=5e-4)
+    search_eval = make_evaluate(data.x_val[: cfg["search_val"]], data.y_val[: cfg["search_val"]])
+    val_eval = make_evaluate(data.x_val, data.y_val)
+    test_eval = make_evaluate(data.x_test, data.y_test)
+    model = copy.deepcopy(dense)
+    rows, nfev, search_s = [], 0, 0.0
+    for i, s in enumerate(LADDER):
+        torch.manual_seed(seed * 100 + i)
+        res = de_plugin.prune(model, method, evaluate=search_eval, finetune=finetune, sparsity=s, seed=seed * 100 + i,
+                              rounds=1, finetune_epochs=epochs, progress=False, **options)
+        model = res.model
+        nfev += res.nfev
+        search_s += sum(h.get("search_seconds", 0.0) for h in res.history)
+        rows.append({"sparsity": res.sparsity, "layer_sparsity": res.layer_sparsity,
+                     "val": val_eval(model), "test": test_eval(model), "steps": finetune.steps,
+                     "nfev": nfev, "search_seconds": search_s})
+    return rows
+
+
+def best_compression(rows, dense_test, max_drop):
+    ok = [r["sparsity"] for r in rows if dense_test - r["test"] <= max_drop + 1e-12]
+    return 1.0 / (1.0 - max(ok)) if ok else 1.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["lenet300", "lenet5"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=2, help="fine-tune epochs per rung (all methods)")
+    ap.add_argument("--recovery", default="random", help="de_layerwise recovery in the main comparison")
+    ap.add_argument("--ablation", action="store_true", help="also run de_layerwise with each recovery mode")
+    ap.add_argument("--out", default="benchmarks/results/layerwise")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_idx_dataset()
+    results: dict = {"ladder": LADDER, "epochs_per_rung": args.epochs, "models": {}}
+    t_start = time.time()
+    for mname in args.models:
+        cfg = CONFIG[mname]
+        mres = results["models"].setdefault(mname, {"dense_test": {}, "runs": {}})
+        for seed in args.seeds:
+            dense = create_model(mname)
+            train(dense, data.x_train, data.y_train, epochs=cfg["dense_epochs"], seed=seed)
+            dense_test = make_evaluate(data.x_test, data.y_test)(dense)
+            mres["dense_test"][seed] = dense_test
+            de_opts = {"population": cfg["population"], "generations": cfg["generations"]}
+            methods = {f"de_layerwise": ("de_layerwise", {**de_opts, "recovery": args.recovery})}
+            methods.update({b: (b, {}) for b in BASELINES})
+            if args.ablation:
+                for rec in ("none", "random", "splicing"):
+                    methods[f"de_layerwise[recovery={rec}]"] = ("de_layerwise", {**de_opts, "recovery": rec})
+            for label, (method, opts) in methods.items():
+                t0 = time.time()
+                rows = run_method(method, dense, data, cfg, seed, args.epochs, opts)
+                mres["runs"].setdefault(label, {})[seed] = rows
+                print(f"[{time.time() - t_start:7.0f}s] {mname} seed {seed} {label:32s} "
+                      f"test@95% {rows[LADDER.index(0.95)]['test']:.4f} (dense {dense_test:.4f}) {time.time() - t0:.0f}s",
+                      flush=True)
+                (out / "results.json").write_text(json.dumps(results, indent=1))
+    summarize(results, out)
+
+
+def summarize(results: dict, out: Path) -> None:
+    lines = []
+    for mname, mres in results["models"].items():
+        lines.append(f"\n## {mname} (dense test {np.mean(list(mres['dense_test'].values())):.4f}, "
+                     f"{len(mres['dense_test'])} seeds, {results['epochs_per_rung']} fine-tune epochs per rung)\n")
+        lines.append("| method | compression @<=0.5 pp | compression @<=1 pp | test drop @90% (pp) | @95% | @98% | search evals | fine-tune steps |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        comp05 = {}
+        for label, per_seed in mres["runs"].items():
+            c05, c1, d90, d95, d98, ev, st = [], [], [], [], [], [], []
+            for seed, rows in per_seed.items():
+                dt = mres["dense_test"][seed]
+                c05.append(best_compression(rows, dt, 0.005))
+                c1.append(best_compression(rows, dt, 0.01))
+                by = {round(r["sparsity"], 3): r for r in rows}
+                d90.append(100 * (dt - by[0.9]["test"]))
+                d95.append(100 * (dt - by[0.95]["test"]))
+                d98.append(100 * (dt - by[0.98]["test"]))
+                ev.append(rows[-1]["nfev"])
+                st.append(rows[-1]["steps"])
+            comp05[label] = np.mean(c05)
+            f = lambda v, p=1: f"{np.mean(v):.{p}f} ± {np.std(v):.{p}f}"  # noqa: E731
+            lines.append(f"| {label} | {f(c05)}x | {f(c1)}x | {f(d90, 2)} | {f(d95, 2)} | {f(d98, 2)} | {int(np.mean(ev))} | {int(np.mean(st))} |")
+        base = max(v for k, v in comp05.items() if not k.startswith("de_layerwise"))
+        lines.append(f"\nde_layerwise / best baseline compression at <=0.5 pp: {comp05['de_layerwise'] / base:.2f}x")
+    text = "\n".join(lines)
+    print(text)
+    (out / "summary.md").write_text(text + "\n")
+    plot(results, out)
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results["models"]), figsize=(6 * len(results["models"]), 4), squeeze=False)
+    for ax, (mname, mres) in zip(axes[0], results["models"].items()):
+        for label, per_seed in mres["runs"].items():
+            drops = np.array([[100 * (mres["dense_test"][s] - r["test"]) for r in rows] for s, rows in per_seed.items()])
+            comp = [1 / (1 - s) for s in results["ladder"]]
+            ax.errorbar(comp, drops.mean(0), yerr=drops.std(0), label=label, marker="o", ms=3, capsize=2)
+        ax.axhline(0.5, color="grey", ls="--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("compression (pruned layers)")
+        ax.set_ylabel("test accuracy drop (pp)")
+        ax.set_title(mname)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "layerwise.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Command line: ``de-plugin run`` (the main job), ``de-plugin list``; adapters add commands.
+
+``de-plugin run`` trains (or loads from the cache) a dense model on an MNIST-format dataset,
+prunes it with the chosen pruner and writes a report: per-layer table, compression, accuracy
+before/after (validation and test), search cost and storage, as text, JSON and a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import prune
+from .data import FASHION_MNIST_DIR, load_idx_dataset
+from .models import MODELS, create_model
+from .plugins import load_plugins
+from .registry import list_pruners
+from .report import format_table, write_report
+from .training import make_evaluate, make_finetune, train
+
+CACHE = Path(os.environ.get("DE_PLUGIN_CACHE", Path.home() / ".cache" / "de_plugin"))
+
+
+def dense_model(name: str, data, epochs: int, seed: int, data_dir: str) -> torch.nn.Module:
+    """Train the dense reference once and cache its weights outside the repository."""
+    model = create_model(name)
+    tag = f"{name}_{Path(data_dir).name}_e{epochs}_s{seed}_n{len(data.y_train)}.pt"
+    path = CACHE / tag
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        logging.info("loaded cached dense model %s", path)
+        return model
+    logging.info("training dense %s for %d epochs", name, epochs)
+    train(model, data.x_train, data.y_train, epochs=epochs, seed=seed, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    options = json.loads(args.options) if args.options else {}
+    goal = {"sparsity": args.sparsity} if args.max_accuracy_drop is None else {"max_accuracy_drop": args.max_accuracy_drop}
+    data = load_idx_dataset(args.data, val_size=args.val_size, seed=args.seed)
+    model = dense_model(args.model, data, args.train_epochs, args.seed, args.data)
+    evaluate = make_evaluate(data.x_val, data.y_val)
+    test = make_evaluate(data.x_test, data.y_test)
+    finetune = make_finetune(data.x_train, data.y_train, lr=args.lr)
+    dense_test = test(model)
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    result = prune(model, args.pruner, evaluate=evaluate, finetune=finetune, seed=args.seed,
+                   exclude=args.exclude or None, **goal, **options)
+    test_acc = test(result.model)
+    extra = {
+        "test accuracy": f"dense {dense_test:.4f} -> pruned {test_acc:.4f} (drop {100 * (dense_test - test_acc):+.2f} pp)",
+        "fine-tune gradient steps": finetune.steps,
+        "wall time (s)": round(time.perf_counter() - t0, 1),
+    }
+    print(format_table(result, extra))
+    paths = write_report(result, args.out, {"dense_test_accuracy": dense_test, "test_accuracy": test_acc,
+                                             "finetune_steps": finetune.steps, "model": args.model})
+    result.save(Path(args.out) / "masks.pt")
+    print(f"\nwrote {paths['json']}, {paths['text']}, {paths['plot']} and {Path(args.out) / 'masks.pt'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="de-plugin", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train, prune and report (default: de_layerwise on LeNet-300-100 / Fashion-MNIST)")
+    r.add_argument("--pruner", default="de_layerwise")
+    r.add_argument("--model", default="lenet300", choices=sorted(MODELS))
+    r.add_argument("--data", default=FASHION_MNIST_DIR, help="folder with MNIST-format IDX files")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--sparsity", type=float, default=0.95)
+    g.add_argument("--max-accuracy-drop", type=float, default=None)
+    r.add_argument("--options", default='{"rounds": 4, "finetune_epochs": 2, "recovery": "random"}',
+                   help="pruner options as JSON")
+    r.add_argument("--exclude", nargs="*", default=[], help="module names not to prune")
+    r.add_argument("--train-epochs", type=int, default=10)
+    r.add_argument("--val-size", type=int, default=5000)
+    r.add_argument("--lr", type=float, default=5e-4, help="fine-tune learning rate (Adam)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", default="runs/main")
+    r.set_defaults(func=cmd_run)
+    ls = sub.add_parser("list", help="list the available pruners")
+    ls.set_defaults(func=lambda a: print("\n".join(list_pruners())) or 0)
+    load_plugins().hook.register_commands(subparsers=sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"de-plugin: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny MLP trained on scikit-learn's digits (real data, seconds to train)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from de_plugin.data import load_digits_dataset
+from de_plugin.training import make_evaluate, make_finetune, train
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_digits_dataset(val_size=300, test_size=300, seed=0)
+
+
+@pytest.fixture(scope="session")
+def _trained(digits):
+    torch.manual_seed(0)
+    m = MLP()
+    train(m, digits.x_train, digits.y_train, epochs=30, lr=3e-3, batch_size=64, seed=0)
+    return m
+
+
+@pytest.fixture
+def mlp(_trained):
+    return copy.deepcopy(_trained)
+
+
+@pytest.fixture
+def evaluate(digits):
+    return make_evaluate(digits.x_val, digits.y_val)
+
+
+@pytest.fixture
+def finetune(digits):
+    return make_finetune(digits.x_train, digits.y_train, lr=1e-3, batch_size=64)
+
+
+def state_of(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,226 @@
+"""End-to-end behaviour of de_plugin.prune on a real (digits) model."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import de_plugin
+from conftest import same_state, state_of
+
+FAST = {"population": 8, "generations": 3, "rounds": 2, "finetune_epochs": 2, "scan_levels": [0.5, 0.8, 0.95]}
+
+
+def zeros_agree_with_masks(result):
+    params = dict(result.model.named_parameters())
+    for name, mask in result.masks.items():
+        w = params[name]
+        assert torch.all(w[~mask] == 0), f"{name}: pruned weights must be exactly zero"
+        assert result.layer_sparsity[name] == pytest.approx(1 - mask.sum().item() / mask.numel())
+
+
+@pytest.mark.parametrize("recovery", ["none", "random", "splicing"])
+def test_budget_form_exact_and_masked_zero_after_finetune(mlp, evaluate, finetune, recovery):
+    r = de_plugin.prune(mlp, "de_layerwise", evaluate=evaluate, finetune=finetune, sparsity=0.9, progress=False,
+                        recovery=recovery, recovery_fraction=0.2, splice_interval=2, **FAST)
+    total = sum(m.numel() for m in r.masks.values())
+    assert abs(r.sparsity - 0.9) <= 0.5 / total  # exact budget up to rounding one weight
+    zeros_agree_with_masks(r)
+    # per-layer sparsity of the result equals what the last round recorded
+    last = r.history[-1]
+    np.testing.assert_allclose(last["layer_sparsity"], [r.layer_sparsity[n] for n in r.masks])
+    assert r.nfev > 0 and r.accuracy is not None and r.reference_accuracy > 0.8
+    assert finetune.steps > 0
+
+
+def test_random_recovery_brings_weights_back(mlp, evaluate, digits):
+    """During the recovery phase more weights are non-zero than the round keeps, and they train."""
+    from de_plugin.training import make_finetune
+
+    inner = make_finetune(digits.x_train, digits.y_train, lr=1e-3, batch_size=64)
+    seen = []
+
+    def finetune(model, epochs):
+        inner(model, epochs)
+        w = model.fc1.weight  # masked view used by forward
+        seen.append(int((w != 0).sum()))
+
+    r = de_plugin.prune(mlp, "global_magnitude", finetune=finetune, sparsity=0.8, progress=False,
+                        rounds=1, finetune_epochs=2, recovery="random", recovery_fraction=0.25)
+    kept = int(r.masks["fc1.weight"].sum())
+    pruned = r.masks["fc1.weight"].numel() - kept
+    assert seen[0] >= kept + 0.9 * 0.25 * pruned  # recovered weights are non-zero after training
+    assert seen[1] == kept  # the last epoch trains with the exact mask
+    assert r.history[0]["recovered"] > 0
+    zeros_agree_with_masks(r)
+
+
+def test_splicing_updates_masks_inside_user_loop(mlp, evaluate, finetune):
+    r = de_plugin.prune(mlp, "lamp", finetune=finetune, sparsity=0.9, progress=False, rounds=1,
+                        finetune_epochs=3, recovery="splicing", splice_interval=1)
+    assert r.history[0]["spliced"] > 0
+    zeros_agree_with_masks(r)
+
+
+def test_accuracy_form_holds_constraint_on_validation(mlp, evaluate, finetune):
+    r = de_plugin.prune(mlp, "de_layerwise", evaluate=evaluate, finetune=finetune, max_accuracy_drop=0.02,
+                        progress=False, population=8, generations=3, rounds=3, finetune_epochs=2,
+                        search_drop=0.05, scan_levels=[0.5, 0.8, 0.95])
+    assert r.accuracy >= r.reference_accuracy - 0.02
+    assert evaluate(r.model) == r.accuracy
+    assert r.sparsity > 0.3
+    accepted = [h for h in r.history if h.get("accepted")]
+    assert accepted and all(h["accuracy_after_finetune"] >= r.reference_accuracy - 0.02 for h in accepted)
+    zeros_agree_with_masks(r)
+
+
+@pytest.mark.parametrize("extra", [{"parametrization": "std"}, {"fitness": "penalty"}, {"strategy": "currenttobest1bin"}])
+def test_options_variants_run(mlp, evaluate, finetune, extra):
+    goal = {"max_accuracy_drop": 0.03} if extra.get("fitness") == "penalty" else {"sparsity": 0.85}
+    r = de_plugin.prune(mlp, "de_layerwise", evaluate=evaluate, finetune=finetune, progress=False, **goal,
+                        **{**FAST, **extra})
+    zeros_agree_with_masks(r)
+    if "sparsity" in goal:
+        assert r.sparsity == pytest.approx(0.85, abs=1e-3)
+
+
+def test_same_seed_same_masks(mlp, evaluate, finetune, digits):
+    from de_plugin.training import make_finetune
+
+    def run(seed):
+        torch.manual_seed(123)
+        ft = make_finetune(digits.x_train, digits.y_train, lr=1e-3, batch_size=64)
+        return de_plugin.prune(mlp, "de_layerwise", evaluate=evaluate, finetune=ft, sparsity=0.9, seed=seed,
+                               progress=False, recovery="random", **FAST)
+
+    a, b = run(3), run(3)
+    for k in a.masks:
+        assert torch.equal(a.masks[k], b.masks[k])
+    assert a.accuracy == b.accuracy
+
+
+def test_input_model_untouched_unless_inplace(mlp, evaluate, finetune):
+    before = state_of(mlp)
+    r = de_plugin.prune(mlp, "lamp", finetune=finetune, sparsity=0.9, progress=False)
+    assert same_state(before, state_of(mlp))
+    assert r.model is not mlp
+    r2 = de_plugin.prune(mlp, "lamp", sparsity=0.9, progress=False, inplace=True)
+    assert r2.model is mlp and (mlp.fc1.weight == 0).float().mean() > 0.5
+
+
+def test_baselines_need_no_evaluate_and_meet_budget(mlp):
+    for name in ["uniform_magnitude", "global_magnitude", "lamp", "erk"]:
+        r = de_plugin.prune(mlp, name, sparsity=0.75, progress=False)
+        assert r.sparsity == pytest.approx(0.75, abs=1e-4) and r.accuracy is None
+        zeros_agree_with_masks(r)
+    r = de_plugin.prune(mlp, "uniform_magnitude", sparsity=0.75, progress=False)
+    for v in r.layer_sparsity.values():
+        assert v == pytest.approx(0.75, abs=1e-3)
+
+
+def test_exclude_layer_left_dense(mlp, evaluate, finetune):
+    r = de_plugin.prune(mlp, "de_layerwise", evaluate=evaluate, sparsity=0.8, exclude=["out"], progress=False, **FAST)
+    assert "out.weight" not in r.masks
+    assert torch.equal(r.model.out.weight, mlp.out.weight)
+
+
+def test_lstm_model_is_pruned(evaluate):
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(8, 16, batch_first=True)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            out, _ = self.lstm(x.reshape(x.shape[0], 8, 8))
+            return self.fc(out[:, -1])
+
+    torch.manual_seed(0)
+    m = Seq()
+    r = de_plugin.prune(m, "de_layerwise", evaluate=evaluate, sparsity=0.7, progress=False, **FAST)
+    assert set(r.masks) == {"lstm.weight_ih_l0", "lstm.weight_hh_l0", "fc.weight"}
+    zeros_agree_with_masks(r)
+
+
+def test_save_and_load_roundtrip(mlp, tmp_path):
+    r = de_plugin.prune(mlp, "global_magnitude", sparsity=0.9, progress=False)
+    path = tmp_path / "masks.pt"
+    r.save(path)
+    fresh = de_plugin.load(path, mlp)
+    for name, m in r.masks.items():
+        assert torch.all(dict(fresh.named_parameters())[name][~m] == 0)
+    data = r.to_json()
+    assert '"sparsity"' in data and '"layer_sparsity"' in data
+    other = nn.Sequential(nn.Linear(3, 3))
+    before = state_of(other)
+    with pytest.raises(ValueError, match="do not fit"):
+        de_plugin.load(path, other)
+    assert same_state(before, state_of(other))
+
+
+# ---------------------------------------------------------------------------- bad input
+def nan_eval(model):
+    return float("nan")
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"name": "de_layerwse", "sparsity": 0.5}, ValueError, "Did you mean 'de_layerwise'.*Available pruners"),
+        ({"sparsity": 0.5, "max_accuracy_drop": 0.01}, ValueError, "exactly one"),
+        ({}, ValueError, "exactly one"),
+        ({"sparsity": 1.0}, ValueError, r"\[0, 1\)"),
+        ({"sparsity": -0.1}, ValueError, r"\[0, 1\)"),
+        ({"sparsity": "90%"}, TypeError, "number"),
+        ({"max_accuracy_drop": 1.5}, ValueError, r"\[0, 1\)"),
+        ({"sparsity": 0.5, "evaluate": nan_eval}, ValueError, "finite"),
+        ({"sparsity": 0.5, "evaluate": lambda m: "high"}, TypeError, "must return a number"),
+        ({"sparsity": 0.5, "evaluate": 0.9}, TypeError, "callable"),
+        ({"sparsity": 0.5, "evaluate": None}, ValueError, "needs `evaluate`"),
+        ({"sparsity": 0.5, "populaton": 10}, ValueError, "unknown option 'populaton'.*did you mean 'population'"),
+        ({"sparsity": 0.5, "population": "many"}, ValueError, "option 'population'"),
+        ({"sparsity": 0.5, "recovery": "magic"}, ValueError, "option 'recovery'"),
+        ({"sparsity": 0.5, "exclude": ["classifier"]}, ValueError, "matches no module"),
+        ({"sparsity": 0.5, "finetune": "train"}, TypeError, "finetune"),
+    ],
+)
+def test_bad_input_clear_error_model_untouched(mlp, evaluate, kwargs, exc, match):
+    before = state_of(mlp)
+    kwargs = {"name": "de_layerwise", "evaluate": evaluate, **kwargs}
+    with pytest.raises(exc, match=match):
+        de_plugin.prune(mlp, progress=False, **kwargs)
+    assert same_state(before, state_of(mlp))
+
+
+def test_no_prunable_layer_error():
+    m = nn.Sequential(nn.ReLU())
+    with pytest.raises(ValueError, match="no prunable layer"):
+        de_plugin.prune(m, "lamp", sparsity=0.5)
+
+
+def test_nan_during_search_raises_and_input_untouched(mlp, evaluate):
+    calls = {"n": 0}
+
+    def flaky(model):
+        calls["n"] += 1
+        return evaluate(model) if calls["n"] < 3 else math.nan
+
+    before = state_of(mlp)
+    with pytest.raises(ValueError, match="finite"):
+        de_plugin.prune(mlp, "de_layerwise", evaluate=flaky, sparsity=0.5, progress=False, **FAST)
+    assert same_state(before, state_of(mlp))
+
+
+def test_list_and_create_pruners():
+    names = de_plugin.list_pruners()
+    assert {"de_layerwise", "uniform_magnitude", "global_magnitude", "lamp", "erk"} <= set(names)
+    assert de_plugin.list_pruners("*magnitude") == ["global_magnitude", "uniform_magnitude"]
+    p = de_plugin.create_pruner("de_layerwise", population=12)
+    assert p.options.population == 12
+
+
+def test_val_data_instead_of_evaluate(mlp, digits):
+    batches = [(digits.x_val[i : i + 100], digits.y_val[i : i + 100]) for i in range(0, 300, 100)]
+    r = de_plugin.prune(mlp, "de_layerwise", val_data=batches, sparsity=0.8, progress=False, **FAST)
+    assert 0.0 < r.accuracy <= 1.0 and r.sparsity == pytest.approx(0.8, abs=1e-3)
