@@ -20,7 +20,7 @@ from . import prune
 from .data import FASHION_MNIST_DIR, load_idx_dataset
 from .models import MODELS, create_model
 from .plugins import load_plugins
-from .registry import list_pruners
+from .registry import create_pruner, list_pruners
 from .report import format_table, write_report
 from .training import make_evaluate, make_finetune, train
 
@@ -46,6 +46,7 @@ def dense_model(name: str, data, epochs: int, seed: int, data_dir: str) -> torch
 def cmd_run(args: argparse.Namespace) -> int:
     options = json.loads(args.options) if args.options else {}
     goal = {"sparsity": args.sparsity} if args.max_accuracy_drop is None else {"max_accuracy_drop": args.max_accuracy_drop}
+    create_pruner(args.pruner, **options)  # bad names or options fail here, before any training
     data = load_idx_dataset(args.data, val_size=args.val_size, seed=args.seed)
     model = dense_model(args.model, data, args.train_epochs, args.seed, args.data)
     evaluate = make_evaluate(data.x_val, data.y_val)
