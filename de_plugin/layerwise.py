@@ -220,7 +220,7 @@ class DELayerwise(IterativePruner):
     def _run_de(self, solver: DifferentialEvolution, evaluate_batch, desc: str) -> None:
         pbar = tqdm(total=solver.maxiter + 1, desc=desc, leave=False, disable=not self.ctx.progress)
         while not solver.done:
-            if self.deadline is not None and time.perf_counter() > self.deadline and solver.nit >= 0 and solver.history:
+            if self.deadline is not None and solver.history and time.perf_counter() > self.deadline:
                 log.info("time_limit reached: stopping the search at generation %d", solver.nit)
                 break
             xs = solver.ask()

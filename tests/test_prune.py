@@ -85,6 +85,19 @@ def test_options_variants_run(mlp, evaluate, finetune, extra):
         assert r.sparsity == pytest.approx(0.85, abs=1e-3)
 
 
+def test_max_evals_bounds_search_cost(mlp, evaluate):
+    calls = {"n": 0}
+
+    def counting(model):
+        calls["n"] += 1
+        return evaluate(model)
+
+    r = de_plugin.prune(mlp, "de_layerwise", evaluate=counting, sparsity=0.8, progress=False,
+                        **{**FAST, "generations": 50, "max_evals": 40})
+    assert r.nfev <= 40
+    assert calls["n"] == r.nfev + 1 + 2 + 1  # search + reference + one check per round + final
+
+
 def test_same_seed_same_masks(mlp, evaluate, finetune, digits):
     from de_plugin.training import make_finetune
 
