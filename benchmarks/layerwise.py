@@ -27,11 +27,11 @@ from de_plugin.data import load_idx_dataset
 from de_plugin.models import create_model
 from de_plugin.training import make_evaluate, make_finetune, train
 
-LADDER = [0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.985]
+LADDER = [0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99]
 CONFIG = {
     # dense epochs, train subset used for fine-tuning, val images used by the search, DE size
-    "lenet300": {"dense_epochs": 10, "ft_limit": None, "search_val": 5000, "population": 20, "generations": 15},
-    "lenet5": {"dense_epochs": 6, "ft_limit": 20000, "search_val": 1000, "population": 12, "generations": 8},
+    "lenet300": {"dense_epochs": 20, "ft_limit": None, "search_val": 5000, "population": 20, "generations": 15},
+    "lenet5": {"dense_epochs": 12, "ft_limit": 20000, "search_val": 1000, "population": 12, "generations": 8},
 }
 BASELINES = ["global_magnitude", "lamp", "erk", "uniform_magnitude"]
 
@@ -92,13 +92,14 @@ def main() -> None:
             dense_test = make_evaluate(data.x_test, data.y_test)(dense)
             mres["dense_test"][seed] = dense_test
             de_opts = {"population": cfg["population"], "generations": cfg["generations"]}
-            methods = {f"de_layerwise": ("de_layerwise", {**de_opts, "recovery": args.recovery})}
+            methods = {"de_layerwise": ("de_layerwise", {**de_opts, "recovery": args.recovery})}
             methods.update({b: (b, {}) for b in BASELINES})
             if args.ablation_only:
                 methods = {}
             if args.ablation or args.ablation_only:
                 for rec in ("none", "random", "splicing"):
-                    methods[f"de_layerwise[recovery={rec}]"] = ("de_layerwise", {**de_opts, "recovery": rec})
+                    if rec != args.recovery or args.ablation_only:
+                        methods[f"de_layerwise[recovery={rec}]"] = ("de_layerwise", {**de_opts, "recovery": rec})
             for label, (method, opts) in methods.items():
                 t0 = time.time()
                 rows = run_method(method, dense, data, cfg, seed, args.epochs, opts)

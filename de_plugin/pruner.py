@@ -160,9 +160,15 @@ def prune(
     targets = find_targets(model, layers, layer_types, exclude)
 
     work = model if inplace else copy.deepcopy(model)
+    snapshot = copy.deepcopy(model.state_dict()) if inplace else None
     ctx = Context(work, targets, evaluate, finetune, sparsity, max_accuracy_drop, int(seed), progress)
     t0 = time.perf_counter()
-    result = pruner.run(ctx)
+    try:
+        result = pruner.run(ctx)
+    except BaseException:
+        if snapshot is not None:  # never leave the user's model half-pruned
+            model.load_state_dict(snapshot)
+        raise
     result.wall_time = time.perf_counter() - t0
     result.pruner = name
     result.seed = int(seed)

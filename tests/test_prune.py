@@ -206,6 +206,28 @@ def test_bad_input_clear_error_model_untouched(mlp, evaluate, kwargs, exc, match
     assert same_state(before, state_of(mlp))
 
 
+def test_inplace_failure_restores_model(mlp, evaluate):
+    calls = {"n": 0}
+
+    def flaky(model):
+        calls["n"] += 1
+        if calls["n"] > 12:
+            raise RuntimeError("evaluation server went away")
+        return evaluate(model)
+
+    before = state_of(mlp)
+    with pytest.raises(RuntimeError, match="went away"):
+        de_plugin.prune(mlp, "de_layerwise", evaluate=flaky, sparsity=0.9, inplace=True, progress=False, **FAST)
+    assert same_state(before, state_of(mlp))
+
+
+def test_baseline_accuracy_form(mlp, evaluate, finetune):
+    r = de_plugin.prune(mlp, "lamp", evaluate=evaluate, finetune=finetune, max_accuracy_drop=0.01, rounds=3,
+                        finetune_epochs=1, progress=False)
+    assert r.accuracy >= r.reference_accuracy - 0.01 and r.sparsity > 0.3
+    zeros_agree_with_masks(r)
+
+
 def test_no_prunable_layer_error():
     m = nn.Sequential(nn.ReLU())
     with pytest.raises(ValueError, match="no prunable layer"):
