@@ -104,15 +104,26 @@ class IterativePruner(Pruner):
     # --- the loop ------------------------------------------------------------------------
     def run(self, ctx: Context) -> PruningResult:
         o = self.options
+        state = State(ctx)
+        if ctx.sparsity is not None:  # checks that need no evaluation come first
+            keep_final = int(round(state.total * (1.0 - ctx.sparsity)))
+            if keep_final < int(state.min_keep(o.max_layer_sparsity).sum()):
+                raise ValueError(
+                    f"sparsity {ctx.sparsity} needs some layer above max_layer_sparsity={o.max_layer_sparsity}; "
+                    "raise max_layer_sparsity or lower sparsity"
+                )
+            if keep_final > int(state.counts.sum()):
+                raise ValueError(
+                    f"the selected layers are already {1 - state.density:.4f} sparse, more than the requested "
+                    f"sparsity={ctx.sparsity}; ask for a higher sparsity"
+                )
         reference = ctx.score() if ctx.evaluate is not None else None
         if reference is not None:
             log.info("%s: dense reference accuracy %.4f", self.name, reference)
         self.nfev = 0
         self.begin(ctx, reference)
-        state = State(ctx)
         history: list[dict[str, Any]] = []
         rng = np.random.default_rng(ctx.seed)
-        max_keep_floor = int(state.min_keep(o.max_layer_sparsity).sum())
 
         def one_round(i: int, counts: np.ndarray, info: dict[str, Any]) -> dict[str, Any]:
             t0 = time.perf_counter()
@@ -133,13 +144,8 @@ class IterativePruner(Pruner):
                      rec["sparsity"], "n/a" if acc is None else f"{acc:.4f}")
             return rec
 
+        accuracy = reference  # accuracy of the model as it stands after the last kept round
         if ctx.sparsity is not None:
-            keep_final = int(round(state.total * (1.0 - ctx.sparsity)))
-            if keep_final < max_keep_floor:
-                raise ValueError(
-                    f"sparsity {ctx.sparsity} needs some layer above max_layer_sparsity={o.max_layer_sparsity}; "
-                    "raise max_layer_sparsity or lower sparsity"
-                )
             plan = density_schedule(state.density, 1.0 - ctx.sparsity, o.rounds)
             for i, d in enumerate(tqdm(plan, desc=f"{self.name} rounds", disable=not ctx.progress)):
                 keep = keep_final if i == len(plan) - 1 else int(round(state.total * d))
@@ -147,6 +153,7 @@ class IterativePruner(Pruner):
                 counts, info = self.allocate(state, keep, i)
                 info = {"target_sparsity": 1.0 - keep / state.total, "search_seconds": time.perf_counter() - t0, **info}
                 history.append(one_round(i, counts, info))
+                accuracy = history[-1]["accuracy_after_finetune"]
         else:
             limit = reference - ctx.max_accuracy_drop
             accepted, caution, i = 0, 0, 0
@@ -168,6 +175,7 @@ class IterativePruner(Pruner):
                 history.append(rec)
                 if rec["accepted"]:
                     accepted, caution = accepted + 1, 0
+                    accuracy = rec["accuracy_after_finetune"]
                     pbar.update(1)
                 else:
                     ctx.model.load_state_dict(snapshot[0])
@@ -176,6 +184,4 @@ class IterativePruner(Pruner):
                     log.info("round %d rejected (%.4f < %.4f): rolled back", i, rec["accuracy_after_finetune"], limit)
                 i += 1
             pbar.close()
-        masks = state.masks
-        accuracy = ctx.score() if ctx.evaluate is not None else None
-        return PruningResult(self.name, masks, 0.0, {}, accuracy, reference, history, self.nfev, 0.0)
+        return PruningResult(self.name, state.masks, 0.0, {}, accuracy, reference, history, self.nfev, 0.0)

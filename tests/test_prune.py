@@ -95,7 +95,7 @@ def test_max_evals_bounds_search_cost(mlp, evaluate):
     r = de_plugin.prune(mlp, "de_layerwise", evaluate=counting, sparsity=0.8, progress=False,
                         **{**FAST, "generations": 50, "max_evals": 40})
     assert r.nfev <= 40
-    assert calls["n"] == r.nfev + 1 + 2 + 1  # search + reference + one check per round + final
+    assert calls["n"] == r.nfev + 1 + 2  # search + reference + one check per round
 
 
 def test_same_seed_same_masks(mlp, evaluate, finetune, digits):
@@ -226,6 +226,12 @@ def test_baseline_accuracy_form(mlp, evaluate, finetune):
                         finetune_epochs=1, progress=False)
     assert r.accuracy >= r.reference_accuracy - 0.01 and r.sparsity > 0.3
     zeros_agree_with_masks(r)
+
+
+def test_lower_sparsity_than_model_has_is_an_error(mlp):
+    r = de_plugin.prune(mlp, "lamp", sparsity=0.9, progress=False)
+    with pytest.raises(ValueError, match="already 0.9"):
+        de_plugin.prune(r.model, "lamp", sparsity=0.5, progress=False)
 
 
 def test_no_prunable_layer_error():
