@@ -98,6 +98,13 @@ def test_max_evals_bounds_search_cost(mlp, evaluate):
     assert calls["n"] == r.nfev + 1 + 2  # search + reference + one check per round
 
 
+def test_time_limit_stops_search_after_initial_population(mlp, evaluate):
+    r = de_plugin.prune(mlp, "de_layerwise", evaluate=evaluate, sparsity=0.8, progress=False,
+                        **{**FAST, "generations": 200, "time_limit": 1e-6})
+    assert all(h["de"]["nit"] == 0 for h in r.history)  # only the seeded population was scored
+    assert r.sparsity == pytest.approx(0.8, abs=1e-3)
+
+
 def test_same_seed_same_masks(mlp, evaluate, finetune, digits):
     from de_plugin.training import make_finetune
 
