@@ -52,7 +52,7 @@ def largest_remainder(real_counts: np.ndarray, total: int, lower: np.ndarray, up
     if diff != 0:
         raise ValueError(
             f"cannot keep exactly {total} weights within the per-layer bounds "
-            f"(min {int(lower.sum())}, max {int(upper.sum())}); relax max_layer_sparsity"
+            f"(min {int(lower.sum())}, max {int(upper.sum())}); relax max_layer_sparsity or min_layer_sparsity"
         )
     return k
 

@@ -17,8 +17,9 @@ class _AllocationPruner(IterativePruner):
         sparsity = 1.0 - keep / state.total
         counts = self.rule(state.weights(), sparsity)
         lo = state.min_keep(self.options.max_layer_sparsity)
-        if np.any(counts < lo):  # respect max_layer_sparsity like the DE does
-            counts = allocation.fit_budget(np.maximum(counts, lo) / state.numels, state.numels, keep, lo)
+        hi = state.max_keep(self.options.min_layer_sparsity)
+        if np.any(counts < lo) or np.any(counts > hi):  # respect the per-layer bounds like the DE does
+            counts = allocation.fit_budget(np.clip(counts, lo, hi) / state.numels, state.numels, keep, lo, upper=hi)
         return counts, {}
 
 

@@ -40,6 +40,7 @@ class IterativeOptions(Options):
     recovery_init: str = Field("zero", pattern="^(zero|old)$")
     splice_interval: int = Field(10, ge=1, description="splicing: training forwards between mask updates")
     max_layer_sparsity: float = Field(0.995, gt=0.0, le=1.0, description="no layer is pruned beyond this")
+    min_layer_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="every layer is pruned at least this much")
     step_density: float = Field(0.6, gt=0.0, lt=1.0, description="accuracy form: density factor per proposed step")
     patience: int = Field(2, ge=1, description="accuracy form: rejected rounds in a row before stopping")
 
@@ -67,6 +68,11 @@ class State:
 
     def min_keep(self, max_layer_sparsity: float) -> np.ndarray:
         return np.minimum(np.ceil(self.numels * (1.0 - max_layer_sparsity)).astype(np.int64), self.numels)
+
+    def max_keep(self, min_layer_sparsity: float) -> np.ndarray:
+        """Upper bound of each layer's keep-count: never more than now, nor above 1 - min sparsity."""
+        cap = np.floor(self.numels * (1.0 - min_layer_sparsity) + 1e-9).astype(np.int64)
+        return np.minimum(self.counts, cap)
 
     def remember_values(self) -> None:
         for t, w in zip(self.ctx.targets, self.weights()):
@@ -112,7 +118,14 @@ class IterativePruner(Pruner):
                     f"sparsity {ctx.sparsity} needs some layer above max_layer_sparsity={o.max_layer_sparsity}; "
                     "raise max_layer_sparsity or lower sparsity"
                 )
-            if keep_final > int(state.counts.sum()):
+            if o.min_layer_sparsity > o.max_layer_sparsity:
+                raise ValueError("min_layer_sparsity must not exceed max_layer_sparsity")
+            if keep_final > int(state.max_keep(o.min_layer_sparsity).sum()):
+                if keep_final <= int(state.counts.sum()):
+                    raise ValueError(
+                        f"sparsity {ctx.sparsity} is below min_layer_sparsity={o.min_layer_sparsity}; "
+                        "lower min_layer_sparsity or raise sparsity"
+                    )
                 raise ValueError(
                     f"the selected layers are already {1 - state.density:.4f} sparse, more than the requested "
                     f"sparsity={ctx.sparsity}; ask for a higher sparsity"
@@ -149,6 +162,7 @@ class IterativePruner(Pruner):
             plan = density_schedule(state.density, 1.0 - ctx.sparsity, o.rounds)
             for i, d in enumerate(tqdm(plan, desc=f"{self.name} rounds", disable=not ctx.progress)):
                 keep = keep_final if i == len(plan) - 1 else int(round(state.total * d))
+                keep = min(keep, int(state.max_keep(o.min_layer_sparsity).sum()))  # min_layer_sparsity first
                 t0 = time.perf_counter()
                 counts, info = self.allocate(state, keep, i)
                 info = {"target_sparsity": 1.0 - keep / state.total, "search_seconds": time.perf_counter() - t0, **info}

@@ -110,7 +110,7 @@ class LayerSearch:
             k = n - np.round(np.asarray(x) * n).astype(np.int64)
         else:
             k = np.array([int(np.sum(s > xi * sd)) for s, xi, sd in zip(self.sorted_mag, x, self.std)])
-        return np.clip(k, self.min_keep, self.state.counts)
+        return np.clip(k, self.min_keep, self.max_keep)
 
     def x_from_counts(self, counts: np.ndarray) -> np.ndarray:
         n = self.state.numels
@@ -128,16 +128,20 @@ class LayerSearch:
     def min_keep(self) -> np.ndarray:
         return self.state.min_keep(self.pruner.options.max_layer_sparsity)
 
+    @property
+    def max_keep(self) -> np.ndarray:
+        return np.maximum(self.state.max_keep(self.pruner.options.min_layer_sparsity), self.min_keep)
+
     def bounds(self) -> list[tuple[float, float]]:
         o = self.pruner.options
         if o.parametrization == "ratio":
-            cur = 1.0 - self.state.counts / self.state.numels
+            cur = 1.0 - self.max_keep / self.state.numels
             return [(min(c, o.max_layer_sparsity), o.max_layer_sparsity) for c in cur]
         return [(0.0, o.max_std)] * len(self.params)
 
     def fit(self, counts_or_density: np.ndarray, keep: int, is_density: bool = False) -> np.ndarray:
         d = counts_or_density if is_density else counts_or_density / self.state.numels
-        return allocation.fit_budget(d, self.state.numels, keep, self.min_keep, upper=self.state.counts)
+        return allocation.fit_budget(d, self.state.numels, keep, self.min_keep, upper=self.max_keep)
 
 
 class DELayerwise(IterativePruner):
@@ -266,10 +270,10 @@ class DELayerwise(IterativePruner):
                 self._scan(search)
             cur = int(state.counts.sum())
             keeps = [max(int(search.min_keep.sum()), int(round(cur * o.step_density ** j))) for j in (1, 2, 3)]
-            seeds = [state.counts.copy()] + self._seed_counts(search, keeps)
+            seeds = [search.max_keep.copy()] + self._seed_counts(search, keeps)
             if self.sensitivity:
                 seeds.append(np.clip(np.round(self._sensitivity_densities(search, self.reference, drop)
-                                              * state.numels).astype(np.int64), search.min_keep, state.counts))
+                                              * state.numels).astype(np.int64), search.min_keep, search.max_keep))
             solver = self._solver(search, seeds, round_index)
             total = state.total
 

@@ -139,6 +139,15 @@ def test_baselines_need_no_evaluate_and_meet_budget(mlp):
         assert v == pytest.approx(0.75, abs=1e-3)
 
 
+@pytest.mark.parametrize("name", ["de_layerwise", "lamp"])
+def test_per_layer_bounds_respected(mlp, evaluate, name):
+    r = de_plugin.prune(mlp, name, evaluate=evaluate, sparsity=0.6, progress=False, min_layer_sparsity=0.4,
+                        max_layer_sparsity=0.8, **(FAST if name == "de_layerwise" else {}))
+    assert r.sparsity == pytest.approx(0.6, abs=1e-3)
+    for v in r.layer_sparsity.values():
+        assert 0.4 - 1e-3 <= v <= 0.8 + 1e-3
+
+
 def test_exclude_layer_left_dense(mlp, evaluate, finetune):
     r = de_plugin.prune(mlp, "de_layerwise", evaluate=evaluate, sparsity=0.8, exclude=["out"], progress=False, **FAST)
     assert "out.weight" not in r.masks

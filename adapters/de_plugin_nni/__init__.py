@@ -1,0 +1,43 @@
+"""NNI 3.0 adapter of de-plugin: ``de_layerwise`` as an NNI pruner, selected by name.
+
+    import de_plugin_nni
+    pruner = de_plugin_nni.create_pruner("de_layerwise", model, config_list, evaluator, rounds=3)
+    model, masks = pruner.compress()
+
+Importing this package never fails when NNI is missing; using a name that needs NNI raises an
+ImportError that says how to install it.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "DELayerwisePruner": "de_plugin_nni.pruner",
+    "create_pruner": "de_plugin_nni.names",
+    "list_pruners": "de_plugin_nni.names",
+    "PRUNERS": "de_plugin_nni.names",
+    "speedup": "de_plugin_nni.speedup",
+    "patch_concrete_tracer": "de_plugin_nni.speedup",
+    "run_config": "de_plugin_nni.config",
+    "load_config": "de_plugin_nni.config",
+    "export_config_list": "de_plugin_nni.pruner",
+}
+__all__ = sorted(_LAZY)
+
+
+def require_nni() -> None:
+    """Raise a helpful ImportError when NNI is not installed."""
+    try:
+        import nni  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - exercised only without NNI
+        raise ImportError(
+            "de_plugin_nni needs NNI 3.0: install it with `pip install 'de-plugin[nni]'` (nni==3.0)"
+        ) from exc
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        require_nni()
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'de_plugin_nni' has no attribute {name!r}")

@@ -1,0 +1,107 @@
+"""``ModelSpeedup`` on torch 2.13, without editing NNI's installed files.
+
+Quirks of nni 3.0 with torch >= 2.1 / Python 3.11 (delete this module's patches when NNI fixes them):
+
+1. ``concrete_tracer.py:958`` ``AttributeError: 'NoneType' object has no attribute 'startswith'``:
+   torch renamed ``_C._TensorBase`` to ``TensorBase`` and three of its methods
+   (``_make_subclass``, ``_make_wrapper_subclass``, ``_dtensor__new__``) have ``__module__ is None``;
+   we drop them from the tracer's table of wrapped functions.
+2. ``Node.is_impure`` gained an argument in torch 2.x; NNI's replacement accepts only ``node``.
+3. Python 3.11 inline caches: NNI's proxy finds "the current bytecode instruction" as
+   ``dis.get_instructions(code)[f_lasti // 2]``, which is off once caches exist, and it does not
+   know 3.11's jump opcodes, so ``if <traced tensor>:`` fails. We give the proxy module a ``dis``
+   whose instruction list is indexed by code unit, and add the 3.11 jump opcodes.
+
+If the patched tracer still fails on a model, :func:`speedup` falls back to
+``torch.fx.symbolic_trace`` (which cannot follow data-dependent ``if``) and reports both errors.
+"""
+from __future__ import annotations
+
+import dis
+import functools
+import logging
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger("de_plugin_nni")
+_PATCHED = False
+_DROP = ("_make_subclass", "_make_wrapper_subclass", "_dtensor__new__")
+
+
+class _CodeUnitDis(types.ModuleType):
+    """``dis`` whose ``get_instructions`` list has one entry per 2-byte code unit.
+
+    A cache slot maps to the next real instruction, so ``insts[f_lasti // 2]`` is the executing
+    instruction and ``insts[cur + 1]`` the one after it, as NNI's proxy assumes.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(dis, name)
+
+    @staticmethod
+    def get_instructions(code, **kwargs):
+        real = list(dis.get_instructions(code))
+        out, j = [], 0
+        for i in range(len(code.co_code) // 2):
+            while j < len(real) - 1 and real[j].offset < 2 * i:
+                j += 1
+            out.append(real[j])
+        return out
+
+
+def patch_concrete_tracer() -> None:
+    """Apply the three runtime fixes above, once (idempotent)."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    import nni.common.concrete_trace_utils.concrete_proxy as cp
+    import nni.common.concrete_trace_utils.concrete_tracer as ct
+
+    table = ct.ConcreteTracer.default_autowrap_leaf_function
+    for func in list(table):
+        if getattr(func, "__module__", "") is None and getattr(func, "__name__", "") in _DROP:
+            del table[func]
+    original = ct.node_is_impure_wrapper
+
+    @functools.wraps(original)
+    def node_is_impure(node, *args, **kwargs):
+        return original(node)
+
+    ct.node_is_impure_wrapper = node_is_impure
+    cp.dis = _CodeUnitDis("dis")
+    extra = {code for name, code in dis.opmap.items() if name.startswith(("POP_JUMP_", "JUMP_IF_"))}
+    cp.ConcreteProxy.jump_opcodes = tuple(sorted(set(cp.ConcreteProxy.jump_opcodes) | extra))
+    _PATCHED = True
+
+
+def speedup(model: nn.Module, dummy_input: Any, masks: dict, **kwargs: Any) -> nn.Module:
+    """Shrink ``model`` in place with NNI's ``ModelSpeedup`` using ``masks`` (NNI format).
+
+    ``masks`` is ``{module_name: {"weight": mask, ...}}`` as returned by ``pruner.compress()``.
+    The model is returned in eval mode (NNI leaves replaced BatchNorm layers in train mode).
+    """
+    from nni.compression.speedup import ModelSpeedup
+
+    patch_concrete_tracer()
+    masks = {k: dict(v) for k, v in masks.items()}  # plain dicts: NNI may save them with torch.save
+    was_training = model.training
+    model.eval()
+    try:
+        ModelSpeedup(model, dummy_input, masks, **kwargs).speedup_model()
+    except Exception as concrete_error:  # noqa: BLE001 - report both tracers' errors below
+        log.warning("NNI's concrete tracer failed (%s); trying torch.fx.symbolic_trace", concrete_error)
+        try:
+            graph_module = torch.fx.symbolic_trace(model)
+        except Exception as fx_error:
+            raise RuntimeError(
+                f"ModelSpeedup cannot trace this model. NNI's concrete tracer: {concrete_error!r}; "
+                f"torch.fx: {fx_error!r}. Make the failing op traceable or exclude its layers."
+            ) from fx_error
+        ModelSpeedup(model, dummy_input, masks, graph_module=graph_module, **kwargs).speedup_model()
+    model.eval()
+    if was_training:
+        log.info("speedup: model returned in eval mode")
+    return model
