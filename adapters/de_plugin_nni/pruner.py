@@ -1,0 +1,262 @@
+"""``DELayerwisePruner``: the core's ``de_layerwise`` as an NNI 3.0 ``Pruner``.
+
+NNI's own arguments: ``(model, config_list, evaluator, existed_wrappers=None, **de_options)``.
+Each config_list entry selects layers as NNI does (``op_types``, ``op_names``,
+``exclude_op_names``...); its ``sparse_ratio`` is the *overall* budget of that entry's layers
+(as NNI reads it for a ``global_group_id`` group), which DE allocates across them;
+``max_sparse_ratio`` / ``min_sparse_ratio`` bound every layer. Only weights are pruned.
+
+Two ways it runs, like NNI's built-ins:
+
+* ``compress()`` alone: the full de_layerwise loop (search -> prune -> fine-tune with recovery,
+  ``rounds`` times) using the evaluator's ``evaluate()`` as fitness and ``train()`` for
+  fine-tuning; masks end in NNI's wrappers, ``compress()`` returns ``(model, masks)``.
+* fused (``AGPPruner`` / ``LinearPruner`` scheduling, ``QATQuantizer.from_compressor``): at each
+  scheduled mask update DE re-allocates the current sparse ratio over the layers (warm-started from
+  the previous allocation); the schedule's own training fine-tunes.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Literal
+
+import numpy as np
+import torch
+from nni.compression.base.compressor import Pruner
+from nni.compression.base.config import default_config_schema, select_modules_by_config, trans_legacy_config_list
+from nni.compression.base.wrapper import ModuleWrapper
+from nni.compression.utils.evaluator import Evaluator
+from schema import SchemaError
+from torch import nn
+
+import de_plugin
+from de_plugin.allocation import masks_from_counts
+from de_plugin.iterative import State
+from de_plugin.layerwise import DELayerwise, LayerwiseOptions
+from de_plugin.options import validate_options
+from de_plugin.pruner import Context, check_score
+from de_plugin.targets import Target
+
+log = logging.getLogger("de_plugin_nni")
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _score_of(metric: Any) -> float:
+    """NNI evaluators return a float, or (float, extra); take the number."""
+    if isinstance(metric, (tuple, list)) and metric:
+        metric = metric[0]
+    if metric is None:
+        raise ValueError("the NNI evaluator returned None: give it an evaluating_func that returns accuracy")
+    return check_score(metric)
+
+
+def parse_config_list(model: nn.Module, config_list: List[Dict]) -> List[Dict[str, Any]]:
+    """Validate ``config_list`` with NNI's own schema and return one group per entry.
+
+    Raises ValueError in plain words before NNI wraps anything.
+    """
+    if not isinstance(config_list, list) or not config_list:
+        raise ValueError("config_list must be a non-empty list of dicts, e.g. [{'op_types': ['Linear'], 'sparse_ratio': 0.9}]")
+    configs = trans_legacy_config_list([dict(c) for c in config_list])
+    schema = default_config_schema("pruning")
+    groups, owner = [], {}
+    for i, cfg in enumerate(configs):
+        try:
+            schema.validate(cfg)
+        except SchemaError as exc:
+            raise ValueError(f"config_list entry {i} is not valid for NNI: {exc}. "
+                             f"(de_layerwise options go to the pruner's constructor, not into config_list)") from None
+        if cfg.get("exclude"):
+            continue
+        ratio = cfg.get("sparse_ratio")
+        if ratio is None:
+            raise ValueError(f"config_list entry {i} needs 'sparse_ratio' (the overall budget of its layers)")
+        for key in ("sparse_ratio", "max_sparse_ratio", "min_sparse_ratio"):
+            v = cfg.get(key)
+            if v is not None and not 0.0 <= float(v) < 1.0:
+                raise ValueError(f"config_list entry {i}: {key}={v} must lie in [0, 1)")
+        modules, _, _ = select_modules_by_config(model, cfg)
+        names = [n for n, m in modules.items() if isinstance(m, PRUNABLE)]
+        if not names:
+            raise ValueError(f"config_list entry {i} selects no Conv/Linear layer of the model: {cfg}")
+        for n in names:
+            owner[n] = len(groups)
+        groups.append({"index": i, "layers": names, "sparse_ratio": float(ratio),
+                       "max_sparse_ratio": float(cfg.get("max_sparse_ratio") or 0.995),
+                       "min_sparse_ratio": float(cfg.get("min_sparse_ratio") or 0.0)})
+    for g_i, g in enumerate(groups):  # a layer selected twice belongs to the last entry, as in NNI
+        g["layers"] = [n for n in g["layers"] if owner[n] == g_i]
+    groups = [g for g in groups if g["layers"]]
+    if not groups:
+        raise ValueError("config_list selects no prunable layer")
+    return groups
+
+
+class DELayerwisePruner(Pruner):
+    """Differential-evolution layer-wise magnitude pruning for NNI (name ``de_layerwise``)."""
+
+    def __init__(self, model: nn.Module, config_list: List[Dict], evaluator: Evaluator | None = None,
+                 existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, seed: int = 0,
+                 progress: bool = True, **de_options: Any):
+        if evaluator is not None and not isinstance(evaluator, Evaluator):
+            raise TypeError(f"evaluator must be an NNI Evaluator (TorchEvaluator or LightningEvaluator), "
+                            f"got {type(evaluator).__name__}")
+        self.options = validate_options(LayerwiseOptions, "de_layerwise", de_options)
+        self.groups = parse_config_list(model, config_list)
+        self.seed, self.progress = int(seed), bool(progress)
+        super().__init__(model, config_list, evaluator, existed_wrappers)
+        # what LinearPruner / AGPPruner drive (see _NormPruner)
+        self.interval_steps = -1
+        self.total_times: int | Literal["unlimited"] = 1
+        self.first_step_gen = False
+        self.results: list = []
+        self._searchers: dict[int, DELayerwise] = {}
+        self._updates = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _require_evaluator(self) -> Evaluator:
+        if self.evaluator is None:
+            raise ValueError("de_layerwise needs an NNI evaluator (its evaluate() is the search's fitness)")
+        return self.evaluator
+
+    def _evaluate(self, _model: nn.Module | None = None) -> float:
+        return _score_of(self._require_evaluator().evaluate())
+
+    def _group_options(self, g: Dict[str, Any]) -> dict:
+        opts = self.options.model_dump()
+        opts["max_layer_sparsity"] = g["max_sparse_ratio"]
+        opts["min_layer_sparsity"] = g["min_sparse_ratio"]
+        return opts
+
+    def _masks_to_nni(self, masks: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
+        out: Dict[str, Dict[str, torch.Tensor]] = {}
+        for name, m in masks.items():
+            module_name = name.rsplit(".", 1)[0]
+            out[module_name] = {"weight": m.float()}
+        return out
+
+    # ------------------------------------------------------------------ single compress
+    def _single_compress(self, max_steps: int | None, max_epochs: int | None) -> None:
+        """The whole de_layerwise loop on the unwrapped model, then masks into NNI's wrappers."""
+        evaluator = self._require_evaluator()
+        if max_steps is not None or max_epochs is not None:
+            raise ValueError("de_layerwise fine-tunes per round (option finetune_epochs); call compress() "
+                             "without max_steps/max_epochs, or schedule it with AGPPruner/LinearPruner")
+        self.unwrap_model()
+        evaluator.bind_model(self.bound_model)
+
+        def finetune(model: nn.Module, epochs: int) -> None:
+            evaluator.train(max_epochs=epochs)
+
+        try:
+            masks: Dict[str, torch.Tensor] = {}
+            for g in self.groups:
+                res = de_plugin.prune(
+                    self.bound_model, "de_layerwise", evaluate=self._evaluate, finetune=finetune,
+                    sparsity=g["sparse_ratio"], layers=g["layers"], layer_types=["Linear", "Conv1d", "Conv2d", "Conv3d"],
+                    inplace=True, seed=self.seed, progress=self.progress, **self._group_options(g),
+                )
+                self.results.append(res)
+                masks.update(res.masks)
+        finally:
+            evaluator.unbind_model()
+            self._sync_into_wrappers()
+            self.wrap_model()
+        self.update_masks(self._masks_to_nni(masks))
+
+    def _sync_into_wrappers(self) -> None:
+        """Quirk (nni 3.0): ``wrap()`` restores each wrapper's own copy of the parameters taken at
+        construction, discarding training done on the unwrapped model; copy the trained values in."""
+        with torch.no_grad():
+            for wrapper in self._module_wrappers.values():
+                for name, param in wrapper.module.named_parameters(recurse=False):
+                    own = wrapper._parameters.get(name)
+                    if own is not None and own.shape == param.shape:
+                        own.copy_(param)
+
+    # ------------------------------------------------------------------ fused / scheduled
+    def generate_masks(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """One DE re-allocation per group at the target spaces' current sparse ratio (no training)."""
+        masks: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._updates += 1
+        for g_i, g in enumerate(self.groups):
+            spaces = [self._target_spaces[n]["weight"] for n in g["layers"]]
+            ratio = spaces[0].sparse_ratio if spaces[0].sparse_ratio is not None else g["sparse_ratio"]
+            targets = [Target(f"{n}._nni_wrapper", "weight", "wrapped", tuple(s.target.shape)) for n, s in zip(g["layers"], spaces)]
+            with torch.no_grad():  # pruning is monotone: masked weights stay pruned
+                for s in spaces:
+                    if s.mask is not None:
+                        s.target.mul_(s.mask)
+            ctx = Context(self.bound_model, targets, self._evaluate, None, None, None, self.seed, False)
+            state = State(ctx)
+            keep = int(round(state.total * (1.0 - ratio)))
+            keep = max(keep, int(state.min_keep(g["max_sparse_ratio"]).sum()))
+            keep = min(keep, int(state.counts.sum()))
+            if keep >= int(state.counts.sum()):
+                counts = state.counts
+            else:
+                searcher = self._searchers.get(g_i)
+                if searcher is None:
+                    searcher = DELayerwise(**self._group_options(g))
+                    searcher.ctx = ctx
+                    searcher.nfev = 0
+                    searcher.begin(ctx, self._evaluate())
+                    self._searchers[g_i] = searcher
+                searcher.ctx = ctx
+                with torch.no_grad():  # masks off while the search sets weights itself
+                    saved = [s.mask.clone() if s.mask is not None else None for s in spaces]
+                    for s in spaces:
+                        s.mask = torch.ones_like(s.target)
+                try:
+                    counts, _ = searcher.allocate(state, keep, self._updates)
+                finally:
+                    for s, m in zip(spaces, saved):
+                        s.mask = m
+            for n, m in zip(g["layers"], masks_from_counts([s.target.detach() for s in spaces], counts)):
+                masks[n] = {"weight": m.float()}
+        return masks
+
+    def _register_trigger(self, evaluator: Evaluator) -> None:
+        """Same contract as NNI's ``_NormPruner``: regenerate masks every ``interval_steps``."""
+        self._current_step = 0
+        self._is_first_step = True
+        self._remaining_times = self.total_times
+
+        def optimizer_task() -> None:
+            self._current_step += 1
+            if (self._is_first_step and self.first_step_gen) or self._current_step == self.interval_steps:
+                self.update_masks(self.generate_masks())
+                if isinstance(self._remaining_times, int):
+                    self._remaining_times -= 1
+            if self._current_step == self.interval_steps and (
+                self._remaining_times == "unlimited" or self._remaining_times > 0
+            ):
+                self._current_step = 0
+            self._is_first_step = False
+
+        evaluator.patch_optimizer_step(before_step_tasks=[], after_step_tasks=[optimizer_task])
+
+    def _fuse_preprocess(self, evaluator: Evaluator) -> None:
+        if self.interval_steps == -1:  # fused without a scheduler (e.g. QAT): search once, up front
+            self.update_masks(self.generate_masks())
+        else:
+            self._register_trigger(evaluator)
+
+    def _fuse_postprocess(self, evaluator: Evaluator) -> None:
+        pass
+
+    def compress(self, max_steps: int | None = None, max_epochs: int | None = None):
+        return super().compress(max_steps, max_epochs)
+
+
+def export_config_list(masks: Dict[str, Dict[str, torch.Tensor]]) -> List[Dict[str, Any]]:
+    """The searched allocation as a plain NNI config_list (one entry per layer), reusable with
+    NNI's own pruners, e.g. ``LevelPruner(model, export_config_list(masks))``."""
+    out = []
+    for module_name, targets in masks.items():
+        m = targets.get("weight")
+        if m is None:
+            continue
+        out.append({"op_names": [module_name], "target_names": ["weight"],
+                    "sparse_ratio": float(1.0 - m.float().mean().item())})
+    return out

@@ -1,0 +1,216 @@
+"""Conformance of the NNI adapter, modelled on NNI's own pruner tests: a tiny model on real data
+(digits), exact sparsity asserts, scheduling, QAT fusion, speedup equivalence and bad input."""
+import copy
+
+import nni
+import pytest
+import torch
+import torch.nn.functional as F
+from nni.compression import TorchEvaluator
+from nni.compression.pruning import AGPPruner, L1NormPruner, LevelPruner
+from nni.compression.quantization import QATQuantizer
+from torch import nn
+
+import de_plugin_nni
+from conftest import same_state, state_of
+
+DE = {"population": 6, "generations": 2, "rounds": 2, "finetune_epochs": 1, "scan_levels": [0.5, 0.8],
+      "progress": False}
+
+
+@pytest.fixture
+def evaluator_for(digits, evaluate):
+    def make(model):
+        def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+            model.train()
+            steps = 0
+            for _ in range(max_epochs or 100):
+                perm = torch.randperm(len(digits.y_train))
+                for i in range(0, len(perm), 64):
+                    idx = perm[i : i + 64]
+                    optimizers.zero_grad()
+                    training_step((digits.x_train[idx], digits.y_train[idx]), model).backward()
+                    optimizers.step()
+                    steps += 1
+                    if max_steps and steps >= max_steps:
+                        return
+
+        def training_step(batch, model):
+            return F.cross_entropy(model(batch[0]), batch[1])
+
+        opt = nni.trace(torch.optim.Adam)(model.parameters(), lr=1e-3)
+        return TorchEvaluator(training_func, opt, training_step, evaluating_func=evaluate,
+                              dummy_input=digits.x_val[:2])
+
+    return make
+
+
+def sparsity(masks, names=None):
+    sel = [v["weight"] for k, v in masks.items() if names is None or k in names]
+    return 1 - sum(m.sum().item() for m in sel) / sum(m.numel() for m in sel)
+
+
+def test_budget_bounds_binary_and_zero(mlp, evaluator_for):
+    cfg = [{"op_types": ["Linear"], "sparse_ratio": 0.8, "max_sparse_ratio": 0.9, "min_sparse_ratio": 0.2}]
+    p = de_plugin_nni.create_pruner("de_layerwise", mlp, cfg, evaluator_for(mlp), **DE)
+    model, masks = p.compress()
+    assert model is mlp
+    assert sparsity(masks) == pytest.approx(0.8, abs=1e-3)
+    for name, m in masks.items():
+        w = m["weight"]
+        assert set(torch.unique(w).tolist()) <= {0.0, 1.0}
+        assert 0.2 - 1e-3 <= 1 - w.mean().item() <= 0.9 + 1e-3
+    p.unwrap_model()
+    for name, m in masks.items():
+        weight = mlp.get_submodule(name).weight
+        assert torch.all(weight[m["weight"] == 0] == 0)
+        assert weight[m["weight"] == 1].abs().sum() > 0
+
+
+def test_each_entry_is_its_own_budget(mlp, evaluator_for):
+    cfg = [{"op_names": ["fc1"], "sparse_ratio": 0.9}, {"op_names": ["fc2", "out"], "sparse_ratio": 0.5}]
+    p = de_plugin_nni.DELayerwisePruner(mlp, cfg, evaluator_for(mlp), **DE)
+    _, masks = p.compress()
+    assert sparsity(masks, ["fc1"]) == pytest.approx(0.9, abs=1e-3)
+    assert sparsity(masks, ["fc2", "out"]) == pytest.approx(0.5, abs=1e-3)
+    # the searched allocation, exported as a plain config_list, reproduces it with NNI's LevelPruner
+    exported = de_plugin_nni.export_config_list(masks)
+    p.unwrap_model()
+    fresh = copy.deepcopy(mlp)
+    _, level_masks = LevelPruner(fresh, exported).compress()
+    for name in masks:
+        assert sparsity(level_masks, [name]) == pytest.approx(sparsity(masks, [name]), abs=2e-3)
+
+
+def test_agp_schedule_followed(mlp, evaluator_for):
+    cfg = [{"op_types": ["Linear"], "sparse_ratio": 0.8}]
+    inner = de_plugin_nni.DELayerwisePruner(mlp, cfg, evaluator_for(mlp), **DE)
+    seen, original = [], inner.generate_masks
+
+    def spy():
+        out = original()
+        seen.append(sparsity(out))
+        return out
+
+    inner.generate_masks = spy
+    agp = AGPPruner(inner, interval_steps=4, total_times=3)
+    _, masks = agp.compress(max_steps=12, max_epochs=None)
+    expected = [(1 - (1 - t / 3) ** 3) * 0.8 for t in (1, 2, 3)]  # AGP's cubic schedule
+    assert seen == pytest.approx(expected, abs=2e-3)
+    assert sparsity(masks) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_fused_with_qat_keeps_pruned_int_weights_zero(mlp, evaluator_for):
+    cfg = [{"op_types": ["Linear"], "sparse_ratio": 0.7}]
+    p = de_plugin_nni.DELayerwisePruner(mlp, cfg, evaluator_for(mlp), **DE)
+    qcfg = [{"op_types": ["Linear"], "target_names": ["weight"], "quant_dtype": "int8", "quant_scheme": "symmetric"}]
+    q = QATQuantizer.from_compressor(p, qcfg, quant_start_step=2)
+    model, calib = q.compress(max_steps=8, max_epochs=None)
+    masks = p.get_masks()
+    assert sparsity(masks) == pytest.approx(0.7, abs=1e-3)
+    q.unwrap_model()
+    for name, m in masks.items():
+        w = model.get_submodule(name).weight.detach()
+        scale, zp = calib[name]["weight"]["scale"], calib[name]["weight"]["zero_point"]
+        ints = torch.clamp(torch.round(w * m["weight"] / scale) + zp, -127, 127)
+        assert torch.all(ints[m["weight"] == 0] == 0), "pruned weights must be 0 in the int8 representation"
+        assert (ints[m["weight"] == 1] != 0).any()
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+        if x.mean() > -100:  # a data-dependent branch torch.fx cannot trace
+            y = y * 1.0
+        return torch.relu(x + y)
+
+
+class ResNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.block = Block(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        return self.fc(self.block(x).mean((2, 3)))
+
+
+def test_speedup_output_equal_on_residual_bn_branch_model(digits):
+    torch.manual_seed(0)
+    model = ResNetish()
+    with torch.no_grad():  # non-trivial BN statistics and affine terms
+        for bn in (model.bn, model.block.b1, model.block.b2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    cfg = [{"op_names": ["stem", "block.c2"], "sparse_ratio": 0.5, "dependency_group_id": 1},
+           {"op_names": ["block.c1"], "sparse_ratio": 0.5}]
+    pruner = L1NormPruner(model, cfg)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    assert torch.equal(masks["stem"]["weight"].flatten(1)[:, 0], masks["block.c2"]["weight"].flatten(1)[:, 0])
+    # the masked reference: removed channels lose their conv and BatchNorm affine outputs
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for conv, bn in (("stem", "bn"), ("block.c2", "block.b2"), ("block.c1", "block.b1")):
+            keep = masks[conv]["weight"].flatten(1)[:, 0]
+            ref.get_submodule(conv).weight.mul_(masks[conv]["weight"])
+            ref.get_submodule(conv).bias.mul_(keep)
+            b = ref.get_submodule(bn)
+            b.weight.mul_(keep)
+            b.bias.mul_(keep)
+    x = digits.x_val[:16]
+    expected = ref(x)
+    model.train()
+    de_plugin_nni.speedup(model, digits.x_val[:2], masks)
+    assert not model.training
+    assert model.stem.out_channels == 8 and model.block.c1.out_channels == 8 and model.fc.in_features == 8
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_names_create_builtins_and_schedulers(mlp, evaluator_for):
+    assert {"de_layerwise", "level", "l1norm", "l2norm", "fpgm", "slim", "taylor", "movement", "linear",
+            "agp"} == set(de_plugin_nni.list_pruners())
+    cfg = [{"op_types": ["Linear"], "sparse_ratio": 0.5}]
+    for name in ["level", "l1norm", "l2norm", "fpgm"]:
+        p = de_plugin_nni.create_pruner(name, copy.deepcopy(mlp), cfg)
+        _, masks = p.compress()
+        assert sparsity(masks) == pytest.approx(0.5, abs=0.02), name
+    m = copy.deepcopy(mlp)
+    agp = de_plugin_nni.create_pruner("agp", m, cfg, evaluator_for(m), pruner="level", interval_steps=2, total_times=2)
+    _, masks = agp.compress(max_steps=4, max_epochs=None)
+    assert sparsity(masks) == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    "name,cfg,kwargs,exc,match",
+    [
+        ("de_layrwise", [{"op_types": ["Linear"], "sparse_ratio": 0.5}], {}, ValueError, "Did you mean 'de_layerwise'"),
+        ("de_layerwise", [{"op_types": ["Linear"], "sparse_ratio": 0.5, "pruner": "de_layerwise"}], {}, ValueError,
+         "not valid for NNI.*pruner"),
+        ("de_layerwise", [{"op_types": ["Linear"], "sparse_ratio": 1.2}], {}, ValueError, "sparse_ratio"),
+        ("de_layerwise", [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], {}, ValueError, "selects no"),
+        ("de_layerwise", [{"op_types": ["Linear"], "sparse_ratio": 0.5}], {"populaton": 3}, ValueError, "did you mean"),
+        ("agp", [{"op_types": ["Linear"], "sparse_ratio": 0.5}], {"interval_steps": 2}, ValueError, "total_times"),
+    ],
+)
+def test_bad_input_clear_errors_model_untouched(mlp, evaluator_for, name, cfg, kwargs, exc, match):
+    before = state_of(mlp)
+    with pytest.raises(exc, match=match):
+        de_plugin_nni.create_pruner(name, mlp, cfg, evaluator_for(mlp), **kwargs)
+    assert same_state(before, state_of(mlp))
+    assert not any("_nni_wrapper" in n for n, _ in mlp.named_modules())
+
+
+def test_evaluator_must_be_nni(mlp, evaluate):
+    with pytest.raises(TypeError, match="NNI Evaluator"):
+        de_plugin_nni.DELayerwisePruner(mlp, [{"op_types": ["Linear"], "sparse_ratio": 0.5}], evaluate)
