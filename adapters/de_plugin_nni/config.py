@@ -1,0 +1,216 @@
+"""One compression config (YAML, JSON or dict) run end to end through NNI's own pipeline.
+
+    pruner: de_layerwise            # any name of de_plugin_nni.list_pruners()
+    options: {rounds: 3, finetune_epochs: 1}
+    config_list:                    # NNI's config_list, unchanged
+      - {op_types: [Linear], sparse_ratio: 0.95}
+    speedup: false                  # ModelSpeedup (structured masks only)
+    quantizer: {name: qat, config_list: [...], steps: 200, quant_start_step: 50}
+    # for the command line only: what to train and on which data
+    model: lenet300                 # de_plugin.models name
+    data: /usr/share/datasets/fashion-mnist
+    train: {epochs: 10, lr: 0.001, batch_size: 128}
+
+``run_config(cfg)`` builds the model and an NNI ``TorchEvaluator`` from ``model``/``data``/``train``;
+``run_config(cfg, model=..., evaluator=...)`` uses yours instead.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import nni
+import torch
+import torch.nn.functional as F
+from nni.compression import TorchEvaluator
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from de_plugin.options import validate_options
+
+from .names import SCHEDULERS, create_pruner
+from .quantize import QUANTIZERS, quantize, int8_storage
+from .speedup import speedup as run_speedup
+
+log = logging.getLogger("de_plugin_nni")
+FINE_GRAINED = {"de_layerwise", "level"}
+
+
+class QuantizerSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    config_list: List[Dict[str, Any]]
+    steps: int = Field(100, ge=1, description="training steps of QAT (ignored by PTQ)")
+    quant_start_step: int = Field(0, ge=0)
+
+
+class TrainSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(10, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    finetune_lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(128, ge=1)
+    seed: int = 0
+    val_size: int = Field(5000, ge=1)
+    train_limit: Optional[int] = Field(None, ge=1)
+
+
+class CompressionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pruner: str
+    options: Dict[str, Any] = Field(default_factory=dict)
+    config_list: List[Dict[str, Any]]
+    speedup: bool = False
+    schedule_steps: Optional[int] = Field(None, ge=1, description="training steps for linear/agp schedules")
+    quantizer: Optional[QuantizerSection] = None
+    model: Optional[str] = None
+    data: Optional[str] = None
+    train: TrainSection = Field(default_factory=TrainSection)
+
+
+def load_config(source: str | Path | Dict[str, Any]) -> CompressionConfig:
+    """Read and validate a config; unknown keys are errors that name the valid ones."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    else:
+        raw = copy.deepcopy(source)
+    if not isinstance(raw, dict):
+        raise ValueError("a compression config must be a mapping with at least 'pruner' and 'config_list'")
+    cfg = validate_options(CompressionConfig, "config", raw)
+    if cfg.quantizer is not None and cfg.quantizer.name not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer {cfg.quantizer.name!r}; valid: {', '.join(sorted(QUANTIZERS))}")
+    return cfg
+
+
+def torch_evaluator(model: nn.Module, data, train: TrainSection, lr: float, evaluate) -> TorchEvaluator:
+    """An NNI TorchEvaluator over tensors: Adam (traced, as NNI requires), cross-entropy."""
+
+    def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+        model.train()
+        steps = 0
+        for _ in range(max_epochs if max_epochs is not None else 10**9):
+            perm = torch.randperm(len(data.y_train))
+            for i in range(0, len(perm), train.batch_size):
+                idx = perm[i : i + train.batch_size]
+                optimizers.zero_grad()
+                training_step((data.x_train[idx], data.y_train[idx]), model).backward()
+                optimizers.step()
+                steps += 1
+                if max_steps is not None and steps >= max_steps:
+                    return
+
+    def training_step(batch, model):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    optimizer = nni.trace(torch.optim.Adam)(model.parameters(), lr=lr)
+    return TorchEvaluator(training_func, optimizer, training_step, evaluating_func=evaluate, dummy_input=data.x_val[:2])
+
+
+def _layer_table(masks: Dict[str, Dict[str, torch.Tensor]]) -> List[Dict[str, Any]]:
+    rows = []
+    for name, t in masks.items():
+        m = t.get("weight")
+        if m is None:
+            continue
+        rows.append({"layer": name, "params": int(m.numel()), "kept": int(m.sum()), "sparsity": 1.0 - float(m.mean())})
+    return rows
+
+
+def run_config(source, model: nn.Module | None = None, evaluator=None, test_evaluate=None,
+               out_dir: str | Path | None = None) -> Dict[str, Any]:
+    """Prune (and optionally speed up and quantize) as the config says; return and print a report."""
+    cfg = load_config(source)
+    data = None
+    if model is None:
+        from de_plugin.cli import dense_model
+        from de_plugin.data import FASHION_MNIST_DIR, load_idx_dataset
+        from de_plugin.training import make_evaluate
+
+        if cfg.model is None:
+            raise ValueError("the config needs 'model' (e.g. lenet300) when no model object is given")
+        folder = cfg.data or FASHION_MNIST_DIR
+        data = load_idx_dataset(folder, val_size=cfg.train.val_size, train_limit=cfg.train.train_limit,
+                                seed=cfg.train.seed)
+        model = dense_model(cfg.model, data, cfg.train.epochs, cfg.train.seed, folder)
+        val_evaluate = make_evaluate(data.x_val, data.y_val)
+        test_evaluate = make_evaluate(data.x_test, data.y_test)
+        evaluator = torch_evaluator(model, data, cfg.train, cfg.train.finetune_lr, val_evaluate)
+    elif evaluator is None and (cfg.pruner != "level" or cfg.quantizer is not None):
+        raise ValueError("give an NNI evaluator together with your model")
+    metric = (lambda m: float(evaluator.evaluating_func(m))) if evaluator is not None else None
+    report: Dict[str, Any] = {"pruner": cfg.pruner, "config_list": cfg.config_list}
+    if metric is not None:
+        report["val_accuracy_dense"] = metric(model)
+    if test_evaluate is not None:
+        report["test_accuracy_dense"] = test_evaluate(model)
+    options = dict(cfg.options)
+    if cfg.pruner == "de_layerwise":
+        options.setdefault("progress", True)
+    pruner = create_pruner(cfg.pruner, model, cfg.config_list, evaluator, **options)
+    if cfg.pruner in SCHEDULERS:
+        if cfg.schedule_steps is None:
+            raise ValueError(f"pruner {cfg.pruner!r} trains while pruning: set schedule_steps in the config")
+        _, masks = pruner.compress(max_steps=cfg.schedule_steps, max_epochs=None)
+    else:
+        _, masks = pruner.compress()
+    pruner.unwrap_model()
+    masks = {k: dict(v) for k, v in masks.items()}
+    with torch.no_grad():  # masks into the weights: what NNI's wrappers applied in forward
+        for name, t in masks.items():
+            mod = model.get_submodule(name)
+            for target, m in t.items():
+                if m is not None and getattr(mod, target, None) is not None:
+                    getattr(mod, target).mul_(m)
+    report["layers"] = _layer_table(masks)
+    total = sum(r["params"] for r in report["layers"])
+    report["sparsity"] = 1.0 - sum(r["kept"] for r in report["layers"]) / total
+    if metric is not None:
+        report["val_accuracy_pruned"] = metric(model)
+    if test_evaluate is not None:
+        report["test_accuracy_pruned"] = test_evaluate(model)
+    if cfg.speedup:
+        if cfg.pruner in FINE_GRAINED:
+            report["speedup"] = "skipped: weight-level masks leave every layer's shape as it is (no speedup)"
+        else:
+            dummy = evaluator.get_dummy_input() if evaluator is not None else None
+            before = sum(p.numel() for p in model.parameters())
+            run_speedup(model, dummy, masks)
+            report["speedup"] = {"params_before": before, "params_after": sum(p.numel() for p in model.parameters())}
+    if cfg.quantizer is not None:
+        q = cfg.quantizer
+        qmodel, calib = quantize(model, q.name, q.config_list, evaluator, steps=q.steps,
+                                 quant_start_step=q.quant_start_step)
+        report["quantizer"] = q.name
+        report["storage"] = int8_storage(qmodel, calib)
+        if metric is not None:
+            report["val_accuracy_quantized"] = metric(qmodel)
+        if test_evaluate is not None:
+            report["test_accuracy_quantized"] = test_evaluate(qmodel)
+    _print(report)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(report, indent=2, default=str))
+    report["model"] = model
+    return report
+
+
+def _print(report: Dict[str, Any]) -> None:
+    print(f"{'layer':24s} {'params':>8s} {'kept':>8s} {'sparsity':>9s}")
+    for r in report["layers"]:
+        print(f"{r['layer']:24s} {r['params']:8d} {r['kept']:8d} {r['sparsity']:9.4f}")
+    print(f"overall sparsity (pruned layers) {report['sparsity']:.4f} = {1 / max(1e-12, 1 - report['sparsity']):.1f}x")
+    for key in ("val_accuracy_dense", "val_accuracy_pruned", "val_accuracy_quantized",
+                "test_accuracy_dense", "test_accuracy_pruned", "test_accuracy_quantized", "speedup", "storage"):
+        if key in report:
+            print(f"{key}: {report[key]}")
