@@ -214,3 +214,65 @@ def test_bad_input_clear_errors_model_untouched(mlp, evaluator_for, name, cfg, k
 def test_evaluator_must_be_nni(mlp, evaluate):
     with pytest.raises(TypeError, match="NNI Evaluator"):
         de_plugin_nni.DELayerwisePruner(mlp, [{"op_types": ["Linear"], "sparse_ratio": 0.5}], evaluate)
+
+
+def test_config_dict_prune_then_fresh_qat_keeps_zeros(mlp, evaluator_for):
+    from de_plugin_nni.quantize import integer_weights
+
+    cfg = {
+        "pruner": "de_layerwise",
+        "options": {k: v for k, v in DE.items()},
+        "config_list": [{"op_types": ["Linear"], "sparse_ratio": 0.6}],
+        "quantizer": {"name": "qat", "steps": 20, "config_list": [
+            {"op_types": ["Linear"], "target_names": ["weight"], "quant_dtype": "int8", "quant_scheme": "symmetric"}]},
+    }
+    report = de_plugin_nni.run_config(cfg, model=mlp, evaluator=evaluator_for(mlp))
+    assert report["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert report["storage"]["nonzero_int8"] <= 0.4 * report["storage"]["weights"] + 1
+    assert report["storage"]["sparse_int8_bytes"] < report["storage"]["dense_int8_bytes"]
+    assert report["val_accuracy_quantized"] > 0.8
+
+
+def test_config_structured_pruner_with_speedup(evaluator_for, digits):
+    torch.manual_seed(0)
+    model = ResNetish()
+    cfg = {"pruner": "l1norm", "config_list": [{"op_names": ["block.c1"], "sparse_ratio": 0.5}], "speedup": True}
+    report = de_plugin_nni.run_config(cfg, model=model, evaluator=evaluator_for(model))
+    assert report["speedup"]["params_after"] < report["speedup"]["params_before"]
+    assert model.block.c1.out_channels == 8 and model.block.c2.in_channels == 8
+
+
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        ({"pruner": "de_layerwise", "config_list": [], "quantiser": {}}, "unknown option 'quantiser'"),
+        ({"pruner": "de_layerwise", "config_list": [{"op_types": ["Linear"], "sparse_ratio": 0.5}],
+          "quantizer": {"name": "int4", "config_list": []}}, "unknown quantizer 'int4'"),
+        ({"pruner": "nope", "config_list": [{"op_types": ["Linear"], "sparse_ratio": 0.5}]}, "Valid names"),
+    ],
+)
+def test_config_errors(mlp, evaluator_for, cfg, match):
+    before = state_of(mlp)
+    with pytest.raises(ValueError, match=match):
+        de_plugin_nni.run_config(cfg, model=mlp, evaluator=evaluator_for(mlp))
+    assert same_state(before, state_of(mlp))
+
+
+def test_cli_runs_yaml_config_on_fashion_mnist_subset(tmp_path, monkeypatch, capsys):
+    import json
+
+    from de_plugin import cli
+
+    monkeypatch.setattr(cli, "CACHE", tmp_path / "cache")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(
+        "pruner: de_layerwise\n"
+        "options: {rounds: 1, finetune_epochs: 1, population: 6, generations: 2, scan_levels: [0.5], progress: false}\n"
+        "config_list:\n  - {op_types: [Linear], sparse_ratio: 0.8}\n"
+        "model: lenet300\n"
+        "train: {epochs: 1, train_limit: 3000, val_size: 500}\n"
+    )
+    assert cli.main(["nni", str(path), "--out", str(tmp_path / "out")]) == 0
+    res = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert abs(res["sparsity"] - 0.8) < 1e-3 and "test_accuracy_pruned" in res
+    assert "fc1" in capsys.readouterr().out
