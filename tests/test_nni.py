@@ -276,3 +276,54 @@ def test_cli_runs_yaml_config_on_fashion_mnist_subset(tmp_path, monkeypatch, cap
     res = json.loads((tmp_path / "out" / "result.json").read_text())
     assert abs(res["sparsity"] - 0.8) < 1e-3 and "test_accuracy_pruned" in res
     assert "fc1" in capsys.readouterr().out
+
+
+def lightning_evaluator(digits):
+    import pytorch_lightning as pl
+    from nni.compression import LightningEvaluator
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from conftest import MLP
+
+    class LitMLP(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = MLP()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def test_step(self, batch, _):
+            self.log("default", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+        def configure_optimizers(self):
+            return nni.trace(torch.optim.Adam)(self.parameters(), lr=1e-3)
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(digits.x_train, digits.y_train), batch_size=64, shuffle=True)
+
+        def test_dataloader(self):
+            return DataLoader(TensorDataset(digits.x_val, digits.y_val), batch_size=300)
+
+    trainer = nni.trace(pl.Trainer)(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                    enable_progress_bar=False, enable_model_summary=False)
+    return LitMLP(), LightningEvaluator(trainer, nni.trace(Data)(), dummy_input=digits.x_val[:2])
+
+
+def test_lightning_evaluator_trains_and_scores(digits, _trained):
+    model, evaluator = lightning_evaluator(digits)
+    model.net.load_state_dict(_trained.state_dict())
+    cfg = [{"op_types": ["Linear"], "sparse_ratio": 0.7}]
+    p = de_plugin_nni.create_pruner("de_layerwise", model, cfg, evaluator,
+                                    **{**DE, "population": 4, "generations": 1, "rounds": 1, "sensitivity_scan": False})
+    _, masks = p.compress()
+    assert sparsity(masks) == pytest.approx(0.7, abs=1e-3)
+    assert p.results[0].nfev > 0 and p.results[0].accuracy > 0.5
+    p.unwrap_model()
+    evaluator.bind_model(model)
+    evaluator.train(max_steps=3)  # the step-limited path NNI's schedulers use (patched for lightning 2.x)
+    evaluator.unbind_model()

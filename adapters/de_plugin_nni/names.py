@@ -22,6 +22,7 @@ from nni.compression.pruning import (
 )
 from torch import nn
 
+from .evaluators import patch_lightning_evaluator
 from .pruner import DELayerwisePruner
 
 PRUNERS: Dict[str, type] = {
@@ -55,6 +56,7 @@ def _check_name(name: str) -> type:
 def create_pruner(name: str, model: nn.Module, config_list: List[Dict], evaluator=None, **options: Any):
     """Build an NNI pruner (ours or a built-in) by its lower-case name."""
     cls = _check_name(name)
+    patch_lightning_evaluator()
     if name in NEEDS_EVALUATOR and evaluator is None:
         raise ValueError(f"pruner {name!r} needs an NNI evaluator (TorchEvaluator or LightningEvaluator)")
     if name in SCHEDULERS:

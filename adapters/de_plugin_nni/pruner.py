@@ -37,6 +37,8 @@ from de_plugin.options import validate_options
 from de_plugin.pruner import Context, check_score
 from de_plugin.targets import Target
 
+from .evaluators import patch_lightning_evaluator
+
 log = logging.getLogger("de_plugin_nni")
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -101,6 +103,7 @@ class DELayerwisePruner(Pruner):
         if evaluator is not None and not isinstance(evaluator, Evaluator):
             raise TypeError(f"evaluator must be an NNI Evaluator (TorchEvaluator or LightningEvaluator), "
                             f"got {type(evaluator).__name__}")
+        patch_lightning_evaluator()
         self.options = validate_options(LayerwiseOptions, "de_layerwise", de_options)
         self.groups = parse_config_list(model, config_list)
         self.seed, self.progress = int(seed), bool(progress)
