@@ -37,7 +37,42 @@ class LeNet5(nn.Module):
         return self.fc2(self.relu(self.fc1(x.flatten(1))))
 
 
-MODELS = {"lenet300": LeNet300100, "lenet5": LeNet5}
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv + BatchNorm, residual add (1x1 conv shortcut when shapes change)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A ResNet-style CNN for 28x28 inputs: stem, three stages of basic blocks, global pooling."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths=(16, 32, 64)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.layer1 = BasicBlock(widths[0], widths[0])
+        self.layer2 = BasicBlock(widths[0], widths[1], 2)
+        self.layer3 = BasicBlock(widths[1], widths[2], 2)
+        self.fc = nn.Linear(widths[2], num_classes)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+MODELS = {"lenet300": LeNet300100, "lenet5": LeNet5, "resnet": SmallResNet}
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

@@ -32,7 +32,7 @@ from torch import nn
 from de_plugin.options import validate_options
 
 from .names import SCHEDULERS, create_pruner
-from .quantize import QUANTIZERS, quantize, int8_storage
+from .quantize import QUANTIZERS, finetune, int8_storage, quantize
 from .speedup import speedup as run_speedup
 
 log = logging.getLogger("de_plugin_nni")
@@ -64,6 +64,7 @@ class CompressionConfig(BaseModel):
     options: Dict[str, Any] = Field(default_factory=dict)
     config_list: List[Dict[str, Any]]
     speedup: bool = False
+    finetune_epochs: int = Field(0, ge=0, description="epochs of training after pruning/speedup (zeros kept)")
     schedule_steps: Optional[int] = Field(None, ge=1, description="training steps for linear/agp schedules")
     quantizer: Optional[QuantizerSection] = None
     model: Optional[str] = None
@@ -186,6 +187,14 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
             before = sum(p.numel() for p in model.parameters())
             run_speedup(model, dummy, masks)
             report["speedup"] = {"params_before": before, "params_after": sum(p.numel() for p in model.parameters())}
+    if cfg.finetune_epochs:
+        if evaluator is None:
+            raise ValueError("finetune_epochs needs an evaluator")
+        finetune(model, evaluator, cfg.finetune_epochs)
+        if metric is not None:
+            report["val_accuracy_finetuned"] = metric(model)
+        if test_evaluate is not None:
+            report["test_accuracy_finetuned"] = test_evaluate(model)
     if cfg.quantizer is not None:
         q = cfg.quantizer
         qmodel, calib = quantize(model, q.name, q.config_list, evaluator, steps=q.steps,
@@ -210,7 +219,8 @@ def _print(report: Dict[str, Any]) -> None:
     for r in report["layers"]:
         print(f"{r['layer']:24s} {r['params']:8d} {r['kept']:8d} {r['sparsity']:9.4f}")
     print(f"overall sparsity (pruned layers) {report['sparsity']:.4f} = {1 / max(1e-12, 1 - report['sparsity']):.1f}x")
-    for key in ("val_accuracy_dense", "val_accuracy_pruned", "val_accuracy_quantized",
-                "test_accuracy_dense", "test_accuracy_pruned", "test_accuracy_quantized", "speedup", "storage"):
+    for key in ("val_accuracy_dense", "val_accuracy_pruned", "val_accuracy_finetuned", "val_accuracy_quantized",
+                "test_accuracy_dense", "test_accuracy_pruned", "test_accuracy_finetuned", "test_accuracy_quantized",
+                "speedup", "storage"):
         if key in report:
             print(f"{key}: {report[key]}")

@@ -7,6 +7,7 @@ quantization (zero point 0) a zero weight is the integer 0.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -14,6 +15,31 @@ from nni.compression.quantization import PtqQuantizer, QATQuantizer
 from torch import nn
 
 QUANTIZERS = {"qat": QATQuantizer, "ptq": PtqQuantizer}
+
+
+@contextmanager
+def zeros_kept(model: nn.Module):
+    """While active, weights that are exactly zero get zero gradients, so training keeps them zero."""
+    handles = []
+    for p in model.parameters():
+        if p.dim() > 1 and (p == 0).any():
+            mask = (p != 0).to(p.dtype)
+            handles.append(p.register_hook(lambda g, m=mask: g * m))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def finetune(model: nn.Module, evaluator, epochs: int) -> None:
+    """Train a pruned (or sped-up) model with the evaluator's training loop, zeros kept."""
+    evaluator.bind_model(model)
+    try:
+        with zeros_kept(model):
+            evaluator.train(max_epochs=epochs)
+    finally:
+        evaluator.unbind_model()
 
 
 def quantize(model: nn.Module, name: str, config_list: List[Dict[str, Any]], evaluator, *, steps: int = 100,
@@ -26,17 +52,9 @@ def quantize(model: nn.Module, name: str, config_list: List[Dict[str, Any]], eva
     else:
         q = PtqQuantizer(model, config_list, evaluator)
     # after wrapping: NNI's wrappers hold their own copies of the parameters, hook those
-    handles = []
-    for p in model.parameters():
-        if p.dim() > 1 and (p == 0).any():
-            mask = (p != 0).to(p.dtype)
-            handles.append(p.register_hook(lambda g, m=mask: g * m))
-    try:
+    with zeros_kept(model):
         model, calib = q.compress(max_steps=steps, max_epochs=None)
-        q.unwrap_model()
-    finally:
-        for h in handles:
-            h.remove()
+    q.unwrap_model()
     return model, calib
 
 
