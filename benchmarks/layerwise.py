@@ -60,8 +60,96 @@ def run_method(method, dense, data, cfg, seed, epochs, options):
     return rows
 
 
+def run_nni_level(dense, data, cfg, seed, epochs, options):
+    """NNI's LevelPruner (per-layer magnitude, as NNI users configure it) on the same ladder.
+
+    Each rung: LevelPruner at the rung's sparse_ratio on the previous rung's model, then the same
+    fine-tune epochs with the masks kept (gradients of pruned weights masked)."""
+    from nni.compression.pruning import LevelPruner
+
+    from de_plugin_nni.quantize import zeros_kept
+
+    x_ft, y_ft = (data.x_train[: cfg["ft_limit"]], data.y_train[: cfg["ft_limit"]]) if cfg["ft_limit"] else (data.x_train, data.y_train)
+    finetune = make_finetune(x_ft, y_ft, lr=5e-4)
+    val_eval, test_eval = make_evaluate(data.x_val, data.y_val), make_evaluate(data.x_test, data.y_test)
+    model = copy.deepcopy(dense)
+    rows = []
+    for i, s in enumerate(LADDER):
+        torch.manual_seed(seed * 100 + i)
+        pruner = LevelPruner(model, [{"op_types": ["Linear", "Conv2d"], "sparse_ratio": s}])
+        _, masks = pruner.compress()
+        pruner.unwrap_model()
+        with torch.no_grad():
+            for name, t in masks.items():
+                model.get_submodule(name).weight.mul_(t["weight"])
+        with zeros_kept(model):
+            finetune(model, epochs)
+        kept = sum(int(t["weight"].sum()) for t in masks.values())
+        total = sum(t["weight"].numel() for t in masks.values())
+        rows.append({"sparsity": 1 - kept / total, "layer_sparsity": {k: 1 - float(t["weight"].mean()) for k, t in masks.items()},
+                     "val": val_eval(model), "test": test_eval(model), "steps": finetune.steps, "nfev": 0,
+                     "search_seconds": 0.0})
+    return rows
+
+
+def run_nni_agp(dense, data, cfg, seed, epochs, options):
+    """NNI's AGPPruner(LevelPruner): one gradual run per rung's sparsity, given exactly the training
+    steps the ladder spends up to that rung (so the budget matches at every rung)."""
+    import nni
+    from nni.compression import TorchEvaluator
+    from nni.compression.pruning import AGPPruner, LevelPruner
+
+    import torch.nn.functional as F
+
+    x_ft, y_ft = (data.x_train[: cfg["ft_limit"]], data.y_train[: cfg["ft_limit"]]) if cfg["ft_limit"] else (data.x_train, data.y_train)
+    steps_per_epoch = -(-len(y_ft) // 128)
+    val_eval, test_eval = make_evaluate(data.x_val, data.y_val), make_evaluate(data.x_test, data.y_test)
+    rows = []
+    for i, s in enumerate(LADDER):
+        if s not in (0.9, 0.95, 0.98):  # AGP restarts from dense for every target: only the reported rungs
+            rows.append(None)
+            continue
+        torch.manual_seed(seed * 100 + i)
+        model = copy.deepcopy(dense)
+        total_steps = (i + 1) * epochs * steps_per_epoch
+
+        def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+            model.train()
+            done = 0
+            while True:
+                perm = torch.randperm(len(y_ft))
+                for j in range(0, len(perm), 128):
+                    idx = perm[j : j + 128]
+                    optimizers.zero_grad()
+                    training_step((x_ft[idx], y_ft[idx]), model).backward()
+                    optimizers.step()
+                    done += 1
+                    if done >= max_steps:
+                        return
+
+        evaluator = TorchEvaluator(training_func, nni.trace(torch.optim.Adam)(model.parameters(), lr=5e-4),
+                                   lambda b, m: F.cross_entropy(m(b[0]), b[1]))
+        times = i + 1
+        interval = max(1, (total_steps - epochs * steps_per_epoch) // times)  # last pruning leaves `epochs` of fine-tune
+        inner = LevelPruner(model, [{"op_types": ["Linear", "Conv2d"], "sparse_ratio": s}])
+        agp = AGPPruner(inner, interval_steps=interval, total_times=times, evaluator=evaluator)
+        _, masks = agp.compress(max_steps=total_steps, max_epochs=None)
+        agp.unwrap_model()
+        with torch.no_grad():
+            for name, t in masks.items():
+                model.get_submodule(name).weight.mul_(t["weight"])
+        kept = sum(int(t["weight"].sum()) for t in masks.values())
+        total = sum(t["weight"].numel() for t in masks.values())
+        rows.append({"sparsity": 1 - kept / total, "val": val_eval(model), "test": test_eval(model),
+                     "steps": total_steps, "nfev": 0, "search_seconds": 0.0})
+    return rows
+
+
+RUNNERS = {"nni_level": run_nni_level, "nni_agp": run_nni_agp}
+
+
 def best_compression(rows, dense_test, max_drop):
-    ok = [r["sparsity"] for r in rows if dense_test - r["test"] <= max_drop + 1e-12]
+    ok = [r["sparsity"] for r in rows if r is not None and dense_test - r["test"] <= max_drop + 1e-12]
     return 1.0 / (1.0 - max(ok)) if ok else 1.0
 
 
@@ -73,6 +161,8 @@ def main() -> None:
     ap.add_argument("--recovery", default="random", help="de_layerwise recovery in the main comparison")
     ap.add_argument("--ablation", action="store_true", help="also run de_layerwise with each recovery mode")
     ap.add_argument("--ablation-only", action="store_true", help="run only the recovery ablation")
+    ap.add_argument("--methods", nargs="*", default=None,
+                    help="run only these methods (e.g. nni_level nni_agp), same dense models and ladder")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/layerwise")
     args = ap.parse_args()
@@ -96,16 +186,22 @@ def main() -> None:
             methods.update({b: (b, {}) for b in BASELINES})
             if args.ablation_only:
                 methods = {}
+            methods.update({k: (k, {}) for k in RUNNERS})
+            if args.methods is not None:
+                methods = {k: v for k, v in methods.items() if k in args.methods}
             if args.ablation or args.ablation_only:
                 for rec in ("none", "random", "splicing"):
                     if rec != args.recovery or args.ablation_only:
                         methods[f"de_layerwise[recovery={rec}]"] = ("de_layerwise", {**de_opts, "recovery": rec})
             for label, (method, opts) in methods.items():
                 t0 = time.time()
-                rows = run_method(method, dense, data, cfg, seed, args.epochs, opts)
+                runner = RUNNERS.get(method, run_method)
+                rows = runner(method, dense, data, cfg, seed, args.epochs, opts) if runner is run_method else \
+                    runner(dense, data, cfg, seed, args.epochs, opts)
                 mres["runs"].setdefault(label, {})[seed] = rows
                 print(f"[{time.time() - t_start:7.0f}s] {mname} seed {seed} {label:32s} "
-                      f"test@95% {rows[LADDER.index(0.95)]['test']:.4f} (dense {dense_test:.4f}) {time.time() - t0:.0f}s",
+                      f"test@95% {(rows[LADDER.index(0.95)] or {}).get('test', float('nan')):.4f} "
+                      f"(dense {dense_test:.4f}) {time.time() - t0:.0f}s",
                       flush=True)
                 (out / "results.json").write_text(json.dumps(results, indent=1))
     summarize(results, out)
@@ -125,12 +221,13 @@ def summarize(results: dict, out: Path) -> None:
                 dt = mres["dense_test"][seed]
                 c05.append(best_compression(rows, dt, 0.005))
                 c1.append(best_compression(rows, dt, 0.01))
-                by = {round(r["sparsity"], 3): r for r in rows}
+                by = {round(r["sparsity"], 3): r for r in rows if r is not None}
                 d90.append(100 * (dt - by[0.9]["test"]))
                 d95.append(100 * (dt - by[0.95]["test"]))
                 d98.append(100 * (dt - by[0.98]["test"]))
-                ev.append(rows[-1]["nfev"])
-                st.append(rows[-1]["steps"])
+                last = [r for r in rows if r is not None][-1]
+                ev.append(last["nfev"])
+                st.append(last["steps"])
             comp05[label] = np.mean(c05)
             f = lambda v, p=1: f"{np.mean(v):.{p}f} ± {np.std(v):.{p}f}"  # noqa: E731
             lines.append(f"| {label} | {f(c05)}x | {f(c1)}x | {f(d90, 2)} | {f(d95, 2)} | {f(d98, 2)} | {int(np.mean(ev))} | {int(np.mean(st))} |")
@@ -141,7 +238,7 @@ def summarize(results: dict, out: Path) -> None:
         lines.append("| method | " + " | ".join(f"{s:.3f}" for s in results["ladder"]) + " |")
         lines.append("|---|" + "---|" * len(results["ladder"]))
         for label, per_seed in mres["runs"].items():
-            val = np.mean([[r["val"] for r in rows] for rows in per_seed.values()], 0)
+            val = np.mean([[r["val"] if r else np.nan for r in rows] for rows in per_seed.values()], 0)
             lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in val) + " |")
     text = "\n".join(lines)
     print(text)
@@ -158,9 +255,11 @@ def plot(results: dict, out: Path) -> None:
     fig, axes = plt.subplots(1, len(results["models"]), figsize=(6 * len(results["models"]), 4), squeeze=False)
     for ax, (mname, mres) in zip(axes[0], results["models"].items()):
         for label, per_seed in mres["runs"].items():
-            drops = np.array([[100 * (mres["dense_test"][s] - r["test"]) for r in rows] for s, rows in per_seed.items()])
+            drops = np.array([[100 * (mres["dense_test"][s] - r["test"]) if r else np.nan for r in rows]
+                              for s, rows in per_seed.items()])
             comp = [1 / (1 - s) for s in results["ladder"]]
-            ax.errorbar(comp, drops.mean(0), yerr=drops.std(0), label=label, marker="o", ms=3, capsize=2)
+            ok = ~np.isnan(drops.mean(0))
+            ax.errorbar(np.array(comp)[ok], drops.mean(0)[ok], yerr=drops.std(0)[ok], label=label, marker="o", ms=3, capsize=2)
         ax.axhline(0.5, color="grey", ls="--", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("compression (pruned layers)")
