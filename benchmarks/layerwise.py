@@ -161,6 +161,8 @@ def main() -> None:
     ap.add_argument("--recovery", default="random", help="de_layerwise recovery in the main comparison")
     ap.add_argument("--ablation", action="store_true", help="also run de_layerwise with each recovery mode")
     ap.add_argument("--ablation-only", action="store_true", help="run only the recovery ablation")
+    ap.add_argument("--baseline-recovery", default=None,
+                    help="also run LAMP and ERK with this recovery (attributes a gain to search vs recovery)")
     ap.add_argument("--methods", nargs="*", default=None,
                     help="run only these methods (e.g. nni_level nni_agp), same dense models and ladder")
     ap.add_argument("--threads", type=int, default=2)
@@ -186,6 +188,9 @@ def main() -> None:
             methods.update({b: (b, {}) for b in BASELINES})
             if args.ablation_only:
                 methods = {}
+            if args.baseline_recovery:
+                for b in ("lamp", "erk"):
+                    methods[f"{b}[recovery={args.baseline_recovery}]"] = (b, {"recovery": args.baseline_recovery})
             methods.update({k: (k, {}) for k in RUNNERS})
             if args.methods is not None:
                 methods = {k: v for k, v in methods.items() if k in args.methods}
