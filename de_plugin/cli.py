@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = r.add_mutually_exclusive_group()
     g.add_argument("--sparsity", type=float, default=0.95)
     g.add_argument("--max-accuracy-drop", type=float, default=None)
-    r.add_argument("--options", default='{"rounds": 4, "finetune_epochs": 2, "recovery": "random"}',
+    r.add_argument("--options", default='{"rounds": 4, "finetune_epochs": 2}',
                    help="pruner options as JSON")
     r.add_argument("--exclude", nargs="*", default=[], help="module names not to prune")
     r.add_argument("--train-epochs", type=int, default=10)

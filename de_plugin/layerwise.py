@@ -40,6 +40,8 @@ log = logging.getLogger("de_plugin")
 
 
 class LayerwiseOptions(IterativeOptions):
+    # chosen by the recovery ablation on validation accuracy (BENCHMARKS.md): splicing > none > random
+    recovery: str = Field("splicing", pattern="^(none|random|splicing)$")
     population: int = Field(20, ge=4, description="DE population size")
     generations: int = Field(20, ge=0, description="DE generations per round")
     max_evals: Optional[int] = Field(None, ge=1, description="total fitness evaluations over all rounds")

@@ -26,6 +26,6 @@ finetune = make_finetune(data.x_train[:20000], data.y_train[:20000])
 torch.manual_seed(0)
 result = de_plugin.prune(
     model, "de_layerwise", evaluate=val, finetune=finetune, sparsity=args.sparsity,
-    rounds=4, finetune_epochs=2, recovery="random", population=12, generations=8,
+    rounds=4, finetune_epochs=2, population=12, generations=8,
 )
 print(format_table(result, {"test accuracy": f"{test(model):.4f} -> {test(result.model):.4f}"}))
