@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["lenet300", "lenet5"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=2, help="fine-tune epochs per rung (all methods)")
-    ap.add_argument("--recovery", default="random", help="de_layerwise recovery in the main comparison")
+    ap.add_argument("--recovery", default="splicing", help="de_layerwise recovery in the main comparison")
     ap.add_argument("--ablation", action="store_true", help="also run de_layerwise with each recovery mode")
     ap.add_argument("--ablation-only", action="store_true", help="run only the recovery ablation")
     ap.add_argument("--baseline-recovery", default=None,
