@@ -168,11 +168,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--merge", nargs="+", default=None,
                     help="only summarize: merge results.json of runs on the same dense models (checked) into --out")
-    ap.add_argument("--rename", nargs="*", default=[], help="with --merge: OLD=NEW method labels")
+    ap.add_argument("--rename", nargs="*", default=[], help="with --merge: OLD::NEW method labels")
     ap.add_argument("--out", default="benchmarks/results/layerwise")
     args = ap.parse_args()
     if args.merge:
-        merge(args.merge, Path(args.out), dict(r.split("=", 1) for r in args.rename))
+        merge(args.merge, Path(args.out), dict(r.split("::", 1) for r in args.rename))
         return
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
