@@ -1,0 +1,41 @@
+"""Intel Neural Compressor (3.7, 2.x pruning API) adapter of de-plugin.
+
+``import de_plugin_inc`` registers ``pruning_type="de_layerwise"`` with INC's pruner registry, so
+
+    WeightPruningConfig([{"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": evaluate}],
+                        target_sparsity=0.9, pattern="1x1", start_step=0, end_step=100)
+
+works in INC's usual loop (``prepare_pruning`` / ``prepare_compression``). ``search_config(...)``
+runs the search up front and returns a ready ``WeightPruningConfig`` with per-layer targets.
+Importing never fails when INC is missing; using the adapter then says how to install it.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+log = logging.getLogger("de_plugin_inc")
+INC_AVAILABLE = False
+try:  # registering with INC is what importing this package is for
+    from .pruner import PytorchDELayerwisePruner  # noqa: F401
+
+    INC_AVAILABLE = True
+except ImportError as exc:  # pragma: no cover - exercised only without INC
+    log.debug("Intel Neural Compressor not available: %s", exc)
+
+_LAZY = {"search_config": "de_plugin_inc.search", "search_layer_targets": "de_plugin_inc.search",
+         "quantize": "de_plugin_inc.quantize", "int8_weights": "de_plugin_inc.quantize"}
+
+
+def require_inc() -> None:
+    if not INC_AVAILABLE:
+        raise ImportError("de_plugin_inc needs Intel Neural Compressor 3.7: "
+                          "pip install 'de-plugin[inc]' (neural-compressor>=3.7,<3.8, setuptools<81, six)")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        require_inc()
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'de_plugin_inc' has no attribute {name!r}")

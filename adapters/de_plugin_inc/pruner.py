@@ -1,0 +1,153 @@
+"""``pruning_type="de_layerwise"`` inside INC's loop (registered as ``pt_de_layerwise``).
+
+INC resolves a pruning_type that is not a criterion to ``PRUNERS["pt_" + name]``. Our pruner is
+INC's basic pruner (its pattern, scheduler, magnitude criterion and mask application) with one
+change: every layer gets its own target. At the first pruning step the DE search
+(:mod:`de_plugin_inc.search`) allocates the entry's ``target_sparsity`` over its layers with the
+user's ``eval_func`` (a key of the pruning config entry, with ``de_options``); or the entry gives
+``layer_targets`` directly. At each scheduled step layer l is pruned to
+``target_l * current / target`` with INC's pattern, so it ends exactly at its searched target.
+
+Quirk (INC 3.7.1): the basic pruner clips every layer to the pruner's single target ratio; we
+call the pattern per layer with that layer's ratio instead.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Dict
+
+import torch
+from neural_compressor.compression.pruner.pruners.base import register_pruner
+from neural_compressor.compression.pruner.pruners.basic import PytorchBasicPruner
+from neural_compressor.compression.pruner.utils import parse_to_prune
+from torch import nn
+
+from .search import de_settings, layer_mask, search_layer_targets
+
+log = logging.getLogger("de_plugin_inc")
+SPECIAL_NAMES = ("gpt", "retrain")
+
+
+def check_entry(model: nn.Module, info: Dict[str, Any]) -> Dict[str, nn.Module]:
+    """Validate one processed pruning config entry for de_layerwise; return the modules it selects."""
+    t = info.get("target_sparsity")
+    if t is None or not 0.0 <= float(t) < 1.0:
+        raise ValueError(f"target_sparsity must lie in [0, 1), got {t}")
+    ev = info.get("eval_func")
+    if info.get("layer_targets") is None:
+        if ev is None:
+            raise ValueError("pruning_type='de_layerwise' needs 'eval_func' (a callable model -> accuracy) in its "
+                             "pruning config entry, or precomputed 'layer_targets' (see de_plugin_inc.search_config)")
+        if not callable(ev):
+            raise TypeError(f"eval_func must be callable as eval_func(model) -> float, got {type(ev).__name__}")
+    de_settings(info.get("de_options"))
+    modules = parse_to_prune(dict(info, excluded_op_names=list(info.get("excluded_op_names") or [])), model)
+    if not modules:
+        raise ValueError(f"op_names {info.get('op_names')} match no {info.get('pruning_op_types')} layer of the model "
+                         "(INC also leaves out the last Linear, the classifier)")
+    for name in modules:
+        if any(s in name for s in SPECIAL_NAMES):
+            log.warning("layer %r: INC routes module names containing %s specially and may skip it", name, SPECIAL_NAMES)
+    return modules
+
+
+def anchored(names) -> list:
+    """INC's op_names are unanchored regexes (``fc`` also matches ``fc1``): anchor exact names."""
+    return [f"^{re.escape(n)}$" for n in names]
+
+
+class _ModelRef:
+    """Holds the model for the pruner without dumping it into INC's logs (``logger.info(info)``)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"<model {type(self.model).__name__}>"
+
+
+def _patch_generate_pruners() -> None:
+    """Quirk (INC 3.7.1): a pruner sees only its modules, never the model, but ``eval_func(model)``
+    needs it; hand the model to de_layerwise entries before INC builds their pruners. Both routes
+    are patched: ``prepare_pruning`` (BasePruning) and ``prepare_compression`` (PruningCallbacks).
+    Idempotent."""
+    from neural_compressor.compression import callbacks
+    from neural_compressor.compression.pruner import pruning
+
+    routes = ((pruning.BasePruning, lambda self: self._model),
+              (callbacks.PruningCallbacks, lambda self: self.model.model))
+    for cls, get_model in routes:
+        original = cls._generate_pruners
+        if getattr(original, "_de_plugin", False):
+            continue
+
+        def _generate_pruners(self, _original=original, _get_model=get_model):
+            for info in self.pruners_info:
+                if info.get("pruning_type") == "de_layerwise":
+                    info["model_ref"] = _ModelRef(_get_model(self))
+            return _original(self)
+
+        _generate_pruners._de_plugin = True
+        cls._generate_pruners = _generate_pruners
+
+
+_patch_generate_pruners()
+
+
+@register_pruner("pt_de_layerwise")
+class PytorchDELayerwisePruner(PytorchBasicPruner):
+    """INC's basic pruner with per-layer targets searched by DE."""
+
+    def __init__(self, config, modules):
+        config["criterion_type"] = "magnitude"  # de_layerwise prunes by magnitude inside each layer
+        t = config.get("target_sparsity")
+        if t is None or not 0.0 <= float(t) < 1.0:
+            raise ValueError(f"target_sparsity must lie in [0, 1), got {t}")
+        targets = config.get("layer_targets")
+        if targets is None:
+            ev = config.get("eval_func")
+            if ev is None:
+                raise ValueError("pruning_type='de_layerwise' needs 'eval_func' (a callable model -> accuracy) in "
+                                 "its pruning config entry, or 'layer_targets' (see de_plugin_inc.search_config)")
+            if not callable(ev):
+                raise TypeError(f"eval_func must be callable as eval_func(model) -> float, got {type(ev).__name__}")
+        if not modules:
+            raise ValueError(f"op_names {config.get('op_names')} match no layer of the model for de_layerwise "
+                             "(INC also leaves out the last Linear, the classifier)")
+        de_settings(config.get("de_options"))
+        super().__init__(config, modules)
+        if targets is not None and set(targets) != set(modules):
+            raise ValueError(f"layer_targets names {sorted(targets)} differ from the selected layers {sorted(modules)}")
+        self.layer_targets: Dict[str, float] | None = dict(targets) if targets else None
+
+    def _search(self) -> None:
+        ev = self.config["eval_func"]
+        ref = self.config.get("model_ref")
+        fn = (lambda: ev(ref.model)) if ref is not None else (lambda: ev())
+        self.layer_targets = search_layer_targets(
+            self.modules, self.pattern, self.target_sparsity_ratio, fn, self.config.get("de_options"),
+            self.config["max_sparsity_ratio_per_op"], self.config["min_sparsity_ratio_per_op"])
+        log.info("de_layerwise per-layer targets: %s", self.layer_targets)
+
+    def update_masks(self, local_step):
+        if not self.check_is_pruned_step(self.global_step):
+            return
+        if self.layer_targets is None:
+            self._search()
+        if self.current_sparsity_ratio > self.target_sparsity_ratio:
+            return
+        self.criterion.on_step_begin()
+        current = self.scheduler.update_sparsity_ratio(self.target_sparsity_ratio, self.completed_pruned_cnt,
+                                                       self.total_prune_cnt, self.masks, self.init_sparsity_ratio)
+        self.completed_pruned_cnt += 1
+        if self.criterion.scores == {}:
+            return
+        scale = current / self.target_sparsity_ratio if self.target_sparsity_ratio > 0 else 0.0
+        for name in self.modules:
+            ratio = min(self.layer_targets[name] * scale, self.layer_targets[name])
+            self.masks[name] = layer_mask(self.pattern, name, self.criterion.scores[name], ratio,
+                                          self.layer_targets[name], self.masks[name])
+        self.mask_weights()
+        self.current_sparsity_ratio = self.pattern.get_sparsity_ratio(self.masks)
+        log.info("de_layerwise step %d: overall sparsity %.4f", self.global_step, self.current_sparsity_ratio)

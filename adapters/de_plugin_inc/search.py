@@ -1,0 +1,155 @@
+"""Where the DE runs for INC: per-layer sparsity targets scored with INC's own pattern.
+
+A candidate (one sparsity per layer) becomes masks through INC's pattern object (``1x1``, ``4x1``,
+``2:4``...), exactly as INC will prune, is applied to a copy of the weights, and scored by the
+user's ``eval_func(model)``. The budget is exact in expectation: each candidate's per-layer
+densities are scaled by one factor so the weights kept sum to ``(1 - target) * N``.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+import torch
+from torch import nn
+
+from de_plugin import allocation
+from de_plugin.de import DifferentialEvolution
+from de_plugin.layerwise import LayerwiseOptions
+from de_plugin.options import validate_options
+from de_plugin.pruner import check_score
+
+log = logging.getLogger("de_plugin_inc")
+DE_KEYS = {"population", "generations", "max_evals", "strategy", "mutation", "recombination", "bound_handling",
+           "seed_baselines", "perturb"}
+
+
+def layer_mask(pattern, name: str, score: torch.Tensor, ratio: float, final_ratio: float,
+               pre_mask: torch.Tensor) -> torch.Tensor:
+    """One layer's mask at ``ratio`` with INC's pattern (``1x1``, ``4x1``, ``2:4``...).
+
+    Quirk (INC 3.7.1): the pattern clips a layer to the pattern's single ``target_sparsity_ratio``
+    and remembers layers it adjusted in ``keep_mask_layers`` (then never updates them again);
+    we set the layer's own final target and forget that memory before each call.
+    """
+    pattern.keep_mask_layers = {}
+    pattern.target_sparsity_ratio = final_ratio
+    pattern.max_sparsity_ratio_per_op = max(pattern.max_sparsity_ratio_per_op, final_ratio)
+    return pattern.get_masks_local({name: score}, ratio, {name: pre_mask})[name]
+
+
+def de_settings(de_options: Dict[str, Any] | None) -> Dict[str, Any]:
+    """Validate ``de_options`` with the core's option model; keep the keys the INC search uses."""
+    opts = dict(de_options or {})
+    seed = opts.pop("seed", 0)
+    unused = set(opts) - DE_KEYS
+    if unused:
+        raise ValueError(f"de_options {sorted(unused)} do not apply inside INC (its loop fine-tunes and "
+                         f"schedules); valid: {sorted(DE_KEYS | {'seed'})}")
+    o = validate_options(LayerwiseOptions, "de_layerwise", opts)
+    return {**{k: getattr(o, k) for k in DE_KEYS}, "seed": int(seed)}
+
+
+def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, eval_func: Callable[[], float],
+                         de_options: Dict[str, Any] | None, max_ratio: float, min_ratio: float = 0.0,
+                         ) -> Dict[str, float]:
+    """Per-layer sparsities (same keys as ``modules``) maximising ``eval_func`` at overall ``target``."""
+    s = de_settings(de_options)
+    names = list(modules)
+    weights = [modules[n].weight for n in names]
+    numels = np.array([w.numel() for w in weights], dtype=np.int64)
+    keep = int(round(numels.sum() * (1.0 - target)))
+    lo = np.ceil(numels * (1.0 - max_ratio)).astype(np.int64)
+    hi = np.floor(numels * (1.0 - min_ratio) + 1e-9).astype(np.int64)
+    if keep < lo.sum() or keep > hi.sum():
+        raise ValueError(f"target_sparsity {target} cannot be met within max/min_sparsity_ratio_per_op")
+    saved = [w.detach().clone() for w in weights]
+    ones = {n: torch.ones_like(w, dtype=torch.bool) for n, w in zip(names, weights)}
+    scores = {n: pattern.reduce_score(w.detach().abs(), n) if hasattr(pattern, "reduce_score") else w.detach().abs()
+              for n, w in zip(names, weights)}
+    cache: Dict[tuple, float] = {}
+
+    def ratios_of(counts: np.ndarray) -> np.ndarray:
+        return 1.0 - counts / numels
+
+    def score(counts: np.ndarray) -> float:
+        key = tuple(int(c) for c in counts)
+        if key not in cache:
+            with torch.no_grad():
+                for n, w, w0, r in zip(names, weights, saved, ratios_of(counts)):
+                    m = layer_mask(pattern, n, scores[n], float(r), float(r), ones[n])
+                    w.copy_(w0 * m.to(w0.dtype))
+                try:
+                    cache[key] = check_score(eval_func())
+                finally:
+                    for w, w0 in zip(weights, saved):
+                        w.copy_(w0)
+        return cache[key]
+
+    fit = lambda d: allocation.fit_budget(d, numels, keep, lo, upper=hi)  # noqa: E731
+    seeds = [fit(np.full(len(names), 1.0 - target))]
+    if s["seed_baselines"]:
+        for rule in allocation.ALLOCATIONS.values():
+            seeds.append(fit(rule([w.detach() for w in saved], target) / numels))
+    bounds = [(1.0 - h / n, 1.0 - l / n) for l, h, n in zip(lo, hi, numels)]
+    rng = np.random.default_rng(s["seed"])
+    x0 = [ratios_of(c) for c in seeds]
+    b = np.array(bounds)
+    while len(x0) < min(s["population"], 2 * len(seeds)):
+        base = x0[int(rng.integers(len(seeds)))]
+        x0.append(np.clip(base + rng.normal(0, s["perturb"], len(base)) * (b[:, 1] - b[:, 0]), b[:, 0], b[:, 1]))
+    solver = DifferentialEvolution(bounds, popsize=s["population"], strategy=s["strategy"], mutation=s["mutation"],
+                                   recombination=s["recombination"], maxiter=s["generations"], maxfun=s["max_evals"],
+                                   bound_handling=s["bound_handling"], x0=np.array(x0[: s["population"]]),
+                                   seed=int(rng.integers(2**31)))
+    while not solver.done:
+        xs = solver.ask()
+        counts = [fit(1.0 - x) for x in xs]
+        solver.tell([-score(c) for c in counts], None, np.array([ratios_of(c) for c in counts]))
+    best = fit(1.0 - solver.population[solver.best_index()])
+    log.info("de_layerwise (INC): %d evaluations, best val %.4f", len(cache), -solver.fun[solver.best_index()])
+    return {n: float(r) for n, r in zip(names, ratios_of(best))}
+
+
+def search_config(model: nn.Module, config, eval_func: Callable[[nn.Module], float], **de_options: Any):
+    """Run the search before training; return a ``WeightPruningConfig`` with per-layer targets.
+
+    Every entry of ``config`` with ``pruning_type="de_layerwise"`` becomes one entry per layer
+    (anchored ``op_names``, INC's ``magnitude`` criterion, the layer's searched
+    ``target_sparsity``); other entries are kept. The model is not modified.
+    """
+    from neural_compressor.compression.pruner.patterns import get_pattern
+    from neural_compressor.compression.pruner.utils import process_config
+    from neural_compressor.training import WeightPruningConfig
+
+    from .pruner import check_entry
+
+    if not callable(eval_func):
+        raise TypeError("eval_func must be callable as eval_func(model) -> float")
+    work = copy.deepcopy(model)
+    entries: List[Dict[str, Any]] = []
+    infos = process_config(config)
+    raw = list(config.pruning_configs)
+    for info, entry in zip(infos, raw):
+        if info["pruning_type"] != "de_layerwise":
+            entries.append(dict(entry))
+            continue
+        modules = check_entry(work, info)
+        info = dict(info, criterion_type="magnitude")
+        pattern = get_pattern(info, modules)
+        targets = search_layer_targets(modules, pattern, info["target_sparsity"], lambda: eval_func(work),
+                                       {**(info.get("de_options") or {}), **de_options},
+                                       info["max_sparsity_ratio_per_op"], info["min_sparsity_ratio_per_op"])
+        for name, ratio in targets.items():
+            e = {k: v for k, v in entry.items() if k not in ("op_names", "pruning_type", "eval_func", "de_options",
+                                                              "target_sparsity")}
+            e.update({"op_names": [f"^{re.escape(name)}$"], "pruning_type": "magnitude", "target_sparsity": ratio,
+                      "max_sparsity_ratio_per_op": max(ratio, info["max_sparsity_ratio_per_op"])})
+            for key in ("pattern", "start_step", "end_step", "pruning_frequency", "pruning_scope",
+                        "sparsity_decay_type", "pruning_op_types", "excluded_op_names"):
+                e.setdefault(key, info.get(key))
+            entries.append(e)
+    return WeightPruningConfig(pruning_configs=entries, **dict(config.weight_compression))
