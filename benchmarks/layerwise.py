@@ -185,6 +185,7 @@ def main() -> None:
         cfg = CONFIG[mname]
         mres = results["models"].setdefault(mname, {"dense_test": {}, "runs": {}})
         for seed in args.seeds:
+            torch.manual_seed(seed)  # the dense model (init and training) depends on the seed only
             dense = create_model(mname)
             train(dense, data.x_train, data.y_train, epochs=cfg["dense_epochs"], seed=seed)
             dense_test = make_evaluate(data.x_test, data.y_test)(dense)
