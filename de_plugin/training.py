@@ -12,11 +12,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the first parameter or buffer; CPU for modules with neither (quantized models)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def make_evaluate(x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> Callable[[nn.Module], float]:
     """Accuracy on fixed tensors (eval mode, no gradients)."""
 
     def evaluate(model: nn.Module) -> float:
-        dev = next(model.parameters()).device
+        dev = model_device(model)
         was = model.training
         model.eval()
         correct = 0

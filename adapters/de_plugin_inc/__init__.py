@@ -25,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without INC
     log.debug("Intel Neural Compressor not available: %s", exc)
 
 _LAZY = {"search_config": "de_plugin_inc.search", "search_layer_targets": "de_plugin_inc.search",
-         "quantize": "de_plugin_inc.quantize", "int8_weights": "de_plugin_inc.quantize"}
+         "quantize": "de_plugin_inc.quantization", "int8_weights": "de_plugin_inc.quantization"}
 
 
 def require_inc() -> None:

@@ -29,26 +29,31 @@ log = logging.getLogger("de_plugin_inc")
 SPECIAL_NAMES = ("gpt", "retrain")
 
 
-def check_entry(model: nn.Module, info: Dict[str, Any]) -> Dict[str, nn.Module]:
-    """Validate one processed pruning config entry for de_layerwise; return the modules it selects."""
+def validate_entry(info: Dict[str, Any], modules: Dict[str, nn.Module], need_eval: bool = True) -> None:
+    """Everything that can be wrong with a de_layerwise entry, raised before any training."""
     t = info.get("target_sparsity")
     if t is None or not 0.0 <= float(t) < 1.0:
         raise ValueError(f"target_sparsity must lie in [0, 1), got {t}")
     ev = info.get("eval_func")
-    if info.get("layer_targets") is None:
+    if need_eval and info.get("layer_targets") is None:
         if ev is None:
             raise ValueError("pruning_type='de_layerwise' needs 'eval_func' (a callable model -> accuracy) in its "
                              "pruning config entry, or precomputed 'layer_targets' (see de_plugin_inc.search_config)")
         if not callable(ev):
             raise TypeError(f"eval_func must be callable as eval_func(model) -> float, got {type(ev).__name__}")
     de_settings(info.get("de_options"))
-    modules = parse_to_prune(dict(info, excluded_op_names=list(info.get("excluded_op_names") or [])), model)
     if not modules:
         raise ValueError(f"op_names {info.get('op_names')} match no {info.get('pruning_op_types')} layer of the model "
-                         "(INC also leaves out the last Linear, the classifier)")
+                         "for de_layerwise (INC also leaves out the last Linear, the classifier)")
     for name in modules:
         if any(s in name for s in SPECIAL_NAMES):
             log.warning("layer %r: INC routes module names containing %s specially and may skip it", name, SPECIAL_NAMES)
+
+
+def check_entry(model: nn.Module, info: Dict[str, Any], need_eval: bool = True) -> Dict[str, nn.Module]:
+    """Validate one processed pruning config entry; return the modules it selects."""
+    modules = parse_to_prune(dict(info, excluded_op_names=list(info.get("excluded_op_names") or [])), model)
+    validate_entry(info, modules, need_eval)
     return modules
 
 
@@ -101,21 +106,8 @@ class PytorchDELayerwisePruner(PytorchBasicPruner):
 
     def __init__(self, config, modules):
         config["criterion_type"] = "magnitude"  # de_layerwise prunes by magnitude inside each layer
-        t = config.get("target_sparsity")
-        if t is None or not 0.0 <= float(t) < 1.0:
-            raise ValueError(f"target_sparsity must lie in [0, 1), got {t}")
+        validate_entry(config, modules)
         targets = config.get("layer_targets")
-        if targets is None:
-            ev = config.get("eval_func")
-            if ev is None:
-                raise ValueError("pruning_type='de_layerwise' needs 'eval_func' (a callable model -> accuracy) in "
-                                 "its pruning config entry, or 'layer_targets' (see de_plugin_inc.search_config)")
-            if not callable(ev):
-                raise TypeError(f"eval_func must be callable as eval_func(model) -> float, got {type(ev).__name__}")
-        if not modules:
-            raise ValueError(f"op_names {config.get('op_names')} match no layer of the model for de_layerwise "
-                             "(INC also leaves out the last Linear, the classifier)")
-        de_settings(config.get("de_options"))
         super().__init__(config, modules)
         if targets is not None and set(targets) != set(modules):
             raise ValueError(f"layer_targets names {sorted(targets)} differ from the selected layers {sorted(modules)}")

@@ -137,8 +137,8 @@ def search_config(model: nn.Module, config, eval_func: Callable[[nn.Module], flo
         if info["pruning_type"] != "de_layerwise":
             entries.append(dict(entry))
             continue
-        modules = check_entry(work, info)
-        info = dict(info, criterion_type="magnitude")
+        modules = check_entry(work, info, need_eval=False)
+        info["criterion_type"] = "magnitude"  # our processed copy, INC's DotDict kept
         pattern = get_pattern(info, modules)
         targets = search_layer_targets(modules, pattern, info["target_sparsity"], lambda: eval_func(work),
                                        {**(info.get("de_options") or {}), **de_options},

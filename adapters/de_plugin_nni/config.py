@@ -33,7 +33,7 @@ from de_plugin.options import validate_options
 
 from .names import SCHEDULERS, create_pruner
 from .quantize import QUANTIZERS, finetune, int8_storage, quantize
-from .speedup import speedup as run_speedup
+from .tracing import speedup as run_speedup
 
 log = logging.getLogger("de_plugin_nni")
 FINE_GRAINED = {"de_layerwise", "level"}

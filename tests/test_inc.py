@@ -1,0 +1,143 @@
+"""INC adapter: pruning_type='de_layerwise' in INC's own loop, both search placements, patterns,
+schedules, and INC quantization keeping pruned weights at integer zero."""
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from neural_compressor.training import WeightPruningConfig, prepare_compression
+from torch.utils.data import DataLoader, TensorDataset
+
+import de_plugin_inc
+from conftest import same_state, state_of
+
+DE = {"population": 6, "generations": 2}
+
+
+def train_with(cm, model, digits, epochs=1, on_step=None):
+    """The INC callback loop of its documentation."""
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    cm.callbacks.on_train_begin()
+    step = 0
+    for _ in range(epochs):
+        perm = torch.randperm(len(digits.y_train))
+        for i in range(0, len(perm), 64):
+            idx = perm[i : i + 64]
+            cm.callbacks.on_step_begin(step)
+            F.cross_entropy(model(digits.x_train[idx]), digits.y_train[idx]).backward()
+            cm.callbacks.on_before_optimizer_step()
+            opt.step()
+            cm.callbacks.on_after_optimizer_step()
+            opt.zero_grad()
+            cm.callbacks.on_step_end()
+            if on_step:
+                on_step(step)
+            step += 1
+    cm.callbacks.on_train_end()
+
+
+def layer_sparsity(model, names=("fc1", "fc2")):
+    return {n: float((model.get_submodule(n).weight == 0).float().mean()) for n in names}
+
+
+def the_pruner(cm):
+    return cm.callbacks.callbacks_list[0].pruners[0]
+
+
+@pytest.mark.parametrize("pattern,schedule,tol", [("1x1", (0, 0, 1), 1e-9), ("4x1", (0, 18, 6), 0.01)])
+def test_layers_end_at_their_searched_targets(mlp, evaluate, digits, pattern, schedule, tol):
+    cfg = WeightPruningConfig([{"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": evaluate,
+                                "de_options": DE}], target_sparsity=0.8, pattern=pattern, start_step=schedule[0],
+                              end_step=schedule[1], pruning_frequency=schedule[2])
+    cm = prepare_compression(mlp, cfg)
+    seen = []
+    train_with(cm, mlp, digits, on_step=lambda s: seen.append(sum(layer_sparsity(mlp).values()) / 2))
+    targets = the_pruner(cm).layer_targets
+    assert set(targets) == {"fc1", "fc2"}  # INC leaves the classifier (last Linear) out
+    assert targets["fc1"] != pytest.approx(0.8, abs=1e-3)  # per-layer, not clipped to the global target
+    for name, s in layer_sparsity(mlp).items():
+        assert s == pytest.approx(targets[name], abs=tol)
+    n1, n2 = mlp.fc1.weight.numel(), mlp.fc2.weight.numel()
+    assert (targets["fc1"] * n1 + targets["fc2"] * n2) / (n1 + n2) == pytest.approx(0.8, abs=1e-3)
+    if pattern == "4x1":  # the iterative schedule ramps up
+        assert seen[1] < seen[schedule[1]] - 0.1
+        blocks = (mlp.fc1.weight == 0).reshape(16, 4, 64).all(1) | (mlp.fc1.weight != 0).reshape(16, 4, 64).all(1)
+        assert blocks.all(), "4x1 blocks are pruned whole"
+
+
+def test_search_config_placement(mlp, evaluate, digits):
+    cfg = WeightPruningConfig([{"op_names": ["fc.*"], "pruning_type": "de_layerwise"}], target_sparsity=0.75,
+                              pattern="1x1", start_step=0, end_step=0)
+    before = state_of(mlp)
+    ready = de_plugin_inc.search_config(mlp, cfg, evaluate, **DE)
+    assert same_state(before, state_of(mlp))  # the search does not touch the model
+    entries = ready.pruning_configs
+    assert [e["op_names"] for e in entries] == [["^fc1$"], ["^fc2$"]]  # anchored: fc does not match fc1
+    assert all(e["pruning_type"] == "magnitude" for e in entries)
+    cm = prepare_compression(mlp, ready)
+    train_with(cm, mlp, digits)
+    got = layer_sparsity(mlp)
+    for e in entries:
+        assert got[e["op_names"][0][1:-1]] == pytest.approx(e["target_sparsity"], abs=1e-3)
+    assert entries[0]["target_sparsity"] != pytest.approx(entries[1]["target_sparsity"], abs=1e-3)
+
+
+@pytest.mark.parametrize("approach", ["static", "dynamic"])
+def test_int8_keeps_pruned_weights_zero(mlp, evaluate, digits, approach):
+    cfg = WeightPruningConfig([{"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": evaluate,
+                                "de_options": DE}], target_sparsity=0.6, pattern="1x1", start_step=0, end_step=0)
+    cm = prepare_compression(mlp, cfg)
+    train_with(cm, mlp, digits)
+    masks = {n: mlp.get_submodule(n).weight != 0 for n in ("fc1", "fc2")}
+    calib = DataLoader(TensorDataset(digits.x_train[:256], digits.y_train[:256]), batch_size=64)
+    q = de_plugin_inc.quantize(copy.deepcopy(mlp), approach, calib_dataloader=calib)
+    ints = de_plugin_inc.int8_weights(q)
+    for n, m in masks.items():
+        assert (~m).float().mean() >= 0.5
+        assert torch.all(ints[n][~m] == 0), f"{n}: pruned weights must be int 0 after {approach} quantization"
+    assert evaluate(q.model) > 0.8
+
+
+def test_pruning_then_qat_in_one_prepare_compression(mlp, evaluate, digits):
+    from neural_compressor import QuantizationAwareTrainingConfig
+
+    prune = WeightPruningConfig([{"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": evaluate,
+                                  "de_options": DE}], target_sparsity=0.6, pattern="1x1", start_step=0, end_step=0)
+    cm = prepare_compression(mlp, [prune, QuantizationAwareTrainingConfig()])  # pruning config first
+    model = cm.model.model
+    train_with(cm, model, digits)
+    targets = the_pruner(cm).layer_targets
+    q = cm.model.model
+    assert evaluate(q) > 0.5
+    ints = de_plugin_inc.int8_weights(cm.model)
+    assert ints, "QAT produced quantized layers"
+    for n in targets:
+        # prepare_compression may rename modules when it converts; match by suffix
+        key = next(k for k in ints if k.endswith(n))
+        assert float((ints[key] == 0).float().mean()) >= targets[n] - 1e-3
+
+
+@pytest.mark.parametrize(
+    "entry,exc,match",
+    [
+        ({"op_names": ["fc.*"], "pruning_type": "de_layerwise"}, ValueError, "needs 'eval_func'"),
+        ({"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": 0.9}, TypeError, "callable"),
+        ({"op_names": ["conv.*"], "pruning_type": "de_layerwise", "eval_func": len}, ValueError, "match no"),
+        ({"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": len, "de_options": {"populaton": 3}},
+         ValueError, "did you mean"),
+    ],
+)
+def test_bad_input_before_training_model_untouched(mlp, entry, exc, match):
+    before = state_of(mlp)
+    with pytest.raises(exc, match=match):
+        prepare_compression(mlp, WeightPruningConfig([entry], target_sparsity=0.8, pattern="1x1"))
+    assert same_state(before, state_of(mlp))
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in mlp.modules())
+
+
+def test_target_outside_range(mlp, evaluate):
+    cfg = WeightPruningConfig([{"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": evaluate}],
+                              target_sparsity=1.0, pattern="1x1")
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        prepare_compression(mlp, cfg)
