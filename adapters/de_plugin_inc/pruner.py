@@ -97,7 +97,34 @@ def _patch_generate_pruners() -> None:
         cls._generate_pruners = _generate_pruners
 
 
+def _patch_process_config() -> None:
+    """Quirk (INC 3.7.1): a target_sparsity outside [0, 1) fails deep in INC with a misleading
+    "begin_pruning_step should be in range [0,1)"; check de_layerwise entries first. Idempotent."""
+    from neural_compressor.compression import callbacks
+    from neural_compressor.compression import pruner as pruner_pkg
+
+    def checked(original):
+        if getattr(original, "_de_plugin", False):
+            return original
+
+        def process_config(config):
+            glob = getattr(config, "weight_compression", {}) or {}
+            for entry in getattr(config, "pruning_configs", None) or []:
+                if entry.get("pruning_type", glob.get("pruning_type")) == "de_layerwise":
+                    t = entry.get("target_sparsity", glob.get("target_sparsity"))
+                    if t is None or not 0.0 <= float(t) < 1.0:
+                        raise ValueError(f"de_layerwise: target_sparsity must lie in [0, 1), got {t}")
+            return original(config)
+
+        process_config._de_plugin = True
+        return process_config
+
+    callbacks.process_config = checked(callbacks.process_config)
+    pruner_pkg.process_config = checked(pruner_pkg.process_config)
+
+
 _patch_generate_pruners()
+_patch_process_config()
 
 
 @register_pruner("pt_de_layerwise")

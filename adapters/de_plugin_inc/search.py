@@ -45,10 +45,14 @@ def de_settings(de_options: Dict[str, Any] | None) -> Dict[str, Any]:
     """Validate ``de_options`` with the core's option model; keep the keys the INC search uses."""
     opts = dict(de_options or {})
     seed = opts.pop("seed", 0)
-    unused = set(opts) - DE_KEYS
+    unused = sorted(set(opts) - DE_KEYS)
     if unused:
-        raise ValueError(f"de_options {sorted(unused)} do not apply inside INC (its loop fine-tunes and "
-                         f"schedules); valid: {sorted(DE_KEYS | {'seed'})}")
+        import difflib
+
+        hints = [f"{k!r} (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, sorted(DE_KEYS), n=1))
+                 else repr(k) for k in unused]
+        raise ValueError(f"unknown de_options {', '.join(hints)}: inside INC only the search's options apply "
+                         f"(INC's loop fine-tunes and schedules); valid: {sorted(DE_KEYS | {'seed'})}")
     o = validate_options(LayerwiseOptions, "de_layerwise", opts)
     return {**{k: getattr(o, k) for k in DE_KEYS}, "seed": int(seed)}
 
