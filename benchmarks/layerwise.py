@@ -31,7 +31,7 @@ LADDER = [0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99]
 CONFIG = {
     # dense epochs, train subset used for fine-tuning, val images used by the search, DE size
     "lenet300": {"dense_epochs": 20, "ft_limit": None, "search_val": 5000, "population": 20, "generations": 15},
-    "lenet5": {"dense_epochs": 12, "ft_limit": 20000, "search_val": 1000, "population": 12, "generations": 8},
+    "lenet5": {"dense_epochs": 8, "ft_limit": 20000, "search_val": 1000, "population": 12, "generations": 8},
 }
 BASELINES = ["global_magnitude", "lamp", "erk", "uniform_magnitude"]
 
@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=None,
                     help="run only these methods (e.g. nni_level nni_agp), same dense models and ladder")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ladder", nargs="+", type=float, default=None, help="sparsity rungs (default: LADDER)")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="only summarize: merge results.json of runs on the same dense models (checked) into --out")
     ap.add_argument("--rename", nargs="*", default=[], help="with --merge: OLD::NEW method labels")
@@ -176,6 +177,8 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    if args.ladder:
+        LADDER[:] = sorted(args.ladder)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_idx_dataset()
@@ -256,9 +259,10 @@ def summarize(results: dict, out: Path) -> None:
                 c05.append(best_compression(rows, dt, 0.005))
                 c1.append(best_compression(rows, dt, 0.01))
                 by = {round(r["sparsity"], 3): r for r in rows if r is not None}
-                d90.append(100 * (dt - by[0.9]["test"]))
-                d95.append(100 * (dt - by[0.95]["test"]))
-                d98.append(100 * (dt - by[0.98]["test"]))
+                nan = {"test": float("nan")}
+                d90.append(100 * (dt - by.get(0.9, nan)["test"]))
+                d95.append(100 * (dt - by.get(0.95, nan)["test"]))
+                d98.append(100 * (dt - by.get(0.98, nan)["test"]))
                 last = [r for r in rows if r is not None][-1]
                 ev.append(last["nfev"])
                 st.append(last["steps"])
