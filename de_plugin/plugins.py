@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from importlib.metadata import entry_points
 
 import pluggy
 
@@ -32,8 +33,15 @@ def load_plugins() -> pluggy.PluginManager:
         mod = importlib.import_module(name)
         if not pm.is_registered(mod):
             pm.register(mod, name)
-    try:
-        pm.load_setuptools_entrypoints("de_plugin")
-    except Exception as exc:  # a broken third-party plugin must not break the core
-        log.warning("a de_plugin entry point failed to load: %s", exc)
+    # one entry point at a time (pluggy's load_setuptools_entrypoints stops at the first failure):
+    # a broken or half-installed plugin must not hide the others nor break the core
+    for ep in entry_points(group="de_plugin"):
+        if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("de_plugin entry point %r (%s) failed to load: %s", ep.name, ep.value, exc)
+            continue
+        pm.register(plugin, name=ep.name)
     return pm
