@@ -1,4 +1,7 @@
-"""The core's entry point into this adapter (group ``de_plugin``); imports nothing heavy.
+"""The core's entry point into the INC adapter (group ``de_plugin``); imports nothing heavy.
+
+A module of its own, outside the ``de_plugin_inc`` package, because importing that package
+imports Intel Neural Compressor (several seconds) to register the pruner with it.
 
 INC has no plugin discovery of its own: ``import de_plugin_inc`` registers the pruner with INC.
 This hook only makes the adapter visible to the core (``de-plugin list`` shows INC's status).
