@@ -145,7 +145,63 @@ def run_nni_agp(dense, data, cfg, seed, epochs, options):
     return rows
 
 
-RUNNERS = {"nni_level": run_nni_level, "nni_agp": run_nni_agp}
+def run_inc(criterion: str):
+    """INC's own pruning loop with ``pruning_type=criterion`` (``magnitude``, ``snip_momentum``): one
+    gradual run per reported rung, given the training steps the ladder spends up to that rung; INC
+    prunes during all but the last ``epochs`` epochs (its iterative schedule), then fine-tunes."""
+
+    def runner(dense, data, cfg, seed, epochs, options):
+        import torch.nn.functional as F
+        from neural_compressor.training import WeightPruningConfig, prepare_compression
+
+        x_ft, y_ft = (data.x_train[: cfg["ft_limit"]], data.y_train[: cfg["ft_limit"]]) if cfg["ft_limit"] else (data.x_train, data.y_train)
+        steps_per_epoch = -(-len(y_ft) // 128)
+        val_eval, test_eval = make_evaluate(data.x_val, data.y_val), make_evaluate(data.x_test, data.y_test)
+        rows = []
+        for i, s in enumerate(LADDER):
+            if s not in (0.9, 0.95, 0.98):
+                rows.append(None)
+                continue
+            torch.manual_seed(seed * 100 + i)
+            model = copy.deepcopy(dense)
+            total_steps = (i + 1) * epochs * steps_per_epoch
+            end = max(1, total_steps - epochs * steps_per_epoch)
+            names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+            conf = WeightPruningConfig([{"op_names": [f"^{n}$" for n in names], "pruning_type": criterion}],
+                                       target_sparsity=s, pattern="1x1", start_step=0, end_step=end,
+                                       pruning_frequency=max(1, end // (i + 1)), pruning_scope="global",
+                                       max_sparsity_ratio_per_op=0.995, excluded_op_names=[])
+            manager = prepare_compression(model, conf)
+            opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+            manager.callbacks.on_train_begin()
+            step = 0
+            while step < total_steps:
+                perm = torch.randperm(len(y_ft))
+                for j in range(0, len(perm), 128):
+                    if step >= total_steps:
+                        break
+                    idx = perm[j : j + 128]
+                    manager.callbacks.on_step_begin(step)
+                    F.cross_entropy(model(x_ft[idx]), y_ft[idx]).backward()
+                    manager.callbacks.on_before_optimizer_step()
+                    opt.step()
+                    manager.callbacks.on_after_optimizer_step()
+                    opt.zero_grad()
+                    manager.callbacks.on_step_end()
+                    step += 1
+            manager.callbacks.on_train_end()
+            ws = [model.get_submodule(n).weight for n in names]
+            kept = sum(int((w != 0).sum()) for w in ws)
+            total = sum(w.numel() for w in ws)
+            rows.append({"sparsity": 1 - kept / total, "val": val_eval(model), "test": test_eval(model),
+                         "steps": total_steps, "nfev": 0, "search_seconds": 0.0})
+        return rows
+
+    return runner
+
+
+RUNNERS = {"nni_level": run_nni_level, "nni_agp": run_nni_agp, "inc_magnitude": run_inc("magnitude"),
+           "inc_snip_momentum": run_inc("snip_momentum")}
 
 
 def best_compression(rows, dense_test, max_drop):
