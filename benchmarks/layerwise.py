@@ -76,7 +76,7 @@ def run_nni_level(dense, data, cfg, seed, epochs, options):
     rows = []
     for i, s in enumerate(LADDER):
         torch.manual_seed(seed * 100 + i)
-        pruner = LevelPruner(model, [{"op_types": ["Linear", "Conv2d"], "sparse_ratio": s}])
+        pruner = LevelPruner(model, [{"op_types": ["Linear", "Conv2d"], "target_names": ["weight"], "sparse_ratio": s}])
         _, masks = pruner.compress()
         pruner.unwrap_model()
         with torch.no_grad():
@@ -131,7 +131,7 @@ def run_nni_agp(dense, data, cfg, seed, epochs, options):
                                    lambda b, m: F.cross_entropy(m(b[0]), b[1]))
         times = i + 1
         interval = max(1, (total_steps - epochs * steps_per_epoch) // times)  # last pruning leaves `epochs` of fine-tune
-        inner = LevelPruner(model, [{"op_types": ["Linear", "Conv2d"], "sparse_ratio": s}])
+        inner = LevelPruner(model, [{"op_types": ["Linear", "Conv2d"], "target_names": ["weight"], "sparse_ratio": s}])
         agp = AGPPruner(inner, interval_steps=interval, total_times=times, evaluator=evaluator)
         _, masks = agp.compress(max_steps=total_steps, max_epochs=None)
         agp.unwrap_model()
