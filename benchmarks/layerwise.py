@@ -131,8 +131,12 @@ def run_nni_agp(dense, data, cfg, seed, epochs, options):
                                    lambda b, m: F.cross_entropy(m(b[0]), b[1]))
         times = i + 1
         interval = max(1, (total_steps - epochs * steps_per_epoch) // times)  # last pruning leaves `epochs` of fine-tune
-        inner = LevelPruner(model, [{"op_types": ["Linear", "Conv2d"], "target_names": ["weight"], "sparse_ratio": s}])
-        agp = AGPPruner(inner, interval_steps=interval, total_times=times, evaluator=evaluator)
+        # the evaluator goes to the inner pruner: NNI maps the optimizer's parameters to names on the
+        # model as it is then (given only to AGP, after the inner pruner wrapped the model, training
+        # updates orphaned tensors)
+        inner = LevelPruner(model, [{"op_types": ["Linear", "Conv2d"], "target_names": ["weight"], "sparse_ratio": s}],
+                            evaluator)
+        agp = AGPPruner(inner, interval_steps=interval, total_times=times)
         _, masks = agp.compress(max_steps=total_steps, max_epochs=None)
         agp.unwrap_model()
         with torch.no_grad():
