@@ -62,6 +62,18 @@ class LayerwiseOptions(IterativeOptions):
     device: Optional[str] = Field(None, description="move the working copy here (e.g. 'cuda')")
 
 
+def seed_population(seeds: list[np.ndarray], bounds, population: int, perturb: float,
+                    rng: np.random.Generator) -> np.ndarray | None:
+    """Initial DE members: the seed vectors, then noisy copies of them (``perturb`` x range) up to
+    twice their number; DE's own sampling fills the rest of the population."""
+    x0 = list(seeds)[:population]
+    lo, hi = np.array(bounds, dtype=float).T
+    while len(x0) < min(population, 2 * max(1, len(seeds))) and seeds:
+        base = x0[int(rng.integers(len(seeds)))]
+        x0.append(np.clip(base + rng.normal(0, perturb, len(base)) * (hi - lo), lo, hi))
+    return np.array(x0) if x0 else None
+
+
 class LayerSearch:
     """Fitness evaluation of keep-count vectors on the working model, for one round.
 
@@ -211,15 +223,11 @@ class DELayerwise(IterativePruner):
     def _solver(self, search: LayerSearch, seeds: list[np.ndarray], round_index: int) -> DifferentialEvolution:
         o = self.options
         bounds = search.bounds()
-        x0 = [search.x_from_counts(s) for s in seeds][: o.population]
-        lo, hi = np.array(bounds).T
-        while len(x0) < min(o.population, 2 * max(1, len(seeds))) and seeds:
-            base = x0[int(self.rng.integers(len(seeds)))]
-            x0.append(np.clip(base + self.rng.normal(0, o.perturb, len(base)) * (hi - lo), lo, hi))
+        x0 = seed_population([search.x_from_counts(s) for s in seeds], bounds, o.population, o.perturb, self.rng)
         return DifferentialEvolution(
             bounds, popsize=o.population, strategy=o.strategy, mutation=o.mutation,
             recombination=o.recombination, maxiter=o.generations, maxfun=self.evals_per_round,
-            bound_handling=o.bound_handling, x0=np.array(x0) if x0 else None,
+            bound_handling=o.bound_handling, x0=x0,
             seed=int(self.rng.integers(2**31)),
         )
 

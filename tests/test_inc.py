@@ -1,7 +1,6 @@
 """INC adapter: pruning_type='de_layerwise' in INC's own loop, both search placements, patterns,
 schedules, and INC quantization keeping pruned weights at integer zero."""
 import copy
-import logging
 
 import pytest
 import torch

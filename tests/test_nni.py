@@ -217,7 +217,6 @@ def test_evaluator_must_be_nni(mlp, evaluate):
 
 
 def test_config_dict_prune_then_fresh_qat_keeps_zeros(mlp, evaluator_for):
-    from de_plugin_nni.quantize import integer_weights
 
     cfg = {
         "pruner": "de_layerwise",

@@ -17,7 +17,6 @@ import logging
 import re
 from typing import Any, Dict
 
-import torch
 from neural_compressor.compression.pruner.pruners.base import register_pruner
 from neural_compressor.compression.pruner.pruners.basic import PytorchBasicPruner
 from neural_compressor.compression.pruner.utils import parse_to_prune

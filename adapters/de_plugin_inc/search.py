@@ -18,7 +18,7 @@ from torch import nn
 
 from de_plugin import allocation
 from de_plugin.de import DifferentialEvolution
-from de_plugin.layerwise import LayerwiseOptions
+from de_plugin.layerwise import LayerwiseOptions, seed_population
 from de_plugin.options import validate_options
 from de_plugin.pruner import check_score
 
@@ -100,14 +100,10 @@ def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, 
             seeds.append(fit(rule([w.detach() for w in saved], target) / numels))
     bounds = [(1.0 - h / n, 1.0 - l / n) for l, h, n in zip(lo, hi, numels)]
     rng = np.random.default_rng(s["seed"])
-    x0 = [ratios_of(c) for c in seeds]
-    b = np.array(bounds)
-    while len(x0) < min(s["population"], 2 * len(seeds)):
-        base = x0[int(rng.integers(len(seeds)))]
-        x0.append(np.clip(base + rng.normal(0, s["perturb"], len(base)) * (b[:, 1] - b[:, 0]), b[:, 0], b[:, 1]))
+    x0 = seed_population([ratios_of(c) for c in seeds], bounds, s["population"], s["perturb"], rng)
     solver = DifferentialEvolution(bounds, popsize=s["population"], strategy=s["strategy"], mutation=s["mutation"],
                                    recombination=s["recombination"], maxiter=s["generations"], maxfun=s["max_evals"],
-                                   bound_handling=s["bound_handling"], x0=np.array(x0[: s["population"]]),
+                                   bound_handling=s["bound_handling"], x0=x0,
                                    seed=int(rng.integers(2**31)))
     while not solver.done:
         xs = solver.ask()

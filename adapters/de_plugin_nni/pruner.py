@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Literal
 
-import numpy as np
 import torch
 from nni.compression.base.compressor import Pruner
 from nni.compression.base.config import default_config_schema, select_modules_by_config, trans_legacy_config_list
