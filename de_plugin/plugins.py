@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PLUGINS = (
     "de_plugin.layerwise",
     "de_plugin.baselines",
+    "de_plugin.coarse",
     "de_plugin.metrics",
 )
 

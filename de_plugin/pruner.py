@@ -41,6 +41,9 @@ class Context:
     max_accuracy_drop: Optional[float]
     seed: int
     progress: bool = True
+    #: training batches (``train_data``), e.g. for adaptive BatchNorm; validation batches (``val_data``)
+    train_batches: Optional[list] = None
+    val_batches: Optional[list] = None
 
     def score(self, model: nn.Module | None = None) -> float:
         """Call the user's ``evaluate`` and insist on a finite number."""
@@ -68,6 +71,9 @@ class Pruner:
     Options: ClassVar[type[Options]] = Options
     #: whether ``evaluate`` is needed when a ``sparsity`` budget is given.
     needs_evaluate: ClassVar[bool] = True
+    #: "sparsity": exactly one of ``sparsity`` / ``max_accuracy_drop``; "ratios": the pruner's own
+    #: options say how much to prune (random_coarse's per-layer channel / kernel ratios)
+    goal: ClassVar[str] = "sparsity"
 
     def __init__(self, **options: Any) -> None:
         self.options = validate_options(self.Options, self.name, options)
@@ -113,6 +119,7 @@ def prune(
     max_accuracy_drop: Optional[float] = None,
     seed: int = 0,
     val_data: Optional[Iterable[tuple[torch.Tensor, torch.Tensor]]] = None,
+    train_data: Optional[Iterable[Any]] = None,
     metric: str | Callable = "accuracy",
     layers: Optional[Sequence[str]] = None,
     layer_types: Optional[Sequence[str]] = None,
@@ -127,13 +134,19 @@ def prune(
     ``max_accuracy_drop`` (in the units of ``evaluate``, e.g. 0.005 = 0.5 pp). ``evaluate(model)``
     returns validation accuracy (higher is better); ``finetune(model, epochs)`` trains in place
     with any loop (masks stay applied). Instead of ``evaluate`` you may pass ``val_data`` batches
-    and a ``metric`` name. ``layers`` / ``layer_types`` / ``exclude`` select the pruned weights.
+    and a ``metric`` name; ``train_data`` batches serve pruners that need training inputs (adaptive
+    BatchNorm). Pruners with ``goal = "ratios"`` (``random_coarse``) take no ``sparsity`` /
+    ``max_accuracy_drop``: their options say how much to prune. ``layers`` / ``layer_types`` / ``exclude`` select the pruned weights.
     Remaining keyword ``options`` go to the pruner and are validated. The input model is copied
     unless ``inplace=True``.
     """
     cls = get_pruner_class(name)
     pruner = cls(**options)
-    if (sparsity is None) == (max_accuracy_drop is None):
+    if cls.goal == "ratios":
+        if sparsity is not None or max_accuracy_drop is not None:
+            raise ValueError(f"pruner {name!r} is driven by its ratio options (e.g. feature_map_ratio=0.5, "
+                             f"kernel_ratio=0.3), not by `sparsity` / `max_accuracy_drop`")
+    elif (sparsity is None) == (max_accuracy_drop is None):
         raise ValueError(
             "give exactly one of `sparsity` (a budget, e.g. sparsity=0.9) or `max_accuracy_drop` "
             "(an accuracy constraint, e.g. max_accuracy_drop=0.005)"
@@ -146,8 +159,14 @@ def prune(
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if evaluate is not None and val_data is not None:
         raise ValueError("give either `evaluate` or `val_data`, not both")
+    val_batches = train_batches = None
     if val_data is not None:
-        evaluate = evaluator_from_batches(val_data, metric)
+        val_batches = [tuple(b) if isinstance(b, (tuple, list)) else b for b in val_data]
+        evaluate = evaluator_from_batches(val_batches, metric)
+    if train_data is not None:
+        train_batches = list(train_data)
+        if not train_batches:
+            raise ValueError("`train_data` is empty")
     if evaluate is not None and not callable(evaluate):
         raise TypeError(f"`evaluate` must be callable as evaluate(model) -> float, got {type(evaluate).__name__}")
     if finetune is not None and not callable(finetune):
@@ -161,7 +180,8 @@ def prune(
 
     work = model if inplace else copy.deepcopy(model)
     snapshot = copy.deepcopy(model.state_dict()) if inplace else None
-    ctx = Context(work, targets, evaluate, finetune, sparsity, max_accuracy_drop, int(seed), progress)
+    ctx = Context(work, targets, evaluate, finetune, sparsity, max_accuracy_drop, int(seed), progress,
+                  train_batches, val_batches)
     t0 = time.perf_counter()
     try:
         result = pruner.run(ctx)
@@ -173,6 +193,7 @@ def prune(
     result.pruner = name
     result.seed = int(seed)
     result.options = pruner.options.model_dump()
+    targets = ctx.targets  # a pruner may report more layers than it was given (random_coarse's consumers)
     result.layer_sparsity = layer_sparsity(result.masks)
     kept = sum(int(m.sum()) for m in result.masks.values())
     total = sum(m.numel() for m in result.masks.values())

@@ -28,6 +28,8 @@ class PruningResult:
     layers: list[dict[str, Any]] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    #: pruner-specific measurements (random_coarse: MACs, parameters, kept channels, candidate scores)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def compression(self) -> float:
@@ -51,6 +53,8 @@ class PruningResult:
             "layers": self.layers,
             "options": self.options,
             "history": self.history,
+            **{k: v for k, v in self.extra.items() if not isinstance(v, dict) or not any(
+                isinstance(t, torch.Tensor) for t in v.values())},
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -58,7 +62,8 @@ class PruningResult:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write masks and summary atomically (temporary file, then rename)."""
-        payload = {"format": "de_plugin.masks/1", "masks": {k: v.cpu().bool() for k, v in self.masks.items()},
+        masks = {**self.masks, **self.extra.get("param_masks", {})}  # random_coarse: biases and BatchNorm too
+        payload = {"format": "de_plugin.masks/1", "masks": {k: v.cpu().bool() for k, v in masks.items()},
                    "summary": json.loads(self.to_json())}
         path = os.fspath(path)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")

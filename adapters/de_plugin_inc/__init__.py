@@ -5,7 +5,8 @@
     WeightPruningConfig([{"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": evaluate}],
                         target_sparsity=0.9, pattern="1x1", start_step=0, end_step=100)
 
-works in INC's usual loop (``prepare_pruning`` / ``prepare_compression``). ``search_config(...)``
+works in INC's usual loop, and so does ``pruning_type="random_coarse"`` (whole filters,
+``pattern="1x{kh*kw*C_in}"``) (``prepare_pruning`` / ``prepare_compression``). ``search_config(...)``
 runs the search up front and returns a ready ``WeightPruningConfig`` with per-layer targets.
 Importing never fails when INC is missing; using the adapter then says how to install it.
 """
@@ -18,6 +19,7 @@ from typing import Any
 log = logging.getLogger("de_plugin_inc")
 INC_AVAILABLE = False
 try:  # registering with INC is what importing this package is for
+    from .coarse import PytorchRandomCoarsePruner  # noqa: F401
     from .pruner import PytorchDELayerwisePruner  # noqa: F401
 
     INC_AVAILABLE = True

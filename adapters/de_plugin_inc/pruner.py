@@ -88,7 +88,7 @@ def _patch_generate_pruners() -> None:
 
         def _generate_pruners(self, _original=original, _get_model=get_model):
             for info in self.pruners_info:
-                if info.get("pruning_type") == "de_layerwise":
+                if info.get("pruning_type") in ("de_layerwise", "random_coarse"):
                     info["model_ref"] = _ModelRef(_get_model(self))
             return _original(self)
 
@@ -109,10 +109,11 @@ def _patch_process_config() -> None:
         def process_config(config):
             glob = getattr(config, "weight_compression", {}) or {}
             for entry in getattr(config, "pruning_configs", None) or []:
-                if entry.get("pruning_type", glob.get("pruning_type")) == "de_layerwise":
+                kind = entry.get("pruning_type", glob.get("pruning_type"))
+                if kind in ("de_layerwise", "random_coarse"):
                     t = entry.get("target_sparsity", glob.get("target_sparsity"))
                     if t is None or not 0.0 <= float(t) < 1.0:
-                        raise ValueError(f"de_layerwise: target_sparsity must lie in [0, 1), got {t}")
+                        raise ValueError(f"{kind}: target_sparsity must lie in [0, 1), got {t}")
             return original(config)
 
         process_config._de_plugin = True

@@ -114,8 +114,13 @@ def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, 
     return {n: float(r) for n, r in zip(names, ratios_of(best))}
 
 
-def search_config(model: nn.Module, config, eval_func: Callable[[nn.Module], float], **de_options: Any):
+def search_config(model: nn.Module, config, eval_func: Callable[[nn.Module], float], *,
+                  train_data: List[Any] | None = None, coarse_options: Dict[str, Any] | None = None,
+                  **de_options: Any):
     """Run the search before training; return a ``WeightPruningConfig`` with per-layer targets.
+
+    ``random_coarse`` entries are resolved first (:func:`de_plugin_inc.coarse.search_config`, with
+    ``train_data`` batches for adaptive BN and ``coarse_options``), then ``de_layerwise`` ones.
 
     Every entry of ``config`` with ``pruning_type="de_layerwise"`` becomes one entry per layer
     (anchored ``op_names``, INC's ``magnitude`` criterion, the layer's searched
@@ -129,6 +134,11 @@ def search_config(model: nn.Module, config, eval_func: Callable[[nn.Module], flo
 
     if not callable(eval_func):
         raise TypeError("eval_func must be callable as eval_func(model) -> float")
+    if any(e.get("pruning_type", config.weight_compression.get("pruning_type")) == "random_coarse"
+           for e in config.pruning_configs):
+        from .coarse import search_config as coarse_search_config
+
+        config = coarse_search_config(model, config, eval_func, train_data, **(coarse_options or {}))
     work = copy.deepcopy(model)
     entries: List[Dict[str, Any]] = []
     infos = process_config(config)

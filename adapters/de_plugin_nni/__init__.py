@@ -14,6 +14,7 @@ from typing import Any
 
 _LAZY = {
     "DELayerwisePruner": "de_plugin_nni.pruner",
+    "RandomCoarsePruner": "de_plugin_nni.coarse",
     "create_pruner": "de_plugin_nni.names",
     "list_pruners": "de_plugin_nni.names",
     "PRUNERS": "de_plugin_nni.names",

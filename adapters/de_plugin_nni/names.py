@@ -23,10 +23,12 @@ from nni.compression.pruning import (
 from torch import nn
 
 from .evaluators import patch_lightning_evaluator
+from .coarse import RandomCoarsePruner
 from .pruner import DELayerwisePruner
 
 PRUNERS: Dict[str, type] = {
     "de_layerwise": DELayerwisePruner,
+    "random_coarse": RandomCoarsePruner,
     "level": LevelPruner,
     "l1norm": L1NormPruner,
     "l2norm": L2NormPruner,
@@ -38,7 +40,7 @@ PRUNERS: Dict[str, type] = {
     "agp": AGPPruner,
 }
 SCHEDULERS = {"linear", "agp"}
-NEEDS_EVALUATOR = {"de_layerwise", "slim", "taylor", "movement", "linear", "agp"}
+NEEDS_EVALUATOR = {"de_layerwise", "random_coarse", "slim", "taylor", "movement", "linear", "agp"}
 
 
 def list_pruners() -> List[str]:
@@ -72,7 +74,7 @@ def create_pruner(name: str, model: nn.Module, config_list: List[Dict], evaluato
             raise ValueError(f"{name!r} needs interval_steps and total_times (how often and how many times to prune)")
         inner = create_pruner(inner_name, model, config_list, evaluator, **inner_options)
         return cls(inner, options["interval_steps"], options["total_times"], evaluator=evaluator)
-    if name == "de_layerwise":
+    if name in ("de_layerwise", "random_coarse"):
         return cls(model, config_list, evaluator, **options)
     try:
         return cls(model, config_list, evaluator, **options) if evaluator is not None or name in NEEDS_EVALUATOR \

@@ -93,6 +93,17 @@ def parse_config_list(model: nn.Module, config_list: List[Dict]) -> List[Dict[st
     return groups
 
 
+def sync_into_wrappers(pruner: Pruner) -> None:
+    """Quirk (nni 3.0): ``wrap()`` restores each wrapper's own copy of the parameters taken at
+    construction, discarding training done on the unwrapped model; copy the trained values in."""
+    with torch.no_grad():
+        for wrapper in pruner._module_wrappers.values():
+            for name, param in wrapper.module.named_parameters(recurse=False):
+                own = wrapper._parameters.get(name)
+                if own is not None and own.shape == param.shape:
+                    own.copy_(param)
+
+
 class DELayerwisePruner(Pruner):
     """Differential-evolution layer-wise magnitude pruning for NNI (name ``de_layerwise``)."""
 
@@ -162,19 +173,9 @@ class DELayerwisePruner(Pruner):
                 masks.update(res.masks)
         finally:
             evaluator.unbind_model()
-            self._sync_into_wrappers()
+            sync_into_wrappers(self)
             self.wrap_model()
         self.update_masks(self._masks_to_nni(masks))
-
-    def _sync_into_wrappers(self) -> None:
-        """Quirk (nni 3.0): ``wrap()`` restores each wrapper's own copy of the parameters taken at
-        construction, discarding training done on the unwrapped model; copy the trained values in."""
-        with torch.no_grad():
-            for wrapper in self._module_wrappers.values():
-                for name, param in wrapper.module.named_parameters(recurse=False):
-                    own = wrapper._parameters.get(name)
-                    if own is not None and own.shape == param.shape:
-                        own.copy_(param)
 
     # ------------------------------------------------------------------ fused / scheduled
     def generate_masks(self) -> Dict[str, Dict[str, torch.Tensor]]:

@@ -1,0 +1,167 @@
+"""``RandomCoarsePruner``: the core's ``random_coarse`` as an NNI 3.0 ``Pruner``.
+
+``RandomCoarsePruner(model, config_list, evaluator, candidates=100, kernel_ratio=0.0, ...)``. Each
+config_list entry selects Conv2d layers as NNI does; its ``sparse_ratio`` is the fraction of each
+layer's output channels (feature maps) removed, as for NNI's ``L1NormPruner``. Coupled channels
+follow NNI's dependency groups: the entries' ``dependency_group_id`` when given, otherwise NNI's
+own ``auto_set_denpendency_group_ids`` on the traced model; BatchNorm layers and consumers come
+from the core's fx pass. ``compress()`` scores N random masks with ``evaluator.evaluate()``
+(adaptive BN on the evaluator's training data for BN models), keeps the best, retrains once with
+``evaluator.train(max_epochs=finetune_epochs)`` and puts the masks into NNI's wrappers, so
+``ModelSpeedup`` turns them into a smaller dense model. Kernel masks (``kernel_ratio``) stay masks.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional
+
+import torch
+from nni.compression.base.compressor import Pruner
+from nni.compression.base.config import default_config_schema, select_modules_by_config, trans_legacy_config_list
+from nni.compression.base.wrapper import ModuleWrapper
+from nni.compression.utils.evaluator import Evaluator
+from schema import SchemaError
+from torch import nn
+
+from de_plugin.coarse import CoarseOptions, CoarseSpace, apply_and_retrain, best_of_n, calibration_batches, count_macs
+from de_plugin.options import validate_options
+
+from .evaluators import patch_lightning_evaluator
+from .pruner import _score_of, sync_into_wrappers
+
+log = logging.getLogger("de_plugin_nni")
+CONFIG_OWNED = {"feature_map_ratio", "ratios"}
+
+
+def parse_coarse_config(model: nn.Module, config_list: List[Dict]) -> tuple[Dict[str, float], List[List[str]]]:
+    """Per-layer feature-map ratios and NNI dependency groups from a config_list (NNI's schema)."""
+    if not isinstance(config_list, list) or not config_list:
+        raise ValueError("config_list must be a non-empty list, e.g. [{'op_types': ['Conv2d'], 'sparse_ratio': 0.5}]")
+    configs = trans_legacy_config_list([dict(c) for c in config_list])
+    schema = default_config_schema("pruning")
+    ratios: Dict[str, float] = {}
+    groups: Dict[Any, List[str]] = {}
+    for i, cfg in enumerate(configs):
+        try:
+            schema.validate(cfg)
+        except SchemaError as exc:
+            raise ValueError(f"config_list entry {i} is not valid for NNI: {exc}. (random_coarse options such as "
+                             f"candidates go to the pruner's constructor)") from None
+        modules, _, _ = select_modules_by_config(model, cfg)
+        names = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+        if cfg.get("exclude"):
+            for n in names:
+                ratios.pop(n, None)
+            continue
+        ratio = cfg.get("sparse_ratio")
+        if ratio is None or not 0.0 <= float(ratio) < 1.0:
+            raise ValueError(f"config_list entry {i}: sparse_ratio (fraction of each layer's output channels) must "
+                             f"lie in [0, 1), got {ratio}")
+        if not names:
+            raise ValueError(f"config_list entry {i} selects no Conv2d layer: {cfg}")
+        for n in names:
+            ratios[n] = float(ratio)
+        if cfg.get("dependency_group_id") is not None:
+            groups.setdefault(cfg["dependency_group_id"], []).extend(names)
+    if not ratios:
+        raise ValueError("config_list selects no Conv2d layer to prune")
+    return ratios, list(groups.values())
+
+
+def nni_dependency_groups(model: nn.Module, dummy_input: Any, layers: List[str]) -> List[List[str]]:
+    """NNI's own channel dependency analysis (``auto_set_denpendency_group_ids``) over ``layers``."""
+    from nni.compression.speedup import auto_set_denpendency_group_ids
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = torch.fx.symbolic_trace(model)
+    ShapeProp(gm).propagate(*(dummy_input if isinstance(dummy_input, tuple) else (dummy_input,)))
+    cfg = auto_set_denpendency_group_ids(gm, [{"op_names": list(layers), "sparse_ratio": 0.5}])
+    groups: Dict[Any, List[str]] = {}
+    for entry in cfg:
+        if entry.get("dependency_group_id") is not None:
+            groups.setdefault(entry["dependency_group_id"], []).extend(entry["op_names"])
+    return [g for g in groups.values() if len(g) > 1]
+
+
+class RandomCoarsePruner(Pruner):
+    """Best-of-N random feature-map / kernel masks for NNI (name ``random_coarse``)."""
+
+    def __init__(self, model: nn.Module, config_list: List[Dict], evaluator: Evaluator | None = None,
+                 existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, seed: int = 0, progress: bool = True,
+                 train_data: Optional[List[Any]] = None, **options: Any):
+        if evaluator is None or not isinstance(evaluator, Evaluator):
+            raise TypeError("random_coarse needs an NNI Evaluator (TorchEvaluator or LightningEvaluator): its "
+                            f"evaluate() scores the candidates, got {type(evaluator).__name__}")
+        bad = CONFIG_OWNED & set(options)
+        if bad:
+            raise ValueError(f"{sorted(bad)}: in NNI the feature-map ratio of each layer is the config_list's "
+                             f"sparse_ratio")
+        patch_lightning_evaluator()
+        self.options = validate_options(CoarseOptions, "random_coarse", options)
+        self.ratios, self.given_groups = parse_coarse_config(model, config_list)
+        self.options.ratios = dict(self.ratios)
+        self.options.feature_map_ratio = 0.0
+        self.seed, self.progress = int(seed), bool(progress)
+        self.train_data = list(train_data) if train_data is not None else None
+        conv_cfg = [{"op_names": sorted(self.ratios), "sparse_ratio": 0.5}]
+        super().__init__(model, conv_cfg, evaluator, existed_wrappers)
+        self.result: Dict[str, Any] = {}
+
+    def _calibration(self) -> Optional[list]:
+        if self.train_data is not None:
+            return self.train_data
+        try:  # LightningEvaluator: its datamodule's training batches
+            loader = self.evaluator.data_module.train_dataloader()  # type: ignore[attr-defined]
+            return [b for _, b in zip(range(self.options.bn_batches), loader)]
+        except AttributeError:
+            return None
+
+    def _single_compress(self, max_steps: int | None, max_epochs: int | None) -> None:
+        evaluator = self.evaluator
+        if max_steps is not None or max_epochs is not None:
+            raise ValueError("random_coarse retrains once for finetune_epochs (a constructor option); call compress() "
+                             "without max_steps/max_epochs")
+        self.unwrap_model()
+        model = self.bound_model
+        evaluator.bind_model(model)
+        try:
+            dummy = evaluator.get_dummy_input()
+            couple = self.given_groups or nni_dependency_groups(model, dummy, sorted(self.ratios))
+            space = CoarseSpace(model, dummy, sorted(self.ratios), self.options, couple)
+            calib = calibration_batches(model, self.options, self._calibration(), None)
+            score = lambda _m: _score_of(evaluator.evaluate())  # noqa: E731
+            reference = score(model)
+            best, best_score, scores = best_of_n(model, space, score, self.options, self.seed, calib, self.progress)
+            masks = space.masks(best)
+            before = apply_and_retrain(model, space, masks, lambda _m, e: evaluator.train(max_epochs=e),
+                                       self.options, self.seed, calib, score)
+            macs = count_macs(model, dummy, masks)
+            self.result = {"reference": reference, "best_candidate_score": best_score, "candidate_scores": scores,
+                           "before_retraining": before, "accuracy": score(model), "groups": space.kept_channels(best),
+                           "macs": macs["macs"], "macs_dense": macs["macs_dense"],
+                           "macs_removed": 1 - macs["macs"] / macs["macs_dense"], "param_masks": masks}
+        finally:
+            evaluator.unbind_model()
+            sync_into_wrappers(self)
+            self.wrap_model()
+        nni_masks: Dict[str, Dict[str, torch.Tensor]] = {}
+        for name in self._target_spaces:
+            mod = self.bound_model.get_submodule(name)
+            w = masks.get(f"{name}.weight")
+            nni_masks[name] = {"weight": (w if w is not None else torch.ones_like(mod.weight, dtype=torch.bool)).float()}
+            if "bias" in self._target_spaces[name] and mod.bias is not None:
+                b = masks.get(f"{name}.bias")
+                nni_masks[name]["bias"] = (b if b is not None else torch.ones_like(mod.bias, dtype=torch.bool)).float()
+        self.update_masks(nni_masks)
+        log.info("random_coarse (NNI): best of %d val %.4f, after retraining %.4f, MACs %.1f%% removed",
+                 len(scores), best_score, self.result["accuracy"], 100 * self.result["macs_removed"])
+
+    def compress(self, max_steps: int | None = None, max_epochs: int | None = None):
+        return super().compress(max_steps, max_epochs)
+
+    def _fuse_preprocess(self, evaluator: Evaluator) -> None:
+        raise ValueError("random_coarse picks its mask once before retraining; it is not fused or scheduled "
+                         "(prune, speed up, then quantize)")
+
+    def _fuse_postprocess(self, evaluator: Evaluator) -> None:  # pragma: no cover - never fused
+        pass

@@ -1,0 +1,484 @@
+"""``random_coarse``: feature-map and kernel pruning by the best of N random masks (Anwar & Sung).
+
+A candidate removes, in every coupled channel group (:mod:`de_plugin.coupling`), a random set of
+``round(ratio * channels)`` feature maps, and in every selected conv a random ``kernel_ratio`` of
+the k x k kernels that are still alive. Each candidate is applied in place to one working copy,
+optionally has its BatchNorm statistics re-estimated on a few training batches (EagleEye's
+adaptive BN: without it the ranking of candidates on BN networks is unreliable), is scored on the
+validation split without training, and is undone: memory stays flat in N. The best candidate is
+kept and the network retrained once with its mask held.
+
+A removed feature map zeroes its filter, bias, BatchNorm affine terms, any depthwise conv over it,
+and the input columns of its consumers, so the masked model computes exactly what the physically
+smaller model (NNI's ``ModelSpeedup``) computes; MACs and parameters are counted from the masks.
+``l1_filter`` (Li et al., ICLR 2017) is the same machinery keeping the largest-L1 filters.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+from tqdm.auto import tqdm
+
+from .coupling import ChannelGroup, CouplingError, channel_groups
+from .hookspecs import hookimpl
+from .options import Options
+from .pruner import Context, Pruner, check_score
+from .registry import get_metric
+from .result import PruningResult
+from .targets import Target, masks_attached
+
+log = logging.getLogger("de_plugin")
+Masks = dict[str, torch.Tensor]  # "module.param" -> bool mask shaped like the parameter
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class CoarseOptions(Options):
+    """Options of ``random_coarse`` / ``l1_filter``. Ratios are fractions of a layer's output
+    channels (``feature_map_ratio``) or of its alive k x k kernels (``kernel_ratio``)."""
+
+    feature_map_ratio: float = Field(0.5, ge=0.0, lt=1.0)
+    kernel_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    #: per-layer feature-map ratios (module names or fnmatch patterns), overriding the uniform one
+    ratios: dict[str, float] = Field(default_factory=dict)
+    kernel_ratios: dict[str, float] = Field(default_factory=dict)
+    candidates: int = Field(100, ge=1)
+    #: "evaluate": the user's evaluate; "accuracy" / "neg_loss": computed on ``val_data`` batches
+    score: Literal["evaluate", "accuracy", "neg_loss"] = "evaluate"
+    #: re-estimate BatchNorm statistics before scoring each candidate; None = on if the model has BN
+    adaptive_bn: Optional[bool] = None
+    bn_batches: int = Field(50, ge=1)
+    finetune_epochs: int = Field(1, ge=0)
+    criterion: Literal["random", "l1"] = "random"
+
+    @field_validator("ratios", "kernel_ratios")
+    @classmethod
+    def _fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, r in v.items():
+            if not 0.0 <= float(r) < 1.0:
+                raise ValueError(f"ratio for {k!r} must lie in [0, 1), got {r}")
+        return v
+
+
+def _match(name: str, table: dict[str, float]) -> Optional[float]:
+    hits = [r for p, r in table.items() if name == p or fnmatch.fnmatchcase(name, p)]
+    return hits[-1] if hits else None
+
+
+def capture_input(model: nn.Module, run: Callable[[], Any]) -> Any:
+    """The first input ``model`` receives while ``run()`` executes (two samples of it)."""
+    seen: list = []
+
+    def hook(_mod, args):
+        if not seen:
+            seen.append(tuple(a[:2].detach() if isinstance(a, torch.Tensor) else a for a in args))
+
+    handle = model.register_forward_pre_hook(hook)
+    try:
+        out = run()
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError("`evaluate` never called the model's forward; random_coarse needs it to trace the model")
+    return (seen[0] if len(seen[0]) > 1 else seen[0][0]), out
+
+
+class CoarseSpace:
+    """The coupled groups and conv kernels of a model, and how a candidate becomes masks."""
+
+    def __init__(self, model: nn.Module, example_input: Any, producers: Sequence[str], options: CoarseOptions,
+                 couple: Optional[Sequence[Sequence[str]]] = None):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        fm = options.feature_map_ratio > 0 or any(r > 0 for r in options.ratios.values())
+        selected = set(producers)
+        self.groups: list[ChannelGroup] = []
+        self.group_ratio: list[float] = []
+        if fm:
+            for g in channel_groups(model, example_input, couple):
+                if not set(g.producers) <= selected or g.locked:
+                    log.debug("group %s not pruned (%s)", g.producers, g.locked or "not all producers selected")
+                    continue
+                if g.unresolved:
+                    raise CouplingError(
+                        f"cannot resolve which channels of {g.producers} are coupled: they pass through "
+                        f"{sorted(set(g.unresolved))}. Exclude these layers (exclude=[...]) or use kernel granularity")
+                ratios = {p: _match(p, options.ratios) for p in g.producers}
+                given = {r for r in ratios.values() if r is not None}
+                if len(given) > 1:
+                    raise ValueError(f"layers {g.producers} share channels (residual add / depthwise) and must be pruned "
+                                     f"at one ratio; `ratios` gives {ratios}")
+                ratio = given.pop() if given else options.feature_map_ratio
+                remove = int(round(ratio * g.channels))
+                if remove >= g.channels:
+                    raise ValueError(f"ratio {ratio} would remove every one of the {g.channels} channels of "
+                                     f"{g.producers}; use a ratio below {1 - 0.5 / g.channels:.3f}")
+                self.groups.append(g)
+                self.group_ratio.append(ratio)
+        self.kernel_layers: list[str] = []
+        self.kernel_ratio: list[float] = []
+        for p in producers:
+            m = self.modules[p]
+            r = _match(p, options.kernel_ratios)
+            r = options.kernel_ratio if r is None else r
+            if isinstance(m, nn.Conv2d) and m.groups == 1 and r > 0:
+                self.kernel_layers.append(p)
+                self.kernel_ratio.append(r)
+        if not self.groups and not self.kernel_layers:
+            raise ValueError("random_coarse has nothing to prune: no selected Conv2d layer has prunable feature maps "
+                             "(all reach the output or are excluded) and kernel_ratio is 0")
+        self.params = self._param_names()
+
+    def _param_names(self) -> list[str]:
+        names: list[str] = []
+
+        def add(module: str, pname: str) -> None:
+            if getattr(self.modules[module], pname, None) is not None and f"{module}.{pname}" not in names:
+                names.append(f"{module}.{pname}")
+
+        for g in self.groups:
+            for m in g.producers + g.batchnorms + g.depthwise:
+                add(m, "weight")
+                add(m, "bias")
+            for m, _, _ in g.consumers:
+                add(m, "weight")
+        for m in self.kernel_layers:
+            add(m, "weight")
+        return names
+
+    def param(self, name: str) -> torch.Tensor:
+        module, pname = name.rsplit(".", 1)
+        return getattr(self.modules[module], pname)
+
+    # ------------------------------------------------------------------ candidates
+    def sample(self, rng: np.random.Generator, criterion: str = "random") -> dict[str, Any]:
+        """Kept channels per group and kept kernels per conv (bool arrays)."""
+        keep_ch: list[np.ndarray] = []
+        for g, ratio in zip(self.groups, self.group_ratio):
+            remove = int(round(ratio * g.channels))
+            if criterion == "l1":
+                norms = sum(self.param(p + ".weight").detach().abs().flatten(1).sum(1).cpu().numpy() for p in g.producers)
+                order = np.argsort(norms, kind="stable")  # smallest first
+            else:
+                order = rng.permutation(g.channels)
+            k = np.ones(g.channels, dtype=bool)
+            k[order[:remove]] = False
+            keep_ch.append(k)
+        in_keep, out_keep = self._alive(keep_ch)
+        keep_k: list[np.ndarray] = []
+        for layer, ratio in zip(self.kernel_layers, self.kernel_ratio):
+            w = self.param(layer + ".weight")
+            alive = np.outer(out_keep.get(layer, np.ones(w.shape[0], bool)), in_keep.get(layer, np.ones(w.shape[1], bool)))
+            idx = np.flatnonzero(alive)
+            remove = int(round(ratio * len(idx)))
+            if criterion == "l1":
+                norms = w.detach().abs().flatten(2).sum(2).cpu().numpy().ravel()[idx]
+                drop = idx[np.argsort(norms, kind="stable")[:remove]]
+            else:
+                drop = rng.choice(idx, size=remove, replace=False) if remove else idx[:0]
+            k = alive.copy().ravel()
+            k[drop] = False
+            keep_k.append(k.reshape(alive.shape))
+        return {"channels": keep_ch, "kernels": keep_k}
+
+    def _alive(self, keep_ch: list[np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Per conv: which input and output channels survive the feature-map part."""
+        in_keep: dict[str, np.ndarray] = {}
+        out_keep: dict[str, np.ndarray] = {}
+        for g, k in zip(self.groups, keep_ch):
+            for p in g.producers:
+                out_keep[p] = k
+            for m, off, rep in g.consumers:
+                w = self.param(m + ".weight")
+                if w.dim() == 4:
+                    arr = in_keep.setdefault(m, np.ones(w.shape[1], bool))
+                    arr[off:off + len(k)] &= k
+        return in_keep, out_keep
+
+    def masks(self, cand: dict[str, Any]) -> Masks:
+        """Bool masks shaped like each affected parameter."""
+        out: Masks = {}
+
+        def mask(name: str) -> torch.Tensor:
+            if name not in out:
+                p = self.param(name)
+                out[name] = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+            return out[name]
+
+        for g, k in zip(self.groups, cand["channels"]):
+            drop = torch.from_numpy(np.flatnonzero(~k))
+            for m in g.producers + g.batchnorms + g.depthwise:
+                for pname in ("weight", "bias"):
+                    if f"{m}.{pname}" in self.params:
+                        mask(f"{m}.{pname}")[drop] = False
+            for m, off, rep in g.consumers:
+                cols = (off + drop[:, None] * rep + torch.arange(rep)[None, :]).flatten()
+                mask(f"{m}.weight")[:, cols] = False
+        for layer, k in zip(self.kernel_layers, cand["kernels"]):
+            m = mask(f"{layer}.weight")
+            m &= torch.from_numpy(k).to(m.device)[:, :, None, None]
+        return out
+
+    def kept_channels(self, cand: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"layers": g.producers, "channels": g.channels, "kept": int(k.sum())}
+                for g, k in zip(self.groups, cand["channels"])]
+
+
+class InPlaceMasks:
+    """Apply masks to the model's own tensors and put the saved values back (no model copies)."""
+
+    def __init__(self, model: nn.Module, space: CoarseSpace):
+        self.model = model
+        self.space = space
+        self.saved = {n: space.param(n).detach().clone() for n in space.params}
+        self.bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
+        self.bn_saved = [{k: v.clone() for k, v in bn.state_dict().items() if not k.endswith(("weight", "bias"))}
+                         for bn in self.bns]
+
+    def apply(self, masks: Masks) -> None:
+        with torch.no_grad():
+            for n, m in masks.items():
+                self.space.param(n).mul_(m.to(self.space.param(n).dtype))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for n, v in self.saved.items():
+                self.space.param(n).copy_(v)
+            for bn, saved in zip(self.bns, self.bn_saved):
+                for k, v in saved.items():
+                    getattr(bn, k).copy_(v)
+
+    @contextmanager
+    def applied(self, masks: Masks) -> Iterator[None]:
+        self.apply(masks)
+        try:
+            yield
+        finally:
+            self.restore()
+
+
+def recalibrate_bn(model: nn.Module, batches: Sequence[Any], num_batches: int) -> None:
+    """EagleEye's adaptive BN: reset BatchNorm statistics and re-estimate them (cumulative average)
+    from ``num_batches`` training batches, in train mode for BN only, without gradients."""
+    bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
+    if not bns:
+        return
+    modes = {m: m.training for m in model.modules()}
+    momenta = [bn.momentum for bn in bns]
+    dev = next(model.parameters()).device
+    try:
+        model.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        with torch.no_grad():
+            for b in list(batches)[:num_batches]:
+                x = b[0] if isinstance(b, (tuple, list)) else b
+                model(x.to(dev))
+    finally:
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
+        for m, t in modes.items():
+            m.train(t)
+
+
+def count_macs(model: nn.Module, example_input: Any, masks: Optional[Masks] = None) -> dict[str, Any]:
+    """Multiply-accumulates of one sample through Conv/Linear layers, and parameter counts.
+
+    With ``masks``, a removed kernel / weight costs nothing, which is what the sped-up model costs
+    for feature-map masks; ``params`` counts the model's parameters left non-zero by the masks.
+    """
+    masks = masks or {}
+    per_layer: dict[str, int] = {}
+    dense: dict[str, int] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            def hook(m, _inp, out, name=name):
+                w = masks.get(f"{name}.weight")
+                if isinstance(m, nn.Conv2d):
+                    spatial = out.shape[2] * out.shape[3]
+                    k = m.kernel_size[0] * m.kernel_size[1]
+                    kernels = m.weight.shape[0] * m.weight.shape[1]
+                    alive = kernels if w is None else int(w.flatten(2).any(2).sum())
+                    dense[name] = spatial * kernels * k
+                    per_layer[name] = spatial * alive * k
+                else:
+                    rows = out.numel() // out.shape[-1] // out.shape[0]
+                    dense[name] = rows * m.weight.numel()
+                    per_layer[name] = rows * (m.weight.numel() if w is None else int(w.sum()))
+            handles.append(mod.register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = example_input if isinstance(example_input, tuple) else (example_input,)
+            model(*(t[:1] if isinstance(t, torch.Tensor) else t for t in x))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    total = sum(p.numel() for p in model.parameters())
+    removed = sum(int((~m).sum()) for m in masks.values())
+    return {"macs": sum(per_layer.values()), "macs_dense": sum(dense.values()), "layer_macs": per_layer,
+            "params": total - removed, "params_dense": total}
+
+
+def best_of_n(model: nn.Module, space: CoarseSpace, score: Callable[[nn.Module], float], options: CoarseOptions,
+              seed: int, calib: Optional[Sequence[Any]] = None, progress: bool = True, desc: str = "random_coarse",
+              ) -> tuple[dict[str, Any], float, list[float]]:
+    """Score ``options.candidates`` random candidates (one for ``criterion="l1"``) in place on
+    ``model`` and return ``(best candidate, its score, every score in drawing order)``.
+
+    The model is left exactly as it was. ``calib`` batches switch on adaptive BatchNorm.
+    """
+    rng = np.random.default_rng(seed)
+    working = InPlaceMasks(model, space)
+    n = 1 if options.criterion == "l1" else options.candidates
+    scores: list[float] = []
+    best, best_score = None, -math.inf
+    for _ in tqdm(range(n), desc=f"{desc} candidates", disable=not progress or n == 1, leave=False):
+        cand = space.sample(rng, options.criterion)
+        with working.applied(space.masks(cand)):
+            if calib:
+                recalibrate_bn(model, calib, options.bn_batches)
+            s = check_score(score(model))
+        scores.append(s)
+        if s > best_score:
+            best, best_score = cand, s
+    return best, best_score, scores
+
+
+def calibration_batches(model: nn.Module, options: CoarseOptions, train_batches: Optional[list],
+                        val_batches: Optional[list]) -> Optional[list]:
+    """The batches adaptive BN re-estimates statistics on, or None when it is off."""
+    has_bn = any(isinstance(m, BN_TYPES) for m in model.modules())
+    if not has_bn or options.adaptive_bn is False:
+        return None
+    if not (train_batches or val_batches):
+        raise ValueError("adaptive_bn (on by default for models with BatchNorm) needs batches to re-estimate the "
+                         "statistics: pass train_data=... (an iterable of (x, y) batches) or adaptive_bn=False")
+    if not train_batches:
+        log.warning("adaptive BN uses the validation batches (no train_data given)")
+    return list(train_batches or val_batches)
+
+
+def apply_and_retrain(model: nn.Module, space: CoarseSpace, masks: Masks, finetune: Optional[Callable],
+                      options: CoarseOptions, seed: int, calib: Optional[list] = None,
+                      score: Optional[Callable[[nn.Module], float]] = None, desc: str = "random_coarse",
+                      ) -> Optional[float]:
+    """Zero the masked entries in place, re-estimate BN, retrain once with the masks held.
+
+    Returns the score before retraining (when ``score`` is given).
+    """
+    with torch.no_grad():
+        for n, m in masks.items():
+            space.param(n).mul_(m.to(space.param(n).dtype))
+    if calib:
+        recalibrate_bn(model, calib, options.bn_batches)
+    before = score(model) if score is not None else None
+    targets = [Target(*n.rsplit(".", 1), type(space.modules[n.rsplit(".", 1)[0]]).__name__,
+                      tuple(space.param(n).shape)) for n in masks]
+    if finetune is not None and options.finetune_epochs > 0:
+        torch.manual_seed(seed)
+        with masks_attached(model, targets, masks):
+            finetune(model, options.finetune_epochs)
+    elif finetune is None:
+        log.warning("%s: no `finetune` given, the network is not retrained", desc)
+    return before
+
+
+class RandomCoarse(Pruner):
+    """Best of N random feature-map / kernel masks, then one retraining (Anwar & Sung, 2017)."""
+
+    name = "random_coarse"
+    Options = CoarseOptions
+    goal = "ratios"
+
+    def run(self, ctx: Context) -> PruningResult:
+        o: CoarseOptions = self.options  # type: ignore[assignment]
+        model = ctx.model
+        example, reference = capture_input(model, lambda: ctx.score(model))
+        producers = [t.module_name for t in ctx.targets if t.module_type == "Conv2d" and t.param_name == "weight"]
+        if not producers:
+            raise ValueError("random_coarse prunes Conv2d feature maps and kernels: the selection has no Conv2d "
+                             "layer (check `layers` / `layer_types` / `exclude`)")
+        space = CoarseSpace(model, example, producers, o)
+        calib = calibration_batches(model, o, ctx.train_batches, ctx.val_batches)
+        best, best_score, scores = best_of_n(model, space, self._scorer(ctx, o), o, ctx.seed, calib, ctx.progress,
+                                             self.name)
+        n = len(scores)
+        masks = space.masks(best)
+        before_ft = apply_and_retrain(model, space, masks, ctx.finetune, o, ctx.seed, calib, ctx.score, self.name)
+        accuracy = ctx.score(model)
+        macs = count_macs(model, example, masks)
+        log.info("%s: best of %d candidates val %.4f (reference %.4f), after retraining %.4f; MACs %.1f%% removed",
+                 self.name, n, best_score, reference, accuracy, 100 * (1 - macs["macs"] / macs["macs_dense"]))
+        # report every Conv2d/Linear weight the masks touch or the user selected (section 0: weights only)
+        names = [t.name for t in ctx.targets if t.module_type in ("Conv2d", "Linear")]
+        names += [n for n in masks if n.endswith(".weight") and isinstance(space.modules[n.rsplit(".", 1)[0]],
+                                                                          (nn.Conv2d, nn.Linear)) and n not in names]
+        weight_masks = {n: masks[n] if n in masks else torch.ones(space.param(n).shape, dtype=torch.bool) for n in names}
+        mods = dict(model.named_modules())
+        ctx.targets = [Target(*n.rsplit(".", 1), type(mods[n.rsplit(".", 1)[0]]).__name__,
+                              tuple(space.param(n).shape)) for n in names]
+        result = PruningResult(self.name, weight_masks, 0.0, {}, accuracy, reference,
+                               [{"candidate": i, "score": s} for i, s in enumerate(scores)], n, 0.0)
+        result.extra = {
+            "param_masks": masks, "groups": space.kept_channels(best), "candidate_scores": scores,
+            "best_candidate_score": best_score, "accuracy_before_retraining": before_ft, "adaptive_bn": calib is not None,
+            "macs": macs["macs"], "macs_dense": macs["macs_dense"], "macs_removed": 1 - macs["macs"] / macs["macs_dense"],
+            "params": macs["params"], "params_dense": macs["params_dense"], "layer_macs": macs["layer_macs"],
+            "example_input_shape": list(example.shape) if isinstance(example, torch.Tensor) else None,
+        }
+        return result
+
+    @staticmethod
+    def _scorer(ctx: Context, o: CoarseOptions) -> Callable[[nn.Module], float]:
+        if o.score == "evaluate":
+            return ctx.score
+        if not ctx.val_batches:
+            raise ValueError(f"score={o.score!r} computes the metric on validation batches: pass val_data=...")
+        metric = get_metric(o.score)
+        xs = [b[0] for b in ctx.val_batches]
+        ys = torch.cat([b[1] for b in ctx.val_batches])
+
+        def score(model: nn.Module) -> float:
+            dev = next(model.parameters()).device
+            was = model.training
+            model.eval()
+            with torch.inference_mode():
+                out = torch.cat([model(x.to(dev)) for x in xs])
+            model.train(was)
+            return check_score(metric(out, ys.to(dev)))
+
+        return score
+
+
+class L1Filter(RandomCoarse):
+    """L1-norm filter pruning (Li et al., ICLR 2017): keep the filters (and kernels) of largest
+    L1 norm; coupled filters are ranked by the sum of their norms. The baseline of random_coarse."""
+
+    name = "l1_filter"
+
+    def __init__(self, **options: Any) -> None:
+        options.setdefault("criterion", "l1")
+        options.setdefault("adaptive_bn", False)
+        super().__init__(**options)
+
+
+@hookimpl
+def register_pruners():
+    return [RandomCoarse, L1Filter]
+
+
+__all__ = ["RandomCoarse", "L1Filter", "CoarseOptions", "CoarseSpace", "InPlaceMasks", "recalibrate_bn",
+           "count_macs", "CouplingError"]
