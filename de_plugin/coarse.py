@@ -144,7 +144,7 @@ class CoarseSpace:
                 names.append(f"{module}.{pname}")
 
         for g in self.groups:
-            for m in g.producers + g.batchnorms + g.depthwise:
+            for m in g.producers + [b for b, _ in g.batchnorms + g.depthwise]:
                 add(m, "weight")
                 add(m, "bias")
             for m, _, _ in g.consumers:
@@ -214,10 +214,10 @@ class CoarseSpace:
 
         for g, k in zip(self.groups, cand["channels"]):
             drop = torch.from_numpy(np.flatnonzero(~k))
-            for m in g.producers + g.batchnorms + g.depthwise:
+            for m, off in [(p, 0) for p in g.producers] + g.batchnorms + g.depthwise:
                 for pname in ("weight", "bias"):
                     if f"{m}.{pname}" in self.params:
-                        mask(f"{m}.{pname}")[drop] = False
+                        mask(f"{m}.{pname}")[off + drop] = False
             for m, off, rep in g.consumers:
                 cols = (off + drop[:, None] * rep + torch.arange(rep)[None, :]).flatten()
                 mask(f"{m}.weight")[:, cols] = False

@@ -48,8 +48,9 @@ class ChannelGroup:
 
     producers: list[str]
     channels: int
-    batchnorms: list[str] = field(default_factory=list)
-    depthwise: list[str] = field(default_factory=list)
+    #: (module name, first channel): channel c of this group is channel ``offset + c`` there
+    batchnorms: list[tuple[str, int]] = field(default_factory=list)
+    depthwise: list[tuple[str, int]] = field(default_factory=list)
     #: (module name, first input column, columns per channel): channel c of this group is input
     #: columns ``offset + c * repeat ... offset + (c + 1) * repeat - 1`` of that consumer
     consumers: list[tuple[str, int, int]] = field(default_factory=list)
@@ -132,6 +133,13 @@ class _Analysis:
             self.groups[g].consumers.append((module, offset * ch.repeat, ch.repeat))
             offset += size
 
+    def per_channel(self, module: str, ch: _Ch, kind: str) -> None:
+        """A per-channel module (BatchNorm, depthwise conv) over the tensor's channels."""
+        offset = 0
+        for g, size in ch.segs:
+            getattr(self.groups[g], kind).append((module, offset))
+            offset += size
+
     def run(self) -> list[ChannelGroup]:
         for node in self.gm.graph.nodes:
             tracked = [self.info[n] for n in _nodes_in(node.args) + _nodes_in(node.kwargs.values()) if n in self.info]
@@ -162,8 +170,7 @@ class _Analysis:
             if not tracked:
                 return None
             if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                for g, _ in tracked[0].segs:
-                    self.groups[g].batchnorms.append(node.target)
+                self.per_channel(node.target, tracked[0], "batchnorms")
                 return tracked[0]
             if isinstance(mod, _SAME_MODULES):
                 return tracked[0]
@@ -226,8 +233,7 @@ class _Analysis:
         if mod.groups == mod.in_channels == mod.out_channels:  # depthwise: channel c stays channel c
             if ch is None:
                 return _Ch(((self.new_group(node.target, mod.out_channels), mod.out_channels),))
-            for g, _ in ch.segs:
-                self.groups[g].depthwise.append(node.target)
+            self.per_channel(node.target, ch, "depthwise")
             return ch
         if ch is not None:
             self.problem(ch, self.describe(node) + f" (grouped conv, groups={mod.groups})")

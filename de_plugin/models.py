@@ -72,7 +72,28 @@ class SmallResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-MODELS = {"lenet300": LeNet300100, "lenet5": LeNet5, "resnet": SmallResNet}
+class SmallVGG(nn.Module):
+    """A VGG-style CNN for 28x28 inputs: 3x3 conv + BatchNorm + ReLU stacks, max pooling, one
+    classifier layer over the flattened last feature maps."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, cfg=(16, 16, "M", 32, 32, "M", 64, "M")):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU()]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c * 3 * 3, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1))
+
+
+MODELS = {"lenet300": LeNet300100, "lenet5": LeNet5, "resnet": SmallResNet, "vgg": SmallVGG}
 
 
 def create_model(name: str, **kwargs) -> nn.Module:

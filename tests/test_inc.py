@@ -140,3 +140,49 @@ def test_target_outside_range(mlp, evaluate):
                               target_sparsity=1.0, pattern="1x1")
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         prepare_compression(mlp, cfg)
+
+
+def _resnet_and_batches(digits):
+    from de_plugin.models import SmallResNet
+    from de_plugin.training import train
+
+    torch.manual_seed(0)
+    model = train(SmallResNet(widths=(8, 16, 16)), digits.x_train, digits.y_train, epochs=2, lr=3e-3, batch_size=64)
+    return model, [(digits.x_train[i:i + 64], digits.y_train[i:i + 64]) for i in range(0, 256, 64)]
+
+
+def dead_filters(model, name):
+    return model.get_submodule(name).weight.flatten(1).abs().sum(1) == 0
+
+
+@pytest.mark.parametrize("route", ["loop", "search_config"])
+def test_random_coarse_whole_filters_in_inc_loop(digits, evaluate, route):
+    model, batches = _resnet_and_batches(digits)
+    layers = ["layer1.conv1", "layer2.conv1", "layer3.conv1"]
+    sched = {"target_sparsity": 0.5, "start_step": 0, "end_step": 4, "pruning_frequency": 2}
+    if route == "loop":
+        config = WeightPruningConfig([{"op_names": ["layer.\\.conv1"], "pruning_type": "random_coarse", "eval_func": evaluate,
+                                       "train_data": batches, "coarse_options": {"candidates": 3, "bn_batches": 2}}],
+                                     pattern="1xchannel", **sched)
+    else:
+        config = de_plugin_inc.search_config(
+            model, WeightPruningConfig([{"op_names": ["layer.\\.conv1"], "pruning_type": "random_coarse"}], **sched),
+            evaluate, train_data=batches, coarse_options={"candidates": 3, "bn_batches": 2})
+        entries = {e["op_names"][0]: e for e in config.pruning_configs}
+        assert entries["^layer3\\.conv1$"]["pattern"] == "1x144"  # kh*kw*C_in = 3*3*16
+    cm = prepare_compression(model, config)
+    train_with(cm, model, digits)
+    for n in layers:
+        dead = dead_filters(model, n)
+        assert int(dead.sum()) == dead.numel() // 2, n
+        if route == "search_config":
+            assert torch.equal(~dead, torch.tensor(entries[f"^{n.replace('.', chr(92) + '.')}$"]["channel_keep"]))
+
+
+def test_random_coarse_inc_wrong_pattern(digits, evaluate):
+    model, _ = _resnet_and_batches(digits)
+    config = WeightPruningConfig([{"op_names": ["layer1.conv1"], "pruning_type": "random_coarse", "eval_func": evaluate}],
+                                 target_sparsity=0.5, pattern="1x8", start_step=0, end_step=2)
+    with pytest.raises(ValueError, match="needs pattern '1x72'"):
+        cm = prepare_compression(model, config)
+        train_with(cm, model, digits)

@@ -178,7 +178,7 @@ def test_speedup_output_equal_on_residual_bn_branch_model(digits):
 
 
 def test_names_create_builtins_and_schedulers(mlp, evaluator_for):
-    assert {"de_layerwise", "level", "l1norm", "l2norm", "fpgm", "slim", "taylor", "movement", "linear",
+    assert {"de_layerwise", "random_coarse", "level", "l1norm", "l2norm", "fpgm", "slim", "taylor", "movement", "linear",
             "agp"} == set(de_plugin_nni.list_pruners())
     cfg = [{"op_types": ["Linear"], "sparse_ratio": 0.5}]
     for name in ["level", "l1norm", "l2norm", "fpgm"]:
@@ -326,3 +326,60 @@ def test_lightning_evaluator_trains_and_scores(digits, _trained):
     evaluator.bind_model(model)
     evaluator.train(max_steps=3)  # the step-limited path NNI's schedulers use (patched for lightning 2.x)
     evaluator.unbind_model()
+
+
+def _bn_stats(model):
+    with torch.no_grad():  # non-trivial BN statistics and affine terms
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+
+
+def test_random_coarse_through_nni_speedup_equals_masked_model(evaluator_for, digits):
+    from de_plugin.models import SmallResNet
+
+    torch.manual_seed(0)
+    model = SmallResNet(widths=(8, 16, 16))
+    _bn_stats(model)
+    batches = [(digits.x_train[i:i + 64], digits.y_train[i:i + 64]) for i in range(0, 256, 64)]
+    pruner = de_plugin_nni.create_pruner(
+        "random_coarse", model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], evaluator_for(model),
+        candidates=3, train_data=batches, bn_batches=2, finetune_epochs=1, progress=False)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    rows = lambda n: masks[n]["weight"].flatten(1).any(1)  # noqa: E731
+    # NNI's dependency groups: residual-coupled convs lose the same channels
+    assert torch.equal(rows("stem.0"), rows("layer1.conv2"))
+    assert torch.equal(rows("layer3.conv2"), rows("layer3.shortcut.0"))
+    assert all(int(rows(n).sum()) == masks[n]["weight"].shape[0] // 2 for n in masks)
+    assert pruner.result["accuracy"] > 0.2 and 0.5 < pruner.result["macs_removed"] < 0.9
+    model.eval()
+    x = digits.x_val[:16]
+    expected = model(x)
+    params_before = sum(p.numel() for p in model.parameters())
+    de_plugin_nni.speedup(model, digits.x_val[:2], masks)
+    assert model.stem[0].out_channels == 4 and model.layer3.conv1.out_channels == 8 and model.fc.in_features == 8
+    assert sum(p.numel() for p in model.parameters()) < params_before / 2
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_random_coarse_nni_bad_input(evaluator_for):
+    from de_plugin.models import SmallResNet
+
+    model = SmallResNet(widths=(8, 16, 16))
+    before = state_of(model)
+    ev = evaluator_for(model)
+    with pytest.raises(ValueError, match="sparse_ratio"):
+        de_plugin_nni.create_pruner("random_coarse", model, [{"op_types": ["Conv2d"], "sparse_ratio": 1.0}], ev)
+    with pytest.raises(ValueError, match="config_list's sparse_ratio"):
+        de_plugin_nni.create_pruner("random_coarse", model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], ev,
+                                    feature_map_ratio=0.3)
+    with pytest.raises(ValueError, match="selects no Conv2d"):
+        de_plugin_nni.create_pruner("random_coarse", model, [{"op_types": ["Linear"], "sparse_ratio": 0.5}], ev)
+    with pytest.raises(ValueError, match="candidates"):
+        de_plugin_nni.create_pruner("random_coarse", model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], ev,
+                                    candidates=0)
+    assert same_state(before, state_of(model))
