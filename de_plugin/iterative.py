@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
 from .options import Options
 from .pruner import Context, Pruner
 from .recovery import finetune_round
@@ -107,6 +108,59 @@ class IterativePruner(Pruner):
     def begin(self, ctx: Context, reference: Optional[float]) -> None:
         """Called once before the first round (e.g. to set up the search)."""
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The pruner's own state at a round boundary (RNGs, warm-start data), plain data."""
+        return {}
+
+    def restore_checkpoint_state(self, data: dict[str, Any]) -> None:
+        """Inverse of :meth:`checkpoint_state`, called after :meth:`begin` when resuming."""
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def _round_start(self, ctx: Context, state: State, round_index: int, history: list, rng, loop: dict) -> None:
+        """Remember (and save) where the loop stands before round ``round_index``."""
+        path = getattr(self.options, "checkpoint", None)
+        if path is None:
+            self._snapshot = None
+            return
+        self._snapshot = {
+            "fingerprint": self._fingerprint, "round": round_index, "history": copy.deepcopy(history),
+            "model": {k: v.detach().cpu().clone() for k, v in ctx.model.state_dict().items()},
+            "counts": state.counts.copy(), "masks": {k: v.cpu().clone() for k, v in state.masks.items()},
+            "last_values": {k: v.cpu().clone() for k, v in state.last_values.items()},
+            "loop_rng": rng.bit_generator.state, "loop": dict(loop), "nfev": self.nfev,
+            "pruner": self.checkpoint_state(),
+        }
+        ckpt.save(path, self._snapshot)
+
+    def save_search(self, search_state: dict[str, Any]) -> None:
+        """Mid-round save: the round-start snapshot plus the search's own state."""
+        if getattr(self, "_snapshot", None) is not None:
+            ckpt.save(self.options.checkpoint, {**self._snapshot, "search": search_state})
+
+    def take_resumed_search(self, round_index: int) -> Optional[dict[str, Any]]:
+        """The saved mid-round search state for this round, once."""
+        data = getattr(self, "_resumed_search", None)
+        if data is not None and data[0] == round_index:
+            self._resumed_search = None
+            return data[1]
+        return None
+
+    def _load_checkpoint(self, ctx: Context) -> Optional[dict[str, Any]]:
+        o = self.options
+        path, resume = getattr(o, "checkpoint", None), getattr(o, "resume", False)
+        self._fingerprint = ckpt.fingerprint(self.name, ctx, o.model_dump())
+        self._resumed_search = None
+        if resume and path is None:
+            raise ValueError("resume=True needs checkpoint='path/to/search.ckpt' (the file to continue from)")
+        if not resume or path is None:
+            return None
+        import os
+
+        if not os.path.exists(path):
+            log.info("no checkpoint at %s yet: starting a new search", path)
+            return None
+        return ckpt.load(path, self._fingerprint)
+
     # --- the loop ------------------------------------------------------------------------
     def run(self, ctx: Context) -> PruningResult:
         o = self.options
@@ -130,13 +184,29 @@ class IterativePruner(Pruner):
                     f"the selected layers are already {1 - state.density:.4f} sparse, more than the requested "
                     f"sparsity={ctx.sparsity}; ask for a higher sparsity"
                 )
-        reference = ctx.score() if ctx.evaluate is not None else None
+        resumed = self._load_checkpoint(ctx)
+        if resumed is not None:  # the model and loop as they stood at the start of the saved round
+            ctx.model.load_state_dict(resumed["model"])
+            state.counts, state.masks = resumed["counts"].copy(), dict(resumed["masks"])
+            state.last_values = dict(resumed["last_values"])
+        reference = resumed["loop"]["reference"] if resumed is not None else (
+            ctx.score() if ctx.evaluate is not None else None)
         if reference is not None:
             log.info("%s: dense reference accuracy %.4f", self.name, reference)
         self.nfev = 0
         self.begin(ctx, reference)
         history: list[dict[str, Any]] = []
         rng = np.random.default_rng(ctx.seed)
+        start = 0
+        if resumed is not None:
+            history = resumed["history"]
+            rng.bit_generator.state = resumed["loop_rng"]
+            self.nfev = resumed["nfev"]
+            self.restore_checkpoint_state(resumed["pruner"])
+            start = resumed["round"]
+            if "search" in resumed:
+                self._resumed_search = (start, resumed["search"])
+            log.info("%s: resuming from %s at round %d", self.name, self.options.checkpoint, start)
 
         def one_round(i: int, counts: np.ndarray, info: dict[str, Any]) -> dict[str, Any]:
             t0 = time.perf_counter()
@@ -158,9 +228,16 @@ class IterativePruner(Pruner):
             return rec
 
         accuracy = reference  # accuracy of the model as it stands after the last kept round
+        if resumed is not None:
+            accuracy = resumed["loop"]["accuracy"]
         if ctx.sparsity is not None:
-            plan = density_schedule(state.density, 1.0 - ctx.sparsity, o.rounds)
+            plan = resumed["loop"]["plan"] if resumed is not None else density_schedule(
+                state.density, 1.0 - ctx.sparsity, o.rounds)
             for i, d in enumerate(tqdm(plan, desc=f"{self.name} rounds", disable=not ctx.progress)):
+                if i < start:
+                    continue
+                self._round_start(ctx, state, i, history, rng,
+                                  {"plan": plan, "reference": reference, "accuracy": accuracy})
                 keep = keep_final if i == len(plan) - 1 else int(round(state.total * d))
                 keep = min(keep, int(state.max_keep(o.min_layer_sparsity).sum()))  # min_layer_sparsity first
                 t0 = time.perf_counter()
@@ -171,8 +248,12 @@ class IterativePruner(Pruner):
         else:
             limit = reference - ctx.max_accuracy_drop
             accepted, caution, i = 0, 0, 0
+            if resumed is not None:
+                accepted, caution, i = (resumed["loop"][k] for k in ("accepted", "caution", "i"))
             pbar = tqdm(total=o.rounds, desc=f"{self.name} rounds", disable=not ctx.progress)
             while accepted < o.rounds and caution < o.patience:
+                self._round_start(ctx, state, i, history, rng, {"accepted": accepted, "caution": caution, "i": i,
+                                                               "reference": reference, "accuracy": accuracy})
                 snapshot = (copy.deepcopy(ctx.model.state_dict()), state.counts.copy(), state.masks)
                 t0 = time.perf_counter()
                 counts, info = self.propose(state, i, caution)
@@ -198,4 +279,9 @@ class IterativePruner(Pruner):
                     log.info("round %d rejected (%.4f < %.4f): rolled back", i, rec["accuracy_after_finetune"], limit)
                 i += 1
             pbar.close()
+        path = getattr(o, "checkpoint", None)
+        if path is not None:  # the finished search: resuming it returns at once with the same result
+            self._round_start(ctx, state, 10**9, history, rng, {"plan": [], "accepted": o.rounds, "caution": 0,
+                                                                "i": i if ctx.sparsity is None else 0,
+                                                                "reference": reference, "accuracy": accuracy})
         return PruningResult(self.name, state.masks, 0.0, {}, accuracy, reference, history, self.nfev, 0.0)

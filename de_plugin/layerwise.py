@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import allocation
 from .de import DifferentialEvolution
+from .evaluation import Scorer, make_backend
 from .hookspecs import hookimpl
 from .iterative import IterativeOptions, IterativePruner, State
 from .pruner import Context
@@ -60,6 +61,13 @@ class LayerwiseOptions(IterativeOptions):
     scan_levels: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     perturb: float = Field(0.05, ge=0.0, le=1.0, description="noise (share of range) for perturbed seeds")
     device: Optional[str] = Field(None, description="move the working copy here (e.g. 'cuda')")
+    backend: Literal["serial", "batched", "process", "ray"] = Field(
+        "serial", description="where candidates are evaluated (de_plugin.evaluation)")
+    workers: int = Field(1, ge=1, description="process / ray: evaluation workers")
+    threads_per_worker: int = Field(1, ge=1, description="process / ray: intra-op threads pinned in each worker")
+    ray_address: Optional[str] = Field(None, description="ray: join this cluster instead of starting a local one")
+    checkpoint: Optional[str] = Field(None, description="file the whole search state is saved to after every generation")
+    resume: bool = Field(False, description="continue from `checkpoint` (a run killed at any point ends identically)")
 
 
 def seed_population(seeds: list[np.ndarray], bounds, population: int, perturb: float,
@@ -75,10 +83,10 @@ def seed_population(seeds: list[np.ndarray], bounds, population: int, perturb: f
 
 
 class LayerSearch:
-    """Fitness evaluation of keep-count vectors on the working model, for one round.
+    """Fitness of keep-count vectors for one round, through the pruner's evaluation backend.
 
-    Weights are snapshot once; a candidate is applied by copying back the changed layers and
-    zeroing their pruned entries (no model copies), and identical candidates are cached.
+    The backend takes the round's weights once (snapshot, magnitude order; workers get a copy),
+    then scores batches of count vectors; identical candidates are cached here.
     """
 
     def __init__(self, pruner: "DELayerwise", ctx: Context, state: State):
@@ -91,31 +99,24 @@ class LayerSearch:
         active = [w[w != 0] for w in self.w0]
         self.std = np.array([float(a.std()) if a.numel() > 1 else 1.0 for a in active])
         self.std[self.std <= 0] = 1.0
-        self.applied = [None] * len(self.params)
         self.cache: dict[tuple[int, ...], float] = {}
-
-    def apply(self, counts: np.ndarray) -> None:
-        with torch.no_grad():
-            for i, (p, k) in enumerate(zip(self.params, counts)):
-                if self.applied[i] == int(k):
-                    continue
-                p.copy_(self.w0[i])
-                p.view(-1)[self.order[i][int(k):]] = 0
-                self.applied[i] = int(k)
+        self.backend = pruner.backend
+        self.backend.start_round()
 
     def restore(self) -> None:
-        with torch.no_grad():
-            for p, w in zip(self.params, self.w0):
-                p.copy_(w)
-        self.applied = [None] * len(self.params)
+        self.backend.end_round()
+
+    def score_many(self, batch: list[np.ndarray]) -> list[float]:
+        keys = [tuple(int(c) for c in counts) for counts in batch]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        if todo:
+            for k, v in zip(todo, self.backend.evaluate([np.array(k) for k in todo])):
+                self.cache[k] = v
+            self.pruner.nfev += len(todo)
+        return [self.cache[k] for k in keys]
 
     def score(self, counts: np.ndarray) -> float:
-        key = tuple(int(c) for c in counts)
-        if key not in self.cache:
-            self.apply(counts)
-            self.cache[key] = self.ctx.score()
-            self.pruner.nfev += 1
-        return self.cache[key]
+        return self.score_many([counts])[0]
 
     # x <-> counts ---------------------------------------------------------------------------
     def counts_from_x(self, x: np.ndarray) -> np.ndarray:
@@ -176,21 +177,27 @@ class DELayerwise(IterativePruner):
         scan_cost = len(ctx.targets) * len(o.scan_levels) if o.sensitivity_scan else 0
         self.evals_per_round = None if o.max_evals is None else max(o.population, (o.max_evals - scan_cost) // budget_rounds)
         self.rng = np.random.default_rng(ctx.seed)
+        scorer = Scorer(ctx.model, ctx.targets, ctx.evaluate)
+        self.backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address,
+                                    ctx.val_batches, ctx.metric)
 
     # ---------------------------------------------------------------------- warm starts
     def _scan(self, search: LayerSearch) -> None:
         """Per-layer sensitivity: accuracy with only that layer pruned to each scan level."""
         base = search.state.counts.copy()
+        jobs = []
         for i, t in enumerate(self.ctx.targets):
-            curve = []
             for level in self.options.scan_levels:
                 k = int(round(t.numel * (1.0 - min(level, self.options.max_layer_sparsity))))
                 if k >= base[i]:
                     continue
                 counts = base.copy()
                 counts[i] = max(k, int(search.min_keep[i]))
-                curve.append((float(level), search.score(counts)))
-            self.sensitivity[t.name] = curve
+                jobs.append((t.name, float(level), counts))
+        scores = search.score_many([c for _, _, c in jobs])  # one batch: parallel backends use every worker
+        self.sensitivity = {t.name: [] for t in self.ctx.targets}
+        for (name, level, _), acc in zip(jobs, scores):
+            self.sensitivity[name].append((level, acc))
 
     def _sensitivity_densities(self, search: LayerSearch, base_acc: float, tol: float) -> np.ndarray:
         """Per layer, the sparsest scanned level whose accuracy stays within ``tol`` of the base."""
@@ -231,6 +238,30 @@ class DELayerwise(IterativePruner):
             seed=int(self.rng.integers(2**31)),
         )
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state, "sensitivity": self.sensitivity}
+
+    def restore_checkpoint_state(self, data: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = data["rng"]
+        self.sensitivity = data["sensitivity"]
+
+    def _start_search(self, search: LayerSearch, round_index: int, make_seeds) -> DifferentialEvolution:
+        """A fresh solver (after the first round's scan), or the one saved mid-round when resuming."""
+        saved = self.take_resumed_search(round_index)
+        if saved is not None:
+            search.cache = dict(saved["cache"])
+            self.sensitivity = saved["sensitivity"]
+            self.rng.bit_generator.state = saved["rng"]
+            self.nfev = saved["nfev"]
+            solver = DifferentialEvolution.from_state(saved["solver"])
+        else:
+            if self.options.sensitivity_scan and not self.sensitivity:
+                self._scan(search)
+            solver = self._solver(search, make_seeds(), round_index)
+        self._search_rng = self.rng.bit_generator.state  # as it stands once the solver exists
+        self._search = search
+        return solver
+
     def _run_de(self, solver: DifferentialEvolution, evaluate_batch, desc: str) -> None:
         pbar = tqdm(total=solver.maxiter + 1, desc=desc, leave=False, disable=not self.ctx.progress)
         while not solver.done:
@@ -240,6 +271,8 @@ class DELayerwise(IterativePruner):
             xs = solver.ask()
             f, v, x_eff = evaluate_batch(xs)
             solver.tell(f, v, x_eff)
+            self.save_search({"solver": solver.state_dict(), "cache": dict(self._search.cache), "nfev": self.nfev,
+                              "rng": self._search_rng, "sensitivity": self.sensitivity})
             pbar.update(1)
             pbar.set_postfix(best=f"{solver.fun[solver.best_index()]:.4f}")
         pbar.close()
@@ -253,13 +286,11 @@ class DELayerwise(IterativePruner):
         """Budget form: maximise validation accuracy over allocations with exactly ``keep`` weights."""
         search = LayerSearch(self, self.ctx, state)
         try:
-            if self.options.sensitivity_scan and not self.sensitivity:
-                self._scan(search)
-            solver = self._solver(search, self._seed_counts(search, [keep]), round_index)
+            solver = self._start_search(search, round_index, lambda: self._seed_counts(search, [keep]))
 
             def evaluate_batch(xs):
                 counts = [search.fit(search.counts_from_x(x), keep) for x in xs]
-                f = [-search.score(c) for c in counts]
+                f = [-a for a in search.score_many(counts)]
                 return f, None, np.array([search.x_from_counts(c) for c in counts])
 
             self._run_de(solver, evaluate_batch, f"DE round {round_index}")
@@ -276,22 +307,22 @@ class DELayerwise(IterativePruner):
         limit = self.reference - drop
         search = LayerSearch(self, self.ctx, state)
         try:
-            if o.sensitivity_scan and not self.sensitivity:
-                self._scan(search)
-            cur = int(state.counts.sum())
-            keeps = [max(int(search.min_keep.sum()), int(round(cur * o.step_density ** j))) for j in (1, 2, 3)]
-            seeds = [search.max_keep.copy()] + self._seed_counts(search, keeps)
-            if self.sensitivity:
-                seeds.append(np.clip(np.round(self._sensitivity_densities(search, self.reference, drop)
-                                              * state.numels).astype(np.int64), search.min_keep, search.max_keep))
-            solver = self._solver(search, seeds, round_index)
+            def make_seeds():
+                cur = int(state.counts.sum())
+                keeps = [max(int(search.min_keep.sum()), int(round(cur * o.step_density ** j))) for j in (1, 2, 3)]
+                seeds = [search.max_keep.copy()] + self._seed_counts(search, keeps)
+                if self.sensitivity:
+                    seeds.append(np.clip(np.round(self._sensitivity_densities(search, self.reference, drop)
+                                                  * state.numels).astype(np.int64), search.min_keep, search.max_keep))
+                return seeds
+
+            solver = self._start_search(search, round_index, make_seeds)
             total = state.total
 
             def evaluate_batch(xs):
                 f, v = [], []
                 counts = [search.counts_from_x(x) for x in xs]
-                for c in counts:
-                    acc = search.score(c)
+                for c, acc in zip(counts, search.score_many(counts)):
                     dens = float(c.sum()) / total
                     if o.fitness == "penalty":
                         f.append(o.penalty_weight * (1.0 - acc) + (1.0 - o.penalty_weight) * dens)
@@ -313,7 +344,17 @@ class DELayerwise(IterativePruner):
 
     def run(self, ctx: Context):
         self.ctx = ctx
-        result = super().run(ctx)
+        self.backend = None
+        try:
+            result = super().run(ctx)
+        except KeyboardInterrupt:
+            if self.options.checkpoint:
+                log.warning("interrupted: the search state is in %s; run again with resume=True to continue",
+                            self.options.checkpoint)
+            raise
+        finally:
+            if self.backend is not None:
+                self.backend.close()
         if self.sensitivity and result.history:
             result.history[0]["sensitivity_scan"] = self.sensitivity
         return result

@@ -44,6 +44,8 @@ class Context:
     #: training batches (``train_data``), e.g. for adaptive BatchNorm; validation batches (``val_data``)
     train_batches: Optional[list] = None
     val_batches: Optional[list] = None
+    #: the metric of ``val_data`` (outputs, labels) -> float, for backends that batch candidates
+    metric: Optional[Callable] = None
 
     def score(self, model: nn.Module | None = None) -> float:
         """Call the user's ``evaluate`` and insist on a finite number."""
@@ -180,8 +182,9 @@ def prune(
 
     work = model if inplace else copy.deepcopy(model)
     snapshot = copy.deepcopy(model.state_dict()) if inplace else None
+    metric_fn = None if val_batches is None else (get_metric(metric) if isinstance(metric, str) else metric)
     ctx = Context(work, targets, evaluate, finetune, sparsity, max_accuracy_drop, int(seed), progress,
-                  train_batches, val_batches)
+                  train_batches, val_batches, metric_fn)
     t0 = time.perf_counter()
     try:
         result = pruner.run(ctx)

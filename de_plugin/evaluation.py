@@ -1,0 +1,360 @@
+"""Candidate evaluation behind one seam: a round's weights go out once, keep-count vectors go in,
+fitness values come back in the same order.
+
+Backends (option ``backend=``, with ``workers=``):
+
+* ``serial``: in this process, on the working copy (masks applied in place, then restored).
+* ``batched``: several candidates in one pass with ``torch.func.functional_call`` + ``vmap`` over
+  stacked masked weights; needs ``val_data`` batches and a metric; falls back to ``serial`` where
+  vmap cannot run the model (logged once).
+* ``process``: a local pool of forked workers, each holding one model replica and the cached
+  validation data (inherited at fork), receiving only candidate vectors. Linux/macOS (fork).
+* ``ray``: the same with one Ray actor per worker (``ray.init()`` locally unless ``ray_address``).
+
+Every worker pins its intra-op threads (``threads_per_worker``, default 1); an evaluation is a pure
+function of (weights, counts), so ``serial`` run with the same thread count gives bit-identical
+fitness, hence identical masks. A worker that raises is reported with its traceback and the
+candidate retried once elsewhere; a worker that dies is replaced once; then the search stops.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import traceback
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .targets import Target, get_param
+
+log = logging.getLogger("de_plugin")
+BACKENDS = ("serial", "batched", "process", "ray")
+
+
+class WorkerError(RuntimeError):
+    """An evaluation worker failed; the message carries its traceback."""
+
+
+class Scorer:
+    """Magnitude masks from keep-counts, applied in place to one model and scored."""
+
+    def __init__(self, model: nn.Module, targets: Sequence[Target], evaluate: Callable[[nn.Module], float]):
+        self.model, self.targets, self.evaluate = model, list(targets), evaluate
+        self.reset()
+
+    def reset(self) -> None:
+        """Take the model's current weights as this round's reference (snapshot and magnitude order)."""
+        self.params = [get_param(self.model, t) for t in self.targets]
+        self.w0 = [p.detach().clone() for p in self.params]
+        self.order = [torch.argsort(w.abs().reshape(-1), descending=True, stable=True) for w in self.w0]
+        self.applied: list[Optional[int]] = [None] * len(self.params)
+
+    def apply(self, counts: Sequence[int]) -> None:
+        with torch.no_grad():
+            for i, (p, k) in enumerate(zip(self.params, counts)):
+                if self.applied[i] == int(k):
+                    continue
+                p.copy_(self.w0[i])
+                p.view(-1)[self.order[i][int(k):]] = 0
+                self.applied[i] = int(k)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, w in zip(self.params, self.w0):
+                p.copy_(w)
+        self.applied = [None] * len(self.params)
+
+    def score(self, counts: Sequence[int]) -> float:
+        from .pruner import check_score
+
+        self.apply(counts)
+        return check_score(self.evaluate(self.model))
+
+
+# ---------------------------------------------------------------------------------------- serial
+class SerialBackend:
+    name = "serial"
+
+    def __init__(self, scorer: Scorer):
+        self.scorer = scorer
+
+    def start_round(self) -> None:
+        self.scorer.reset()
+
+    def evaluate(self, batch: Sequence[np.ndarray]) -> list[float]:
+        try:
+            return [self.scorer.score(c) for c in batch]
+        finally:  # between batches the model holds the round's weights, as with remote workers
+            self.scorer.restore()
+
+    def end_round(self) -> None:
+        self.scorer.restore()
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------- batched
+class BatchedBackend(SerialBackend):
+    """K candidates per forward: the targets' masked weights stacked on a leading dim and vmapped."""
+
+    name = "batched"
+
+    def __init__(self, scorer: Scorer, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], metric: Callable,
+                 chunk: int = 8):
+        super().__init__(scorer)
+        self.xs = [b[0] for b in batches]
+        self.y = torch.cat([b[1] for b in batches])
+        self.metric, self.chunk = metric, chunk
+        self.fallback = False
+
+    def _forward(self, stacked: dict[str, torch.Tensor]) -> torch.Tensor:
+        from torch.func import functional_call, vmap
+
+        model = self.scorer.model
+        dev = next(model.parameters()).device
+        outs = []
+        for x in self.xs:
+            x = x.to(dev)
+            outs.append(vmap(lambda p: functional_call(model, p, (x,)))(stacked))
+        return torch.cat(outs, dim=1)  # [K, N, classes]
+
+    def evaluate(self, batch: Sequence[np.ndarray]) -> list[float]:
+        if self.fallback:
+            return SerialBackend.evaluate(self, batch)
+        from .pruner import check_score
+
+        s = self.scorer
+        names = [f"{t.module_name}.{t.param_name}" if t.module_name else t.param_name for t in s.targets]
+        if any(n not in dict(s.model.named_parameters()) for n in names):
+            self.fallback = True  # masks attached as _orig parameters: not a plain functional_call
+            return SerialBackend.evaluate(self, batch)
+        out: list[float] = []
+        was = s.model.training
+        s.model.eval()
+        try:
+            for start in range(0, len(batch), self.chunk):
+                part = batch[start:start + self.chunk]
+                stacked = {}
+                with torch.no_grad():
+                    for name, w0, order in zip(names, s.w0, s.order):
+                        ws = w0.unsqueeze(0).repeat(len(part), *([1] * w0.dim())).reshape(len(part), -1)
+                        for j, c in enumerate(part):
+                            ws[j, order[int(c[names.index(name)]):]] = 0
+                        stacked[name] = ws.reshape(len(part), *w0.shape)
+                with torch.inference_mode():
+                    logits = self._forward(stacked)
+                out += [check_score(self.metric(logits[j], self.y.to(logits.device))) for j in range(len(part))]
+        except Exception as exc:  # noqa: BLE001 - vmap cannot run every model; serial always can
+            log.warning("batched evaluation is not possible for this model (%s); using serial", exc)
+            self.fallback = True
+            return out + SerialBackend.evaluate(self, batch[len(out):])
+        finally:
+            s.model.train(was)
+        return out
+
+
+# --------------------------------------------------------------------------------------- process
+_PAYLOAD: Any = None  # (model, targets, evaluate), inherited by forked workers
+
+
+def _worker_main(conn, threads: int) -> None:
+    torch.set_num_threads(threads)
+    model, targets, evaluate = _PAYLOAD
+    scorer = Scorer(model, targets, evaluate)
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        kind = msg[0]
+        try:
+            if kind == "round":
+                model.load_state_dict(msg[1])
+                scorer.reset()
+                conn.send(("ok", None))
+            elif kind == "eval":
+                conn.send(("ok", scorer.score(msg[1])))
+            elif kind == "stop":
+                return
+        except Exception:  # noqa: BLE001 - report everything to the parent
+            conn.send(("error", traceback.format_exc()))
+
+
+class ProcessBackend:
+    """Forked local workers; each receives the round's weights once, then only count vectors."""
+
+    name = "process"
+
+    def __init__(self, scorer: Scorer, workers: int, threads: int):
+        if "fork" not in mp.get_all_start_methods():
+            raise RuntimeError("backend='process' needs the fork start method (Linux/macOS); use 'ray' instead")
+        self.scorer, self.n, self.threads = scorer, workers, threads
+        self.ctx = mp.get_context("fork")
+        self.workers: list[tuple[Any, Any]] = []
+        self.round_state: Optional[dict] = None
+        for _ in range(workers):
+            self.workers.append(self._spawn())
+
+    def _spawn(self):
+        global _PAYLOAD
+        _PAYLOAD = (self.scorer.model, self.scorer.targets, self.scorer.evaluate)
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker_main, args=(child, self.threads), daemon=True)
+        proc.start()
+        child.close()
+        _PAYLOAD = None
+        if self.round_state is not None:
+            parent.send(("round", self.round_state))
+            self._reply(parent, proc)
+        return parent, proc
+
+    def _reply(self, conn, proc):
+        try:
+            if not conn.poll(None):
+                raise EOFError
+            status, value = conn.recv()
+        except (EOFError, ConnectionError, OSError):
+            raise WorkerError(f"evaluation worker pid {proc.pid} died (exit code {proc.exitcode})") from None
+        if status == "error":
+            raise WorkerError(f"evaluation worker pid {proc.pid} raised:\n{value}")
+        return value
+
+    def start_round(self) -> None:
+        self.scorer.reset()
+        self.round_state = {k: v.detach().cpu().clone() for k, v in self.scorer.model.state_dict().items()}
+        for conn, proc in self.workers:
+            conn.send(("round", self.round_state))
+        for conn, proc in self.workers:
+            self._reply(conn, proc)
+
+    def evaluate(self, batch: Sequence[np.ndarray]) -> list[float]:
+        out: list[Optional[float]] = [None] * len(batch)
+        pending = list(range(len(batch)))
+        retries: dict[int, int] = {}
+        while pending:
+            busy = []
+            for w, idx in zip(range(len(self.workers)), pending[: len(self.workers)]):
+                conn, proc = self.workers[w]
+                try:
+                    conn.send(("eval", [int(v) for v in batch[idx]]))
+                except (BrokenPipeError, OSError):
+                    pass  # reported by _reply below
+                busy.append((w, idx))
+            pending = pending[len(busy):]
+            for w, idx in busy:
+                conn, proc = self.workers[w]
+                try:
+                    out[idx] = self._reply(conn, proc)
+                except WorkerError as exc:
+                    retries[idx] = retries.get(idx, 0) + 1
+                    log.warning("%s; candidate %d %s", exc, idx, "retried" if retries[idx] <= 1 else "failed twice")
+                    if retries[idx] > 1:
+                        raise
+                    if not proc.is_alive():
+                        self.workers[w] = self._spawn()
+                    pending.insert(0, idx)
+        return [float(v) for v in out]
+
+    def end_round(self) -> None:
+        self.scorer.restore()
+
+    def close(self) -> None:
+        for conn, proc in self.workers:
+            try:
+                conn.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        self.workers = []
+
+
+# ------------------------------------------------------------------------------------------- ray
+class RayBackend:
+    """One Ray actor per worker, each with a model replica; candidate vectors are the only traffic
+    besides the round's weights (``ray.put`` once per round)."""
+
+    name = "ray"
+
+    def __init__(self, scorer: Scorer, workers: int, threads: int, address: Optional[str] = None):
+        try:
+            import ray
+        except ImportError:
+            raise ImportError("backend='ray' needs Ray: pip install 'de-plugin[ray]' (or pip install ray)") from None
+        self.ray, self.scorer = ray, scorer
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=max(workers * threads, os.cpu_count() or 1), include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
+        payload = ray.put((scorer.model, scorer.targets, scorer.evaluate))
+
+        @ray.remote(num_cpus=threads)
+        class _Actor:
+            def __init__(self, payload, threads):
+                torch.set_num_threads(threads)
+                model, targets, evaluate = payload
+                self.model = model
+                self.scorer = Scorer(model, targets, evaluate)
+
+            def start_round(self, state):
+                self.model.load_state_dict(state)
+                self.scorer.reset()
+
+            def score(self, counts):
+                return self.scorer.score(counts)
+
+        self.actors = [_Actor.remote(payload, threads) for _ in range(workers)]
+
+    def start_round(self) -> None:
+        self.scorer.reset()
+        state = self.ray.put({k: v.detach().cpu().clone() for k, v in self.scorer.model.state_dict().items()})
+        self.ray.get([a.start_round.remote(state) for a in self.actors])
+
+    def evaluate(self, batch: Sequence[np.ndarray]) -> list[float]:
+        futures = [self.actors[i % len(self.actors)].score.remote([int(v) for v in c]) for i, c in enumerate(batch)]
+        out = []
+        for i, f in enumerate(futures):
+            try:
+                out.append(float(self.ray.get(f)))
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the worker's exception
+                log.warning("ray worker failed on candidate %d (%s); retrying once", i, exc)
+                try:
+                    out.append(float(self.ray.get(self.actors[(i + 1) % len(self.actors)].score.remote(
+                        [int(v) for v in batch[i]]))))
+                except Exception as exc2:  # noqa: BLE001
+                    raise WorkerError(f"ray evaluation failed twice: {exc2}") from exc2
+        return out
+
+    def end_round(self) -> None:
+        self.scorer.restore()
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors = []
+
+
+def make_backend(name: str, scorer: Scorer, workers: int = 1, threads: int = 1, address: Optional[str] = None,
+                 val_batches: Optional[list] = None, metric: Optional[Callable] = None):
+    """The evaluation backend named ``name`` (see the module docstring)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if name == "serial":
+        return SerialBackend(scorer)
+    if name == "batched":
+        if not val_batches or metric is None:
+            log.warning("backend='batched' needs val_data batches and a metric name; using serial")
+            return SerialBackend(scorer)
+        return BatchedBackend(scorer, val_batches, metric)
+    if name == "process":
+        return ProcessBackend(scorer, workers, threads)
+    return RayBackend(scorer, workers, threads, address)
