@@ -68,12 +68,11 @@ def latency(model, x, repeats):
     return statistics.median(times)
 
 
-def sped_up(model, masks, example):
+def sped_up(model, own_masks, example):
     import de_plugin_nni
 
     small = copy.deepcopy(model)
-    nni_masks = {n.rsplit(".", 1)[0]: {"weight": m.float()} for n, m in masks.items()
-                 if n.endswith(".weight") and isinstance(small.get_submodule(n.rsplit(".", 1)[0]), torch.nn.Conv2d)}
+    nni_masks = {n.rsplit(".", 1)[0]: {"weight": m.float()} for n, m in own_masks.items()}
     de_plugin_nni.speedup(small, example, nni_masks)
     return small
 
@@ -144,7 +143,7 @@ def run_model(name, args, data):
                        "params": macs["params"], "macs_removed": 1 - macs["macs"] / macs["macs_dense"]}
                 runs[method].append(row)
                 if lat is None and method == "random_coarse":
-                    small = sped_up(model, masks, example)
+                    small = sped_up(model, space_m.own_masks(cand), example)
                     torch.testing.assert_close(small(data.x_test[:16]), model.eval()(data.x_test[:16]), atol=1e-4, rtol=1e-4)
                     # dense and pruned timed back to back, so both see the same machine state
                     lat = {"dense_b1": latency(dense, x1, args.repeats),

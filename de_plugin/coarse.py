@@ -180,9 +180,22 @@ class CoarseSpace:
             remove = int(round(ratio * len(idx)))
             if criterion == "l1":
                 norms = w.detach().abs().flatten(2).sum(2).cpu().numpy().ravel()[idx]
-                drop = idx[np.argsort(norms, kind="stable")[:remove]]
+                order = idx[np.argsort(norms, kind="stable")]
             else:
-                drop = rng.choice(idx, size=remove, replace=False) if remove else idx[:0]
+                order = rng.permutation(idx)
+            # never a whole filter nor a whole input map: either would remove a feature map outside
+            # its coupled group (and NNI's speedup would then shrink one branch of an add only)
+            rows, cols = alive.sum(1), alive.sum(0)
+            drop = []
+            for j in order:
+                if len(drop) == remove:
+                    break
+                r, c = divmod(int(j), alive.shape[1])
+                if rows[r] > 1 and cols[c] > 1:
+                    rows[r] -= 1
+                    cols[c] -= 1
+                    drop.append(j)
+            drop = np.array(drop, dtype=np.int64)
             k = alive.copy().ravel()
             k[drop] = False
             keep_k.append(k.reshape(alive.shape))
@@ -224,6 +237,24 @@ class CoarseSpace:
         for layer, k in zip(self.kernel_layers, cand["kernels"]):
             m = mask(f"{layer}.weight")
             m &= torch.from_numpy(k).to(m.device)[:, :, None, None]
+        return out
+
+    def own_masks(self, cand: dict[str, Any]) -> Masks:
+        """Per conv weight: its own removed feature maps (rows) and removed kernels, without the
+        zeroed input columns of maps removed upstream. This is the form NNI's ModelSpeedup expects
+        (its mask propagation derives the inputs itself and mis-sizes residual adds otherwise)."""
+        out: Masks = {}
+        for g, k in zip(self.groups, cand["channels"]):
+            for p in g.producers:
+                w = self.param(p + ".weight")
+                out[p + ".weight"] = torch.from_numpy(k).to(w.device)[:, None, None, None].expand_as(w).clone()
+        for layer, k in zip(self.kernel_layers, cand["kernels"]):
+            w = self.param(layer + ".weight")
+            m = out.get(layer + ".weight", torch.ones(w.shape, dtype=torch.bool, device=w.device))
+            # kernels of input maps removed upstream are not this layer's own decision
+            in_alive = self._alive(cand["channels"])[0].get(layer, np.ones(w.shape[1], bool))
+            kk = torch.from_numpy(k | ~in_alive[None, :]).to(w.device)
+            out[layer + ".weight"] = m & kk[:, :, None, None]
         return out
 
     def kept_channels(self, cand: dict[str, Any]) -> list[dict[str, Any]]:

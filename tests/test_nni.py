@@ -341,18 +341,20 @@ def _bn_stats(model):
 def test_random_coarse_through_nni_speedup_equals_masked_model(evaluator_for, digits):
     from de_plugin.models import SmallResNet
 
+    from de_plugin.training import train
+
     torch.manual_seed(0)
     model = SmallResNet(widths=(8, 16, 16))
-    _bn_stats(model)
+    train(model, digits.x_train, digits.y_train, epochs=3, lr=3e-3, batch_size=64)  # trained weights and BN
     batches = [(digits.x_train[i:i + 64], digits.y_train[i:i + 64]) for i in range(0, 256, 64)]
     pruner = de_plugin_nni.create_pruner(
         "random_coarse", model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], evaluator_for(model),
-        candidates=3, train_data=batches, bn_batches=2, finetune_epochs=1, progress=False)
+        candidates=3, train_data=batches, bn_batches=2, finetune_epochs=1, kernel_ratio=0.2, progress=False)
     _, masks = pruner.compress()
     pruner.unwrap_model()
     rows = lambda n: masks[n]["weight"].flatten(1).any(1)  # noqa: E731
     # NNI's dependency groups: residual-coupled convs lose the same channels
-    assert torch.equal(rows("stem.0"), rows("layer1.conv2"))
+    assert torch.equal(rows("layer1.conv2"), rows("stem.0"))
     assert torch.equal(rows("layer3.conv2"), rows("layer3.shortcut.0"))
     assert all(int(rows(n).sum()) == masks[n]["weight"].shape[0] // 2 for n in masks)
     assert pruner.result["accuracy"] > 0.2 and 0.5 < pruner.result["macs_removed"] < 0.9
@@ -364,6 +366,9 @@ def test_random_coarse_through_nni_speedup_equals_masked_model(evaluator_for, di
     assert model.stem[0].out_channels == 4 and model.layer3.conv1.out_channels == 8 and model.fc.in_features == 8
     assert sum(p.numel() for p in model.parameters()) < params_before / 2
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    # kernel masks stay masks: the smaller conv still has its removed kernels at zero
+    dead = int((model.layer3.conv1.weight.flatten(2).abs().sum(2) == 0).sum())
+    assert dead == round(0.2 * 8 * 8)  # a fifth of the 8 x 8 kernels alive after feature-map pruning
 
 
 def test_random_coarse_nni_bad_input(evaluator_for):

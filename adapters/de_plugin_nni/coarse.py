@@ -133,6 +133,7 @@ class RandomCoarsePruner(Pruner):
             reference = score(model)
             best, best_score, scores = best_of_n(model, space, score, self.options, self.seed, calib, self.progress)
             masks = space.masks(best)
+            own = space.own_masks(best)
             before = apply_and_retrain(model, space, masks, lambda _m, e: evaluator.train(max_epochs=e),
                                        self.options, self.seed, calib, score)
             macs = count_macs(model, dummy, masks)
@@ -147,7 +148,7 @@ class RandomCoarsePruner(Pruner):
         nni_masks: Dict[str, Dict[str, torch.Tensor]] = {}
         for name in self._target_spaces:
             mod = self.bound_model.get_submodule(name)
-            w = masks.get(f"{name}.weight")
+            w = own.get(f"{name}.weight")
             nni_masks[name] = {"weight": (w if w is not None else torch.ones_like(mod.weight, dtype=torch.bool)).float()}
             if "bias" in self._target_spaces[name] and mod.bias is not None:
                 b = masks.get(f"{name}.bias")
