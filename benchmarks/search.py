@@ -1,0 +1,141 @@
+"""How fast de_layerwise evaluates candidates, per backend (Fashion-MNIST, LeNet-300-100 / LeNet-5).
+
+All numbers are ratios measured in one run on the same machine:
+
+* floor: per-candidate time of ``serial`` against one plain dense forward pass over the same
+  validation split (masks applied in place, scored, restored; no copies);
+* ``batched`` (vmap over stacked masked weights) against ``serial``, and how often a short
+  de_layerwise search with ``batched`` ends with other masks than with ``serial``;
+* ``process`` and ``ray`` with 2 workers of 1 thread each against ``serial`` using both cores'
+  threads (the honest baseline on a 2-core machine), on a batch of candidates like one DE generation;
+* the share of a full de_layerwise run spent searching vs fine-tuning.
+
+    python benchmarks/search.py --out benchmarks/results/search
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import de_plugin
+from de_plugin.cli import dense_model
+from de_plugin.data import FASHION_MNIST_DIR, load_idx_dataset
+from de_plugin.evaluation import Scorer, make_backend
+from de_plugin.metrics import accuracy
+from de_plugin.pruner import evaluator_from_batches
+from de_plugin.targets import find_targets
+from de_plugin.training import make_finetune
+
+log = logging.getLogger("search")
+
+
+def candidates(targets, n, rng):
+    """Random keep-count vectors between 2% and 100% density per layer."""
+    return [np.array([int(t.numel * rng.uniform(0.02, 1.0)) for t in targets]) for _ in range(n)]
+
+
+def per_candidate(backend, cands, repeats):
+    backend.start_round()
+    backend.evaluate(cands[:2])  # warm up (and workers' first batch)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        backend.evaluate(cands)
+        times.append((time.perf_counter() - t0) / len(cands))
+    backend.end_round()
+    return statistics.median(times)
+
+
+def dense_forward(model, batches, repeats):
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            for x, _ in batches:
+                model(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def run_model(name, args, data):
+    model = dense_model(name, data, args.dense_epochs[name], 0, args.data)
+    batches = [(data.x_val[i:i + 500], data.y_val[i:i + 500]) for i in range(0, args.val, 500)]
+    ev = evaluator_from_batches(batches, "accuracy")
+    targets = find_targets(model)
+    cands = candidates(targets, args.candidates, np.random.default_rng(0))
+    out = {"model": name, "val_images": args.val, "candidates": len(cands)}
+    torch.set_num_threads(2)
+    out["dense_forward_s"] = dense_forward(model, batches, args.repeats)
+    out["serial_s"] = per_candidate(make_backend("serial", Scorer(model, targets, ev)), cands, args.repeats)
+    b = make_backend("batched", Scorer(model, targets, ev), val_batches=batches, metric=accuracy)
+    out["batched_s"] = per_candidate(b, cands, args.repeats)
+    out["batched_fell_back"] = bool(getattr(b, "fallback", True))
+    for kind in ("process", "ray"):
+        backend = make_backend(kind, Scorer(model, targets, ev), workers=2, threads=1)
+        try:
+            out[f"{kind}_s"] = per_candidate(backend, cands, args.repeats)
+        finally:
+            backend.close()
+    torch.set_num_threads(2)
+    # batched vs serial: do the chosen masks differ after a short search?
+    differ = 0
+    for seed in args.seeds:
+        kw = dict(sparsity=0.95, seed=seed, rounds=1, finetune_epochs=0, population=10, generations=3, progress=False)
+        a = de_plugin.prune(model, "de_layerwise", val_data=batches, **kw)
+        c = de_plugin.prune(model, "de_layerwise", val_data=batches, backend="batched", **kw)
+        differ += int(any(not torch.equal(a.masks[k], c.masks[k]) for k in a.masks))
+    out["batched_masks_differ"] = f"{differ}/{len(args.seeds)}"
+    # where a full pipeline spends its time
+    ft = make_finetune(data.x_train, data.y_train, lr=5e-4)
+    r = de_plugin.prune(model, "de_layerwise", val_data=batches, finetune=ft, sparsity=0.95, rounds=2,
+                        finetune_epochs=1, population=12, generations=6, progress=False)
+    search = sum(h.get("search_seconds", 0.0) for h in r.history)
+    tune = sum(h.get("finetune_seconds", 0.0) for h in r.history)
+    out.update({"pipeline_s": r.wall_time, "search_share": search / r.wall_time, "finetune_share": tune / r.wall_time,
+                "pipeline_nfev": r.nfev})
+    return out
+
+
+def table(rows):
+    lines = [f"{'model':9s} {'serial/floor':>12s} {'batched x':>9s} {'process x':>9s} {'ray x':>7s} "
+             f"{'batched masks differ':>21s} {'search %':>8s} {'fine-tune %':>11s}"]
+    for r in rows:
+        lines.append(f"{r['model']:9s} {r['serial_s'] / r['dense_forward_s']:12.3f} {r['serial_s'] / r['batched_s']:9.2f} "
+                     f"{r['serial_s'] / r['process_s']:9.2f} {r['serial_s'] / r['ray_s']:7.2f} "
+                     f"{r['batched_masks_differ']:>21s} {100 * r['search_share']:8.1f} {100 * r['finetune_share']:11.1f}")
+    lines.append("x = speed-up against serial (serial: 2 threads; process/ray: 2 workers x 1 thread)")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["lenet300", "lenet5"])
+    ap.add_argument("--data", default=FASHION_MNIST_DIR)
+    ap.add_argument("--val", type=int, default=2000, help="validation images per evaluation")
+    ap.add_argument("--candidates", type=int, default=40, help="candidates per timed batch (a DE generation)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--out", default="benchmarks/results/search")
+    args = ap.parse_args()
+    args.dense_epochs = {"lenet300": 5, "lenet5": 3}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    data = load_idx_dataset(args.data, val_size=5000, train_limit=20000, seed=0)
+    rows = [run_model(m, args, data) for m in args.models]
+    text = table(rows)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.txt").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
