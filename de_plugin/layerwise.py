@@ -25,7 +25,6 @@ import time
 from typing import Any, Literal, Optional
 
 import numpy as np
-import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -35,7 +34,6 @@ from .evaluation import Scorer, make_backend
 from .hookspecs import hookimpl
 from .iterative import IterativeOptions, IterativePruner, State
 from .pruner import Context
-from .targets import get_param
 
 log = logging.getLogger("de_plugin")
 
@@ -91,17 +89,15 @@ class LayerSearch:
 
     def __init__(self, pruner: "DELayerwise", ctx: Context, state: State):
         self.pruner, self.ctx, self.state = pruner, ctx, state
-        self.params = [get_param(ctx.model, t) for t in ctx.targets]
-        self.w0 = [p.detach().clone() for p in self.params]
-        mags = [w.abs().reshape(-1) for w in self.w0]
-        self.order = [torch.argsort(m, descending=True, stable=True) for m in mags]
-        self.sorted_mag = [m[o].cpu().numpy() for m, o in zip(mags, self.order)]
+        self.backend = pruner.backend
+        self.backend.start_round()  # the scorer snapshots the round's weights and magnitude order once
+        scorer = self.backend.scorer
+        self.w0, self.order = scorer.w0, scorer.order
+        self.sorted_mag = [w.abs().reshape(-1)[o].cpu().numpy() for w, o in zip(self.w0, self.order)]
         active = [w[w != 0] for w in self.w0]
         self.std = np.array([float(a.std()) if a.numel() > 1 else 1.0 for a in active])
         self.std[self.std <= 0] = 1.0
         self.cache: dict[tuple[int, ...], float] = {}
-        self.backend = pruner.backend
-        self.backend.start_round()
 
     def restore(self) -> None:
         self.backend.end_round()
@@ -152,7 +148,7 @@ class LayerSearch:
         if o.parametrization == "ratio":
             cur = 1.0 - self.max_keep / self.state.numels
             return [(min(c, o.max_layer_sparsity), o.max_layer_sparsity) for c in cur]
-        return [(0.0, o.max_std)] * len(self.params)
+        return [(0.0, o.max_std)] * len(self.w0)
 
     def fit(self, counts_or_density: np.ndarray, keep: int, is_density: bool = False) -> np.ndarray:
         d = counts_or_density if is_density else counts_or_density / self.state.numels

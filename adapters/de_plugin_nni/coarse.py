@@ -17,17 +17,16 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from nni.compression.base.compressor import Pruner
-from nni.compression.base.config import default_config_schema, select_modules_by_config, trans_legacy_config_list
+from nni.compression.base.config import select_modules_by_config
 from nni.compression.base.wrapper import ModuleWrapper
 from nni.compression.utils.evaluator import Evaluator
-from schema import SchemaError
 from torch import nn
 
 from de_plugin.coarse import CoarseOptions, CoarseSpace, apply_and_retrain, best_of_n, calibration_batches, count_macs
 from de_plugin.options import validate_options
 
 from .evaluators import patch_lightning_evaluator
-from .pruner import _score_of, sync_into_wrappers
+from .pruner import _score_of, sync_into_wrappers, validated_entries
 
 log = logging.getLogger("de_plugin_nni")
 CONFIG_OWNED = {"feature_map_ratio", "ratios"}
@@ -35,18 +34,10 @@ CONFIG_OWNED = {"feature_map_ratio", "ratios"}
 
 def parse_coarse_config(model: nn.Module, config_list: List[Dict]) -> tuple[Dict[str, float], List[List[str]]]:
     """Per-layer feature-map ratios and NNI dependency groups from a config_list (NNI's schema)."""
-    if not isinstance(config_list, list) or not config_list:
-        raise ValueError("config_list must be a non-empty list, e.g. [{'op_types': ['Conv2d'], 'sparse_ratio': 0.5}]")
-    configs = trans_legacy_config_list([dict(c) for c in config_list])
-    schema = default_config_schema("pruning")
+    configs = validated_entries(config_list, "random_coarse", "{'op_types': ['Conv2d'], 'sparse_ratio': 0.5}")
     ratios: Dict[str, float] = {}
     groups: Dict[Any, List[str]] = {}
     for i, cfg in enumerate(configs):
-        try:
-            schema.validate(cfg)
-        except SchemaError as exc:
-            raise ValueError(f"config_list entry {i} is not valid for NNI: {exc}. (random_coarse options such as "
-                             f"candidates go to the pruner's constructor)") from None
         modules, _, _ = select_modules_by_config(model, cfg)
         names = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
         if cfg.get("exclude"):

@@ -51,22 +51,29 @@ def _score_of(metric: Any) -> float:
     return check_score(metric)
 
 
-def parse_config_list(model: nn.Module, config_list: List[Dict]) -> List[Dict[str, Any]]:
-    """Validate ``config_list`` with NNI's own schema and return one group per entry.
-
-    Raises ValueError in plain words before NNI wraps anything.
-    """
+def validated_entries(config_list: List[Dict], pruner: str, example: str) -> List[Dict[str, Any]]:
+    """``config_list`` in NNI's current form, every entry checked with NNI's own schema."""
     if not isinstance(config_list, list) or not config_list:
-        raise ValueError("config_list must be a non-empty list of dicts, e.g. [{'op_types': ['Linear'], 'sparse_ratio': 0.9}]")
+        raise ValueError(f"config_list must be a non-empty list of dicts, e.g. [{example}]")
     configs = trans_legacy_config_list([dict(c) for c in config_list])
     schema = default_config_schema("pruning")
-    groups, owner = [], {}
     for i, cfg in enumerate(configs):
         try:
             schema.validate(cfg)
         except SchemaError as exc:
             raise ValueError(f"config_list entry {i} is not valid for NNI: {exc}. "
-                             f"(de_layerwise options go to the pruner's constructor, not into config_list)") from None
+                             f"({pruner} options go to the pruner's constructor, not into config_list)") from None
+    return configs
+
+
+def parse_config_list(model: nn.Module, config_list: List[Dict]) -> List[Dict[str, Any]]:
+    """Validate ``config_list`` with NNI's own schema and return one group per entry.
+
+    Raises ValueError in plain words before NNI wraps anything.
+    """
+    configs = validated_entries(config_list, "de_layerwise", "{'op_types': ['Linear'], 'sparse_ratio': 0.9}")
+    groups, owner = [], {}
+    for i, cfg in enumerate(configs):
         if cfg.get("exclude"):
             continue
         ratio = cfg.get("sparse_ratio")
