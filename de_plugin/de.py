@@ -243,6 +243,14 @@ class DifferentialEvolution:
         self._pending = batch
         return batch.copy()
 
+    def parents(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(objective, violation) of the members the pending trials compete with (trial i against
+        member i), or None while the pending batch is the initial population. Lets a caller skip
+        work on trials that cannot win; selection only needs to know that they lose."""
+        if self._pending is None or self._pending_is_init:
+            return None
+        return self.fun.copy(), self.violation.copy()
+
     def tell(
         self, fun: Sequence[float], violation: Sequence[float] | None = None, x: np.ndarray | None = None
     ) -> None:

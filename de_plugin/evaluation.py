@@ -11,6 +11,12 @@ Backends (option ``backend=``, with ``workers=``):
   validation data (inherited at fork), receiving only candidate vectors. Linux/macOS (fork).
 * ``ray``: the same with one Ray actor per worker (``ray.init()`` locally unless ``ray_address``).
 
+Early rejection (``floors``): each candidate may come with the score it must reach to matter (in
+DE, the score that would let a trial beat its parent). Where the score is accuracy on ``val_data``
+batches, evaluation stops at the first batch after which even an all-correct remainder cannot reach
+that floor, and the candidate comes back as a :class:`Bound` (an upper bound, below its floor)
+instead of its exact score. Selection is unchanged, so the masks are the same as without it.
+
 Every worker pins its intra-op threads (``threads_per_worker``, default 1); an evaluation is a pure
 function of (weights, counts), so ``serial`` run with the same thread count gives bit-identical
 fitness, hence identical masks. A worker that raises is reported with its traceback and the
@@ -38,11 +44,38 @@ class WorkerError(RuntimeError):
     """An evaluation worker failed; the message carries its traceback."""
 
 
+class Bound(float):
+    """Upper bound on the score of a candidate rejected early: it is below the candidate's floor, so
+    the candidate cannot win; callers must not cache it as the candidate's exact score.
+    ``images_left`` is how many validation images the rejection saved."""
+
+    def __new__(cls, value: float, images_left: int = 0) -> "Bound":
+        obj = super().__new__(cls, value)
+        obj.images_left = int(images_left)
+        return obj
+
+    def __reduce__(self):  # pickled across process / Ray workers with its count
+        return (Bound, (float(self), self.images_left))
+
+
+#: how far below its floor a candidate's upper bound must be before it is rejected; covers float32
+#: rounding of the metric (accuracy is a float32 mean), so a rejected candidate truly scores < floor
+REJECT_MARGIN = 1e-5
+
+
 class Scorer:
     """Magnitude masks from keep-counts, applied in place to one model and scored."""
 
-    def __init__(self, model: nn.Module, targets: Sequence[Target], evaluate: Callable[[nn.Module], float]):
+    def __init__(self, model: nn.Module, targets: Sequence[Target], evaluate: Callable[[nn.Module], float],
+                 batches: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None,
+                 metric: Optional[Callable] = None):
+        from .metrics import accuracy
+
         self.model, self.targets, self.evaluate = model, list(targets), evaluate
+        # early rejection needs a score that is a per-image sum: accuracy on the cached batches
+        # (``evaluate`` is then ``evaluator_from_batches(batches, accuracy)``, which this mirrors)
+        self.batches = list(batches) if batches is not None and metric is accuracy and len(batches) > 1 else None
+        self.metric = metric
         self.reset()
 
     def reset(self) -> None:
@@ -67,11 +100,40 @@ class Scorer:
                 p.copy_(w)
         self.applied = [None] * len(self.params)
 
-    def score(self, counts: Sequence[int]) -> float:
+    def score(self, counts: Sequence[int], floor: Optional[float] = None) -> float:
+        """The candidate's score, or a :class:`Bound` below ``floor`` when it cannot reach it."""
         from .pruner import check_score
 
         self.apply(counts)
-        return check_score(self.evaluate(self.model))
+        if floor is None or self.batches is None or not np.isfinite(floor):
+            return check_score(self.evaluate(self.model))
+        return self._bounded(floor)
+
+    def _bounded(self, floor: float) -> float:
+        """Accuracy batch by batch; stop once ``(correct so far + images left) / total < floor``.
+        A candidate that is not rejected gets exactly what ``evaluate`` computes (same batches, same
+        concatenation, same metric), so serial, worker and rejecting runs stay bit-identical."""
+        from .pruner import check_score
+
+        model = self.model
+        dev = next(model.parameters()).device
+        total = sum(len(y) for _, y in self.batches)
+        was = model.training
+        model.eval()
+        outs, seen, correct = [], 0, 0
+        try:
+            with torch.inference_mode():
+                for x, y in self.batches:
+                    out = model(x.to(dev))
+                    outs.append(out)
+                    seen += len(y)
+                    correct += int((out.argmax(1) == y.to(dev)).sum())
+                    upper = (correct + total - seen) / total
+                    if seen < total and upper < floor - REJECT_MARGIN:
+                        return Bound(upper, total - seen)
+        finally:
+            model.train(was)
+        return check_score(self.metric(torch.cat(outs), torch.cat([y for _, y in self.batches]).to(dev)))
 
 
 # ---------------------------------------------------------------------------------------- serial
@@ -84,9 +146,11 @@ class SerialBackend:
     def start_round(self) -> None:
         self.scorer.reset()
 
-    def evaluate(self, batch: Sequence[np.ndarray]) -> list[float]:
+    def evaluate(self, batch: Sequence[np.ndarray], floors: Optional[Sequence[Optional[float]]] = None) -> list[float]:
+        """Scores of ``batch`` in order; with ``floors``, candidates may come back as :class:`Bound`."""
+        floors = floors if floors is not None else [None] * len(batch)
         try:
-            return [self.scorer.score(c) for c in batch]
+            return [self.scorer.score(c, f) for c, f in zip(batch, floors)]
         finally:  # between batches the model holds the round's weights, as with remote workers
             self.scorer.restore()
 
@@ -122,16 +186,17 @@ class BatchedBackend(SerialBackend):
             outs.append(vmap(lambda p: functional_call(model, p, (x,)))(stacked))
         return torch.cat(outs, dim=1)  # [K, N, classes]
 
-    def evaluate(self, batch: Sequence[np.ndarray]) -> list[float]:
+    def evaluate(self, batch: Sequence[np.ndarray], floors: Optional[Sequence[Optional[float]]] = None) -> list[float]:
+        """Exact scores (a vmapped chunk runs every batch, so ``floors`` only apply after a fallback)."""
         if self.fallback:
-            return SerialBackend.evaluate(self, batch)
+            return SerialBackend.evaluate(self, batch, floors)
         from .pruner import check_score
 
         s = self.scorer
         names = [f"{t.module_name}.{t.param_name}" if t.module_name else t.param_name for t in s.targets]
         if any(n not in dict(s.model.named_parameters()) for n in names):
             self.fallback = True  # masks attached as _orig parameters: not a plain functional_call
-            return SerialBackend.evaluate(self, batch)
+            return SerialBackend.evaluate(self, batch, floors)
         out: list[float] = []
         was = s.model.training
         s.model.eval()
@@ -151,20 +216,28 @@ class BatchedBackend(SerialBackend):
         except Exception as exc:  # noqa: BLE001 - vmap cannot run every model; serial always can
             log.warning("batched evaluation is not possible for this model (%s); using serial", exc)
             self.fallback = True
-            return out + SerialBackend.evaluate(self, batch[len(out):])
+            return out + SerialBackend.evaluate(self, batch[len(out):], None if floors is None else floors[len(out):])
         finally:
             s.model.train(was)
         return out
 
 
 # --------------------------------------------------------------------------------------- process
-_PAYLOAD: Any = None  # (model, targets, evaluate), inherited by forked workers
+_PAYLOAD: Any = None  # (model, targets, evaluate, batches, metric), inherited by forked workers
+
+
+def _payload(scorer: Scorer) -> tuple:
+    return scorer.model, scorer.targets, scorer.evaluate, scorer.batches, scorer.metric
+
+
+def _plain(v: Any) -> float:
+    return v if isinstance(v, Bound) else float(v)
 
 
 def _worker_main(conn, threads: int) -> None:
     torch.set_num_threads(threads)
-    model, targets, evaluate = _PAYLOAD
-    scorer = Scorer(model, targets, evaluate)
+    model, targets, evaluate, batches, metric = _PAYLOAD
+    scorer = Scorer(model, targets, evaluate, batches, metric)
     while True:
         try:
             msg = conn.recv()
@@ -177,7 +250,7 @@ def _worker_main(conn, threads: int) -> None:
                 scorer.reset()
                 conn.send(("ok", None))
             elif kind == "eval":
-                conn.send(("ok", scorer.score(msg[1])))
+                conn.send(("ok", scorer.score(msg[1], msg[2])))
             elif kind == "stop":
                 return
         except Exception:  # noqa: BLE001 - report everything to the parent
@@ -201,7 +274,7 @@ class ProcessBackend:
 
     def _spawn(self):
         global _PAYLOAD
-        _PAYLOAD = (self.scorer.model, self.scorer.targets, self.scorer.evaluate)
+        _PAYLOAD = _payload(self.scorer)
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=_worker_main, args=(child, self.threads), daemon=True)
         proc.start()
@@ -231,7 +304,8 @@ class ProcessBackend:
         for conn, proc in self.workers:
             self._reply(conn, proc)
 
-    def evaluate(self, batch: Sequence[np.ndarray]) -> list[float]:
+    def evaluate(self, batch: Sequence[np.ndarray], floors: Optional[Sequence[Optional[float]]] = None) -> list[float]:
+        floors = floors if floors is not None else [None] * len(batch)
         out: list[Optional[float]] = [None] * len(batch)
         pending = list(range(len(batch)))
         retries: dict[int, int] = {}
@@ -240,7 +314,7 @@ class ProcessBackend:
             for w, idx in zip(range(len(self.workers)), pending[: len(self.workers)]):
                 conn, proc = self.workers[w]
                 try:
-                    conn.send(("eval", [int(v) for v in batch[idx]]))
+                    conn.send(("eval", [int(v) for v in batch[idx]], floors[idx]))
                 except (BrokenPipeError, OSError):
                     pass  # reported by _reply below
                 busy.append((w, idx))
@@ -257,7 +331,7 @@ class ProcessBackend:
                     if not proc.is_alive():
                         self.workers[w] = self._spawn()
                     pending.insert(0, idx)
-        return [float(v) for v in out]
+        return [v if isinstance(v, Bound) else float(v) for v in out]
 
     def end_round(self) -> None:
         self.scorer.restore()
@@ -293,22 +367,22 @@ class RayBackend:
             else:
                 ray.init(num_cpus=max(workers * threads, os.cpu_count() or 1), include_dashboard=False,
                          log_to_driver=False, configure_logging=False)
-        payload = ray.put((scorer.model, scorer.targets, scorer.evaluate))
+        payload = ray.put(_payload(scorer))
 
         @ray.remote(num_cpus=threads)
         class _Actor:
             def __init__(self, payload, threads):
                 torch.set_num_threads(threads)
-                model, targets, evaluate = payload
+                model, targets, evaluate, batches, metric = payload
                 self.model = model
-                self.scorer = Scorer(model, targets, evaluate)
+                self.scorer = Scorer(model, targets, evaluate, batches, metric)
 
             def start_round(self, state):
                 self.model.load_state_dict(state)
                 self.scorer.reset()
 
-            def score(self, counts):
-                return self.scorer.score(counts)
+            def score(self, counts, floor):
+                return self.scorer.score(counts, floor)
 
         self.actors = [_Actor.remote(payload, threads) for _ in range(workers)]
 
@@ -317,17 +391,19 @@ class RayBackend:
         state = self.ray.put({k: v.detach().cpu().clone() for k, v in self.scorer.model.state_dict().items()})
         self.ray.get([a.start_round.remote(state) for a in self.actors])
 
-    def evaluate(self, batch: Sequence[np.ndarray]) -> list[float]:
-        futures = [self.actors[i % len(self.actors)].score.remote([int(v) for v in c]) for i, c in enumerate(batch)]
+    def evaluate(self, batch: Sequence[np.ndarray], floors: Optional[Sequence[Optional[float]]] = None) -> list[float]:
+        floors = floors if floors is not None else [None] * len(batch)
+        futures = [self.actors[i % len(self.actors)].score.remote([int(v) for v in c], fl)
+                   for i, (c, fl) in enumerate(zip(batch, floors))]
         out = []
         for i, f in enumerate(futures):
             try:
-                out.append(float(self.ray.get(f)))
+                out.append(_plain(self.ray.get(f)))
             except Exception as exc:  # noqa: BLE001 - Ray wraps the worker's exception
                 log.warning("ray worker failed on candidate %d (%s); retrying once", i, exc)
                 try:
-                    out.append(float(self.ray.get(self.actors[(i + 1) % len(self.actors)].score.remote(
-                        [int(v) for v in batch[i]]))))
+                    out.append(_plain(self.ray.get(self.actors[(i + 1) % len(self.actors)].score.remote(
+                        [int(v) for v in batch[i]], floors[i]))))
                 except Exception as exc2:  # noqa: BLE001
                     raise WorkerError(f"ray evaluation failed twice: {exc2}") from exc2
         return out

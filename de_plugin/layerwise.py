@@ -21,6 +21,7 @@ Fitness:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Literal, Optional
 
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import allocation
 from .de import DifferentialEvolution
-from .evaluation import Scorer, make_backend
+from .evaluation import Bound, Scorer, make_backend
 from .hookspecs import hookimpl
 from .iterative import IterativeOptions, IterativePruner, State
 from .pruner import Context
@@ -64,6 +65,9 @@ class LayerwiseOptions(IterativeOptions):
     workers: int = Field(1, ge=1, description="process / ray: evaluation workers")
     threads_per_worker: int = Field(1, ge=1, description="process / ray: intra-op threads pinned in each worker")
     ray_address: Optional[str] = Field(None, description="ray: join this cluster instead of starting a local one")
+    early_reject: bool = Field(
+        True, description="stop scoring a trial once its accuracy on part of val_data shows it cannot beat its parent "
+                          "(same masks; needs several val_data batches and metric='accuracy')")
     checkpoint: Optional[str] = Field(None, description="file the whole search state is saved to after every generation")
     resume: bool = Field(False, description="continue from `checkpoint` (a run killed at any point ends identically)")
 
@@ -98,18 +102,42 @@ class LayerSearch:
         self.std = np.array([float(a.std()) if a.numel() > 1 else 1.0 for a in active])
         self.std[self.std <= 0] = 1.0
         self.cache: dict[tuple[int, ...], float] = {}
+        self.rejected = self.skipped = self.images_saved = 0
 
     def restore(self) -> None:
         self.backend.end_round()
 
-    def score_many(self, batch: list[np.ndarray]) -> list[float]:
+    def score_many(self, batch: list[np.ndarray], floors: Optional[list[Optional[float]]] = None) -> list[float]:
+        """Scores in order; identical candidates are scored once and exact scores cached.
+
+        ``floors[i]``: the score candidate i must reach to matter (None: score exactly; inf: it
+        cannot matter, so it is not scored and gets ``Bound(-inf)``). Below its floor a candidate
+        may come back as a :class:`Bound`, which is never cached.
+        """
         keys = [tuple(int(c) for c in counts) for counts in batch]
-        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        floors = floors if floors is not None else [None] * len(batch)
+        need: dict[tuple[int, ...], Optional[float]] = {}
+        for k, fl in zip(keys, floors):
+            if k in self.cache:
+                continue
+            if k in need:  # the least demanding floor serves every copy
+                need[k] = None if need[k] is None or fl is None else min(need[k], fl)
+            else:
+                need[k] = fl
+        todo = [k for k, fl in need.items() if fl is None or fl != math.inf]
+        got: dict[tuple[int, ...], float] = {}
         if todo:
-            for k, v in zip(todo, self.backend.evaluate([np.array(k) for k in todo])):
-                self.cache[k] = v
+            values = self.backend.evaluate([np.array(k) for k in todo], [need[k] for k in todo])
+            for k, v in zip(todo, values):
+                if isinstance(v, Bound):
+                    got[k] = v
+                    self.rejected += 1
+                    self.images_saved += v.images_left
+                else:
+                    self.cache[k] = v
             self.pruner.nfev += len(todo)
-        return [self.cache[k] for k in keys]
+        self.skipped += len(need) - len(todo)
+        return [self.cache[k] if k in self.cache else got.get(k, Bound(-math.inf)) for k in keys]
 
     def score(self, counts: np.ndarray) -> float:
         return self.score_many([counts])[0]
@@ -173,7 +201,7 @@ class DELayerwise(IterativePruner):
         scan_cost = len(ctx.targets) * len(o.scan_levels) if o.sensitivity_scan else 0
         self.evals_per_round = None if o.max_evals is None else max(o.population, (o.max_evals - scan_cost) // budget_rounds)
         self.rng = np.random.default_rng(ctx.seed)
-        scorer = Scorer(ctx.model, ctx.targets, ctx.evaluate)
+        scorer = Scorer(ctx.model, ctx.targets, ctx.evaluate, *((ctx.val_batches, ctx.metric) if o.early_reject else ()))
         self.backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address,
                                     ctx.val_batches, ctx.metric)
 
@@ -246,6 +274,7 @@ class DELayerwise(IterativePruner):
         saved = self.take_resumed_search(round_index)
         if saved is not None:
             search.cache = dict(saved["cache"])
+            search.rejected, search.skipped, search.images_saved = saved.get("counters", (0, 0, 0))
             self.sensitivity = saved["sensitivity"]
             self.rng.bit_generator.state = saved["rng"]
             self.nfev = saved["nfev"]
@@ -265,18 +294,22 @@ class DELayerwise(IterativePruner):
                 log.info("time_limit reached: stopping the search at generation %d", solver.nit)
                 break
             xs = solver.ask()
-            f, v, x_eff = evaluate_batch(xs)
+            f, v, x_eff = evaluate_batch(xs, solver.parents() if self.options.early_reject else None)
             solver.tell(f, v, x_eff)
-            self.save_search({"solver": solver.state_dict(), "cache": dict(self._search.cache), "nfev": self.nfev,
+            s = self._search
+            self.save_search({"solver": solver.state_dict(), "cache": dict(s.cache), "nfev": self.nfev,
+                              "counters": (s.rejected, s.skipped, s.images_saved),
                               "rng": self._search_rng, "sensitivity": self.sensitivity})
             pbar.update(1)
             pbar.set_postfix(best=f"{solver.fun[solver.best_index()]:.4f}")
         pbar.close()
 
-    def _round_info(self, solver: DifferentialEvolution, extra: dict[str, Any]) -> dict[str, Any]:
+    def _round_info(self, solver: DifferentialEvolution, search: LayerSearch, extra: dict[str, Any]) -> dict[str, Any]:
         r = solver.result()
         return {"de": {"nfev": r.nfev, "nit": r.nit, "best_fun": r.fun, "best_violation": r.violation,
-                       "message": r.message, "history": [h["best_fun"] for h in r.history]}, **extra}
+                       "message": r.message, "history": [h["best_fun"] for h in r.history],
+                       "early_rejected": search.rejected, "skipped": search.skipped,
+                       "images_saved": search.images_saved}, **extra}
 
     def allocate(self, state: State, keep: int, round_index: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Budget form: maximise validation accuracy over allocations with exactly ``keep`` weights."""
@@ -284,9 +317,11 @@ class DELayerwise(IterativePruner):
         try:
             solver = self._start_search(search, round_index, lambda: self._seed_counts(search, [keep]))
 
-            def evaluate_batch(xs):
+            def evaluate_batch(xs, parents):
                 counts = [search.fit(search.counts_from_x(x), keep) for x in xs]
-                f = [-a for a in search.score_many(counts)]
+                # a trial replaces its parent when -acc <= parent's objective: it needs acc >= -f_parent
+                floors = None if parents is None else [-float(fp) for fp in parents[0][:len(counts)]]
+                f = [-a for a in search.score_many(counts, floors)]
                 return f, None, np.array([search.x_from_counts(c) for c in counts])
 
             self._run_de(solver, evaluate_batch, f"DE round {round_index}")
@@ -294,7 +329,7 @@ class DELayerwise(IterativePruner):
             acc = search.score(best)
         finally:
             search.restore()
-        return best, self._round_info(solver, {"val_accuracy_before_finetune": acc})
+        return best, self._round_info(solver, search, {"val_accuracy_before_finetune": acc})
 
     def propose(self, state: State, round_index: int, caution: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Accuracy form: minimise kept weights s.t. accuracy >= reference - search_drop (Deb's rules)."""
@@ -315,10 +350,14 @@ class DELayerwise(IterativePruner):
             solver = self._start_search(search, round_index, make_seeds)
             total = state.total
 
-            def evaluate_batch(xs):
+            def evaluate_batch(xs, parents):
                 f, v = [], []
                 counts = [search.counts_from_x(x) for x in xs]
-                for c, acc in zip(counts, search.score_many(counts)):
+                floors = None
+                if parents is not None:
+                    floors = [self._floor(float(c.sum()) / total, fp, vp, limit)
+                              for c, fp, vp in zip(counts, *parents)]
+                for c, acc in zip(counts, search.score_many(counts, floors)):
                     dens = float(c.sum()) / total
                     if o.fitness == "penalty":
                         f.append(o.penalty_weight * (1.0 - acc) + (1.0 - o.penalty_weight) * dens)
@@ -336,7 +375,20 @@ class DELayerwise(IterativePruner):
                 best = state.counts.copy()
         finally:
             search.restore()
-        return best, self._round_info(solver, {"val_accuracy_before_finetune": acc, "search_drop": drop})
+        return best, self._round_info(solver, search, {"val_accuracy_before_finetune": acc, "search_drop": drop})
+
+    def _floor(self, density: float, f_parent: float, v_parent: float, limit: float) -> Optional[float]:
+        """Accuracy form: the accuracy a trial of this density needs to replace its parent under
+        the solver's selection (``de.better``); inf when no accuracy would do, None when any would."""
+        o = self.options
+        if o.fitness == "penalty":  # a (1 - acc) + (1 - a) density <= f_parent
+            a = o.penalty_weight
+            if a == 0.0:
+                return None if density <= f_parent else math.inf
+            return 1.0 - (f_parent - (1.0 - a) * density) / a
+        if v_parent <= 0.0:  # feasible parent: the trial must be feasible and no denser
+            return limit if density <= f_parent else math.inf
+        return limit - v_parent  # infeasible parent: the trial's violation must be no larger
 
     def run(self, ctx: Context):
         self.ctx = ctx

@@ -241,3 +241,60 @@ def test_checkpoint_fingerprint_names_changed_layers():
          "seed": 0, "options": {}}
     b = dict(a, targets=[["fc1.weight", [32, 64]]])
     assert ckpt.differences(a, b) == ["layer fc1.weight: checkpoint [64, 64], now [32, 64]"]
+
+
+# ------------------------------------------------------------------------------ early rejection
+def val_batches(digits, size=50):
+    return [(digits.x_val[i:i + size], digits.y_val[i:i + size]) for i in range(0, len(digits.y_val), size)]
+
+
+def test_scorer_rejects_only_candidates_below_their_floor_and_is_exact_otherwise(mlp, digits):
+    from de_plugin.evaluation import Bound
+    from de_plugin.metrics import accuracy
+    from de_plugin.pruner import evaluator_from_batches
+
+    batches = val_batches(digits)
+    ev = evaluator_from_batches(batches, "accuracy")
+    targets = find_targets(mlp)
+    scorer = Scorer(mlp, targets, ev, batches, accuracy)
+    before = state_of(mlp)
+    cands = [[t.numel // d for t in targets] for d in (1, 3, 10, 40)]
+    exact = [scorer.score(c) for c in cands]
+    assert len(set(exact)) == len(exact)  # really different candidates
+    rejected = 0
+    for c, acc in zip(cands, exact):
+        for floor in (acc - 0.05, acc, acc + 0.01, acc + 0.3, 2.0):
+            v = scorer.score(c, floor)
+            if isinstance(v, Bound):
+                rejected += 1
+                assert acc <= v < floor and 0 < v.images_left < len(digits.y_val)
+            else:
+                assert v == acc  # bit-identical to the plain evaluation
+    scorer.restore()
+    assert rejected >= 4 and same_state(before, state_of(mlp))
+    # no bound without a per-image metric or with a single batch
+    assert Scorer(mlp, targets, ev, batches, None).batches is None
+    assert Scorer(mlp, targets, ev, batches[:1], accuracy).batches is None
+
+
+@pytest.mark.parametrize("goal", [{"sparsity": 0.85}, {"max_accuracy_drop": 0.01}])
+def test_early_rejection_keeps_the_masks_and_saves_work(mlp, digits, finetune, goal):
+    opts = dict(SMALL, generations=4, population=8)
+    runs = [de_plugin.prune(mlp, "de_layerwise", val_data=val_batches(digits), finetune=finetune, seed=3,
+                            early_reject=er, **goal, **opts) for er in (False, True)]
+    off, on = runs
+    assert same_masks(masks_of(off), masks_of(on))
+    assert [h["de"]["history"] for h in off.history] == [h["de"]["history"] for h in on.history]
+    saved = sum(h["de"]["early_rejected"] + h["de"]["skipped"] for h in on.history)
+    assert sum(h["de"]["early_rejected"] + h["de"]["skipped"] for h in off.history) == 0
+    assert saved > 0 and on.nfev == off.nfev - sum(h["de"]["skipped"] for h in on.history)
+
+
+def test_early_rejection_on_workers_gives_the_serial_masks(mlp, digits, finetune, one_thread):
+    kw = dict(SMALL, rounds=1, generations=3, val_data=val_batches(digits), finetune=finetune, seed=4,
+              max_accuracy_drop=0.01)
+    serial = de_plugin.prune(mlp, "de_layerwise", **kw)
+    proc = de_plugin.prune(mlp, "de_layerwise", backend="process", workers=2, **kw)
+    assert same_masks(masks_of(serial), masks_of(proc))
+    assert [h["de"] for h in serial.history] == [h["de"] for h in proc.history]
+    assert serial.history[0]["de"]["early_rejected"] + serial.history[0]["de"]["skipped"] > 0
