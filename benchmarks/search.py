@@ -8,6 +8,10 @@ All numbers are ratios measured in one run on the same machine:
   de_layerwise search with ``batched`` ends with other masks than with ``serial``;
 * ``process`` and ``ray`` with 2 workers of 1 thread each against ``serial`` using both cores'
   threads (the honest baseline on a 2-core machine), on a batch of candidates like one DE generation;
+* the ceiling for 2 workers x 1 thread: 2 x (serial at 2 threads) / (serial at 1 thread); when
+  intra-op threading already scales well, no worker pool can beat it on the same two cores;
+* early rejection: one DE round with ``early_reject`` off and on (budget and accuracy forms), the
+  speed-up, whether the masks are the same, and how many trials were stopped early or skipped;
 * the share of a full de_layerwise run spent searching vs fine-tuning.
 
     python benchmarks/search.py --out benchmarks/results/search
@@ -67,11 +71,14 @@ def dense_forward(model, batches, repeats):
 
 def run_model(name, args, data):
     model = dense_model(name, data, args.dense_epochs[name], 0, args.data)
-    batches = [(data.x_val[i:i + 500], data.y_val[i:i + 500]) for i in range(0, args.val, 500)]
+    bs = args.val_batch
+    batches = [(data.x_val[i:i + bs], data.y_val[i:i + bs]) for i in range(0, args.val, bs)]
     ev = evaluator_from_batches(batches, "accuracy")
     targets = find_targets(model)
     cands = candidates(targets, args.candidates, np.random.default_rng(0))
     out = {"model": name, "val_images": args.val, "candidates": len(cands)}
+    torch.set_num_threads(1)
+    out["serial_1thread_s"] = per_candidate(make_backend("serial", Scorer(model, targets, ev)), cands, args.repeats)
     torch.set_num_threads(2)
     out["dense_forward_s"] = dense_forward(model, batches, args.repeats)
     out["serial_s"] = per_candidate(make_backend("serial", Scorer(model, targets, ev)), cands, args.repeats)
@@ -93,6 +100,21 @@ def run_model(name, args, data):
         c = de_plugin.prune(model, "de_layerwise", val_data=batches, backend="batched", **kw)
         differ += int(any(not torch.equal(a.masks[k], c.masks[k]) for k in a.masks))
     out["batched_masks_differ"] = f"{differ}/{len(args.seeds)}"
+    # early rejection: the same DE round with it off and on
+    for form, goal in (("budget", {"sparsity": 0.95}), ("accuracy", {"max_accuracy_drop": 0.01})):
+        runs = {}
+        for er in (False, True):
+            kw = dict(seed=0, rounds=1, finetune_epochs=0, population=12, generations=8, progress=False)
+            t0 = time.perf_counter()
+            runs[er] = (de_plugin.prune(model, "de_layerwise", val_data=batches, early_reject=er, **goal, **kw),
+                        time.perf_counter() - t0)
+        (off, t_off), (on, t_on) = runs[False], runs[True]
+        de = on.history[0]["de"]
+        trials = de["nit"] * 12  # generations after the initial population, one trial per member
+        out[f"reject_{form}"] = {
+            "speedup": t_off / t_on, "same_masks": all(torch.equal(off.masks[k], on.masks[k]) for k in off.masks),
+            "trials": trials, "rejected": de["early_rejected"], "skipped": de["skipped"],
+            "images_saved_share": (de["images_saved"] + de["skipped"] * args.val) / (off.nfev * args.val)}
     # where a full pipeline spends its time
     ft = make_finetune(data.x_train, data.y_train, lr=5e-4)
     r = de_plugin.prune(model, "de_layerwise", val_data=batches, finetune=ft, sparsity=0.95, rounds=2,
@@ -106,12 +128,24 @@ def run_model(name, args, data):
 
 def table(rows):
     lines = [f"{'model':9s} {'serial/floor':>12s} {'batched x':>9s} {'process x':>9s} {'ray x':>7s} "
-             f"{'batched masks differ':>21s} {'search %':>8s} {'fine-tune %':>11s}"]
+             f"{'2-thr scaling':>13s} {'ceiling x':>9s} {'batched masks differ':>21s} {'search %':>8s} "
+             f"{'fine-tune %':>11s}"]
     for r in rows:
         lines.append(f"{r['model']:9s} {r['serial_s'] / r['dense_forward_s']:12.3f} {r['serial_s'] / r['batched_s']:9.2f} "
                      f"{r['serial_s'] / r['process_s']:9.2f} {r['serial_s'] / r['ray_s']:7.2f} "
+                     f"{r['serial_1thread_s'] / r['serial_s']:13.2f} {2 * r['serial_s'] / r['serial_1thread_s']:9.2f} "
                      f"{r['batched_masks_differ']:>21s} {100 * r['search_share']:8.1f} {100 * r['finetune_share']:11.1f}")
-    lines.append("x = speed-up against serial (serial: 2 threads; process/ray: 2 workers x 1 thread)")
+    lines.append("x = speed-up against serial (serial: 2 threads; process/ray: 2 workers x 1 thread); "
+                 "ceiling = best possible process x = 2 / (2-thread scaling)")
+    lines.append("")
+    lines.append(f"{'model':9s} {'goal':9s} {'early reject x':>14s} {'same masks':>10s} {'trials':>6s} "
+                 f"{'rejected':>8s} {'skipped':>7s} {'images saved %':>14s}")
+    for r in rows:
+        for form in ("budget", "accuracy"):
+            e = r[f"reject_{form}"]
+            lines.append(f"{r['model']:9s} {form:9s} {e['speedup']:14.2f} {str(e['same_masks']):>10s} {e['trials']:6d} "
+                         f"{e['rejected']:8d} {e['skipped']:7d} {100 * e['images_saved_share']:14.1f}")
+    lines.append("early reject x: wall time of one DE round (population 12, 8 generations) without / with early_reject")
     return "\n".join(lines)
 
 
@@ -120,6 +154,7 @@ def main():
     ap.add_argument("--models", nargs="+", default=["lenet300", "lenet5"])
     ap.add_argument("--data", default=FASHION_MNIST_DIR)
     ap.add_argument("--val", type=int, default=2000, help="validation images per evaluation")
+    ap.add_argument("--val-batch", type=int, default=250, help="images per validation batch (rejection granularity)")
     ap.add_argument("--candidates", type=int, default=40, help="candidates per timed batch (a DE generation)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .coupling import ChannelGroup, CouplingError, channel_groups
 from .hookspecs import hookimpl
-from .options import Options
+from .evaluation import BackendOptions, make_backend
 from .pruner import Context, Pruner, check_score
 from .registry import get_metric
 from .result import PruningResult
@@ -40,7 +39,7 @@ Masks = dict[str, torch.Tensor]  # "module.param" -> bool mask shaped like the p
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-class CoarseOptions(Options):
+class CoarseOptions(BackendOptions):
     """Options of ``random_coarse`` / ``l1_filter``. Ratios are fractions of a layer's output
     channels (``feature_map_ratio``) or of its alive k x k kernels (``kernel_ratio``)."""
 
@@ -57,6 +56,9 @@ class CoarseOptions(Options):
     bn_batches: int = Field(50, ge=1)
     finetune_epochs: int = Field(1, ge=0)
     criterion: Literal["random", "l1"] = "random"
+    #: candidates are independent: score them on local processes or Ray actors (no ``batched``:
+    #: each candidate re-estimates BatchNorm statistics, which vmap cannot batch)
+    backend: Literal["serial", "process", "ray"] = Field("serial", description="where candidates are scored")
 
     @field_validator("ratios", "kernel_ratios")
     @classmethod
@@ -363,29 +365,58 @@ def count_macs(model: nn.Module, example_input: Any, masks: Optional[Masks] = No
             "params": total - removed, "params_dense": total}
 
 
+class CoarseScorer:
+    """Scores one candidate in place: apply its masks, re-estimate BatchNorm (adaptive BN),
+    score, put everything back. The scorer protocol of :mod:`de_plugin.evaluation`, so the
+    candidates can also be scored by forked workers or Ray actors."""
+
+    def __init__(self, model: nn.Module, space: CoarseSpace, score: Callable[[nn.Module], float],
+                 calib: Optional[Sequence[Any]], bn_batches: int):
+        self.model, self.space, self.score_fn, self.calib, self.bn_batches = model, space, score, calib, bn_batches
+        self.reset()
+
+    def reset(self) -> None:
+        self.working = InPlaceMasks(self.model, self.space)
+
+    def score(self, candidate: dict[str, Any], floor: Optional[float] = None) -> float:
+        with self.working.applied(self.space.masks(candidate)):
+            if self.calib:
+                recalibrate_bn(self.model, self.calib, self.bn_batches)
+            return check_score(self.score_fn(self.model))
+
+    def restore(self) -> None:
+        self.working.restore()
+
+
 def best_of_n(model: nn.Module, space: CoarseSpace, score: Callable[[nn.Module], float], options: CoarseOptions,
               seed: int, calib: Optional[Sequence[Any]] = None, progress: bool = True, desc: str = "random_coarse",
               ) -> tuple[dict[str, Any], float, list[float]]:
-    """Score ``options.candidates`` random candidates (one for ``criterion="l1"``) in place on
-    ``model`` and return ``(best candidate, its score, every score in drawing order)``.
+    """Score ``options.candidates`` random candidates (one for ``criterion="l1"``) and return
+    ``(best candidate, its score, every score in drawing order)``.
 
-    The model is left exactly as it was. ``calib`` batches switch on adaptive BatchNorm.
+    Candidates are drawn first (the draw only uses the seeded generator, so they are the same
+    whichever backend scores them), then scored in place by ``options.backend``; the first best
+    wins ties. The model is left exactly as it was. ``calib`` batches switch on adaptive BatchNorm.
     """
     rng = np.random.default_rng(seed)
-    working = InPlaceMasks(model, space)
     n = 1 if options.criterion == "l1" else options.candidates
+    cands = [space.sample(rng, options.criterion) for _ in range(n)]
+    scorer = CoarseScorer(model, space, score, calib, options.bn_batches)
+    name = options.backend if n > 1 else "serial"
+    backend = make_backend(name, scorer, options.workers, options.threads_per_worker, options.ray_address)
+    step = 1 if name == "serial" else 4 * options.workers  # progress after every few rounds of the pool
     scores: list[float] = []
-    best, best_score = None, -math.inf
-    for _ in tqdm(range(n), desc=f"{desc} candidates", disable=not progress or n == 1, leave=False):
-        cand = space.sample(rng, options.criterion)
-        with working.applied(space.masks(cand)):
-            if calib:
-                recalibrate_bn(model, calib, options.bn_batches)
-            s = check_score(score(model))
-        scores.append(s)
-        if s > best_score:
-            best, best_score = cand, s
-    return best, best_score, scores
+    try:
+        backend.start_round()
+        with tqdm(total=n, desc=f"{desc} candidates", disable=not progress or n == 1, leave=False) as bar:
+            for start in range(0, n, step):
+                scores += backend.evaluate(cands[start:start + step])
+                bar.update(min(step, n - start))
+        backend.end_round()
+    finally:
+        backend.close()
+    b = int(np.argmax(scores))  # first maximum, as a running "strictly better" scan
+    return cands[b], scores[b], scores
 
 
 def calibration_batches(model: nn.Module, options: CoarseOptions, train_batches: Optional[list],

@@ -11,6 +11,10 @@ Backends (option ``backend=``, with ``workers=``):
   validation data (inherited at fork), receiving only candidate vectors. Linux/macOS (fork).
 * ``ray``: the same with one Ray actor per worker (``ray.init()`` locally unless ``ray_address``).
 
+A scorer is any object with ``model``, ``reset()`` (take the model's weights as the round's),
+``score(candidate, floor)`` and ``restore()``: :class:`Scorer` scores magnitude keep-counts
+(``de_layerwise``); ``de_plugin.coarse.CoarseScorer`` scores channel / kernel masks (``random_coarse``).
+
 Early rejection (``floors``): each candidate may come with the score it must reach to matter (in
 DE, the score that would let a trial beat its parent). Where the score is accuracy on ``val_data``
 batches, evaluation stops at the first batch after which even an all-correct remainder cannot reach
@@ -28,12 +32,15 @@ import logging
 import multiprocessing as mp
 import os
 import traceback
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from pydantic import Field
+
+from .options import Options
 from .targets import Target, get_param
 
 log = logging.getLogger("de_plugin")
@@ -88,11 +95,18 @@ class Scorer:
     def apply(self, counts: Sequence[int]) -> None:
         with torch.no_grad():
             for i, (p, k) in enumerate(zip(self.params, counts)):
-                if self.applied[i] == int(k):
+                k, prev, flat, order = int(k), self.applied[i], p.view(-1), self.order[i]
+                if prev == k:
                     continue
-                p.copy_(self.w0[i])
-                p.view(-1)[self.order[i][int(k):]] = 0
-                self.applied[i] = int(k)
+                if prev is None:
+                    p.copy_(self.w0[i])
+                    flat[order[k:]] = 0
+                elif k < prev:  # only the difference to the last candidate moves: fewer indexed writes
+                    flat[order[k:prev]] = 0
+                else:
+                    idx = order[prev:k]
+                    flat[idx] = self.w0[i].view(-1)[idx]
+                self.applied[i] = k
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -223,11 +237,12 @@ class BatchedBackend(SerialBackend):
 
 
 # --------------------------------------------------------------------------------------- process
-_PAYLOAD: Any = None  # (model, targets, evaluate, batches, metric), inherited by forked workers
+_PAYLOAD: Any = None  # the scorer, inherited by forked workers
 
 
-def _payload(scorer: Scorer) -> tuple:
-    return scorer.model, scorer.targets, scorer.evaluate, scorer.batches, scorer.metric
+def _wire(candidate: Any) -> Any:
+    """What travels to a worker: keep-count vectors as plain ints, other candidates as they are."""
+    return [int(v) for v in candidate] if isinstance(candidate, np.ndarray) else candidate
 
 
 def _plain(v: Any) -> float:
@@ -236,8 +251,7 @@ def _plain(v: Any) -> float:
 
 def _worker_main(conn, threads: int) -> None:
     torch.set_num_threads(threads)
-    model, targets, evaluate, batches, metric = _PAYLOAD
-    scorer = Scorer(model, targets, evaluate, batches, metric)
+    scorer = _PAYLOAD  # the parent's scorer, inherited at fork: a model replica and cached data
     while True:
         try:
             msg = conn.recv()
@@ -246,7 +260,7 @@ def _worker_main(conn, threads: int) -> None:
         kind = msg[0]
         try:
             if kind == "round":
-                model.load_state_dict(msg[1])
+                scorer.model.load_state_dict(msg[1])
                 scorer.reset()
                 conn.send(("ok", None))
             elif kind == "eval":
@@ -274,7 +288,7 @@ class ProcessBackend:
 
     def _spawn(self):
         global _PAYLOAD
-        _PAYLOAD = _payload(self.scorer)
+        _PAYLOAD = self.scorer
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=_worker_main, args=(child, self.threads), daemon=True)
         proc.start()
@@ -314,7 +328,7 @@ class ProcessBackend:
             for w, idx in zip(range(len(self.workers)), pending[: len(self.workers)]):
                 conn, proc = self.workers[w]
                 try:
-                    conn.send(("eval", [int(v) for v in batch[idx]], floors[idx]))
+                    conn.send(("eval", _wire(batch[idx]), floors[idx]))
                 except (BrokenPipeError, OSError):
                     pass  # reported by _reply below
                 busy.append((w, idx))
@@ -367,22 +381,20 @@ class RayBackend:
             else:
                 ray.init(num_cpus=max(workers * threads, os.cpu_count() or 1), include_dashboard=False,
                          log_to_driver=False, configure_logging=False)
-        payload = ray.put(_payload(scorer))
+        payload = ray.put(scorer)  # model replica, cached data and scoring code, shipped once
 
         @ray.remote(num_cpus=threads)
         class _Actor:
-            def __init__(self, payload, threads):
+            def __init__(self, scorer, threads):
                 torch.set_num_threads(threads)
-                model, targets, evaluate, batches, metric = payload
-                self.model = model
-                self.scorer = Scorer(model, targets, evaluate, batches, metric)
+                self.scorer = scorer
 
             def start_round(self, state):
-                self.model.load_state_dict(state)
+                self.scorer.model.load_state_dict(state)
                 self.scorer.reset()
 
-            def score(self, counts, floor):
-                return self.scorer.score(counts, floor)
+            def score(self, candidate, floor):
+                return self.scorer.score(candidate, floor)
 
         self.actors = [_Actor.remote(payload, threads) for _ in range(workers)]
 
@@ -393,7 +405,7 @@ class RayBackend:
 
     def evaluate(self, batch: Sequence[np.ndarray], floors: Optional[Sequence[Optional[float]]] = None) -> list[float]:
         floors = floors if floors is not None else [None] * len(batch)
-        futures = [self.actors[i % len(self.actors)].score.remote([int(v) for v in c], fl)
+        futures = [self.actors[i % len(self.actors)].score.remote(_wire(c), fl)
                    for i, (c, fl) in enumerate(zip(batch, floors))]
         out = []
         for i, f in enumerate(futures):
@@ -403,7 +415,7 @@ class RayBackend:
                 log.warning("ray worker failed on candidate %d (%s); retrying once", i, exc)
                 try:
                     out.append(_plain(self.ray.get(self.actors[(i + 1) % len(self.actors)].score.remote(
-                        [int(v) for v in batch[i]], floors[i]))))
+                        _wire(batch[i]), floors[i]))))
                 except Exception as exc2:  # noqa: BLE001
                     raise WorkerError(f"ray evaluation failed twice: {exc2}") from exc2
         return out
@@ -417,7 +429,17 @@ class RayBackend:
         self.actors = []
 
 
-def make_backend(name: str, scorer: Scorer, workers: int = 1, threads: int = 1, address: Optional[str] = None,
+class BackendOptions(Options):
+    """Where candidates are scored; shared by the pruners that score many candidates."""
+
+    backend: Literal["serial", "batched", "process", "ray"] = Field(
+        "serial", description="where candidates are evaluated (de_plugin.evaluation)")
+    workers: int = Field(1, ge=1, description="process / ray: evaluation workers")
+    threads_per_worker: int = Field(1, ge=1, description="process / ray: intra-op threads pinned in each worker")
+    ray_address: Optional[str] = Field(None, description="ray: join this cluster instead of starting a local one")
+
+
+def make_backend(name: str, scorer: Any, workers: int = 1, threads: int = 1, address: Optional[str] = None,
                  val_batches: Optional[list] = None, metric: Optional[Callable] = None):
     """The evaluation backend named ``name`` (see the module docstring)."""
     if name not in BACKENDS:
@@ -427,6 +449,9 @@ def make_backend(name: str, scorer: Scorer, workers: int = 1, threads: int = 1, 
     if name == "serial":
         return SerialBackend(scorer)
     if name == "batched":
+        if not isinstance(scorer, Scorer):
+            raise ValueError(f"backend='batched' stacks magnitude-masked weights and is not available for "
+                             f"{type(scorer).__name__}; use 'serial', 'process' or 'ray'")
         if not val_batches or metric is None:
             log.warning("backend='batched' needs val_data batches and a metric name; using serial")
             return SerialBackend(scorer)

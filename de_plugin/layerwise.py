@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import numpy as np
 from pydantic import Field
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import allocation
 from .de import DifferentialEvolution
-from .evaluation import Bound, Scorer, make_backend
+from .evaluation import BackendOptions, Bound, Scorer, make_backend
 from .hookspecs import hookimpl
 from .iterative import IterativeOptions, IterativePruner, State
 from .pruner import Context
@@ -39,7 +39,7 @@ from .pruner import Context
 log = logging.getLogger("de_plugin")
 
 
-class LayerwiseOptions(IterativeOptions):
+class LayerwiseOptions(IterativeOptions, BackendOptions):
     # chosen by the recovery ablation on validation accuracy (BENCHMARKS.md): splicing > none > random
     recovery: str = Field("splicing", pattern="^(none|random|splicing)$")
     population: int = Field(20, ge=4, description="DE population size")
@@ -60,11 +60,6 @@ class LayerwiseOptions(IterativeOptions):
     scan_levels: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     perturb: float = Field(0.05, ge=0.0, le=1.0, description="noise (share of range) for perturbed seeds")
     device: Optional[str] = Field(None, description="move the working copy here (e.g. 'cuda')")
-    backend: Literal["serial", "batched", "process", "ray"] = Field(
-        "serial", description="where candidates are evaluated (de_plugin.evaluation)")
-    workers: int = Field(1, ge=1, description="process / ray: evaluation workers")
-    threads_per_worker: int = Field(1, ge=1, description="process / ray: intra-op threads pinned in each worker")
-    ray_address: Optional[str] = Field(None, description="ray: join this cluster instead of starting a local one")
     early_reject: bool = Field(
         True, description="stop scoring a trial once its accuracy on part of val_data shows it cannot beat its parent "
                           "(same masks; needs several val_data batches and metric='accuracy')")

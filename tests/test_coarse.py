@@ -249,3 +249,27 @@ def test_save_and_load_reapply_every_mask(resnet, images, ev, tmp_path):
         assert not dict(fresh.named_parameters())[name][~mask].any()
     assert "macs_removed" in r.to_json() and "random_coarse" in de_plugin.list_pruners() \
         and "l1_filter" in de_plugin.list_pruners()
+
+
+@pytest.mark.parametrize("backend", ["process", "ray"])
+def test_workers_score_the_serial_candidates_bit_for_bit(resnet, images, ev, backend):
+    if backend == "ray":
+        pytest.importorskip("ray")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same thread count as each worker
+    try:
+        kw = dict(evaluate=ev, train_data=images.batches, feature_map_ratio=0.5, kernel_ratio=0.2, candidates=6,
+                  bn_batches=3, finetune_epochs=0, progress=False, seed=5)
+        serial = de_plugin.prune(resnet, "random_coarse", **kw)
+        par = de_plugin.prune(resnet, "random_coarse", backend=backend, workers=2, **kw)
+    finally:
+        torch.set_num_threads(n)
+    assert serial.extra["candidate_scores"] == par.extra["candidate_scores"]
+    assert len(set(serial.extra["candidate_scores"])) > 1  # real, different evaluations
+    assert serial.masks.keys() == par.masks.keys() and all(torch.equal(serial.masks[k], par.masks[k]) for k in serial.masks)
+
+
+def test_batched_backend_is_refused_for_random_coarse(resnet, images, ev):
+    with pytest.raises(ValueError, match="backend"):
+        de_plugin.prune(resnet, "random_coarse", evaluate=ev, train_data=images.batches, backend="batched",
+                        progress=False)

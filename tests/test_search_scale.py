@@ -298,3 +298,22 @@ def test_early_rejection_on_workers_gives_the_serial_masks(mlp, digits, finetune
     assert same_masks(masks_of(serial), masks_of(proc))
     assert [h["de"] for h in serial.history] == [h["de"] for h in proc.history]
     assert serial.history[0]["de"]["early_rejected"] + serial.history[0]["de"]["skipped"] > 0
+
+
+def test_incremental_mask_application_equals_a_fresh_one(mlp, evaluate):
+    targets = find_targets(mlp)
+    before = state_of(mlp)
+    a = Scorer(mlp, targets, evaluate)
+    sequence = [[t.numel // d for t in targets] for d in (2, 7, 3, 3, 1, 50, 2)]
+    for counts in sequence:
+        a.apply(counts)  # incremental from the previous candidate
+        got = [p.detach().clone() for p in a.params]
+        fresh = Scorer(mlp, targets, evaluate)  # the round's weights, as a just-restored scorer sees them
+        fresh.w0, fresh.order = a.w0, a.order
+        fresh.restore()
+        fresh.apply(counts)
+        assert all(torch.equal(x, p) for x, p in zip(got, fresh.params))
+        assert all(int((p != 0).sum()) <= k for p, k in zip(fresh.params, counts))
+        fresh.applied = list(a.applied)  # both hold `counts` now
+    a.restore()
+    assert same_state(before, state_of(mlp))
