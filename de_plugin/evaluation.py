@@ -126,7 +126,7 @@ class Scorer:
     def _bounded(self, floor: float) -> float:
         """Accuracy batch by batch; stop once ``(correct so far + images left) / total < floor``.
         A candidate that is not rejected gets exactly what ``evaluate`` computes (same batches, same
-        concatenation, same metric), so serial, worker and rejecting runs stay bit-identical."""
+        predictions, the same float32 mean), so serial, worker and rejecting runs stay bit-identical."""
         from .pruner import check_score
 
         model = self.model
@@ -134,20 +134,21 @@ class Scorer:
         total = sum(len(y) for _, y in self.batches)
         was = model.training
         model.eval()
-        outs, seen, correct = [], 0, 0
+        preds, seen, correct = [], 0, 0
         try:
             with torch.inference_mode():
                 for x, y in self.batches:
-                    out = model(x.to(dev))
-                    outs.append(out)
+                    pred = model(x.to(dev)).argmax(1)
+                    preds.append(pred)
                     seen += len(y)
-                    correct += int((out.argmax(1) == y.to(dev)).sum())
+                    correct += int((pred == y.to(dev)).sum())
                     upper = (correct + total - seen) / total
                     if seen < total and upper < floor - REJECT_MARGIN:
                         return Bound(upper, total - seen)
         finally:
             model.train(was)
-        return check_score(self.metric(torch.cat(outs), torch.cat([y for _, y in self.batches]).to(dev)))
+        labels = torch.cat([y for _, y in self.batches]).to(dev)
+        return check_score(float((torch.cat(preds) == labels).float().mean()))  # exactly metrics.accuracy
 
 
 # ---------------------------------------------------------------------------------------- serial

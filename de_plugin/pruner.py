@@ -98,15 +98,22 @@ def evaluator_from_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     if not cached:
         raise ValueError("`val_data` is empty")
     fn = get_metric(metric) if isinstance(metric, str) else metric
+    labels = torch.cat([y for _, y in cached])
+    from .metrics import accuracy
 
     def evaluate(model: nn.Module) -> float:
         dev = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        with torch.inference_mode():
-            out = torch.cat([model(x.to(dev)) for x, _ in cached])
-        model.train(was_training)
-        return fn(out, torch.cat([y for _, y in cached]).to(dev))
+        try:
+            with torch.inference_mode():
+                if fn is accuracy:  # keep only each batch's predictions: the same value, less memory traffic
+                    preds = torch.cat([model(x.to(dev)).argmax(1) for x, _ in cached])
+                    return float((preds == labels.to(dev)).float().mean())
+                out = torch.cat([model(x.to(dev)) for x, _ in cached])
+        finally:
+            model.train(was_training)
+        return fn(out, labels.to(dev))
 
     return evaluate
 
