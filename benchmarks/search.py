@@ -120,21 +120,6 @@ def run_model(name, args, data):
         c = de_plugin.prune(model, "de_layerwise", val_data=batches, backend="batched", **kw)
         differ += int(any(not torch.equal(a.masks[k], c.masks[k]) for k in a.masks))
     out["batched_masks_differ"] = f"{differ}/{len(args.seeds)}"
-    # early rejection: the same DE round with it off and on
-    for form, goal in (("budget", {"sparsity": 0.95}), ("accuracy", {"max_accuracy_drop": 0.01})):
-        runs = {}
-        for er in (False, True):
-            kw = dict(seed=0, rounds=1, finetune_epochs=0, population=12, generations=8, progress=False)
-            t0 = time.perf_counter()
-            runs[er] = (de_plugin.prune(model, "de_layerwise", val_data=batches, early_reject=er, **goal, **kw),
-                        time.perf_counter() - t0)
-        (off, t_off), (on, t_on) = runs[False], runs[True]
-        de = on.history[0]["de"]
-        trials = de["nit"] * 12  # generations after the initial population, one trial per member
-        out[f"reject_{form}"] = {
-            "speedup": t_off / t_on, "same_masks": all(torch.equal(off.masks[k], on.masks[k]) for k in off.masks),
-            "trials": trials, "rejected": de["early_rejected"], "skipped": de["skipped"],
-            "images_saved_share": (de["images_saved"] + de["skipped"] * args.val) / (off.nfev * args.val)}
     # where a full pipeline spends its time
     ft = make_finetune(data.x_train, data.y_train, lr=5e-4)
     r = de_plugin.prune(model, "de_layerwise", val_data=batches, finetune=ft, sparsity=0.95, rounds=2,
@@ -144,6 +129,45 @@ def run_model(name, args, data):
     out.update({"pipeline_s": r.wall_time, "search_share": search / r.wall_time, "finetune_share": tune / r.wall_time,
                 "pipeline_nfev": r.nfev})
     return out
+
+
+def run_reject(name, args, data):
+    """The same DE round with early_reject off and on, alternated ``--reject-repeats`` times."""
+    model = dense_model(name, data, args.dense_epochs[name], 0, args.data)
+    bs = args.val_batch
+    batches = [(data.x_val[i:i + bs], data.y_val[i:i + bs]) for i in range(0, args.val, bs)]
+    torch.set_num_threads(2)
+    out = {"model": name}
+    for form, goal in (("budget", {"sparsity": 0.95}), ("accuracy", {"max_accuracy_drop": 0.01})):
+        times, runs = {False: [], True: []}, {}
+        for rep in range(args.reject_repeats):
+            for er in ((False, True) if rep % 2 == 0 else (True, False)):
+                kw = dict(seed=0, rounds=1, finetune_epochs=0, population=12, generations=8, progress=False)
+                t0 = time.perf_counter()
+                runs[er] = de_plugin.prune(model, "de_layerwise", val_data=batches, early_reject=er, **goal, **kw)
+                times[er].append(time.perf_counter() - t0)
+        off, on = runs[False], runs[True]
+        de = on.history[0]["de"]
+        out[form] = {
+            "speedup": statistics.median(times[False]) / statistics.median(times[True]), "times": times,
+            "same_masks": all(torch.equal(off.masks[k], on.masks[k]) for k in off.masks),
+            "trials": de["nit"] * 12,  # generations after the initial population, one trial per member
+            "rejected": de["early_rejected"], "skipped": de["skipped"],
+            "images_saved_share": (de["images_saved"] + de["skipped"] * args.val) / (off.nfev * args.val)}
+    return out
+
+
+def reject_table(rows):
+    lines = [f"{'model':9s} {'goal':9s} {'early reject x':>14s} {'same masks':>10s} {'trials':>6s} "
+             f"{'rejected':>8s} {'skipped':>7s} {'images saved %':>14s}"]
+    for r in rows:
+        for form in ("budget", "accuracy"):
+            e = r[form]
+            lines.append(f"{r['model']:9s} {form:9s} {e['speedup']:14.2f} {str(e['same_masks']):>10s} {e['trials']:6d} "
+                         f"{e['rejected']:8d} {e['skipped']:7d} {100 * e['images_saved_share']:14.1f}")
+    lines.append("early reject x: median wall time of one DE round (population 12, 8 generations) without / with "
+                 "early_reject, runs alternated")
+    return "\n".join(lines)
 
 
 def run_coarse(name, args, data):
@@ -192,21 +216,15 @@ def table(rows):
                      f"{r['batched_masks_differ']:>21s} {100 * r['search_share']:8.1f} {100 * r['finetune_share']:11.1f}")
     lines.append("x = speed-up against serial (serial: 2 threads; process/ray: 2 workers x 1 thread); "
                  "ceiling = best possible process x = 2 / (2-thread scaling)")
-    lines.append("")
-    lines.append(f"{'model':9s} {'goal':9s} {'early reject x':>14s} {'same masks':>10s} {'trials':>6s} "
-                 f"{'rejected':>8s} {'skipped':>7s} {'images saved %':>14s}")
-    for r in rows:
-        for form in ("budget", "accuracy"):
-            e = r[f"reject_{form}"]
-            lines.append(f"{r['model']:9s} {form:9s} {e['speedup']:14.2f} {str(e['same_masks']):>10s} {e['trials']:6d} "
-                         f"{e['rejected']:8d} {e['skipped']:7d} {100 * e['images_saved_share']:14.1f}")
-    lines.append("early reject x: wall time of one DE round (population 12, 8 generations) without / with early_reject")
     return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", nargs="+", default=["backends", "reject", "coarse"],
+                    choices=["backends", "reject", "coarse"])
     ap.add_argument("--models", nargs="*", default=["lenet300", "lenet5"])
+    ap.add_argument("--reject-repeats", type=int, default=3)
     ap.add_argument("--coarse-models", nargs="*", default=["vgg"], help="random_coarse scoring on the backends")
     ap.add_argument("--coarse-candidates", type=int, default=96)
     ap.add_argument("--data", default=FASHION_MNIST_DIR)
@@ -220,15 +238,17 @@ def main():
     args.dense_epochs = {"lenet300": 5, "lenet5": 3}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     data = load_idx_dataset(args.data, val_size=5000, train_limit=20000, seed=0)
-    rows = [run_model(m, args, data) for m in args.models]
-    coarse = [run_coarse(m, args, data) for m in args.coarse_models]
-    text = "\n\n".join(([table(rows)] if rows else []) + ([coarse_table(coarse)] if coarse else []))
+    rows = [run_model(m, args, data) for m in args.models] if "backends" in args.parts else []
+    reject = [run_reject(m, args, data) for m in args.models] if "reject" in args.parts else []
+    coarse = [run_coarse(m, args, data) for m in args.coarse_models] if "coarse" in args.parts else []
+    text = "\n\n".join(([table(rows)] if rows else []) + ([reject_table(reject)] if reject else [])
+                        + ([coarse_table(coarse)] if coarse else []))
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.txt").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "rows": rows,
-                                                        "coarse": coarse}, indent=1))
+                                                        "reject": reject, "coarse": coarse}, indent=1))
 
 
 if __name__ == "__main__":

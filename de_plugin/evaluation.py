@@ -81,7 +81,12 @@ class Scorer:
         self.model, self.targets, self.evaluate = model, list(targets), evaluate
         # early rejection needs a score that is a per-image sum: accuracy on the cached batches
         # (``evaluate`` is then ``evaluator_from_batches(batches, accuracy)``, which this mirrors)
-        self.batches = list(batches) if batches is not None and metric is accuracy and len(batches) > 1 else None
+        self.batches = None
+        if batches is not None and metric is accuracy and len(batches) > 1:
+            from .pruner import DeviceBatches
+
+            shared = getattr(evaluate, "batches", None)  # the evaluator's own (device) copies
+            self.batches = shared if isinstance(shared, DeviceBatches) else DeviceBatches(batches)
         self.metric = metric
         self.reset()
 
@@ -131,23 +136,23 @@ class Scorer:
 
         model = self.model
         dev = next(model.parameters()).device
-        total = sum(len(y) for _, y in self.batches)
+        data, labels = self.batches.on(dev)
+        total = len(labels)
         was = model.training
         model.eval()
         preds, seen, correct = [], 0, 0
         try:
             with torch.inference_mode():
-                for x, y in self.batches:
-                    pred = model(x.to(dev)).argmax(1)
+                for x, y in data:
+                    pred = model(x).argmax(1)
                     preds.append(pred)
                     seen += len(y)
-                    correct += int((pred == y.to(dev)).sum())
+                    correct += int((pred == y).sum())
                     upper = (correct + total - seen) / total
                     if seen < total and upper < floor - REJECT_MARGIN:
                         return Bound(upper, total - seen)
         finally:
             model.train(was)
-        labels = torch.cat([y for _, y in self.batches]).to(dev)
         return check_score(float((torch.cat(preds) == labels).float().mean()))  # exactly metrics.accuracy
 
 

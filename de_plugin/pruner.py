@@ -92,29 +92,57 @@ def _check_fraction(label: str, value: Any) -> float:
     return float(value)
 
 
+class DeviceBatches:
+    """Validation batches kept once per device: moved on first use there, then reused, so no
+    candidate pays a host-to-device copy (on CPU the batches are used as given)."""
+
+    def __init__(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+        self.batches = list(batches)
+        self._moved: dict[str, tuple[list, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def on(self, dev: torch.device) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """(batches, all labels concatenated) on ``dev``."""
+        key = str(dev)
+        if key not in self._moved:
+            pin = dev.type == "cuda"
+            moved = [(_move(x, dev, pin), _move(y, dev, pin)) for x, y in self.batches]
+            self._moved[key] = (moved, torch.cat([y for _, y in moved]))
+        return self._moved[key]
+
+
+def _move(t: Any, dev: torch.device, pin: bool) -> Any:
+    if not isinstance(t, torch.Tensor) or t.device == dev:
+        return t
+    return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(dev, non_blocking=pin)
+
+
 def evaluator_from_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], metric: str | Callable) -> Evaluate:
-    """Build ``evaluate(model)`` from validation batches and a metric, batches cached once."""
-    cached = [(x, y) for x, y in batches]
-    if not cached:
+    """Build ``evaluate(model)`` from validation batches and a metric; the batches are cached once
+    (per device) and the model is run under ``torch.inference_mode``."""
+    cached = DeviceBatches([(x, y) for x, y in batches])
+    if not len(cached):
         raise ValueError("`val_data` is empty")
     fn = get_metric(metric) if isinstance(metric, str) else metric
-    labels = torch.cat([y for _, y in cached])
     from .metrics import accuracy
 
     def evaluate(model: nn.Module) -> float:
-        dev = next(model.parameters()).device
+        data, labels = cached.on(next(model.parameters()).device)
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():
                 if fn is accuracy:  # keep only each batch's predictions: the same value, less memory traffic
-                    preds = torch.cat([model(x.to(dev)).argmax(1) for x, _ in cached])
-                    return float((preds == labels.to(dev)).float().mean())
-                out = torch.cat([model(x.to(dev)) for x, _ in cached])
+                    preds = torch.cat([model(x).argmax(1) for x, _ in data])
+                    return float((preds == labels).float().mean())
+                out = torch.cat([model(x) for x, _ in data])
         finally:
             model.train(was_training)
-        return fn(out, labels.to(dev))
+        return fn(out, labels)
 
+    evaluate.batches = cached  # the scorer's early rejection reads the same device copies
     return evaluate
 
 

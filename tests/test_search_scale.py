@@ -317,3 +317,15 @@ def test_incremental_mask_application_equals_a_fresh_one(mlp, evaluate):
         fresh.applied = list(a.applied)  # both hold `counts` now
     a.restore()
     assert same_state(before, state_of(mlp))
+
+
+def test_validation_batches_are_moved_to_a_device_once(digits):
+    from de_plugin.pruner import evaluator_from_batches
+
+    ev = evaluator_from_batches(val_batches(digits), "accuracy")
+    meta = torch.device("meta")  # stands in for an accelerator: tensors move there without data
+    first, labels = ev.batches.on(meta)
+    again, labels2 = ev.batches.on(meta)
+    assert first is again and labels is labels2 and all(x.device == meta and y.device == meta for x, y in first)
+    cpu, _ = ev.batches.on(torch.device("cpu"))
+    assert all(a is b for (a, _), (b, _) in zip(cpu, ev.batches.batches))  # on the host: no copies at all
