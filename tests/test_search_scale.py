@@ -134,20 +134,17 @@ SCRIPT = textwrap.dedent("""
     import de_plugin
     from conftest import MLP
     from de_plugin.data import load_digits_dataset
-    from de_plugin.training import make_evaluate, make_finetune, train
+    from de_plugin.training import make_finetune, train
     d = load_digits_dataset(val_size=300, test_size=300, seed=0)
     torch.manual_seed(0)
     model = train(MLP(), d.x_train, d.y_train, epochs=5, lr=3e-3, batch_size=64, seed=0)
-    ev = make_evaluate(d.x_val, d.y_val)
-    slow = {slow}
-    def evaluate(m):
-        if slow:
-            time.sleep(0.02)
-        return ev(m)
-    r = de_plugin.prune(model, "de_layerwise", evaluate=evaluate, finetune=make_finetune(d.x_train, d.y_train, lr=1e-3,
+    if {slow}:  # slow the search down so the kill lands mid-generation (no effect on results)
+        model.register_forward_pre_hook(lambda m, a: time.sleep(0.004) if not m.training else None)
+    val = [(d.x_val[i:i + 50], d.y_val[i:i + 50]) for i in range(0, 300, 50)]  # early rejection active
+    r = de_plugin.prune(model, "de_layerwise", val_data=val, finetune=make_finetune(d.x_train, d.y_train, lr=1e-3,
                         batch_size=64), sparsity=0.85, seed=3, checkpoint={path!r}, resume={resume},
                         population=6, generations=4, rounds=2, finetune_epochs=1, scan_levels=[0.5, 0.8], progress=False)
-    torch.save({{k: v for k, v in r.masks.items()}}, {out!r})
+    torch.save({{"masks": dict(r.masks), "de": [h["de"] for h in r.history]}}, {out!r})
 """)
 
 
@@ -183,7 +180,9 @@ def test_sigkill_mid_generation_then_resume_gives_the_uninterrupted_masks(tmp_pa
     assert saved["round"] == 1 and saved["search"]["solver"]["nit"] >= 1
     run_script(tmp_path, "killed", path, resume=True)
     full, resumed = torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "killed.pt")
-    assert same_masks(full, resumed)
+    assert same_masks(full["masks"], resumed["masks"])
+    assert full["de"] == resumed["de"]  # DE history and early-rejection counts carried across the kill
+    assert sum(d["early_rejected"] for d in full["de"]) > 0
 
 
 def test_checkpoint_bad_input_says_what_differs_and_overwrites_nothing(mlp, evaluate, finetune, tmp_path):
