@@ -186,3 +186,27 @@ def test_random_coarse_inc_wrong_pattern(digits, evaluate):
     with pytest.raises(ValueError, match="needs pattern '1x72'"):
         cm = prepare_compression(model, config)
         train_with(cm, model, digits)
+
+
+def test_search_on_process_workers_gives_the_serial_targets(mlp, evaluate):
+    cfg = WeightPruningConfig([{"op_names": ["fc.*"], "pruning_type": "de_layerwise"}], target_sparsity=0.8,
+                              pattern="4x1", start_step=0, end_step=0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # each worker's thread count: bit-identical scores
+    try:
+        serial = de_plugin_inc.search_config(mlp, cfg, evaluate, **DE)
+        proc = de_plugin_inc.search_config(mlp, cfg, evaluate, **DE, backend="process", workers=2)
+    finally:
+        torch.set_num_threads(n)
+    assert [e["target_sparsity"] for e in serial.pruning_configs] == [e["target_sparsity"] for e in proc.pruning_configs]
+    with pytest.raises(ValueError, match="batched"):
+        de_plugin_inc.search_config(mlp, cfg, evaluate, **DE, backend="batched")
+
+
+def test_inc_shared_default_exclusions_are_not_polluted(digits, evaluate):
+    """INC appends the classifier name to WeightPruningConfig's shared default list; patched."""
+    model, _ = _resnet_and_batches(digits)
+    cm = prepare_compression(model, WeightPruningConfig([{"op_names": ["layer1.conv1"], "pruning_type": "magnitude"}], target_sparsity=0.5,
+                                                        start_step=0, end_step=0))
+    train_with(cm, model, digits)
+    assert WeightPruningConfig.__init__.__defaults__[5] == []  # excluded_op_names default untouched

@@ -123,8 +123,30 @@ def _patch_process_config() -> None:
     pruner_pkg.process_config = checked(pruner_pkg.process_config)
 
 
+def _patch_parse_to_prune() -> None:
+    """Quirk (INC 3.7.1): ``parse_to_prune`` appends the classifier's name to the entry's
+    ``excluded_op_names`` in place, and that list is often ``WeightPruningConfig``'s shared mutable
+    default: after one model with a head named ``fc`` was pruned, every later config in the process
+    excludes ``fc1``, ``fc2``... (unanchored regex). Give each call its own list. Idempotent."""
+    from neural_compressor.compression import callbacks
+    from neural_compressor.compression.pruner import pruning, utils
+
+    original = utils.parse_to_prune
+    if getattr(original, "_de_plugin", False):
+        return
+
+    def parse_to_prune(config, model):
+        config["excluded_op_names"] = list(config.get("excluded_op_names") or [])
+        return original(config, model)
+
+    parse_to_prune._de_plugin = True
+    for mod in (utils, callbacks, pruning):
+        mod.parse_to_prune = parse_to_prune
+
+
 _patch_generate_pruners()
 _patch_process_config()
+_patch_parse_to_prune()
 
 
 @register_pruner("pt_de_layerwise")

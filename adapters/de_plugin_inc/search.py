@@ -18,13 +18,14 @@ from torch import nn
 
 from de_plugin import allocation
 from de_plugin.de import DifferentialEvolution
+from de_plugin.evaluation import make_backend
 from de_plugin.layerwise import LayerwiseOptions, seed_population
 from de_plugin.options import validate_options
 from de_plugin.pruner import check_score
 
 log = logging.getLogger("de_plugin_inc")
 DE_KEYS = {"population", "generations", "max_evals", "strategy", "mutation", "recombination", "bound_handling",
-           "seed_baselines", "perturb"}
+           "seed_baselines", "perturb", "backend", "workers", "threads_per_worker", "ray_address"}
 
 
 def layer_mask(pattern, name: str, score: torch.Tensor, ratio: float, final_ratio: float,
@@ -57,6 +58,43 @@ def de_settings(de_options: Dict[str, Any] | None) -> Dict[str, Any]:
     return {**{k: getattr(o, k) for k in DE_KEYS}, "seed": int(seed)}
 
 
+class PatternScorer:
+    """Per-layer keep counts -> INC's own pattern masks on the layers -> ``eval_func()``; the
+    scorer protocol of :mod:`de_plugin.evaluation`, so a generation can be scored by forked
+    workers or Ray actors (``de_options={"backend": "process", "workers": 2}``)."""
+
+    def __init__(self, modules: Dict[str, nn.Module], pattern, eval_func: Callable[[], float]):
+        self.names = list(modules)
+        # the round's weights travel to workers as this holder's state (keys cannot contain dots)
+        self.model = nn.ModuleDict({n.replace(".", "/"): modules[n] for n in self.names})
+        self.modules, self.pattern, self.eval_func = modules, pattern, eval_func
+        self.reset()
+
+    def reset(self) -> None:
+        self.weights = [self.modules[n].weight for n in self.names]
+        self.saved = [w.detach().clone() for w in self.weights]
+        self.ones = {n: torch.ones_like(w, dtype=torch.bool) for n, w in zip(self.names, self.weights)}
+        p = self.pattern
+        self.scores = {n: p.reduce_score(w.abs(), n) if hasattr(p, "reduce_score") else w.abs()
+                       for n, w in zip(self.names, self.saved)}
+
+    def score(self, counts, floor=None) -> float:
+        with torch.no_grad():
+            for n, w, w0, k in zip(self.names, self.weights, self.saved, counts):
+                r = 1.0 - int(k) / w0.numel()
+                m = layer_mask(self.pattern, n, self.scores[n], float(r), float(r), self.ones[n])
+                w.copy_(w0 * m.to(w0.dtype))
+            try:
+                return check_score(self.eval_func())
+            finally:
+                self.restore()
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for w, w0 in zip(self.weights, self.saved):
+                w.copy_(w0)
+
+
 def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, eval_func: Callable[[], float],
                          de_options: Dict[str, Any] | None, max_ratio: float, min_ratio: float = 0.0,
                          ) -> Dict[str, float]:
@@ -70,28 +108,20 @@ def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, 
     hi = np.floor(numels * (1.0 - min_ratio) + 1e-9).astype(np.int64)
     if keep < lo.sum() or keep > hi.sum():
         raise ValueError(f"target_sparsity {target} cannot be met within max/min_sparsity_ratio_per_op")
-    saved = [w.detach().clone() for w in weights]
-    ones = {n: torch.ones_like(w, dtype=torch.bool) for n, w in zip(names, weights)}
-    scores = {n: pattern.reduce_score(w.detach().abs(), n) if hasattr(pattern, "reduce_score") else w.detach().abs()
-              for n, w in zip(names, weights)}
+    scorer = PatternScorer(modules, pattern, eval_func)
+    saved = scorer.saved
+    backend = make_backend(s["backend"], scorer, s["workers"], s["threads_per_worker"], s["ray_address"])
     cache: Dict[tuple, float] = {}
 
     def ratios_of(counts: np.ndarray) -> np.ndarray:
         return 1.0 - counts / numels
 
-    def score(counts: np.ndarray) -> float:
-        key = tuple(int(c) for c in counts)
-        if key not in cache:
-            with torch.no_grad():
-                for n, w, w0, r in zip(names, weights, saved, ratios_of(counts)):
-                    m = layer_mask(pattern, n, scores[n], float(r), float(r), ones[n])
-                    w.copy_(w0 * m.to(w0.dtype))
-                try:
-                    cache[key] = check_score(eval_func())
-                finally:
-                    for w, w0 in zip(weights, saved):
-                        w.copy_(w0)
-        return cache[key]
+    def score_many(batch: List[np.ndarray]) -> List[float]:
+        keys = [tuple(int(c) for c in counts) for counts in batch]
+        todo = list(dict.fromkeys(k for k in keys if k not in cache))
+        if todo:
+            cache.update(zip(todo, backend.evaluate([np.array(k) for k in todo])))
+        return [cache[k] for k in keys]
 
     fit = lambda d: allocation.fit_budget(d, numels, keep, lo, upper=hi)  # noqa: E731
     seeds = [fit(np.full(len(names), 1.0 - target))]
@@ -105,10 +135,15 @@ def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, 
                                    recombination=s["recombination"], maxiter=s["generations"], maxfun=s["max_evals"],
                                    bound_handling=s["bound_handling"], x0=x0,
                                    seed=int(rng.integers(2**31)))
-    while not solver.done:
-        xs = solver.ask()
-        counts = [fit(1.0 - x) for x in xs]
-        solver.tell([-score(c) for c in counts], None, np.array([ratios_of(c) for c in counts]))
+    try:
+        backend.start_round()
+        while not solver.done:
+            xs = solver.ask()
+            counts = [fit(1.0 - x) for x in xs]
+            solver.tell([-v for v in score_many(counts)], None, np.array([ratios_of(c) for c in counts]))
+        backend.end_round()
+    finally:
+        backend.close()
     best = fit(1.0 - solver.population[solver.best_index()])
     log.info("de_layerwise (INC): %d evaluations, best val %.4f", len(cache), -solver.fun[solver.best_index()])
     return {n: float(r) for n, r in zip(names, ratios_of(best))}
