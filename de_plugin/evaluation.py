@@ -246,11 +246,6 @@ class BatchedBackend(SerialBackend):
 _PAYLOAD: Any = None  # the scorer, inherited by forked workers
 
 
-def _wire(candidate: Any) -> Any:
-    """What travels to a worker: keep-count vectors as plain ints, other candidates as they are."""
-    return [int(v) for v in candidate] if isinstance(candidate, np.ndarray) else candidate
-
-
 def _plain(v: Any) -> float:
     return v if isinstance(v, Bound) else float(v)
 
@@ -334,7 +329,7 @@ class ProcessBackend:
             for w, idx in zip(range(len(self.workers)), pending[: len(self.workers)]):
                 conn, proc = self.workers[w]
                 try:
-                    conn.send(("eval", _wire(batch[idx]), floors[idx]))
+                    conn.send(("eval", batch[idx], floors[idx]))
                 except (BrokenPipeError, OSError):
                     pass  # reported by _reply below
                 busy.append((w, idx))
@@ -351,7 +346,7 @@ class ProcessBackend:
                     if not proc.is_alive():
                         self.workers[w] = self._spawn()
                     pending.insert(0, idx)
-        return [v if isinstance(v, Bound) else float(v) for v in out]
+        return [_plain(v) for v in out]
 
     def end_round(self) -> None:
         self.scorer.restore()
@@ -411,7 +406,7 @@ class RayBackend:
 
     def evaluate(self, batch: Sequence[np.ndarray], floors: Optional[Sequence[Optional[float]]] = None) -> list[float]:
         floors = floors if floors is not None else [None] * len(batch)
-        futures = [self.actors[i % len(self.actors)].score.remote(_wire(c), fl)
+        futures = [self.actors[i % len(self.actors)].score.remote(c, fl)
                    for i, (c, fl) in enumerate(zip(batch, floors))]
         out = []
         for i, f in enumerate(futures):
@@ -421,7 +416,7 @@ class RayBackend:
                 log.warning("ray worker failed on candidate %d (%s); retrying once", i, exc)
                 try:
                     out.append(_plain(self.ray.get(self.actors[(i + 1) % len(self.actors)].score.remote(
-                        _wire(batch[i]), floors[i]))))
+                        batch[i], floors[i]))))
                 except Exception as exc2:  # noqa: BLE001
                     raise WorkerError(f"ray evaluation failed twice: {exc2}") from exc2
         return out

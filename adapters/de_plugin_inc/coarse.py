@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from neural_compressor.compression.pruner.pruners.base import register_pruner
-from neural_compressor.compression.pruner.pruners.basic import PytorchBasicPruner
 from torch import nn
 
 from de_plugin.coarse import CoarseOptions, CoarseSpace, best_of_n, calibration_batches, capture_input
 from de_plugin.options import validate_options
 from de_plugin.pruner import check_score
 
-from .search import layer_mask
+from .pruner import SearchedPruner, selected_modules
+from .search import layer_mask, per_layer_entry
 
 log = logging.getLogger("de_plugin_inc")
 COARSE_KEYS = {"candidates", "adaptive_bn", "bn_batches", "score", "seed"}
@@ -82,8 +81,10 @@ def search_channels(model: nn.Module, layers: Dict[str, float], eval_func: Calla
 
 
 @register_pruner("pt_random_coarse")
-class PytorchRandomCoarsePruner(PytorchBasicPruner):
+class PytorchRandomCoarsePruner(SearchedPruner):
     """INC's basic pruner whose filter scores are the kept filters of the best random mask."""
+
+    label = "random_coarse"
 
     def __init__(self, config, modules):
         config["criterion_type"] = "magnitude"
@@ -110,16 +111,10 @@ class PytorchRandomCoarsePruner(PytorchBasicPruner):
                                             self.config["eval_func"], self.config.get("coarse_options"),
                                             self.config.get("train_data"))
 
-    def update_masks(self, local_step):
-        if not self.check_is_pruned_step(self.global_step):
-            return
-        if self.channel_keep is None:
-            self._search()
-        if self.current_sparsity_ratio > self.target_sparsity_ratio:
-            return
-        current = self.scheduler.update_sparsity_ratio(self.target_sparsity_ratio, self.completed_pruned_cnt,
-                                                       self.total_prune_cnt, self.masks, self.init_sparsity_ratio)
-        self.completed_pruned_cnt += 1
+    def searched(self) -> bool:
+        return self.channel_keep is not None
+
+    def step_masks(self, current: float) -> bool:
         for name, mod in self.modules.items():
             keep = torch.tensor(self.channel_keep[name], dtype=mod.weight.dtype, device=mod.weight.device)
             final = 1.0 - float(keep.mean())
@@ -127,9 +122,7 @@ class PytorchRandomCoarsePruner(PytorchBasicPruner):
             score = self.pattern.reduce_score(score, name, force=True)  # INC's block form, as its criteria do
             ratio = min(final, current * final / self.target_sparsity_ratio) if self.target_sparsity_ratio else 0.0
             self.masks[name] = layer_mask(self.pattern, name, score, ratio, final, self.masks[name])
-        self.mask_weights()
-        self.current_sparsity_ratio = self.pattern.get_sparsity_ratio(self.masks)
-        log.info("random_coarse step %d: sparsity %.4f", self.global_step, self.current_sparsity_ratio)
+        return True
 
 
 def search_config(model: nn.Module, config, eval_func: Callable[[nn.Module], float],
@@ -137,7 +130,7 @@ def search_config(model: nn.Module, config, eval_func: Callable[[nn.Module], flo
     """Pick the random_coarse masks before training; return a ``WeightPruningConfig`` whose
     random_coarse entries are one per layer with ``pattern="1x{kh*kw*C_in}"``, the layer's
     ``target_sparsity`` and its chosen filters. Other entries are kept. The model is not modified."""
-    from neural_compressor.compression.pruner.utils import parse_to_prune, process_config
+    from neural_compressor.compression.pruner.utils import process_config
     from neural_compressor.training import WeightPruningConfig
 
     if not callable(eval_func):
@@ -151,21 +144,12 @@ def search_config(model: nn.Module, config, eval_func: Callable[[nn.Module], flo
         t = info.get("target_sparsity")
         if t is None or not 0.0 <= float(t) < 1.0:
             raise ValueError(f"random_coarse: target_sparsity (fraction of filters removed) must lie in [0, 1), got {t}")
-        modules = parse_to_prune(dict(info, excluded_op_names=list(info.get("excluded_op_names") or [])), work)
-        modules = {n: m for n, m in modules.items() if isinstance(m, nn.Conv2d)}
+        modules = {n: m for n, m in selected_modules(info, work).items() if isinstance(m, nn.Conv2d)}
         if not modules:
             raise ValueError(f"op_names {info.get('op_names')} select no Conv2d layer for random_coarse")
         keep = search_channels(work, {n: float(t) for n in modules}, eval_func,
                                {**(entry.get("coarse_options") or {}), **coarse_options}, train_data)
-        for name, k in keep.items():
-            e = {key: v for key, v in entry.items() if key not in ("op_names", "eval_func", "coarse_options",
-                                                                   "train_data", "target_sparsity", "pattern")}
-            removed = 1.0 - sum(k) / len(k)
-            e.update({"op_names": [f"^{re.escape(name)}$"], "pruning_type": "random_coarse", "channel_keep": k,
-                      "pattern": filter_pattern(modules[name]), "target_sparsity": removed,
-                      "max_sparsity_ratio_per_op": max(removed, info["max_sparsity_ratio_per_op"])})
-            for key in ("start_step", "end_step", "pruning_frequency", "pruning_scope", "sparsity_decay_type",
-                        "pruning_op_types", "excluded_op_names"):
-                e.setdefault(key, info.get(key))
-            entries.append(e)
+        entries += [per_layer_entry(entry, info, name, pruning_type="random_coarse", channel_keep=k,
+                                    pattern=filter_pattern(modules[name]), target_sparsity=1.0 - sum(k) / len(k))
+                    for name, k in keep.items()]
     return WeightPruningConfig(pruning_configs=entries, **dict(config.weight_compression))

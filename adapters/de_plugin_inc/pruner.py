@@ -19,7 +19,6 @@ from typing import Any, Dict
 
 from neural_compressor.compression.pruner.pruners.base import register_pruner
 from neural_compressor.compression.pruner.pruners.basic import PytorchBasicPruner
-from neural_compressor.compression.pruner.utils import parse_to_prune
 from torch import nn
 
 from .search import de_settings, layer_mask, search_layer_targets
@@ -49,9 +48,17 @@ def validate_entry(info: Dict[str, Any], modules: Dict[str, nn.Module], need_eva
             log.warning("layer %r: INC routes module names containing %s specially and may skip it", name, SPECIAL_NAMES)
 
 
+def selected_modules(info: Dict[str, Any], model: nn.Module) -> Dict[str, nn.Module]:
+    """The layers INC would prune for a processed entry; ``info`` itself is left as it was (INC's
+    ``parse_to_prune`` writes the classifier's name into the entry's exclusions)."""
+    from neural_compressor.compression.pruner import utils
+
+    return utils.parse_to_prune(dict(info), model)  # patched: gets its own exclusion list
+
+
 def check_entry(model: nn.Module, info: Dict[str, Any], need_eval: bool = True) -> Dict[str, nn.Module]:
     """Validate one processed pruning config entry; return the modules it selects."""
-    modules = parse_to_prune(dict(info, excluded_op_names=list(info.get("excluded_op_names") or [])), model)
+    modules = selected_modules(info, model)
     validate_entry(info, modules, need_eval)
     return modules
 
@@ -149,9 +156,44 @@ _patch_process_config()
 _patch_parse_to_prune()
 
 
+class SearchedPruner(PytorchBasicPruner):
+    """INC's basic pruner whose per-layer masks follow a search run once, at the first pruning
+    step (unless its result came in the config); INC's scheduler ramps the sparsity as usual."""
+
+    label = "searched"
+
+    def searched(self) -> bool:
+        raise NotImplementedError
+
+    def _search(self) -> None:
+        raise NotImplementedError
+
+    def step_masks(self, current: float) -> bool:
+        """Set ``self.masks`` for this step's overall ratio ``current``; False when nothing changes."""
+        raise NotImplementedError
+
+    def update_masks(self, local_step):
+        if not self.check_is_pruned_step(self.global_step):
+            return
+        if not self.searched():
+            self._search()
+        if self.current_sparsity_ratio > self.target_sparsity_ratio:
+            return
+        current = self.scheduler.update_sparsity_ratio(self.target_sparsity_ratio, self.completed_pruned_cnt,
+                                                       self.total_prune_cnt, self.masks, self.init_sparsity_ratio)
+        self.completed_pruned_cnt += 1
+        if not self.step_masks(current):
+            return
+        self.mask_weights()
+        self.current_sparsity_ratio = self.pattern.get_sparsity_ratio(self.masks)
+        log.info("%s step %d: overall sparsity %.4f", self.label, self.global_step, self.current_sparsity_ratio)
+
+
 @register_pruner("pt_de_layerwise")
-class PytorchDELayerwisePruner(PytorchBasicPruner):
+class PytorchDELayerwisePruner(SearchedPruner):
     """INC's basic pruner with per-layer targets searched by DE."""
+
+    label = "de_layerwise"
 
     def __init__(self, config, modules):
         config["criterion_type"] = "magnitude"  # de_layerwise prunes by magnitude inside each layer
@@ -171,24 +213,16 @@ class PytorchDELayerwisePruner(PytorchBasicPruner):
             self.config["max_sparsity_ratio_per_op"], self.config["min_sparsity_ratio_per_op"])
         log.info("de_layerwise per-layer targets: %s", self.layer_targets)
 
-    def update_masks(self, local_step):
-        if not self.check_is_pruned_step(self.global_step):
-            return
-        if self.layer_targets is None:
-            self._search()
-        if self.current_sparsity_ratio > self.target_sparsity_ratio:
-            return
+    def searched(self) -> bool:
+        return self.layer_targets is not None
+
+    def step_masks(self, current: float) -> bool:
         self.criterion.on_step_begin()
-        current = self.scheduler.update_sparsity_ratio(self.target_sparsity_ratio, self.completed_pruned_cnt,
-                                                       self.total_prune_cnt, self.masks, self.init_sparsity_ratio)
-        self.completed_pruned_cnt += 1
         if self.criterion.scores == {}:
-            return
+            return False
         scale = current / self.target_sparsity_ratio if self.target_sparsity_ratio > 0 else 0.0
         for name in self.modules:
             ratio = min(self.layer_targets[name] * scale, self.layer_targets[name])
             self.masks[name] = layer_mask(self.pattern, name, self.criterion.scores[name], ratio,
                                           self.layer_targets[name], self.masks[name])
-        self.mask_weights()
-        self.current_sparsity_ratio = self.pattern.get_sparsity_ratio(self.masks)
-        log.info("de_layerwise step %d: overall sparsity %.4f", self.global_step, self.current_sparsity_ratio)
+        return True

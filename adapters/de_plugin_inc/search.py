@@ -149,6 +149,26 @@ def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, 
     return {n: float(r) for n, r in zip(names, ratios_of(best))}
 
 
+#: keys of a user's entry that only drive the search; the per-layer entries replace them
+SEARCH_ONLY = ("op_names", "pruning_type", "eval_func", "de_options", "coarse_options", "train_data",
+               "target_sparsity", "pattern")
+#: settings a per-layer entry takes from the processed config when the user's entry left them global
+INHERITED = ("pattern", "start_step", "end_step", "pruning_frequency", "pruning_scope", "sparsity_decay_type",
+             "pruning_op_types", "excluded_op_names")
+
+
+def per_layer_entry(entry: Dict[str, Any], info: Dict[str, Any], name: str, **settings: Any) -> Dict[str, Any]:
+    """One layer's INC entry after a search: the user's entry without its search-only keys, anchored
+    to ``name`` (INC's op_names are unanchored regexes), with ``settings`` (its searched target...)
+    and the schedule it inherited; ``max_sparsity_ratio_per_op`` is raised to the target if needed."""
+    e = {k: v for k, v in entry.items() if k not in SEARCH_ONLY}
+    e.update(op_names=[f"^{re.escape(name)}$"], **settings)
+    e["max_sparsity_ratio_per_op"] = max(settings["target_sparsity"], info["max_sparsity_ratio_per_op"])
+    for key in INHERITED:
+        e.setdefault(key, info.get(key))
+    return e
+
+
 def search_config(model: nn.Module, config, eval_func: Callable[[nn.Module], float], *,
                   train_data: List[Any] | None = None, coarse_options: Dict[str, Any] | None = None,
                   **de_options: Any):
@@ -188,13 +208,6 @@ def search_config(model: nn.Module, config, eval_func: Callable[[nn.Module], flo
         targets = search_layer_targets(modules, pattern, info["target_sparsity"], lambda: eval_func(work),
                                        {**(info.get("de_options") or {}), **de_options},
                                        info["max_sparsity_ratio_per_op"], info["min_sparsity_ratio_per_op"])
-        for name, ratio in targets.items():
-            e = {k: v for k, v in entry.items() if k not in ("op_names", "pruning_type", "eval_func", "de_options",
-                                                              "target_sparsity")}
-            e.update({"op_names": [f"^{re.escape(name)}$"], "pruning_type": "magnitude", "target_sparsity": ratio,
-                      "max_sparsity_ratio_per_op": max(ratio, info["max_sparsity_ratio_per_op"])})
-            for key in ("pattern", "start_step", "end_step", "pruning_frequency", "pruning_scope",
-                        "sparsity_decay_type", "pruning_op_types", "excluded_op_names"):
-                e.setdefault(key, info.get(key))
-            entries.append(e)
+        entries += [per_layer_entry(entry, info, name, pruning_type="magnitude", target_sparsity=ratio)
+                    for name, ratio in targets.items()]
     return WeightPruningConfig(pruning_configs=entries, **dict(config.weight_compression))
