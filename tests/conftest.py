@@ -55,3 +55,30 @@ def state_of(model):
 
 def same_state(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def nni_evaluator(model, digits, evaluate):
+    """An NNI TorchEvaluator on the digits data (Adam, cross-entropy), for the adapter tests."""
+    import nni
+    import torch.nn.functional as F
+    from nni.compression import TorchEvaluator
+
+    def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+        model.train()
+        steps = 0
+        for _ in range(max_epochs or 100):
+            perm = torch.randperm(len(digits.y_train))
+            for i in range(0, len(perm), 64):
+                idx = perm[i : i + 64]
+                optimizers.zero_grad()
+                training_step((digits.x_train[idx], digits.y_train[idx]), model).backward()
+                optimizers.step()
+                steps += 1
+                if max_steps and steps >= max_steps:
+                    return
+
+    def training_step(batch, model):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    opt = nni.trace(torch.optim.Adam)(model.parameters(), lr=1e-3)
+    return TorchEvaluator(training_func, opt, training_step, evaluating_func=evaluate, dummy_input=digits.x_val[:2])

@@ -12,7 +12,7 @@ from nni.compression.quantization import QATQuantizer
 from torch import nn
 
 import de_plugin_nni
-from conftest import same_state, state_of
+from conftest import nni_evaluator, same_state, state_of
 
 DE = {"population": 6, "generations": 2, "rounds": 2, "finetune_epochs": 1, "scan_levels": [0.5, 0.8],
       "progress": False}
@@ -20,29 +20,7 @@ DE = {"population": 6, "generations": 2, "rounds": 2, "finetune_epochs": 1, "sca
 
 @pytest.fixture
 def evaluator_for(digits, evaluate):
-    def make(model):
-        def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
-            model.train()
-            steps = 0
-            for _ in range(max_epochs or 100):
-                perm = torch.randperm(len(digits.y_train))
-                for i in range(0, len(perm), 64):
-                    idx = perm[i : i + 64]
-                    optimizers.zero_grad()
-                    training_step((digits.x_train[idx], digits.y_train[idx]), model).backward()
-                    optimizers.step()
-                    steps += 1
-                    if max_steps and steps >= max_steps:
-                        return
-
-        def training_step(batch, model):
-            return F.cross_entropy(model(batch[0]), batch[1])
-
-        opt = nni.trace(torch.optim.Adam)(model.parameters(), lr=1e-3)
-        return TorchEvaluator(training_func, opt, training_step, evaluating_func=evaluate,
-                              dummy_input=digits.x_val[:2])
-
-    return make
+    return lambda model: nni_evaluator(model, digits, evaluate)
 
 
 def sparsity(masks, names=None):
