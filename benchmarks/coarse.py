@@ -68,11 +68,17 @@ def latency(model, x, repeats):
     return statistics.median(times)
 
 
-def sped_up(model, own_masks, example):
+def own_masks(space, cand):
+    from de_plugin_nni.coarse import own_masks as nni_own_masks
+
+    return nni_own_masks(space, cand)
+
+
+def sped_up(model, masks, example):
     import de_plugin_nni
 
     small = copy.deepcopy(model)
-    nni_masks = {n.rsplit(".", 1)[0]: {"weight": m.float()} for n, m in own_masks.items()}
+    nni_masks = {n.rsplit(".", 1)[0]: {"weight": m.float()} for n, m in masks.items()}
     de_plugin_nni.speedup(small, example, nni_masks)
     return small
 
@@ -154,7 +160,7 @@ def run_model(name, args, data):
                        "params": macs["params"], "macs_removed": 1 - macs["macs"] / macs["macs_dense"]}
                 runs[method].append(row)
                 if lat is None and method == "random_coarse":
-                    small = sped_up(model, space_m.own_masks(cand), example)
+                    small = sped_up(model, own_masks(space_m, cand), example)
                     torch.testing.assert_close(small(data.x_test[:16]), model.eval()(data.x_test[:16]), atol=1e-4, rtol=1e-4)
                     # dense and pruned timed back to back, so both see the same machine state
                     lat = {"dense_b1": latency(dense, x1, args.repeats),

@@ -34,9 +34,9 @@ import torch
 import de_plugin
 from de_plugin.cli import dense_model
 from de_plugin.data import FASHION_MNIST_DIR, load_idx_dataset
-from de_plugin.evaluation import Scorer, make_backend
+from de_plugin.evaluation import MagnitudeScorer, make_backend
 from de_plugin.metrics import accuracy
-from de_plugin.pruner import evaluator_from_batches
+from de_plugin.evaluation import evaluator_from_batches
 from de_plugin.targets import find_targets
 from de_plugin.training import make_evaluate, make_finetune
 
@@ -96,17 +96,17 @@ def run_model(name, args, data):
     cands = candidates(targets, args.candidates, np.random.default_rng(0))
     out = {"model": name, "val_images": args.val, "candidates": len(cands)}
     torch.set_num_threads(1)
-    out["serial_1thread_s"] = per_candidate(make_backend("serial", Scorer(model, targets, ev)), cands, args.repeats)
+    out["serial_1thread_s"] = per_candidate(make_backend("serial", MagnitudeScorer(model, targets, ev)), cands, args.repeats)
     torch.set_num_threads(2)
     out["dense_forward_s"] = dense_forward(model, batches, args.repeats)
-    out["serial_over_floor"] = floor_ratio(model, batches, make_backend("serial", Scorer(model, targets, ev)), cands,
+    out["serial_over_floor"] = floor_ratio(model, batches, make_backend("serial", MagnitudeScorer(model, targets, ev)), cands,
                                            2 * args.repeats)
-    out["serial_s"] = per_candidate(make_backend("serial", Scorer(model, targets, ev)), cands, args.repeats)
-    b = make_backend("batched", Scorer(model, targets, ev), val_batches=batches, metric=accuracy)
+    out["serial_s"] = per_candidate(make_backend("serial", MagnitudeScorer(model, targets, ev)), cands, args.repeats)
+    b = make_backend("batched", MagnitudeScorer(model, targets, ev), val_batches=batches, metric=accuracy)
     out["batched_s"] = per_candidate(b, cands, args.repeats)
     out["batched_fell_back"] = bool(getattr(b, "fallback", True))
     for kind in ("process", "ray"):
-        backend = make_backend(kind, Scorer(model, targets, ev), workers=2, threads=1)
+        backend = make_backend(kind, MagnitudeScorer(model, targets, ev), workers=2, threads=1)
         try:
             out[f"{kind}_s"] = per_candidate(backend, cands, args.repeats)
         finally:

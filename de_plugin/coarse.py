@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
@@ -27,11 +28,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .coupling import ChannelGroup, CouplingError, channel_groups
+from .evaluation import BackendOptions, DeviceBatches, check_score, make_backend, metric_on_batches
 from .hookspecs import hookimpl
-from .evaluation import BackendOptions, make_backend
-from .pruner import Context, Pruner, check_score
+from .pruner import Context, Pruner
 from .registry import get_metric
-from .result import PruningResult
+from .result import Outcome
 from .targets import Target, masks_attached
 
 log = logging.getLogger("de_plugin")
@@ -173,7 +174,7 @@ class CoarseSpace:
             k = np.ones(g.channels, dtype=bool)
             k[order[:remove]] = False
             keep_ch.append(k)
-        in_keep, out_keep = self._alive(keep_ch)
+        in_keep, out_keep = self.alive(keep_ch)
         keep_k: list[np.ndarray] = []
         for layer, ratio in zip(self.kernel_layers, self.kernel_ratio):
             w = self.param(layer + ".weight")
@@ -203,7 +204,7 @@ class CoarseSpace:
             keep_k.append(k.reshape(alive.shape))
         return {"channels": keep_ch, "kernels": keep_k}
 
-    def _alive(self, keep_ch: list[np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def alive(self, keep_ch: list[np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Per conv: which input and output channels survive the feature-map part."""
         in_keep: dict[str, np.ndarray] = {}
         out_keep: dict[str, np.ndarray] = {}
@@ -239,24 +240,6 @@ class CoarseSpace:
         for layer, k in zip(self.kernel_layers, cand["kernels"]):
             m = mask(f"{layer}.weight")
             m &= torch.from_numpy(k).to(m.device)[:, :, None, None]
-        return out
-
-    def own_masks(self, cand: dict[str, Any]) -> Masks:
-        """Per conv weight: its own removed feature maps (rows) and removed kernels, without the
-        zeroed input columns of maps removed upstream. This is the form NNI's ModelSpeedup expects
-        (its mask propagation derives the inputs itself and mis-sizes residual adds otherwise)."""
-        out: Masks = {}
-        for g, k in zip(self.groups, cand["channels"]):
-            for p in g.producers:
-                w = self.param(p + ".weight")
-                out[p + ".weight"] = torch.from_numpy(k).to(w.device)[:, None, None, None].expand_as(w).clone()
-        for layer, k in zip(self.kernel_layers, cand["kernels"]):
-            w = self.param(layer + ".weight")
-            m = out.get(layer + ".weight", torch.ones(w.shape, dtype=torch.bool, device=w.device))
-            # kernels of input maps removed upstream are not this layer's own decision
-            in_alive = self._alive(cand["channels"])[0].get(layer, np.ones(w.shape[1], bool))
-            kk = torch.from_numpy(k | ~in_alive[None, :]).to(w.device)
-            out[layer + ".weight"] = m & kk[:, :, None, None]
         return out
 
     def kept_channels(self, cand: dict[str, Any]) -> list[dict[str, Any]]:
@@ -419,6 +402,39 @@ def best_of_n(model: nn.Module, space: CoarseSpace, score: Callable[[nn.Module],
     return cands[b], scores[b], scores
 
 
+@dataclass
+class CoarseSearch:
+    """What the best-of-N search found: the candidate, its masks and what they cost."""
+
+    space: CoarseSpace
+    best: dict[str, Any]  #: kept channels per coupled group, kept kernels per conv (bool arrays)
+    score: float
+    scores: list[float]  #: every candidate's score, in drawing order
+    masks: Masks  #: every affected parameter (weights, biases, BatchNorm terms, consumers' columns)
+    calib: Optional[list]  #: adaptive-BN batches (None: off)
+    macs: dict[str, Any] = field(default_factory=dict)  #: :func:`count_macs` of the masks
+
+    @property
+    def groups(self) -> list[dict[str, Any]]:
+        return self.space.kept_channels(self.best)
+
+    def channel_keep(self) -> dict[str, np.ndarray]:
+        """Kept output channels of every pruned producer conv."""
+        return {p: k for g, k in zip(self.space.groups, self.best["channels"]) for p in g.producers}
+
+
+def coarse_search(model: nn.Module, space: CoarseSpace, example: Any, score: Callable[[nn.Module], float],
+                  options: CoarseOptions, seed: int, *, train_batches: Optional[list] = None,
+                  val_batches: Optional[list] = None, progress: bool = True, desc: str = "random_coarse",
+                  ) -> CoarseSearch:
+    """The one coarse search (core, NNI and INC): adaptive-BN batches, best of N, masks, MACs.
+    The model is left as it was."""
+    calib = calibration_batches(model, options, train_batches, val_batches)
+    best, best_score, scores = best_of_n(model, space, score, options, seed, calib, progress, desc)
+    masks = space.masks(best)
+    return CoarseSearch(space, best, best_score, scores, masks, calib, count_macs(model, example, masks))
+
+
 def calibration_batches(model: nn.Module, options: CoarseOptions, train_batches: Optional[list],
                         val_batches: Optional[list]) -> Optional[list]:
     """The batches adaptive BN re-estimates statistics on, or None when it is off."""
@@ -465,7 +481,7 @@ class RandomCoarse(Pruner):
     Options = CoarseOptions
     goal = "ratios"
 
-    def run(self, ctx: Context) -> PruningResult:
+    def run(self, ctx: Context) -> Outcome:
         o: CoarseOptions = self.options  # type: ignore[assignment]
         model = ctx.model
         example, reference = capture_input(model, lambda: ctx.score(model))
@@ -474,34 +490,32 @@ class RandomCoarse(Pruner):
             raise ValueError("random_coarse prunes Conv2d feature maps and kernels: the selection has no Conv2d "
                              "layer (check `layers` / `layer_types` / `exclude`)")
         space = CoarseSpace(model, example, producers, o)
-        calib = calibration_batches(model, o, ctx.train_batches, ctx.val_batches)
-        best, best_score, scores = best_of_n(model, space, self._scorer(ctx, o), o, ctx.seed, calib, ctx.progress,
-                                             self.name)
-        n = len(scores)
-        masks = space.masks(best)
-        before_ft = apply_and_retrain(model, space, masks, ctx.finetune, o, ctx.seed, calib, ctx.score, self.name)
+        found = coarse_search(model, space, example, self._scorer(ctx, o), o, ctx.seed, train_batches=ctx.train_batches,
+                              val_batches=ctx.val_batches, progress=ctx.progress, desc=self.name)
+        masks, macs = found.masks, found.macs
+        before_ft = apply_and_retrain(model, space, masks, ctx.finetune, o, ctx.seed, found.calib, ctx.score, self.name)
         accuracy = ctx.score(model)
-        macs = count_macs(model, example, masks)
         log.info("%s: best of %d candidates val %.4f (reference %.4f), after retraining %.4f; MACs %.1f%% removed",
-                 self.name, n, best_score, reference, accuracy, 100 * (1 - macs["macs"] / macs["macs_dense"]))
+                 self.name, len(found.scores), found.score, reference, accuracy,
+                 100 * (1 - macs["macs"] / macs["macs_dense"]))
         # report every Conv2d/Linear weight the masks touch or the user selected (section 0: weights only)
         names = [t.name for t in ctx.targets if t.module_type in ("Conv2d", "Linear")]
         names += [n for n in masks if n.endswith(".weight") and isinstance(space.modules[n.rsplit(".", 1)[0]],
                                                                           (nn.Conv2d, nn.Linear)) and n not in names]
         weight_masks = {n: masks[n] if n in masks else torch.ones(space.param(n).shape, dtype=torch.bool) for n in names}
-        mods = dict(model.named_modules())
-        ctx.targets = [Target(*n.rsplit(".", 1), type(mods[n.rsplit(".", 1)[0]]).__name__,
-                              tuple(space.param(n).shape)) for n in names]
-        result = PruningResult(self.name, weight_masks, 0.0, {}, accuracy, reference,
-                               [{"candidate": i, "score": s} for i, s in enumerate(scores)], n, 0.0)
-        result.extra = {
-            "param_masks": masks, "groups": space.kept_channels(best), "candidate_scores": scores,
-            "best_candidate_score": best_score, "accuracy_before_retraining": before_ft, "adaptive_bn": calib is not None,
+        targets = [Target(*n.rsplit(".", 1), type(space.modules[n.rsplit(".", 1)[0]]).__name__,
+                          tuple(space.param(n).shape)) for n in names]
+        extra = {
+            "groups": found.groups, "candidate_scores": found.scores, "best_candidate_score": found.score,
+            "accuracy_before_retraining": before_ft, "adaptive_bn": found.calib is not None,
             "macs": macs["macs"], "macs_dense": macs["macs_dense"], "macs_removed": 1 - macs["macs"] / macs["macs_dense"],
             "params": macs["params"], "params_dense": macs["params_dense"], "layer_macs": macs["layer_macs"],
             "example_input_shape": list(example.shape) if isinstance(example, torch.Tensor) else None,
         }
-        return result
+        return Outcome(masks=weight_masks, targets=targets, history=[{"candidate": i, "score": v} for i, v in
+                                                                     enumerate(found.scores)],
+                       nfev=len(found.scores), accuracy=accuracy, reference_accuracy=reference, extra_masks=masks,
+                       extra=extra)
 
     @staticmethod
     def _scorer(ctx: Context, o: CoarseOptions) -> Callable[[nn.Module], float]:
@@ -509,20 +523,8 @@ class RandomCoarse(Pruner):
             return ctx.score
         if not ctx.val_batches:
             raise ValueError(f"score={o.score!r} computes the metric on validation batches: pass val_data=...")
-        metric = get_metric(o.score)
-        xs = [b[0] for b in ctx.val_batches]
-        ys = torch.cat([b[1] for b in ctx.val_batches])
-
-        def score(model: nn.Module) -> float:
-            dev = next(model.parameters()).device
-            was = model.training
-            model.eval()
-            with torch.inference_mode():
-                out = torch.cat([model(x.to(dev)) for x in xs])
-            model.train(was)
-            return check_score(metric(out, ys.to(dev)))
-
-        return score
+        metric, batches = get_metric(o.score), DeviceBatches(ctx.val_batches)
+        return lambda model: check_score(metric_on_batches(model, batches, metric))
 
 
 class L1Filter(RandomCoarse):
@@ -542,5 +544,5 @@ def register_pruners():
     return [RandomCoarse, L1Filter]
 
 
-__all__ = ["RandomCoarse", "L1Filter", "CoarseOptions", "CoarseSpace", "InPlaceMasks", "recalibrate_bn",
-           "count_macs", "CouplingError"]
+__all__ = ["RandomCoarse", "L1Filter", "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "InPlaceMasks",
+           "recalibrate_bn", "count_macs", "CouplingError"]

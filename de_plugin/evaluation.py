@@ -11,9 +11,13 @@ Backends (option ``backend=``, with ``workers=``):
   validation data (inherited at fork), receiving only candidate vectors. Linux/macOS (fork).
 * ``ray``: the same with one Ray actor per worker (``ray.init()`` locally unless ``ray_address``).
 
-A scorer is any object with ``model``, ``reset()`` (take the model's weights as the round's),
-``score(candidate, floor)`` and ``restore()``: :class:`Scorer` scores magnitude keep-counts
-(``de_layerwise``); ``de_plugin.coarse.CoarseScorer`` scores channel / kernel masks (``random_coarse``).
+A scorer is any object of the :class:`Scorer` protocol (``model``, ``reset()`` to take the model's
+weights as the round's, ``score(candidate, floor)`` and ``restore()``): :class:`MagnitudeScorer`
+scores magnitude keep-counts (``de_layerwise``); ``de_plugin.coarse.CoarseScorer`` scores channel /
+kernel masks (``random_coarse``); the INC adapter's ``PatternScorer`` scores INC pattern masks.
+Every backend has the :class:`Backend` protocol. This module also owns evaluating a model on
+batches (:func:`inference`, :func:`metric_on_batches`, :class:`DeviceBatches`) and
+:func:`check_score`, the one place a user's score is checked.
 
 Early rejection (``floors``): each candidate may come with the score it must reach to matter (in
 DE, the score that would let a trial beat its parent). Where the score is accuracy on ``val_data``
@@ -29,10 +33,13 @@ candidate retried once elsewhere; a worker that dies is replaced once; then the 
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
+import numbers
 import os
 import traceback
-from typing import Any, Callable, Literal, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +47,9 @@ from torch import nn
 
 from pydantic import Field
 
+from .metrics import accuracy
 from .options import Options
+from .registry import get_metric
 from .targets import Target, get_param
 
 log = logging.getLogger("de_plugin")
@@ -70,21 +79,140 @@ class Bound(float):
 REJECT_MARGIN = 1e-5
 
 
-class Scorer:
+def check_score(value: Any) -> float:
+    """The user's score as a finite float, or an error that says what came back."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`evaluate` must return a number (accuracy, higher is better), got {type(value).__name__}: {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`evaluate` returned {value}; it must return a finite number (check the model and data)")
+    return value
+
+
+@contextmanager
+def inference(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no autograd for the block; the model's train/eval mode comes back afterwards,
+    also when the block raises (a user's model must not stay in eval mode after a failed score)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        model.train(was)
+
+
+class DeviceBatches:
+    """Validation batches kept once per device: moved on first use there, then reused, so no
+    candidate pays a host-to-device copy (on CPU the batches are used as given)."""
+
+    def __init__(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]):
+        self.batches = list(batches)
+        self._moved: dict[str, tuple[list, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def on(self, dev: torch.device) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """(batches, all labels concatenated) on ``dev``."""
+        key = str(dev)
+        if key not in self._moved:
+            pin = dev.type == "cuda"
+            moved = [(_move(x, dev, pin), _move(y, dev, pin)) for x, y in self.batches]
+            self._moved[key] = (moved, torch.cat([y for _, y in moved]))
+        return self._moved[key]
+
+
+def _move(t: Any, dev: torch.device, pin: bool) -> Any:
+    if not isinstance(t, torch.Tensor) or t.device == dev:
+        return t
+    return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(dev, non_blocking=pin)
+
+
+def metric_on_batches(model: nn.Module, batches: DeviceBatches, metric: Callable) -> float:
+    """``metric(outputs, labels)`` of ``model`` over the cached batches (on the model's device)."""
+    data, labels = batches.on(next(model.parameters()).device)
+    with inference(model):
+        if metric is accuracy:  # keep only each batch's predictions: the same value, less memory traffic
+            preds = torch.cat([model(x).argmax(1) for x, _ in data])
+            return float((preds == labels).float().mean())
+        out = torch.cat([model(x) for x, _ in data])
+    return metric(out, labels)
+
+
+def evaluator_from_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                           metric: str | Callable) -> Callable[[nn.Module], float]:
+    """Build ``evaluate(model)`` from validation batches and a metric; the batches are cached once
+    (per device) and the model is run under ``torch.inference_mode``."""
+    cached = DeviceBatches([(x, y) for x, y in batches])
+    if not len(cached):
+        raise ValueError("`val_data` is empty")
+    fn = get_metric(metric) if isinstance(metric, str) else metric
+
+    def evaluate(model: nn.Module) -> float:
+        return metric_on_batches(model, cached, fn)
+
+    evaluate.batches = cached  # the scorer's early rejection reads the same device copies
+    return evaluate
+
+
+class Scorer(Protocol):
+    """What a backend scores with: one model, candidates applied in place and undone."""
+
+    model: nn.Module
+
+    def reset(self) -> None:
+        """Take the model's current weights as the round's reference."""
+
+    def score(self, candidate: Any, floor: Optional[float] = None) -> float:
+        """The candidate's score; may be a :class:`Bound` below ``floor`` when it cannot reach it."""
+
+    def restore(self) -> None:
+        """Put the round's reference weights back."""
+
+
+class Backend(Protocol):
+    """Where a round's candidates are scored (:func:`make_backend`)."""
+
+    name: str
+    scorer: Scorer
+
+    def start_round(self) -> None:
+        """The scorer's model holds the round's weights: snapshot them (and ship them to workers)."""
+
+    def evaluate(self, batch: Sequence[Any], floors: Optional[Sequence[Optional[float]]] = None) -> list[float]:
+        """Scores of ``batch`` in order."""
+
+    def end_round(self) -> None:
+        """The model holds the round's weights again."""
+
+    def close(self) -> None:
+        """Stop workers."""
+
+
+@contextmanager
+def backend_round(backend: Backend) -> Iterator[Scorer]:
+    """One round on ``backend``: the model's weights are the round's inside, and again after."""
+    backend.start_round()
+    try:
+        yield backend.scorer
+    finally:
+        backend.end_round()
+
+
+class MagnitudeScorer:
     """Magnitude masks from keep-counts, applied in place to one model and scored."""
 
     def __init__(self, model: nn.Module, targets: Sequence[Target], evaluate: Callable[[nn.Module], float],
                  batches: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None,
                  metric: Optional[Callable] = None):
-        from .metrics import accuracy
-
         self.model, self.targets, self.evaluate = model, list(targets), evaluate
         # early rejection needs a score that is a per-image sum: accuracy on the cached batches
         # (``evaluate`` is then ``evaluator_from_batches(batches, accuracy)``, which this mirrors)
         self.batches = None
         if batches is not None and metric is accuracy and len(batches) > 1:
-            from .pruner import DeviceBatches
-
             shared = getattr(evaluate, "batches", None)  # the evaluator's own (device) copies
             self.batches = shared if isinstance(shared, DeviceBatches) else DeviceBatches(batches)
         self.metric = metric
@@ -121,8 +249,6 @@ class Scorer:
 
     def score(self, counts: Sequence[int], floor: Optional[float] = None) -> float:
         """The candidate's score, or a :class:`Bound` below ``floor`` when it cannot reach it."""
-        from .pruner import check_score
-
         self.apply(counts)
         if floor is None or self.batches is None or not np.isfinite(floor):
             return check_score(self.evaluate(self.model))
@@ -132,27 +258,19 @@ class Scorer:
         """Accuracy batch by batch; stop once ``(correct so far + images left) / total < floor``.
         A candidate that is not rejected gets exactly what ``evaluate`` computes (same batches, same
         predictions, the same float32 mean), so serial, worker and rejecting runs stay bit-identical."""
-        from .pruner import check_score
-
         model = self.model
-        dev = next(model.parameters()).device
-        data, labels = self.batches.on(dev)
+        data, labels = self.batches.on(next(model.parameters()).device)
         total = len(labels)
-        was = model.training
-        model.eval()
         preds, seen, correct = [], 0, 0
-        try:
-            with torch.inference_mode():
-                for x, y in data:
-                    pred = model(x).argmax(1)
-                    preds.append(pred)
-                    seen += len(y)
-                    correct += int((pred == y).sum())
-                    upper = (correct + total - seen) / total
-                    if seen < total and upper < floor - REJECT_MARGIN:
-                        return Bound(upper, total - seen)
-        finally:
-            model.train(was)
+        with inference(model):
+            for x, y in data:
+                pred = model(x).argmax(1)
+                preds.append(pred)
+                seen += len(y)
+                correct += int((pred == y).sum())
+                upper = (correct + total - seen) / total
+                if seen < total and upper < floor - REJECT_MARGIN:
+                    return Bound(upper, total - seen)
         return check_score(float((torch.cat(preds) == labels).float().mean()))  # exactly metrics.accuracy
 
 
@@ -187,7 +305,7 @@ class BatchedBackend(SerialBackend):
 
     name = "batched"
 
-    def __init__(self, scorer: Scorer, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], metric: Callable,
+    def __init__(self, scorer: MagnitudeScorer, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], metric: Callable,
                  chunk: int = 8):
         super().__init__(scorer)
         self.xs = [b[0] for b in batches]
@@ -210,8 +328,6 @@ class BatchedBackend(SerialBackend):
         """Exact scores (a vmapped chunk runs every batch, so ``floors`` only apply after a fallback)."""
         if self.fallback:
             return SerialBackend.evaluate(self, batch, floors)
-        from .pruner import check_score
-
         s = self.scorer
         names = [f"{t.module_name}.{t.param_name}" if t.module_name else t.param_name for t in s.targets]
         if any(n not in dict(s.model.named_parameters()) for n in names):
@@ -450,7 +566,7 @@ def make_backend(name: str, scorer: Any, workers: int = 1, threads: int = 1, add
     if name == "serial":
         return SerialBackend(scorer)
     if name == "batched":
-        if not isinstance(scorer, Scorer):
+        if not isinstance(scorer, MagnitudeScorer):
             raise ValueError(f"backend='batched' stacks magnitude-masked weights and is not available for "
                              f"{type(scorer).__name__}; use 'serial', 'process' or 'ray'")
         if not val_batches or metric is None:

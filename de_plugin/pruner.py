@@ -1,7 +1,8 @@
 """The pruner contract and ``prune()``, the one public entry point of the core.
 
 A pruner gets a :class:`Context` (a working copy of the model, its prunable targets, the user's
-``evaluate`` / ``finetune`` callables and the goal) and returns a :class:`PruningResult`.
+``evaluate`` / ``finetune`` callables and the goal) and returns an :class:`~de_plugin.result.Outcome`;
+:func:`prune` turns that into the user's :class:`PruningResult`, in one place.
 Everything that can be wrong with the input is checked here, before any work and before the
 user's model is copied, so a bad call never leaves a half-pruned model behind.
 """
@@ -18,9 +19,10 @@ from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from .evaluation import check_score, evaluator_from_batches
 from .options import Options, validate_options
 from .registry import get_metric, get_pruner_class
-from .result import PruningResult
+from .result import Outcome, PruningResult
 from .targets import Target, find_targets, layer_sparsity
 
 log = logging.getLogger("de_plugin")
@@ -55,17 +57,6 @@ class Context:
         return check_score(value)
 
 
-def check_score(value: Any) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`evaluate` must return a number (accuracy, higher is better), got {type(value).__name__}: {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"`evaluate` returned {value}; it must return a finite number (check the model and data)")
-    return value
-
-
 class Pruner:
     """Base class of every pruner. Subclasses set ``name``, ``Options`` and implement ``run``."""
 
@@ -80,7 +71,7 @@ class Pruner:
     def __init__(self, **options: Any) -> None:
         self.options = validate_options(self.Options, self.name, options)
 
-    def run(self, ctx: Context) -> PruningResult:  # pragma: no cover - abstract
+    def run(self, ctx: Context) -> Outcome:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -90,60 +81,6 @@ def _check_fraction(label: str, value: Any) -> float:
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"`{label}` must lie in [0, 1) (a fraction, e.g. 0.9 for 90%), got {value}")
     return float(value)
-
-
-class DeviceBatches:
-    """Validation batches kept once per device: moved on first use there, then reused, so no
-    candidate pays a host-to-device copy (on CPU the batches are used as given)."""
-
-    def __init__(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]):
-        self.batches = list(batches)
-        self._moved: dict[str, tuple[list, torch.Tensor]] = {}
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def on(self, dev: torch.device) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """(batches, all labels concatenated) on ``dev``."""
-        key = str(dev)
-        if key not in self._moved:
-            pin = dev.type == "cuda"
-            moved = [(_move(x, dev, pin), _move(y, dev, pin)) for x, y in self.batches]
-            self._moved[key] = (moved, torch.cat([y for _, y in moved]))
-        return self._moved[key]
-
-
-def _move(t: Any, dev: torch.device, pin: bool) -> Any:
-    if not isinstance(t, torch.Tensor) or t.device == dev:
-        return t
-    return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(dev, non_blocking=pin)
-
-
-def evaluator_from_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], metric: str | Callable) -> Evaluate:
-    """Build ``evaluate(model)`` from validation batches and a metric; the batches are cached once
-    (per device) and the model is run under ``torch.inference_mode``."""
-    cached = DeviceBatches([(x, y) for x, y in batches])
-    if not len(cached):
-        raise ValueError("`val_data` is empty")
-    fn = get_metric(metric) if isinstance(metric, str) else metric
-    from .metrics import accuracy
-
-    def evaluate(model: nn.Module) -> float:
-        data, labels = cached.on(next(model.parameters()).device)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.inference_mode():
-                if fn is accuracy:  # keep only each batch's predictions: the same value, less memory traffic
-                    preds = torch.cat([model(x).argmax(1) for x, _ in data])
-                    return float((preds == labels).float().mean())
-                out = torch.cat([model(x) for x, _ in data])
-        finally:
-            model.train(was_training)
-        return fn(out, labels)
-
-    evaluate.batches = cached  # the scorer's early rejection reads the same device copies
-    return evaluate
 
 
 def prune(
@@ -222,24 +159,27 @@ def prune(
                   train_batches, val_batches, metric_fn)
     t0 = time.perf_counter()
     try:
-        result = pruner.run(ctx)
+        outcome = pruner.run(ctx)
     except BaseException:
         if snapshot is not None:  # never leave the user's model half-pruned
             model.load_state_dict(snapshot)
         raise
-    result.wall_time = time.perf_counter() - t0
-    result.pruner = name
-    result.seed = int(seed)
-    result.options = pruner.options.model_dump()
-    targets = ctx.targets  # a pruner may report more layers than it was given (random_coarse's consumers)
-    result.layer_sparsity = layer_sparsity(result.masks)
-    kept = sum(int(m.sum()) for m in result.masks.values())
-    total = sum(m.numel() for m in result.masks.values())
-    result.sparsity = 1.0 - kept / total
-    result.layers = [
-        {"name": t.name, "type": t.module_type, "shape": list(t.shape), "params": t.numel,
-         "kept": int(result.masks[t.name].sum()), "sparsity": result.layer_sparsity[t.name]}
-        for t in targets
-    ]
-    result.model = work
-    return result
+    return build_result(name, pruner, outcome, work, int(seed), time.perf_counter() - t0)
+
+
+def build_result(name: str, pruner: Pruner, outcome: Outcome, model: nn.Module, seed: int,
+                 wall_time: float) -> PruningResult:
+    """The user's result from a pruner's outcome: sparsity and per-layer figures over the outcome's
+    targets (section 0 of ALGORITHMS.md: weights of the pruned layers only)."""
+    masks = outcome.masks
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    per_layer = layer_sparsity(masks)
+    layers = [{"name": t.name, "type": t.module_type, "shape": list(t.shape), "params": t.numel,
+               "kept": int(masks[t.name].sum()), "sparsity": per_layer[t.name]} for t in outcome.targets]
+    return PruningResult(
+        pruner=name, masks=masks, sparsity=1.0 - kept / total, layer_sparsity=per_layer,
+        accuracy=outcome.accuracy, reference_accuracy=outcome.reference_accuracy, history=outcome.history,
+        nfev=outcome.nfev, wall_time=wall_time, model=model, layers=layers, options=pruner.options.model_dump(),
+        seed=seed, extra=outcome.extra, extra_masks=outcome.extra_masks,
+    )

@@ -12,6 +12,24 @@ from torch import nn
 
 
 @dataclass
+class Outcome:
+    """What a pruner's ``run`` returns; :func:`de_plugin.prune` builds the :class:`PruningResult`.
+
+    ``masks`` cover the weights the result reports on (``targets``); ``extra_masks`` are further
+    masks a pruner applied (random_coarse: biases, BatchNorm terms) that are saved with them.
+    """
+
+    masks: dict[str, torch.Tensor]
+    targets: list[Any]
+    history: list[dict[str, Any]]
+    nfev: int
+    accuracy: float | None
+    reference_accuracy: float | None
+    extra_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class PruningResult:
     """Masks and measurements of one run. ``model`` is the pruned copy (weights zeroed)."""
 
@@ -30,6 +48,8 @@ class PruningResult:
     seed: int = 0
     #: pruner-specific measurements (random_coarse: MACs, parameters, kept channels, candidate scores)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: masks of parameters beyond the reported weights (random_coarse: biases and BatchNorm terms)
+    extra_masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def compression(self) -> float:
@@ -62,7 +82,7 @@ class PruningResult:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write masks and summary atomically (temporary file, then rename)."""
-        masks = {**self.masks, **self.extra.get("param_masks", {})}  # random_coarse: biases and BatchNorm too
+        masks = {**self.masks, **self.extra_masks}
         payload = {"format": "de_plugin.masks/1", "masks": {k: v.cpu().bool() for k, v in masks.items()},
                    "summary": json.loads(self.to_json())}
         path = os.fspath(path)

@@ -121,7 +121,7 @@ def test_masks_exact_coupled_and_zero_after_retraining(resnet, images, ev, ft):
     m = r.model
     groups = {tuple(g["layers"]): g for g in r.extra["groups"]}
     assert all(g["kept"] == g["channels"] - round(0.5 * g["channels"]) for g in groups.values())
-    pm = r.extra["param_masks"]
+    pm = r.extra_masks
     # coupled producers lose the same channels; their BatchNorms too; the masked entries are zero
     ch = lambda bn: pm[bn + ".weight"]  # noqa: E731 - kept feature maps, read off the BatchNorm masks
     assert torch.equal(ch("stem.1"), ch("layer1.bn2")) and torch.equal(ch("layer2.bn2"), ch("layer2.shortcut.1"))
@@ -245,7 +245,7 @@ def test_save_and_load_reapply_every_mask(resnet, images, ev, tmp_path):
                         progress=False)
     r.save(tmp_path / "m.pt")
     fresh = de_plugin.load(tmp_path / "m.pt", copy.deepcopy(resnet))
-    for name, mask in r.extra["param_masks"].items():
+    for name, mask in r.extra_masks.items():
         assert not dict(fresh.named_parameters())[name][~mask].any()
     assert "macs_removed" in r.to_json() and "random_coarse" in de_plugin.list_pruners() \
         and "l1_filter" in de_plugin.list_pruners()

@@ -114,7 +114,7 @@ def test_random_coarse(small_resnet, digits):
     torch.manual_seed(0)
     r = de_plugin.prune(model, "random_coarse", val_data=[(xv, digits.y_val)], train_data=batches, finetune=ft,
                         candidates=6, kernel_ratio=0.2, feature_map_ratio=0.4, bn_batches=2, seed=5, progress=False)
-    check("random_coarse", {**r.masks, **r.extra["param_masks"]})
+    check("random_coarse", {**r.masks, **r.extra_masks})
 
 
 def test_nni_de_layerwise(mlp, digits, evaluate):

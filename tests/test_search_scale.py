@@ -12,7 +12,7 @@ import torch
 import de_plugin
 from conftest import same_state, state_of
 from de_plugin import checkpoint as ckpt
-from de_plugin.evaluation import Scorer, WorkerError, make_backend
+from de_plugin.evaluation import MagnitudeScorer, WorkerError, make_backend
 from de_plugin.targets import find_targets
 
 SMALL = {"population": 6, "generations": 2, "rounds": 2, "finetune_epochs": 1, "scan_levels": [0.5, 0.8],
@@ -63,12 +63,12 @@ def test_batched_backend_scores_like_serial(mlp, digits):
     batches = [(digits.x_val[i:i + 100], digits.y_val[i:i + 100]) for i in range(0, 300, 100)]
     targets = find_targets(mlp)
     from de_plugin.metrics import accuracy
-    from de_plugin.pruner import evaluator_from_batches
+    from de_plugin.evaluation import evaluator_from_batches
 
     ev = evaluator_from_batches(batches, "accuracy")
     cands = [torch.tensor([t.numel // d for t in targets]).numpy() for d in (1, 2, 4, 10, 30)]
-    serial = make_backend("serial", Scorer(mlp, targets, ev))
-    batched = make_backend("batched", Scorer(mlp, targets, ev), val_batches=batches, metric=accuracy)
+    serial = make_backend("serial", MagnitudeScorer(mlp, targets, ev))
+    batched = make_backend("batched", MagnitudeScorer(mlp, targets, ev), val_batches=batches, metric=accuracy)
     before = state_of(mlp)
     for b in (serial, batched):
         b.start_round()
@@ -89,14 +89,14 @@ def test_worker_evaluations_are_real_and_a_failing_worker_is_reported(mlp, evalu
         return evaluate(model)
 
     parent = os.getpid()
-    backend = make_backend("process", Scorer(mlp, targets, flaky), workers=2)
+    backend = make_backend("process", MagnitudeScorer(mlp, targets, flaky), workers=2)
     try:
         backend.start_round()
         full = [t.numel for t in targets]
         half = [t.numel // 2 for t in targets]
         got = backend.evaluate([full, half])
         # a worker's value is the real accuracy of the masked model, computed here the same way
-        s = Scorer(mlp, targets, evaluate)
+        s = MagnitudeScorer(mlp, targets, evaluate)
         assert got == [s.score(full), s.score(half)]
         s.restore()
         calls["n"] += 1
@@ -104,7 +104,7 @@ def test_worker_evaluations_are_real_and_a_failing_worker_is_reported(mlp, evalu
         backend.close()
     os.environ["DE_PLUGIN_FAIL_WORKER"] = "1"
     try:
-        backend = make_backend("process", Scorer(mlp, targets, flaky), workers=2)
+        backend = make_backend("process", MagnitudeScorer(mlp, targets, flaky), workers=2)
         backend.start_round()
         with pytest.raises(WorkerError, match="boom in worker"):
             backend.evaluate([[t.numel for t in targets]])
@@ -115,7 +115,7 @@ def test_worker_evaluations_are_real_and_a_failing_worker_is_reported(mlp, evalu
 
 def test_a_dead_worker_is_replaced_and_the_candidate_retried(mlp, evaluate):
     targets = find_targets(mlp)
-    backend = make_backend("process", Scorer(mlp, targets, evaluate), workers=2)
+    backend = make_backend("process", MagnitudeScorer(mlp, targets, evaluate), workers=2)
     try:
         backend.start_round()
         os.kill(backend.workers[0][1].pid, signal.SIGKILL)
@@ -232,7 +232,7 @@ def test_ray_missing_says_how_to_install(mlp, evaluate, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(ImportError, match=r"pip install 'de-plugin\[ray\]'"):
-        make_backend("ray", Scorer(mlp, find_targets(mlp), evaluate), workers=1)
+        make_backend("ray", MagnitudeScorer(mlp, find_targets(mlp), evaluate), workers=1)
 
 
 def test_checkpoint_fingerprint_names_changed_layers():
@@ -250,12 +250,12 @@ def val_batches(digits, size=50):
 def test_scorer_rejects_only_candidates_below_their_floor_and_is_exact_otherwise(mlp, digits):
     from de_plugin.evaluation import Bound
     from de_plugin.metrics import accuracy
-    from de_plugin.pruner import evaluator_from_batches
+    from de_plugin.evaluation import evaluator_from_batches
 
     batches = val_batches(digits)
     ev = evaluator_from_batches(batches, "accuracy")
     targets = find_targets(mlp)
-    scorer = Scorer(mlp, targets, ev, batches, accuracy)
+    scorer = MagnitudeScorer(mlp, targets, ev, batches, accuracy)
     before = state_of(mlp)
     cands = [[t.numel // d for t in targets] for d in (1, 3, 10, 40)]
     exact = [scorer.score(c) for c in cands]
@@ -272,8 +272,8 @@ def test_scorer_rejects_only_candidates_below_their_floor_and_is_exact_otherwise
     scorer.restore()
     assert rejected >= 4 and same_state(before, state_of(mlp))
     # no bound without a per-image metric or with a single batch
-    assert Scorer(mlp, targets, ev, batches, None).batches is None
-    assert Scorer(mlp, targets, ev, batches[:1], accuracy).batches is None
+    assert MagnitudeScorer(mlp, targets, ev, batches, None).batches is None
+    assert MagnitudeScorer(mlp, targets, ev, batches[:1], accuracy).batches is None
 
 
 @pytest.mark.parametrize("goal", [{"sparsity": 0.85}, {"max_accuracy_drop": 0.01}])
@@ -302,12 +302,12 @@ def test_early_rejection_on_workers_gives_the_serial_masks(mlp, digits, finetune
 def test_incremental_mask_application_equals_a_fresh_one(mlp, evaluate):
     targets = find_targets(mlp)
     before = state_of(mlp)
-    a = Scorer(mlp, targets, evaluate)
+    a = MagnitudeScorer(mlp, targets, evaluate)
     sequence = [[t.numel // d for t in targets] for d in (2, 7, 3, 3, 1, 50, 2)]
     for counts in sequence:
         a.apply(counts)  # incremental from the previous candidate
         got = [p.detach().clone() for p in a.params]
-        fresh = Scorer(mlp, targets, evaluate)  # the round's weights, as a just-restored scorer sees them
+        fresh = MagnitudeScorer(mlp, targets, evaluate)  # the round's weights, as a just-restored scorer sees them
         fresh.w0, fresh.order = a.w0, a.order
         fresh.restore()
         fresh.apply(counts)
@@ -319,7 +319,7 @@ def test_incremental_mask_application_equals_a_fresh_one(mlp, evaluate):
 
 
 def test_validation_batches_are_moved_to_a_device_once(digits):
-    from de_plugin.pruner import evaluator_from_batches
+    from de_plugin.evaluation import evaluator_from_batches
 
     ev = evaluator_from_batches(val_batches(digits), "accuracy")
     meta = torch.device("meta")  # stands in for an accelerator: tensors move there without data

@@ -19,14 +19,13 @@ from typing import Any
 log = logging.getLogger("de_plugin_inc")
 INC_AVAILABLE = False
 try:  # registering with INC is what importing this package is for
-    from .coarse import PytorchRandomCoarsePruner  # noqa: F401
-    from .pruner import PytorchDELayerwisePruner  # noqa: F401
+    from .pruner import PytorchDELayerwisePruner, PytorchRandomCoarsePruner  # noqa: F401
 
     INC_AVAILABLE = True
 except ImportError as exc:  # pragma: no cover - exercised only without INC
     log.debug("Intel Neural Compressor not available: %s", exc)
 
-_LAZY = {"search_config": "de_plugin_inc.search", "search_layer_targets": "de_plugin_inc.search",
+_LAZY = {"search_config": "de_plugin_inc.config", "search_layer_targets": "de_plugin_inc.search",
          "quantize": "de_plugin_inc.quantization", "int8_weights": "de_plugin_inc.quantization"}
 
 

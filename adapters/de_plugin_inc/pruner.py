@@ -1,4 +1,5 @@
-"""``pruning_type="de_layerwise"`` inside INC's loop (registered as ``pt_de_layerwise``).
+"""``pruning_type="de_layerwise"`` and ``"random_coarse"`` inside INC's loop (registered as
+``pt_de_layerwise`` / ``pt_random_coarse``).
 
 INC resolves a pruning_type that is not a criterion to ``PRUNERS["pt_" + name]``. Our pruner is
 INC's basic pruner (its pattern, scheduler, magnitude criterion and mask application) with one
@@ -8,64 +9,30 @@ user's ``eval_func`` (a key of the pruning config entry, with ``de_options``); o
 ``layer_targets`` directly. At each scheduled step layer l is pruned to
 ``target_l * current / target`` with INC's pattern, so it ends exactly at its searched target.
 
+``random_coarse`` is INC's whole-filter pattern (``1x{kh*kw*C_in}`` or ``1xchannel``): its filter
+scores are the kept filters of the best random mask, searched at the first pruning step by the
+core's coarse search (coupled channels together, adaptive BN, the entry's ``eval_func``) or given
+up front as ``channel_keep`` by :func:`de_plugin_inc.search_config`. INC masks conv weights only:
+BatchNorm and the consumers of removed maps are not masked by INC.
+
 Quirk (INC 3.7.1): the basic pruner clips every layer to the pruner's single target ratio; we
 call the pattern per layer with that layer's ratio instead.
 """
 from __future__ import annotations
 
 import logging
-import re
-from typing import Any, Dict
+from typing import Dict, List, Optional
 
+import torch
 from neural_compressor.compression.pruner.pruners.base import register_pruner
 from neural_compressor.compression.pruner.pruners.basic import PytorchBasicPruner
 from torch import nn
 
-from .search import de_settings, layer_mask, search_layer_targets
+from .config import validate_entry
+from .patterns import check_pattern, layer_mask
+from .search import coarse_settings, search_channels, search_layer_targets
 
 log = logging.getLogger("de_plugin_inc")
-SPECIAL_NAMES = ("gpt", "retrain")
-
-
-def validate_entry(info: Dict[str, Any], modules: Dict[str, nn.Module], need_eval: bool = True) -> None:
-    """Everything that can be wrong with a de_layerwise entry, raised before any training."""
-    t = info.get("target_sparsity")
-    if t is None or not 0.0 <= float(t) < 1.0:
-        raise ValueError(f"target_sparsity must lie in [0, 1), got {t}")
-    ev = info.get("eval_func")
-    if need_eval and info.get("layer_targets") is None:
-        if ev is None:
-            raise ValueError("pruning_type='de_layerwise' needs 'eval_func' (a callable model -> accuracy) in its "
-                             "pruning config entry, or precomputed 'layer_targets' (see de_plugin_inc.search_config)")
-        if not callable(ev):
-            raise TypeError(f"eval_func must be callable as eval_func(model) -> float, got {type(ev).__name__}")
-    de_settings(info.get("de_options"))
-    if not modules:
-        raise ValueError(f"op_names {info.get('op_names')} match no {info.get('pruning_op_types')} layer of the model "
-                         "for de_layerwise (INC also leaves out the last Linear, the classifier)")
-    for name in modules:
-        if any(s in name for s in SPECIAL_NAMES):
-            log.warning("layer %r: INC routes module names containing %s specially and may skip it", name, SPECIAL_NAMES)
-
-
-def selected_modules(info: Dict[str, Any], model: nn.Module) -> Dict[str, nn.Module]:
-    """The layers INC would prune for a processed entry; ``info`` itself is left as it was (INC's
-    ``parse_to_prune`` writes the classifier's name into the entry's exclusions)."""
-    from neural_compressor.compression.pruner import utils
-
-    return utils.parse_to_prune(dict(info), model)  # patched: gets its own exclusion list
-
-
-def check_entry(model: nn.Module, info: Dict[str, Any], need_eval: bool = True) -> Dict[str, nn.Module]:
-    """Validate one processed pruning config entry; return the modules it selects."""
-    modules = selected_modules(info, model)
-    validate_entry(info, modules, need_eval)
-    return modules
-
-
-def anchored(names) -> list:
-    """INC's op_names are unanchored regexes (``fc`` also matches ``fc1``): anchor exact names."""
-    return [f"^{re.escape(n)}$" for n in names]
 
 
 class _ModelRef:
@@ -225,4 +192,49 @@ class PytorchDELayerwisePruner(SearchedPruner):
             ratio = min(self.layer_targets[name] * scale, self.layer_targets[name])
             self.masks[name] = layer_mask(self.pattern, name, self.criterion.scores[name], ratio,
                                           self.layer_targets[name], self.masks[name])
+        return True
+
+
+@register_pruner("pt_random_coarse")
+class PytorchRandomCoarsePruner(SearchedPruner):
+    """INC's basic pruner whose filter scores are the kept filters of the best random mask."""
+
+    label = "random_coarse"
+
+    def __init__(self, config, modules):
+        config["criterion_type"] = "magnitude"
+        check_pattern(config["pattern"], modules)
+        coarse_settings(config.get("coarse_options"))
+        keep = config.get("channel_keep")
+        if keep is None:
+            ev = config.get("eval_func")
+            if not callable(ev):
+                raise ValueError("pruning_type='random_coarse' needs 'eval_func' (model -> accuracy) in its pruning "
+                                 "config entry, or 'channel_keep' from de_plugin_inc.search_config")
+        super().__init__(config, modules)
+        self.channel_keep: Optional[Dict[str, List[bool]]] = None
+        if keep is not None:
+            if len(modules) != 1:
+                raise ValueError("channel_keep is per layer: give one layer per entry (search_config does)")
+            self.channel_keep = {next(iter(modules)): list(keep)}
+
+    def _search(self) -> None:
+        ref = self.config.get("model_ref")
+        if ref is None:
+            raise ValueError("random_coarse needs the model: use INC's prepare_pruning / prepare_compression")
+        self.channel_keep = search_channels(ref.model, {n: self.target_sparsity_ratio for n in self.modules},
+                                            self.config["eval_func"], self.config.get("coarse_options"),
+                                            self.config.get("train_data"))
+
+    def searched(self) -> bool:
+        return self.channel_keep is not None
+
+    def step_masks(self, current: float) -> bool:
+        for name, mod in self.modules.items():
+            keep = torch.tensor(self.channel_keep[name], dtype=mod.weight.dtype, device=mod.weight.device)
+            final = 1.0 - float(keep.mean())
+            score = keep.view(-1, *([1] * (mod.weight.dim() - 1))).expand_as(mod.weight).clone()
+            score = self.pattern.reduce_score(score, name, force=True)  # INC's block form, as its criteria do
+            ratio = min(final, current * final / self.target_sparsity_ratio) if self.target_sparsity_ratio else 0.0
+            self.masks[name] = layer_mask(self.pattern, name, score, ratio, final, self.masks[name])
         return True

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 from nni.compression.base.compressor import Pruner
 from nni.compression.base.config import select_modules_by_config
@@ -22,8 +23,7 @@ from nni.compression.base.wrapper import ModuleWrapper
 from nni.compression.utils.evaluator import Evaluator
 from torch import nn
 
-from de_plugin.coarse import CoarseOptions, CoarseSpace, apply_and_retrain, best_of_n, calibration_batches, count_macs
-from de_plugin.options import validate_options
+from de_plugin.adapter import CoarseOptions, CoarseSpace, apply_and_retrain, coarse_search, validate_options
 
 from .evaluators import patch_lightning_evaluator
 from .pruner import _score_of, sync_into_wrappers, validated_entries
@@ -74,6 +74,30 @@ def nni_dependency_groups(model: nn.Module, dummy_input: Any, layers: List[str])
     return [g for g in groups.values() if len(g) > 1]
 
 
+def own_masks(space: CoarseSpace, cand: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """Per conv weight: its own removed feature maps (rows) and removed kernels, without the
+    zeroed input columns of maps removed upstream.
+
+    Quirk (NNI 3.0): ModelSpeedup's mask propagation derives a conv's removed inputs itself; given
+    weight masks that also zero the input columns of maps removed upstream, it mis-sizes residual
+    adds (one branch shrinks, the other does not). So NNI gets each conv's own decisions only.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for g, k in zip(space.groups, cand["channels"]):
+        for p in g.producers:
+            w = space.param(p + ".weight")
+            out[p + ".weight"] = torch.from_numpy(k).to(w.device)[:, None, None, None].expand_as(w).clone()
+    in_alive = space.alive(cand["channels"])[0]
+    for layer, k in zip(space.kernel_layers, cand["kernels"]):
+        w = space.param(layer + ".weight")
+        m = out.get(layer + ".weight", torch.ones(w.shape, dtype=torch.bool, device=w.device))
+        # kernels of input maps removed upstream are not this layer's own decision
+        alive = in_alive.get(layer, np.ones(w.shape[1], bool))
+        kk = torch.from_numpy(k | ~alive[None, :]).to(w.device)
+        out[layer + ".weight"] = m & kk[:, :, None, None]
+    return out
+
+
 class RandomCoarsePruner(Pruner):
     """Best-of-N random feature-map / kernel masks for NNI (name ``random_coarse``)."""
 
@@ -119,17 +143,16 @@ class RandomCoarsePruner(Pruner):
             dummy = evaluator.get_dummy_input()
             couple = self.given_groups or nni_dependency_groups(model, dummy, sorted(self.ratios))
             space = CoarseSpace(model, dummy, sorted(self.ratios), self.options, couple)
-            calib = calibration_batches(model, self.options, self._calibration(), None)
             score = lambda _m: _score_of(evaluator.evaluate())  # noqa: E731
-            reference = score(model)
-            best, best_score, scores = best_of_n(model, space, score, self.options, self.seed, calib, self.progress)
-            masks = space.masks(best)
-            own = space.own_masks(best)
+            found = coarse_search(model, space, dummy, score, self.options, self.seed, train_batches=self._calibration(),
+                                  progress=self.progress)
+            reference = score(model)  # the search left the model as it was
+            masks, own = found.masks, own_masks(space, found.best)
             before = apply_and_retrain(model, space, masks, lambda _m, e: evaluator.train(max_epochs=e),
-                                       self.options, self.seed, calib, score)
-            macs = count_macs(model, dummy, masks)
-            self.result = {"reference": reference, "best_candidate_score": best_score, "candidate_scores": scores,
-                           "before_retraining": before, "accuracy": score(model), "groups": space.kept_channels(best),
+                                       self.options, self.seed, found.calib, score)
+            macs = found.macs
+            self.result = {"reference": reference, "best_candidate_score": found.score, "candidate_scores": found.scores,
+                           "before_retraining": before, "accuracy": score(model), "groups": found.groups,
                            "macs": macs["macs"], "macs_dense": macs["macs_dense"],
                            "macs_removed": 1 - macs["macs"] / macs["macs_dense"], "param_masks": masks}
         finally:
@@ -146,9 +169,10 @@ class RandomCoarsePruner(Pruner):
                 nni_masks[name]["bias"] = (b if b is not None else torch.ones_like(mod.bias, dtype=torch.bool)).float()
         self.update_masks(nni_masks)
         log.info("random_coarse (NNI): best of %d val %.4f, after retraining %.4f, MACs %.1f%% removed",
-                 len(scores), best_score, self.result["accuracy"], 100 * self.result["macs_removed"])
+                 len(self.result["candidate_scores"]), self.result["best_candidate_score"], self.result["accuracy"], 100 * self.result["macs_removed"])
 
     def compress(self, max_steps: int | None = None, max_epochs: int | None = None):
+        """``compress()`` with no arguments (NNI 3.0's ``Pruner.compress`` requires both)."""
         return super().compress(max_steps, max_epochs)
 
     def _fuse_preprocess(self, evaluator: Evaluator) -> None:

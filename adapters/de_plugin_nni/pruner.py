@@ -28,13 +28,16 @@ from nni.compression.utils.evaluator import Evaluator
 from schema import SchemaError
 from torch import nn
 
-import de_plugin
-from de_plugin.allocation import masks_from_counts
-from de_plugin.iterative import State
-from de_plugin.layerwise import DELayerwise, LayerwiseOptions
-from de_plugin.options import validate_options
-from de_plugin.pruner import Context, check_score
-from de_plugin.targets import Target
+from de_plugin.adapter import (
+    Context,
+    LayerwiseOptions,
+    RoundRunner,
+    Target,
+    check_score,
+    create_pruner,
+    prune,
+    validate_options,
+)
 
 from .evaluators import patch_lightning_evaluator
 
@@ -130,8 +133,7 @@ class DELayerwisePruner(Pruner):
         self.total_times: int | Literal["unlimited"] = 1
         self.first_step_gen = False
         self.results: list = []
-        self._searchers: dict[int, DELayerwise] = {}
-        self._updates = 0
+        self._runners: dict[int, RoundRunner] = {}
 
     # ------------------------------------------------------------------ helpers
     def _require_evaluator(self) -> Evaluator:
@@ -171,7 +173,7 @@ class DELayerwisePruner(Pruner):
         try:
             masks: Dict[str, torch.Tensor] = {}
             for g in self.groups:
-                res = de_plugin.prune(
+                res = prune(
                     self.bound_model, "de_layerwise", evaluate=self._evaluate, finetune=finetune,
                     sparsity=g["sparse_ratio"], layers=g["layers"], layer_types=["Linear", "Conv1d", "Conv2d", "Conv3d"],
                     inplace=True, seed=self.seed, progress=self.progress, **self._group_options(g),
@@ -186,45 +188,41 @@ class DELayerwisePruner(Pruner):
 
     # ------------------------------------------------------------------ fused / scheduled
     def generate_masks(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """One DE re-allocation per group at the target spaces' current sparse ratio (no training)."""
+        """One step of each group's round runner at the target spaces' current sparse ratio: DE
+        re-allocates it over the layers (warm-started from the previous step); the schedule's own
+        training fine-tunes between steps."""
         masks: Dict[str, Dict[str, torch.Tensor]] = {}
-        self._updates += 1
         for g_i, g in enumerate(self.groups):
             spaces = [self._target_spaces[n]["weight"] for n in g["layers"]]
             ratio = spaces[0].sparse_ratio if spaces[0].sparse_ratio is not None else g["sparse_ratio"]
-            targets = [Target(f"{n}._nni_wrapper", "weight", "wrapped", tuple(s.target.shape)) for n, s in zip(g["layers"], spaces)]
             with torch.no_grad():  # pruning is monotone: masked weights stay pruned
                 for s in spaces:
                     if s.mask is not None:
                         s.target.mul_(s.mask)
-            ctx = Context(self.bound_model, targets, self._evaluate, None, None, None, self.seed, False)
-            state = State(ctx)
-            keep = int(round(state.total * (1.0 - ratio)))
-            keep = max(keep, int(state.min_keep(g["max_sparse_ratio"]).sum()))
-            keep = min(keep, int(state.counts.sum()))
-            if keep >= int(state.counts.sum()):
-                counts = state.counts
-            else:
-                searcher = self._searchers.get(g_i)
-                if searcher is None:
-                    searcher = DELayerwise(**self._group_options(g))
-                    searcher.ctx = ctx
-                    searcher.nfev = 0
-                    searcher.begin(ctx, self._evaluate())
-                    self._searchers[g_i] = searcher
-                searcher.ctx = ctx
-                with torch.no_grad():  # masks off while the search sets weights itself
-                    saved = [s.mask.clone() if s.mask is not None else None for s in spaces]
-                    for s in spaces:
-                        s.mask = torch.ones_like(s.target)
-                try:
-                    counts, _ = searcher.allocate(state, keep, self._updates)
-                finally:
-                    for s, m in zip(spaces, saved):
-                        s.mask = m
-            for n, m in zip(g["layers"], masks_from_counts([s.target.detach() for s in spaces], counts)):
-                masks[n] = {"weight": m.float()}
+            runner = self._runners.get(g_i) or self._start_runner(g_i, g, spaces)
+            with torch.no_grad():  # masks off while the search sets weights itself
+                saved = [s.mask.clone() if s.mask is not None else None for s in spaces]
+                for s in spaces:
+                    s.mask = torch.ones_like(s.target)
+            try:
+                runner.step(target_sparsity=ratio)
+            finally:
+                for s, m in zip(spaces, saved):
+                    s.mask = m
+            for n, t in zip(g["layers"], runner.ctx.targets):
+                masks[n] = {"weight": runner.masks[t.name].float()}
         return masks
+
+    def _start_runner(self, g_i: int, g: Dict[str, Any], spaces: list) -> RoundRunner:
+        """A scheduled run (no goal of its own) over the wrappers' weights, scored by the evaluator."""
+        # the wrapped module's own weight is the target space's tensor: address it through the wrapper
+        targets = [Target(f"{n}._nni_wrapper", "weight", "wrapped", tuple(s.target.shape))
+                   for n, s in zip(g["layers"], spaces)]
+        ctx = Context(self.bound_model, targets, self._evaluate, None, None, None, self.seed, False)
+        runner = RoundRunner(create_pruner("de_layerwise", **self._group_options(g)))
+        runner.start(ctx)
+        self._runners[g_i] = runner
+        return runner
 
     def _register_trigger(self, evaluator: Evaluator) -> None:
         """Same contract as NNI's ``_NormPruner``: regenerate masks every ``interval_steps``."""
@@ -252,11 +250,13 @@ class DELayerwisePruner(Pruner):
         else:
             self._register_trigger(evaluator)
 
-    def _fuse_postprocess(self, evaluator: Evaluator) -> None:
-        pass
-
     def compress(self, max_steps: int | None = None, max_epochs: int | None = None):
+        """``compress()`` with no arguments (NNI 3.0's ``Pruner.compress`` requires both)."""
         return super().compress(max_steps, max_epochs)
+
+    def _fuse_postprocess(self, evaluator: Evaluator) -> None:
+        for runner in self._runners.values():
+            runner.pruner.close()
 
 
 def export_config_list(masks: Dict[str, Dict[str, torch.Tensor]]) -> List[Dict[str, Any]]:

@@ -1,0 +1,47 @@
+"""The adapter API: the names a framework adapter (``de_plugin_nni``, ``de_plugin_inc``, a third
+party's) may use from the core, and nothing else.
+
+Adapters translate a framework's objects into these and back; everything behind them may change
+without notice. The rule is checked by the test suite (import-linter contracts in
+``.importlinter``): an adapter imports ``de_plugin.adapter`` (and ``de_plugin.hookspecs`` for its
+hook) only, its own framework, and never another adapter.
+
+* Whole runs: :func:`prune` (``de_plugin.prune``).
+* Rounds driven by the framework's schedule: :class:`Context` + :class:`RoundRunner` over a pruner
+  from :func:`create_pruner` (``runner.start(ctx)``, ``runner.step(target_sparsity=...)``).
+* One allocation with the framework's own masks: :class:`Allocator` over a :class:`Scorer` of the
+  adapter's, on a backend from :func:`make_backend`, in a :class:`KeepSpace` / :class:`DensitySpace`.
+* Coarse (channel / kernel) masks: :class:`CoarseSpace` + :func:`coarse_search`, then
+  :func:`apply_and_retrain`.
+"""
+from __future__ import annotations
+
+from . import allocation
+from .allocation import masks_from_counts
+from .allocator import Allocator, DensitySpace, KeepSpace, SearchOptions
+from .coarse import (
+    CoarseOptions,
+    CoarseSearch,
+    CoarseSpace,
+    apply_and_retrain,
+    capture_input,
+    coarse_search,
+    count_macs,
+)
+from .evaluation import Backend, BackendOptions, Scorer, backend_round, check_score, make_backend
+from .hookspecs import hookimpl
+from .layerwise import LayerwiseOptions
+from .options import validate_options
+from .pruner import Context, prune
+from .registry import create_pruner
+from .result import PruningResult
+from .runner import RoundRecord, RoundRunner
+from .targets import Target
+
+__all__ = [
+    "prune", "PruningResult", "create_pruner", "Context", "RoundRunner", "RoundRecord", "Target",
+    "Allocator", "KeepSpace", "DensitySpace", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
+    "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "validate_options",
+    "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",
+    "hookimpl",
+]

@@ -1,0 +1,266 @@
+"""The allocator: differential evolution over per-layer keep-counts, scored by any scorer.
+
+One search for every caller: ``de_layerwise``'s rounds (magnitude masks, :class:`MagnitudeScorer`),
+the NNI pruner's scheduled re-allocations (through the round runner) and INC's pattern-aware search
+(INC's own pattern masks, the adapter's ``PatternScorer``). What differs between them is injected:
+
+* the **scorer** behind a backend (:mod:`de_plugin.evaluation`) turns keep-counts into a score;
+* the **space** (:class:`KeepSpace`) maps DE vectors to keep-counts and back, and projects a
+  vector onto an exact budget;
+* the **seeds** (allocations the population starts from) and the solver settings.
+
+The allocator owns what is common: the solver (``de.DifferentialEvolution``, ask / tell), the
+cache of exact scores, exact early rejection (each trial gets the score it must reach to beat its
+parent; a :class:`~de_plugin.evaluation.Bound` is never cached), the time limit, progress, the
+per-generation hook checkpoints hang on, and the two fitness forms (:meth:`Allocator.maximise`
+under a budget, :meth:`Allocator.minimise` under an accuracy limit).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from . import allocation
+from .de import DifferentialEvolution
+from .evaluation import Backend, BackendOptions, Bound
+
+log = logging.getLogger("de_plugin")
+
+
+class SearchOptions(BackendOptions):
+    """The DE search's settings (shared by ``de_layerwise``, its NNI pruner and INC's ``de_options``)."""
+
+    population: int = Field(20, ge=4, description="DE population size")
+    generations: int = Field(20, ge=0, description="DE generations per round")
+    max_evals: Optional[int] = Field(None, ge=1, description="total fitness evaluations over all rounds")
+    strategy: str = Field("rand1bin", pattern="^(rand1bin|best1bin|currenttobest1bin)$")
+    mutation: float = Field(0.5, ge=0.0, le=2.0)
+    recombination: float = Field(0.9, ge=0.0, le=1.0)
+    bound_handling: str = Field("clip", pattern="^(clip|reflect|random)$")
+    seed_baselines: bool = Field(True, description="seed the population with uniform/global/LAMP/ERK allocations")
+    perturb: float = Field(0.05, ge=0.0, le=1.0, description="noise (share of range) for perturbed seeds")
+    early_reject: bool = Field(
+        True, description="stop scoring a trial once its accuracy on part of val_data shows it cannot beat its parent "
+                          "(same masks; needs several val_data batches and metric='accuracy')")
+
+
+def seed_population(seeds: list[np.ndarray], bounds, population: int, perturb: float,
+                    rng: np.random.Generator) -> np.ndarray | None:
+    """Initial DE members: the seed vectors, then noisy copies of them (``perturb`` x range) up to
+    twice their number; DE's own sampling fills the rest of the population."""
+    x0 = list(seeds)[:population]
+    lo, hi = np.array(bounds, dtype=float).T
+    while len(x0) < min(population, 2 * max(1, len(seeds))) and seeds:
+        base = x0[int(rng.integers(len(seeds)))]
+        x0.append(np.clip(base + rng.normal(0, perturb, len(base)) * (hi - lo), lo, hi))
+    return np.array(x0) if x0 else None
+
+
+class KeepSpace:
+    """Per-layer keep-counts within ``[min_keep, max_keep]`` and the DE vectors that stand for them.
+
+    This base is the ``ratio`` parametrisation: ``x_l`` is layer l's sparsity, rounded to a count.
+    """
+
+    def __init__(self, numels: np.ndarray, min_keep: np.ndarray, max_keep: np.ndarray,
+                 bounds: Sequence[tuple[float, float]]):
+        self.numels = np.asarray(numels, dtype=np.int64)
+        self.min_keep, self.max_keep = np.asarray(min_keep), np.asarray(max_keep)
+        self.bounds = [tuple(b) for b in bounds]
+
+    def to_counts(self, x: np.ndarray) -> np.ndarray:
+        n = self.numels
+        return np.clip(n - np.round(np.asarray(x) * n).astype(np.int64), self.min_keep, self.max_keep)
+
+    def to_x(self, counts: np.ndarray) -> np.ndarray:
+        return 1.0 - counts / self.numels
+
+    def fit(self, counts_or_density: np.ndarray, keep: int, is_density: bool = False) -> np.ndarray:
+        """The allocation's shape (per-layer densities) scaled by one factor to keep exactly ``keep``."""
+        d = counts_or_density if is_density else counts_or_density / self.numels
+        return allocation.fit_budget(d, self.numels, keep, self.min_keep, upper=self.max_keep)
+
+    def project(self, x: np.ndarray, keep: int) -> np.ndarray:
+        """The keep-counts a DE vector stands for under the budget ``keep``."""
+        return self.fit(self.to_counts(x), keep)
+
+
+class DensitySpace(KeepSpace):
+    """``x_l`` is layer l's sparsity, projected onto the budget as a real density (no rounding
+    first): INC's pattern-aware search, whose masks round to the pattern's blocks anyway."""
+
+    def project(self, x: np.ndarray, keep: int) -> np.ndarray:
+        return self.fit(1.0 - np.asarray(x), keep, is_density=True)
+
+
+class StdSpace(KeepSpace):
+    """Han et al.'s quality parameter: layer l keeps ``|w| > x_l * std(W_l)`` (``sorted_mag``: each
+    layer's magnitudes in descending order, ``std``: of its non-zero weights)."""
+
+    def __init__(self, numels, min_keep, max_keep, bounds, sorted_mag: list[np.ndarray], std: np.ndarray):
+        super().__init__(numels, min_keep, max_keep, bounds)
+        self.sorted_mag, self.std = sorted_mag, std
+
+    def to_counts(self, x: np.ndarray) -> np.ndarray:
+        k = np.array([int(np.sum(s > xi * sd)) for s, xi, sd in zip(self.sorted_mag, x, self.std)])
+        return np.clip(k, self.min_keep, self.max_keep)
+
+    def to_x(self, counts: np.ndarray) -> np.ndarray:
+        x = []
+        for s, k, sd in zip(self.sorted_mag, counts, self.std):
+            k = int(k)
+            hi = s[k - 1] if k > 0 else s[0] * 1.01 + 1e-12
+            lo = s[k] if k < len(s) else 0.0
+            x.append(0.5 * (hi + lo) / sd)
+        return np.asarray(x)
+
+
+class Allocator:
+    """One search (one round's weights) over keep-count vectors, scored through ``backend``.
+
+    ``rng`` draws the solver's seed and the perturbed seeds (the caller's generator, so a run's
+    rounds draw from one stream); ``deadline`` (``time.perf_counter()`` value) stops DE early;
+    ``on_generation(allocator, solver)`` runs after every generation (checkpoints).
+    """
+
+    def __init__(self, backend: Backend, options: SearchOptions, rng: np.random.Generator, *,
+                 progress: bool = False, deadline: Optional[float] = None,
+                 on_generation: Optional[Callable[["Allocator", DifferentialEvolution], None]] = None):
+        self.backend, self.options, self.rng = backend, options, rng
+        self.progress, self.deadline, self.on_generation = progress, deadline, on_generation
+        self.cache: dict[tuple[int, ...], float] = {}
+        self.nfev = self.rejected = self.skipped = self.images_saved = 0
+
+    # ------------------------------------------------------------------ scoring
+    def score_many(self, batch: list[np.ndarray], floors: Optional[list[Optional[float]]] = None) -> list[float]:
+        """Scores in order; identical candidates are scored once and exact scores cached.
+
+        ``floors[i]``: the score candidate i must reach to matter (None: score exactly; inf: it
+        cannot matter, so it is not scored and gets ``Bound(-inf)``). Below its floor a candidate
+        may come back as a :class:`Bound`, which is never cached.
+        """
+        keys = [tuple(int(c) for c in counts) for counts in batch]
+        floors = floors if floors is not None else [None] * len(batch)
+        need: dict[tuple[int, ...], Optional[float]] = {}
+        for k, fl in zip(keys, floors):
+            if k in self.cache:
+                continue
+            if k in need:  # the least demanding floor serves every copy
+                need[k] = None if need[k] is None or fl is None else min(need[k], fl)
+            else:
+                need[k] = fl
+        todo = [k for k, fl in need.items() if fl is None or fl != math.inf]
+        got: dict[tuple[int, ...], float] = {}
+        if todo:
+            values = self.backend.evaluate([np.array(k) for k in todo], [need[k] for k in todo])
+            for k, v in zip(todo, values):
+                if isinstance(v, Bound):
+                    got[k] = v
+                    self.rejected += 1
+                    self.images_saved += v.images_left
+                else:
+                    self.cache[k] = v
+            self.nfev += len(todo)
+        self.skipped += len(need) - len(todo)
+        return [self.cache[k] if k in self.cache else got.get(k, Bound(-math.inf)) for k in keys]
+
+    def score(self, counts: np.ndarray) -> float:
+        return self.score_many([counts])[0]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"cache": dict(self.cache), "nfev": self.nfev,
+                "counters": (self.rejected, self.skipped, self.images_saved)}
+
+    def load_state_dict(self, data: dict[str, Any]) -> None:
+        self.cache = dict(data["cache"])
+        self.nfev = data["nfev"]
+        self.rejected, self.skipped, self.images_saved = data.get("counters", (0, 0, 0))
+
+    # ------------------------------------------------------------------ the solver
+    def solver(self, space: KeepSpace, seeds: list[np.ndarray], maxfun: Optional[int]) -> DifferentialEvolution:
+        """A fresh solver whose population starts from ``seeds`` (keep-count vectors)."""
+        o = self.options
+        x0 = seed_population([space.to_x(s) for s in seeds], space.bounds, o.population, o.perturb, self.rng)
+        return DifferentialEvolution(
+            space.bounds, popsize=o.population, strategy=o.strategy, mutation=o.mutation,
+            recombination=o.recombination, maxiter=o.generations, maxfun=maxfun,
+            bound_handling=o.bound_handling, x0=x0, seed=int(self.rng.integers(2**31)),
+        )
+
+    def _run(self, solver: DifferentialEvolution, evaluate_batch, desc: str) -> None:
+        pbar = tqdm(total=solver.maxiter + 1, desc=desc, leave=False, disable=not self.progress)
+        while not solver.done:
+            if self.deadline is not None and solver.history and time.perf_counter() > self.deadline:
+                log.info("time_limit reached: stopping the search at generation %d", solver.nit)
+                break
+            xs = solver.ask()
+            f, v, x_eff = evaluate_batch(xs, solver.parents() if self.options.early_reject else None)
+            solver.tell(f, v, x_eff)
+            if self.on_generation is not None:
+                self.on_generation(self, solver)
+            pbar.update(1)
+            pbar.set_postfix(best=f"{solver.fun[solver.best_index()]:.4f}")
+        pbar.close()
+
+    def maximise(self, solver: DifferentialEvolution, space: KeepSpace, keep: int, desc: str = "DE") -> np.ndarray:
+        """Budget form: the allocation keeping exactly ``keep`` weights with the best score."""
+        def evaluate_batch(xs, parents):
+            counts = [space.project(x, keep) for x in xs]
+            # a trial replaces its parent when -score <= parent's objective: it needs score >= -f_parent
+            floors = None if parents is None else [-float(fp) for fp in parents[0][:len(counts)]]
+            f = [-a for a in self.score_many(counts, floors)]
+            return f, None, np.array([space.to_x(c) for c in counts])
+
+        self._run(solver, evaluate_batch, desc)
+        return space.project(solver.population[solver.best_index()], keep)
+
+    def minimise(self, solver: DifferentialEvolution, space: KeepSpace, limit: float, *, penalty: Optional[float] = None,
+                 desc: str = "DE") -> np.ndarray:
+        """Accuracy form: the fewest kept weights with score >= ``limit`` (Deb's feasibility rules), or
+        with ``penalty=a`` the minimum of ``a (1 - score) + (1 - a) density``."""
+        total = float(space.numels.sum())
+
+        def evaluate_batch(xs, parents):
+            counts = [space.to_counts(x) for x in xs]
+            floors = None if parents is None else [
+                self._floor(float(c.sum()) / total, fp, vp, limit, penalty) for c, fp, vp in zip(counts, *parents)]
+            f, v = [], []
+            for c, score in zip(counts, self.score_many(counts, floors)):
+                dens = float(c.sum()) / total
+                if penalty is not None:
+                    f.append(penalty * (1.0 - score) + (1.0 - penalty) * dens)
+                    v.append(0.0)
+                else:
+                    f.append(dens)
+                    v.append(max(0.0, limit - score))
+            return f, v, np.array([space.to_x(c) for c in counts])
+
+        self._run(solver, evaluate_batch, desc)
+        return space.to_counts(solver.population[solver.best_index()])
+
+    @staticmethod
+    def _floor(density: float, f_parent: float, v_parent: float, limit: float,
+               penalty: Optional[float]) -> Optional[float]:
+        """Accuracy form: the score a trial of this density needs to replace its parent under the
+        solver's selection (``de.better``); inf when no score would do, None when any would."""
+        if penalty is not None:  # a (1 - acc) + (1 - a) density <= f_parent
+            if penalty == 0.0:
+                return None if density <= f_parent else math.inf
+            return 1.0 - (f_parent - (1.0 - penalty) * density) / penalty
+        if v_parent <= 0.0:  # feasible parent: the trial must be feasible and no denser
+            return limit if density <= f_parent else math.inf
+        return limit - v_parent  # infeasible parent: the trial's violation must be no larger
+
+    def info(self, solver: DifferentialEvolution) -> dict[str, Any]:
+        """The search's record for the history."""
+        r = solver.result()
+        return {"nfev": r.nfev, "nit": r.nit, "best_fun": r.fun, "best_violation": r.violation,
+                "message": r.message, "history": [h["best_fun"] for h in r.history],
+                "early_rejected": self.rejected, "skipped": self.skipped, "images_saved": self.images_saved}

@@ -1,0 +1,347 @@
+"""The round runner: prune -> fine-tune rounds, one :meth:`RoundRunner.step` at a time.
+
+Like Torch-Pruning's ``pruner.step()``, whoever owns the loop drives it: :func:`de_plugin.prune`
+runs ``start(ctx)``, ``step()`` until ``done``, then ``finish()``; an NNI schedule (AGP, Linear)
+calls ``step(target_sparsity=...)`` at each of its mask updates. The pruner only decides per-layer
+keep-counts (:meth:`IterativePruner.allocate` / ``propose``); the runner owns everything else:
+the budget, the schedule, masks, fine-tuning with recovery, accept / roll back, the history and
+checkpoints.
+
+Three modes, fixed by the context's goal:
+
+* budget (``sparsity=s``): ``rounds`` steps whose densities fall geometrically to ``1 - s``;
+* accuracy (``max_accuracy_drop=d``): each step proposes a sparser allocation and keeps it only if
+  accuracy after fine-tuning is still >= reference - d; a rejected step is rolled back, and the run
+  ends after ``rounds`` accepted steps or ``patience`` rejections in a row;
+* scheduled (neither): the caller gives each step's sparsity; the runner never finishes by itself.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .recovery import finetune_round
+from .result import Outcome
+from .targets import get_param
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .iterative import IterativePruner
+    from .pruner import Context
+
+log = logging.getLogger("de_plugin")
+
+
+class State:
+    """Where the loop stands: current keep-counts and sizes of the targets."""
+
+    def __init__(self, ctx: "Context"):
+        self.ctx = ctx
+        self.numels = np.array([t.numel for t in ctx.targets], dtype=np.int64)
+        self.masks = {t.name: get_param(ctx.model, t).detach() != 0 for t in ctx.targets}
+        self.counts = np.array([int(self.masks[t.name].sum()) for t in ctx.targets], dtype=np.int64)
+        self.last_values = {t.name: get_param(ctx.model, t).detach().clone() for t in ctx.targets}
+
+    @property
+    def total(self) -> int:
+        return int(self.numels.sum())
+
+    @property
+    def density(self) -> float:
+        return float(self.counts.sum()) / self.total
+
+    def weights(self) -> list[torch.Tensor]:
+        return [get_param(self.ctx.model, t).detach() for t in self.ctx.targets]
+
+    def min_keep(self, max_layer_sparsity: float) -> np.ndarray:
+        return np.minimum(np.ceil(self.numels * (1.0 - max_layer_sparsity)).astype(np.int64), self.numels)
+
+    def max_keep(self, min_layer_sparsity: float) -> np.ndarray:
+        """Upper bound of each layer's keep-count: never more than now, nor above 1 - min sparsity."""
+        cap = np.floor(self.numels * (1.0 - min_layer_sparsity) + 1e-9).astype(np.int64)
+        return np.minimum(self.counts, cap)
+
+    def remember_values(self) -> None:
+        for t, w in zip(self.ctx.targets, self.weights()):
+            nz = w != 0
+            self.last_values[t.name][nz] = w[nz]
+
+
+def density_schedule(start: float, end: float, rounds: int) -> list[float]:
+    """Geometric steps in density (equal compression factor per round)."""
+    if end >= start:
+        return [end]
+    return [float(start * (end / start) ** ((i + 1) / rounds)) for i in range(rounds)]
+
+
+class RoundRecord(dict):
+    """One step's entry of the history (plain data, JSON-ready): ``round``, ``sparsity``,
+    ``accuracy_after_finetune``, ``layer_sparsity``, timings, the allocator's own information and,
+    in the accuracy form, ``accepted``."""
+
+    @property
+    def accepted(self) -> bool:
+        return bool(self.get("accepted", True))
+
+
+class Checkpointer:
+    """The runner's side of mid-round saving, handed to the pruner: ``save(search_state)`` after a
+    generation, ``resumed(round)`` the saved search state of that round (once)."""
+
+    def __init__(self, runner: "RoundRunner"):
+        self._runner = runner
+        self._resumed: Optional[tuple[int, dict[str, Any]]] = None
+
+    def save(self, search_state: dict[str, Any]) -> None:
+        r = self._runner
+        if r.checkpoint is not None and r._snapshot is not None:
+            ckpt.save(r.checkpoint, {**r._snapshot, "search": search_state})
+
+    def resumed(self, round_index: int) -> Optional[dict[str, Any]]:
+        if self._resumed is not None and self._resumed[0] == round_index:
+            data, self._resumed = self._resumed[1], None
+            return data
+        return None
+
+
+class RoundRunner:
+    """Drives an :class:`~de_plugin.iterative.IterativePruner` one round at a time.
+
+    ``checkpoint``: a file the whole state is written to atomically at every round start (and by the
+    pruner after every search generation); ``resume=True`` continues from it, so a run killed at
+    any point ends with the masks an uninterrupted run gives.
+    """
+
+    def __init__(self, pruner: "IterativePruner", checkpoint: Optional[str] = None, resume: bool = False):
+        if resume and checkpoint is None:
+            raise ValueError("resume=True needs checkpoint='path/to/search.ckpt' (the file to continue from)")
+        self.pruner, self.checkpoint, self.resume = pruner, checkpoint, resume
+        self.checkpointer = Checkpointer(self)
+        self._snapshot: Optional[dict[str, Any]] = None
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ start
+    def start(self, ctx: "Context") -> None:
+        """Check the goal against the layer bounds, measure the reference (or resume), set up the pruner."""
+        self.ctx, o = ctx, self.pruner.options
+        self.state = State(ctx)
+        self.mode = "budget" if ctx.sparsity is not None else "accuracy" if ctx.max_accuracy_drop is not None \
+            else "scheduled"
+        if self.mode == "budget":
+            self._check_budget()
+        self._fingerprint = ckpt.fingerprint(self.pruner.name, ctx, o.model_dump())
+        saved = self._load()
+        self.reference = saved["loop"]["reference"] if saved is not None else (
+            ctx.score() if ctx.evaluate is not None else None)
+        if self.reference is not None:
+            log.info("%s: dense reference accuracy %.4f", self.pruner.name, self.reference)
+        self.pruner.nfev = 0
+        self.pruner.checkpointer = self.checkpointer
+        self.pruner.begin(ctx, self.reference)
+        self.rng = np.random.default_rng(ctx.seed)
+        self.loop = self._new_loop()
+        if saved is not None:
+            self.load_state_dict(saved)
+            log.info("%s: resuming from %s at round %d", self.pruner.name, self.checkpoint, saved["round"])
+        total = len(self.loop["plan"]) if self.mode == "budget" else o.rounds
+        self._bar = tqdm(total=total, desc=f"{self.pruner.name} rounds", disable=not ctx.progress or self.mode == "scheduled")
+        self._bar.update(self.loop["next"] if self.mode == "budget" else self.loop["accepted"])
+
+    def _check_budget(self) -> None:
+        """Everything wrong with a sparsity goal that needs no evaluation, raised first."""
+        ctx, o, state = self.ctx, self.pruner.options, self.state
+        self.keep_final = int(round(state.total * (1.0 - ctx.sparsity)))
+        if self.keep_final < int(state.min_keep(o.max_layer_sparsity).sum()):
+            raise ValueError(f"sparsity {ctx.sparsity} needs some layer above max_layer_sparsity={o.max_layer_sparsity}; "
+                             "raise max_layer_sparsity or lower sparsity")
+        if o.min_layer_sparsity > o.max_layer_sparsity:
+            raise ValueError("min_layer_sparsity must not exceed max_layer_sparsity")
+        if self.keep_final > int(state.max_keep(o.min_layer_sparsity).sum()):
+            if self.keep_final <= int(state.counts.sum()):
+                raise ValueError(f"sparsity {ctx.sparsity} is below min_layer_sparsity={o.min_layer_sparsity}; "
+                                 "lower min_layer_sparsity or raise sparsity")
+            raise ValueError(f"the selected layers are already {1 - state.density:.4f} sparse, more than the requested "
+                             f"sparsity={ctx.sparsity}; ask for a higher sparsity")
+
+    def _new_loop(self) -> dict[str, Any]:
+        plan = density_schedule(self.state.density, 1.0 - self.ctx.sparsity, self.pruner.options.rounds) \
+            if self.mode == "budget" else []
+        return {"plan": plan, "next": 0, "accepted": 0, "caution": 0, "reference": self.reference,
+                "accuracy": self.reference}
+
+    def _load(self) -> Optional[dict[str, Any]]:
+        if not self.resume:
+            return None
+        if not os.path.exists(self.checkpoint):
+            log.info("no checkpoint at %s yet: starting a new search", self.checkpoint)
+            return None
+        return ckpt.load(self.checkpoint, self._fingerprint)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Where the run stands between rounds, as plain data (what a checkpoint holds)."""
+        s = self.state
+        return {
+            "fingerprint": self._fingerprint, "round": self.loop["next"], "history": copy.deepcopy(self.history),
+            "model": {k: v.detach().cpu().clone() for k, v in self.ctx.model.state_dict().items()},
+            "counts": s.counts.copy(), "masks": {k: v.cpu().clone() for k, v in s.masks.items()},
+            "last_values": {k: v.cpu().clone() for k, v in s.last_values.items()},
+            "loop_rng": self.rng.bit_generator.state, "loop": dict(self.loop), "nfev": self.pruner.nfev,
+            "pruner": self.pruner.checkpoint_state(),
+        }
+
+    def load_state_dict(self, data: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict` (after :meth:`start` built the pruner)."""
+        self.ctx.model.load_state_dict(data["model"])
+        self.state.counts, self.state.masks = data["counts"].copy(), dict(data["masks"])
+        self.state.last_values = dict(data["last_values"])
+        self.history = data["history"]
+        self.rng.bit_generator.state = data["loop_rng"]
+        self.loop = dict(data["loop"])
+        self.pruner.nfev = data["nfev"]
+        self.pruner.restore_checkpoint_state(data["pruner"])
+        if "search" in data:
+            self.checkpointer._resumed = (data["round"], data["search"])
+
+    def _round_start(self) -> None:
+        """Remember (and save) where the run stands before the next round."""
+        self._snapshot = self.state_dict() if self.checkpoint is not None else None
+        if self._snapshot is not None:
+            ckpt.save(self.checkpoint, self._snapshot)
+
+    # ------------------------------------------------------------------ steps
+    @property
+    def done(self) -> bool:
+        o, loop = self.pruner.options, self.loop
+        if self.mode == "budget":
+            return loop["next"] >= len(loop["plan"])
+        if self.mode == "accuracy":
+            return loop["accepted"] >= o.rounds or loop["caution"] >= o.patience
+        return False
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        return self.state.masks
+
+    def step(self, target_sparsity: Optional[float] = None) -> RoundRecord:
+        """One round: allocate, prune, fine-tune (with recovery); in the accuracy form accept or roll
+        back. ``target_sparsity`` is for schedules owned by the caller (the runner's own plan otherwise)."""
+        if target_sparsity is not None:
+            return self._scheduled_step(float(target_sparsity))
+        if self.mode == "scheduled":
+            raise ValueError("this run has no goal of its own (no sparsity / max_accuracy_drop): "
+                             "call step(target_sparsity=...)")
+        if self.done:
+            raise RuntimeError("the run has finished: call finish()")
+        self._round_start()
+        record = self._budget_step() if self.mode == "budget" else self._accuracy_step()
+        self.history.append(record)
+        return record
+
+    def _budget_step(self) -> RoundRecord:
+        o, state, loop = self.pruner.options, self.state, self.loop
+        i = loop["next"]
+        keep = self.keep_final if i == len(loop["plan"]) - 1 else int(round(state.total * loop["plan"][i]))
+        keep = min(keep, int(state.max_keep(o.min_layer_sparsity).sum()))  # min_layer_sparsity first
+        t0 = time.perf_counter()
+        counts, info = self.pruner.allocate(state, keep, i)
+        info = {"target_sparsity": 1.0 - keep / state.total, "search_seconds": time.perf_counter() - t0, **info}
+        record = self._prune_and_finetune(i, counts, info)
+        loop["accuracy"] = record["accuracy_after_finetune"]
+        loop["next"] = i + 1
+        self._bar.update(1)
+        return record
+
+    def _accuracy_step(self) -> RoundRecord:
+        ctx, state, loop = self.ctx, self.state, self.loop
+        i = loop["next"]
+        loop["next"] = i + 1
+        snapshot = (copy.deepcopy(ctx.model.state_dict()), state.counts.copy(), state.masks)
+        t0 = time.perf_counter()
+        counts, info = self.pruner.propose(state, i, loop["caution"])
+        info = {"search_seconds": time.perf_counter() - t0, **info}
+        if int(np.sum(counts)) >= int(state.counts.sum()):
+            loop["caution"] += 1
+            return RoundRecord(round=i, **info, accepted=False, reason="no sparser feasible allocation found")
+        record = self._prune_and_finetune(i, counts, info)
+        limit = loop["reference"] - ctx.max_accuracy_drop
+        record["accepted"] = record["accuracy_after_finetune"] >= limit
+        if record["accepted"]:
+            loop["accepted"], loop["caution"] = loop["accepted"] + 1, 0
+            loop["accuracy"] = record["accuracy_after_finetune"]
+            self._bar.update(1)
+        else:
+            ctx.model.load_state_dict(snapshot[0])
+            state.counts, state.masks = snapshot[1], snapshot[2]
+            loop["caution"] += 1
+            log.info("round %d rejected (%.4f < %.4f): rolled back", i, record["accuracy_after_finetune"], limit)
+        return record
+
+    def _scheduled_step(self, sparsity: float) -> RoundRecord:
+        """A step at a sparsity the caller's schedule chose, over the weights as they are now (the
+        schedule trains between steps): re-allocate, prune; fine-tune only if a ``finetune`` was given."""
+        o, ctx = self.pruner.options, self.ctx
+        self.state = state = State(ctx)  # the schedule's training moved the weights since the last step
+        i = self.loop["next"]
+        self.loop["next"] = i + 1
+        keep = int(round(state.total * (1.0 - sparsity)))
+        keep = max(keep, int(state.min_keep(o.max_layer_sparsity).sum()))
+        keep = min(keep, int(state.counts.sum()), int(state.max_keep(o.min_layer_sparsity).sum()))
+        info: dict[str, Any] = {"target_sparsity": sparsity}
+        counts = state.counts
+        if keep < int(state.counts.sum()):
+            counts, found = self.pruner.allocate(state, keep, i)
+            info.update(found)
+        record = self._prune_and_finetune(i, counts, info, evaluate=ctx.finetune is not None)
+        self.history.append(record)
+        return record
+
+    def _prune_and_finetune(self, i: int, counts: np.ndarray, info: dict[str, Any],
+                            evaluate: bool = True) -> RoundRecord:
+        o, ctx, state = self.pruner.options, self.ctx, self.state
+        t0 = time.perf_counter()
+        state.remember_values()
+        masks, stats = finetune_round(
+            ctx.model, ctx.targets, counts, ctx.finetune, o.finetune_epochs,
+            recovery=o.recovery, fraction=o.recovery_fraction, init=o.recovery_init,
+            splice_interval=o.splice_interval, last_values=state.last_values, rng=self.rng,
+            torch_seed=ctx.seed * 1000 + 2 * i,
+        )
+        state.masks = masks
+        state.counts = np.array([int(masks[t.name].sum()) for t in ctx.targets], dtype=np.int64)
+        acc = ctx.score() if evaluate and ctx.evaluate is not None else None
+        record = RoundRecord(round=i, sparsity=1.0 - state.density, accuracy_after_finetune=acc,
+                             layer_sparsity=(1.0 - state.counts / state.numels).tolist(),
+                             finetune_seconds=time.perf_counter() - t0, **stats, **info)
+        log.info("%s round %d: sparsity %.4f, val accuracy after fine-tune %s", self.pruner.name, i,
+                 record["sparsity"], "n/a" if acc is None else f"{acc:.4f}")
+        return record
+
+    # ------------------------------------------------------------------ finish
+    def finish(self) -> Outcome:
+        """The outcome; with a checkpoint, the finished state is saved so resuming returns it at once."""
+        self._bar.close()
+        if self.checkpoint is not None:
+            self._round_start()
+        return Outcome(masks=self.state.masks, targets=list(self.ctx.targets), history=self.history,
+                       nfev=self.pruner.nfev, accuracy=self.loop["accuracy"], reference_accuracy=self.reference)
+
+    def run(self, ctx: "Context") -> Outcome:
+        """``start``, every step, ``finish``: the whole run (what :func:`de_plugin.prune` does)."""
+        self.start(ctx)
+        try:
+            while not self.done:
+                self.step()
+        except KeyboardInterrupt:
+            if self.checkpoint:
+                log.warning("interrupted: the search state is in %s; run again with resume=True to continue",
+                            self.checkpoint)
+            raise
+        return self.finish()
