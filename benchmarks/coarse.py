@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from de_plugin.cli import dense_model
+from de_plugin.demo.training import dense_model
 from de_plugin.coarse import CoarseOptions, CoarseSpace, InPlaceMasks, apply_and_retrain, count_macs, recalibrate_bn
-from de_plugin.data import FASHION_MNIST_DIR, load_idx_dataset
-from de_plugin.training import make_evaluate, make_finetune
+from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset
+from de_plugin.demo.training import make_evaluate, make_finetune
 
 LEVELS = [0.3, 0.5, 0.7]
 NS = [1, 10, 30, 100, 300]

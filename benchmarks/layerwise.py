@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 import de_plugin
-from de_plugin.data import load_idx_dataset
-from de_plugin.models import create_model
-from de_plugin.training import make_evaluate, make_finetune, train
+from de_plugin.demo.data import load_idx_dataset
+from de_plugin.demo.models import create_model
+from de_plugin.demo.training import make_evaluate, make_finetune, train
 
 LADDER = [0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.96, 0.97, 0.98, 0.985, 0.99]
 CONFIG = {

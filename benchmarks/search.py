@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 import de_plugin
-from de_plugin.cli import dense_model
-from de_plugin.data import FASHION_MNIST_DIR, load_idx_dataset
+from de_plugin.demo.training import dense_model
+from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset
 from de_plugin.evaluation import MagnitudeScorer, make_backend
 from de_plugin.metrics import accuracy
 from de_plugin.evaluation import evaluator_from_batches
 from de_plugin.targets import find_targets
-from de_plugin.training import make_evaluate, make_finetune
+from de_plugin.demo.training import make_evaluate, make_finetune
 
 log = logging.getLogger("search")
 

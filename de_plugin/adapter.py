@@ -33,7 +33,7 @@ from .hookspecs import hookimpl
 from .layerwise import LayerwiseOptions
 from .options import validate_options
 from .pruner import Context, prune
-from .registry import create_pruner
+from .registry import create_pruner, lookup
 from .result import PruningResult
 from .runner import RoundRecord, RoundRunner
 from .targets import Target
@@ -43,5 +43,5 @@ __all__ = [
     "Allocator", "KeepSpace", "DensitySpace", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
     "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "validate_options",
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",
-    "hookimpl",
+    "hookimpl", "lookup",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,31 +16,12 @@ from pathlib import Path
 import torch
 
 from . import prune
-from .data import FASHION_MNIST_DIR, load_idx_dataset
-from .models import MODELS, create_model
+from .demo.data import FASHION_MNIST_DIR, load_idx_dataset
+from .demo.models import MODELS
+from .demo.training import dense_model, make_evaluate, make_finetune
 from .plugins import load_plugins
 from .registry import create_pruner, list_pruners
 from .report import format_table, write_report
-from .training import make_evaluate, make_finetune, train
-
-CACHE = Path(os.environ.get("DE_PLUGIN_CACHE", Path.home() / ".cache" / "de_plugin"))
-
-
-def dense_model(name: str, data, epochs: int, seed: int, data_dir: str) -> torch.nn.Module:
-    """Train the dense reference once and cache its weights outside the repository."""
-    model = create_model(name)
-    tag = f"{name}_{Path(data_dir).name}_e{epochs}_s{seed}_n{len(data.y_train)}.pt"
-    path = CACHE / tag
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        logging.info("loaded cached dense model %s", path)
-        return model
-    logging.info("training dense %s for %d epochs", name, epochs)
-    train(model, data.x_train, data.y_train, epochs=epochs, seed=seed, progress=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model
-
 
 def cmd_run(args: argparse.Namespace) -> int:
     options = json.loads(args.options) if args.options else {}

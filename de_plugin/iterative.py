@@ -22,7 +22,7 @@ from pydantic import Field
 from .options import Options
 from .pruner import Context, Pruner
 from .result import Outcome
-from .runner import Checkpointer, RoundRunner, State, density_schedule  # noqa: F401 - State: the plugin API
+from .runner import Checkpointer, RoundRunner, State
 
 log = logging.getLogger("de_plugin")
 

@@ -25,11 +25,10 @@ import time
 from typing import Any, Callable, Optional
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from . import allocation
-from .allocator import Allocator, KeepSpace, SearchOptions, StdSpace, seed_population  # noqa: F401 - re-export
+from .allocator import Allocator, KeepSpace, SearchOptions, StdSpace
 from .de import DifferentialEvolution
 from .evaluation import MagnitudeScorer, backend_round, make_backend
 from .hookspecs import hookimpl

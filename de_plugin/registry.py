@@ -43,13 +43,19 @@ def list_pruners(pattern: str = "*") -> list[str]:
     return sorted(n for n in _PRUNERS if fnmatch.fnmatchcase(n, pattern))
 
 
+def lookup(table: dict[str, Any], name: Any, what: str) -> Any:
+    """``table[name]``, or a ValueError naming the closest entry and every valid one (timm-style);
+    shared by the core's registries and the adapters' (NNI has no registry of its own)."""
+    if not isinstance(name, str) or name not in table:
+        close = difflib.get_close_matches(str(name), list(table), n=3, cutoff=0.4)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {what} {name!r}.{hint} Available {what}s: {', '.join(sorted(table))}")
+    return table[name]
+
+
 def get_pruner_class(name: str) -> type:
     _sync()
-    if not isinstance(name, str) or name not in _PRUNERS:
-        close = difflib.get_close_matches(str(name), list(_PRUNERS), n=3, cutoff=0.4)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown pruner {name!r}.{hint} Available pruners: {', '.join(sorted(_PRUNERS))}")
-    return _PRUNERS[name]
+    return lookup(_PRUNERS, name, "pruner")
 
 
 def create_pruner(name: str, **options: Any):
@@ -64,6 +70,4 @@ def list_metrics() -> list[str]:
 
 def get_metric(name: str) -> Callable:
     _sync()
-    if name not in _METRICS:
-        raise ValueError(f"unknown fitness metric {name!r}; available: {', '.join(sorted(_METRICS))}")
-    return _METRICS[name]
+    return lookup(_METRICS, name, "fitness metric")

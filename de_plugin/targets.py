@@ -110,12 +110,6 @@ def get_param(model: nn.Module, t: Target) -> torch.Tensor:
     return orig if isinstance(orig, nn.Parameter) else getattr(mod, t.param_name)
 
 
-def density(masks: dict[str, torch.Tensor]) -> float:
-    kept = sum(int(m.sum()) for m in masks.values())
-    total = sum(m.numel() for m in masks.values())
-    return kept / total
-
-
 def layer_sparsity(masks: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: 1.0 - float(m.sum()) / m.numel() for k, m in masks.items()}
 
@@ -208,10 +202,3 @@ def masks_attached(model, targets, masks, straight_through=False, on_forward=Non
         for k, m in final.items():
             masks[k] = m
 
-
-def apply_masks_(model: nn.Module, targets: Sequence[Target], masks: dict[str, torch.Tensor]) -> None:
-    """Zero the pruned weights in place (no hooks)."""
-    with torch.no_grad():
-        for t in targets:
-            p = get_param(model, t)
-            p.mul_(masks[t.name].to(p.dtype))

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from de_plugin.data import load_digits_dataset
-from de_plugin.training import make_evaluate, make_finetune, train
+from de_plugin.demo.data import load_digits_dataset
+from de_plugin.demo.training import make_evaluate, make_finetune, train
 
 
 class MLP(nn.Module):

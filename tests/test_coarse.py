@@ -9,8 +9,8 @@ import de_plugin
 from conftest import same_state, state_of
 from de_plugin.coarse import CoarseOptions, CoarseSpace, best_of_n, count_macs, recalibrate_bn
 from de_plugin.coupling import CouplingError, channel_groups
-from de_plugin.models import LeNet5, SmallResNet
-from de_plugin.training import make_evaluate, make_finetune, train
+from de_plugin.demo.models import LeNet5, SmallResNet
+from de_plugin.demo.training import make_evaluate, make_finetune, train
 
 
 @pytest.fixture(scope="session")

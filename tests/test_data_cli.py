@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from de_plugin import cli
-from de_plugin.data import FASHION_MNIST_DIR, load_idx_dataset, read_idx
+from de_plugin.demo import training as demo_training
+from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset, read_idx
 
 
 def write_idx(path, arr, gz=False):
@@ -62,7 +63,7 @@ def test_fashion_mnist_from_debian_package():
 
 
 def test_main_job_on_real_fashion_mnist_subset(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(demo_training, "CACHE", tmp_path / "cache")
     orig = cli.load_idx_dataset
     monkeypatch.setattr(cli, "load_idx_dataset", lambda folder, **kw: orig(folder, train_limit=6000, **kw))
     out = tmp_path / "run"

@@ -143,8 +143,8 @@ def test_target_outside_range(mlp, evaluate):
 
 
 def _resnet_and_batches(digits):
-    from de_plugin.models import SmallResNet
-    from de_plugin.training import train
+    from de_plugin.demo.models import SmallResNet
+    from de_plugin.demo.training import train
 
     torch.manual_seed(0)
     model = train(SmallResNet(widths=(8, 16, 16)), digits.x_train, digits.y_train, epochs=2, lr=3e-3, batch_size=64)

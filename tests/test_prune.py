@@ -36,7 +36,7 @@ def test_budget_form_exact_and_masked_zero_after_finetune(mlp, evaluate, finetun
 
 def test_random_recovery_brings_weights_back(mlp, evaluate, digits):
     """During the recovery phase more weights are non-zero than the round keeps, and they train."""
-    from de_plugin.training import make_finetune
+    from de_plugin.demo.training import make_finetune
 
     inner = make_finetune(digits.x_train, digits.y_train, lr=1e-3, batch_size=64)
     seen = []
@@ -106,7 +106,7 @@ def test_time_limit_stops_search_after_initial_population(mlp, evaluate):
 
 
 def test_same_seed_same_masks(mlp, evaluate, finetune, digits):
-    from de_plugin.training import make_finetune
+    from de_plugin.demo.training import make_finetune
 
     def run(seed):
         torch.manual_seed(123)

@@ -14,8 +14,8 @@ import torch
 
 import de_plugin
 from conftest import nni_evaluator
-from de_plugin.models import SmallResNet
-from de_plugin.training import make_finetune, train
+from de_plugin.demo.models import SmallResNet
+from de_plugin.demo.training import make_finetune, train
 
 FAST = {"population": 8, "generations": 3, "rounds": 2, "finetune_epochs": 1, "scan_levels": [0.5, 0.8, 0.95]}
 NNI_DE = {"population": 6, "generations": 2, "rounds": 2, "finetune_epochs": 1, "scan_levels": [0.5, 0.8],
@@ -133,8 +133,8 @@ def agp_masks() -> dict:
 
     import de_plugin_nni
     from conftest import MLP
-    from de_plugin.data import load_digits_dataset
-    from de_plugin.training import make_evaluate
+    from de_plugin.demo.data import load_digits_dataset
+    from de_plugin.demo.training import make_evaluate
 
     torch.set_num_threads(1)
     digits = load_digits_dataset(val_size=300, test_size=300, seed=0)
@@ -175,7 +175,7 @@ def test_nni_random_coarse(small_resnet, digits):
     from nni.compression import TorchEvaluator
 
     import de_plugin_nni
-    from de_plugin.training import make_evaluate
+    from de_plugin.demo.training import make_evaluate
 
     model, batches = small_resnet
     model = copy.deepcopy(model)
@@ -243,7 +243,7 @@ def test_inc_random_coarse(small_resnet, evaluate, digits):
 
     model, batches = small_resnet
     xv = digits.x_val.reshape(-1, 1, 8, 8)
-    from de_plugin.training import make_evaluate
+    from de_plugin.demo.training import make_evaluate
 
     ev = make_evaluate(xv, digits.y_val)
     config = de_plugin_inc.search_config(

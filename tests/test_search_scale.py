@@ -133,8 +133,8 @@ SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     import de_plugin
     from conftest import MLP
-    from de_plugin.data import load_digits_dataset
-    from de_plugin.training import make_finetune, train
+    from de_plugin.demo.data import load_digits_dataset
+    from de_plugin.demo.training import make_finetune, train
     d = load_digits_dataset(val_size=300, test_size=300, seed=0)
     torch.manual_seed(0)
     model = train(MLP(), d.x_train, d.y_train, epochs=5, lr=3e-3, batch_size=64, seed=0)

@@ -7,7 +7,7 @@
     speedup: false                  # ModelSpeedup (structured masks only)
     quantizer: {name: qat, config_list: [...], steps: 200, quant_start_step: 50}
     # for the command line only: what to train and on which data
-    model: lenet300                 # de_plugin.models name
+    model: lenet300                 # de_plugin.demo.models name
     data: /usr/share/datasets/fashion-mnist
     train: {epochs: 10, lr: 0.001, batch_size: 128}
 
@@ -29,7 +29,7 @@ from nni.compression import TorchEvaluator
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from de_plugin.options import validate_options
+from de_plugin.adapter import validate_options
 
 from .names import SCHEDULERS, create_pruner
 from .quantize import QUANTIZERS, finetune, int8_storage, quantize
@@ -133,9 +133,8 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
     cfg = load_config(source)
     data = None
     if model is None:
-        from de_plugin.cli import dense_model
-        from de_plugin.data import FASHION_MNIST_DIR, load_idx_dataset
-        from de_plugin.training import make_evaluate
+        from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset
+        from de_plugin.demo.training import dense_model, make_evaluate
 
         if cfg.model is None:
             raise ValueError("the config needs 'model' (e.g. lenet300) when no model object is given")

@@ -6,7 +6,6 @@ Schedulers (``linear``, ``agp``) wrap another pruner named by ``options["pruner"
 """
 from __future__ import annotations
 
-import difflib
 from typing import Any, Dict, List
 
 from nni.compression.pruning import (
@@ -21,6 +20,8 @@ from nni.compression.pruning import (
     TaylorPruner,
 )
 from torch import nn
+
+from de_plugin.adapter import lookup
 
 from .evaluators import patch_lightning_evaluator
 from .coarse import RandomCoarsePruner
@@ -47,17 +48,9 @@ def list_pruners() -> List[str]:
     return sorted(PRUNERS)
 
 
-def _check_name(name: str) -> type:
-    if name not in PRUNERS:
-        close = difflib.get_close_matches(str(name), list(PRUNERS), n=1, cutoff=0.4)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown NNI pruner {name!r}.{hint} Valid names: {', '.join(sorted(PRUNERS))}")
-    return PRUNERS[name]
-
-
 def create_pruner(name: str, model: nn.Module, config_list: List[Dict], evaluator=None, **options: Any):
     """Build an NNI pruner (ours or a built-in) by its lower-case name."""
-    cls = _check_name(name)
+    cls = lookup(PRUNERS, name, "NNI pruner")
     patch_lightning_evaluator()
     if name in NEEDS_EVALUATOR and evaluator is None:
         raise ValueError(f"pruner {name!r} needs an NNI evaluator (TorchEvaluator or LightningEvaluator)")

@@ -7,10 +7,10 @@ import argparse
 import torch
 
 import de_plugin
-from de_plugin.data import load_idx_dataset
-from de_plugin.models import LeNet5
+from de_plugin.demo.data import load_idx_dataset
+from de_plugin.demo.models import LeNet5
 from de_plugin.report import format_table
-from de_plugin.training import make_evaluate, make_finetune, train
+from de_plugin.demo.training import make_evaluate, make_finetune, train
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--sparsity", type=float, default=0.95)

@@ -13,9 +13,9 @@ from neural_compressor.training import WeightPruningConfig, prepare_compression
 from torch.utils.data import DataLoader, TensorDataset
 
 import de_plugin_inc  # registers pruning_type="de_layerwise" with INC
-from de_plugin.data import load_idx_dataset
-from de_plugin.models import LeNet5
-from de_plugin.training import make_evaluate, train
+from de_plugin.demo.data import load_idx_dataset
+from de_plugin.demo.models import LeNet5
+from de_plugin.demo.training import make_evaluate, train
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist")

@@ -4,12 +4,18 @@ They implement the core's contract: ``evaluate(model) -> float`` and ``finetune(
 """
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from ..evaluation import inference
+from .models import create_model
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -26,13 +32,10 @@ def make_evaluate(x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> C
 
     def evaluate(model: nn.Module) -> float:
         dev = model_device(model)
-        was = model.training
-        model.eval()
         correct = 0
-        with torch.inference_mode():
+        with inference(model):
             for i in range(0, len(y), batch_size):
                 correct += int((model(x[i : i + batch_size].to(dev)).argmax(1) == y[i : i + batch_size].to(dev)).sum())
-        model.train(was)
         return correct / len(y)
 
     return evaluate
@@ -74,4 +77,23 @@ def train(model: nn.Module, x, y, epochs: int, lr: float = 1e-3, batch_size: int
     """Train a dense model from scratch (seeded)."""
     torch.manual_seed(seed)
     make_finetune(x, y, lr=lr, batch_size=batch_size, progress=progress)(model, epochs)
+    return model
+
+
+CACHE = Path(os.environ.get("DE_PLUGIN_CACHE", Path.home() / ".cache" / "de_plugin"))
+
+
+def dense_model(name: str, data, epochs: int, seed: int, data_dir: str) -> torch.nn.Module:
+    """Train the dense reference once and cache its weights outside the repository."""
+    model = create_model(name)
+    tag = f"{name}_{Path(data_dir).name}_e{epochs}_s{seed}_n{len(data.y_train)}.pt"
+    path = CACHE / tag
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        logging.info("loaded cached dense model %s", path)
+        return model
+    logging.info("training dense %s for %d epochs", name, epochs)
+    train(model, data.x_train, data.y_train, epochs=epochs, seed=seed, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
     return model
