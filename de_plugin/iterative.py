@@ -1,15 +1,9 @@
 """Pruners that only decide per-layer keep-counts; :mod:`de_plugin.runner` runs their rounds.
 
-Sharing it is what makes comparisons fair: every method gets the same sparsity schedule, the
-same fine-tune epochs per round and the same recovery; only the per-layer allocation differs.
-
-* Budget form (``sparsity=s``): ``rounds`` steps whose densities fall geometrically from the
-  current density to ``1 - s``; each round allocates keep-counts summing exactly to the step's
-  budget, prunes by magnitude inside each layer and fine-tunes.
-* Accuracy form (``max_accuracy_drop=d``): each round proposes a sparser allocation, fine-tunes,
-  and keeps it only if validation accuracy is still >= reference - d; a rejected round is rolled
-  back and the next proposal is more careful. Stops after ``rounds`` accepted rounds, or
-  ``patience`` rejections in a row.
+``de_layerwise`` and the search-free baselines (uniform, global magnitude, LAMP, ERK) are such
+pruners, and so are third-party ones (``tests/test_plugins.py``). Sharing the runner is what makes
+comparisons fair: every method gets the same sparsity schedule, the same fine-tune epochs per
+round and the same recovery; only the per-layer allocation differs.
 """
 from __future__ import annotations
 

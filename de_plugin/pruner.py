@@ -116,19 +116,7 @@ def prune(
     """
     cls = get_pruner_class(name)
     pruner = cls(**options)
-    if cls.goal == "ratios":
-        if sparsity is not None or max_accuracy_drop is not None:
-            raise ValueError(f"pruner {name!r} is driven by its ratio options (e.g. feature_map_ratio=0.5, "
-                             f"kernel_ratio=0.3), not by `sparsity` / `max_accuracy_drop`")
-    elif (sparsity is None) == (max_accuracy_drop is None):
-        raise ValueError(
-            "give exactly one of `sparsity` (a budget, e.g. sparsity=0.9) or `max_accuracy_drop` "
-            "(an accuracy constraint, e.g. max_accuracy_drop=0.005)"
-        )
-    if sparsity is not None:
-        sparsity = _check_fraction("sparsity", sparsity)
-    if max_accuracy_drop is not None:
-        max_accuracy_drop = _check_fraction("max_accuracy_drop", max_accuracy_drop)
+    sparsity, max_accuracy_drop = _check_goal(cls, name, sparsity, max_accuracy_drop)
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if evaluate is not None and val_data is not None:
@@ -141,13 +129,7 @@ def prune(
         train_batches = list(train_data)
         if not train_batches:
             raise ValueError("`train_data` is empty")
-    if evaluate is not None and not callable(evaluate):
-        raise TypeError(f"`evaluate` must be callable as evaluate(model) -> float, got {type(evaluate).__name__}")
-    if finetune is not None and not callable(finetune):
-        raise TypeError(f"`finetune` must be callable as finetune(model, epochs), got {type(finetune).__name__}")
-    if evaluate is None and (cls.needs_evaluate or max_accuracy_drop is not None):
-        need = "max_accuracy_drop" if max_accuracy_drop is not None else f"pruner {name!r}"
-        raise ValueError(f"{need} needs `evaluate` (a callable model -> float) or `val_data` batches")
+    _check_callables(cls, name, evaluate, finetune, max_accuracy_drop)
     if not isinstance(seed, numbers.Integral):
         raise TypeError(f"`seed` must be an integer, got {seed!r}")
     targets = find_targets(model, layers, layer_types, exclude)
@@ -165,6 +147,32 @@ def prune(
             model.load_state_dict(snapshot)
         raise
     return build_result(name, pruner, outcome, work, int(seed), time.perf_counter() - t0)
+
+
+def _check_goal(cls: type[Pruner], name: str, sparsity: Any, max_accuracy_drop: Any,
+                ) -> tuple[Optional[float], Optional[float]]:
+    """Exactly one goal for sparsity-driven pruners, none for ratio-driven ones; fractions in [0, 1)."""
+    if cls.goal == "ratios":
+        if sparsity is not None or max_accuracy_drop is not None:
+            raise ValueError(f"pruner {name!r} is driven by its ratio options (e.g. feature_map_ratio=0.5, "
+                             f"kernel_ratio=0.3), not by `sparsity` / `max_accuracy_drop`")
+    elif (sparsity is None) == (max_accuracy_drop is None):
+        raise ValueError(
+            "give exactly one of `sparsity` (a budget, e.g. sparsity=0.9) or `max_accuracy_drop` "
+            "(an accuracy constraint, e.g. max_accuracy_drop=0.005)"
+        )
+    return (None if sparsity is None else _check_fraction("sparsity", sparsity),
+            None if max_accuracy_drop is None else _check_fraction("max_accuracy_drop", max_accuracy_drop))
+
+
+def _check_callables(cls: type[Pruner], name: str, evaluate: Any, finetune: Any, max_accuracy_drop: Any) -> None:
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(f"`evaluate` must be callable as evaluate(model) -> float, got {type(evaluate).__name__}")
+    if finetune is not None and not callable(finetune):
+        raise TypeError(f"`finetune` must be callable as finetune(model, epochs), got {type(finetune).__name__}")
+    if evaluate is None and (cls.needs_evaluate or max_accuracy_drop is not None):
+        need = "max_accuracy_drop" if max_accuracy_drop is not None else f"pruner {name!r}"
+        raise ValueError(f"{need} needs `evaluate` (a callable model -> float) or `val_data` batches")
 
 
 def build_result(name: str, pruner: Pruner, outcome: Outcome, model: nn.Module, seed: int,

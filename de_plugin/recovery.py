@@ -65,6 +65,28 @@ def _cut_magnitude(w: torch.Tensor, k: int) -> float:
     return 0.5 * float(top[k - 1] + top[k])
 
 
+def _recover_random(targets: Sequence[Target], weights: list[torch.Tensor], phase: dict[str, torch.Tensor],
+                    fraction: float, init: str, last_values: Optional[dict[str, torch.Tensor]],
+                    rng: np.random.Generator) -> int:
+    """Re-enable ``fraction`` of each layer's pruned weights in ``phase`` (in place), at zero or at
+    their last non-zero value; returns how many came back."""
+    recovered = 0
+    with torch.no_grad():
+        for t, w in zip(targets, weights):
+            pruned = (~phase[t.name]).reshape(-1).nonzero().reshape(-1).numpy()
+            n_rec = int(round(fraction * pruned.size))
+            if n_rec == 0:
+                continue
+            pick = torch.from_numpy(rng.choice(pruned, size=n_rec, replace=False))
+            phase[t.name].view(-1)[pick] = True
+            if init == "old" and last_values is not None:
+                w.view(-1)[pick] = last_values[t.name].view(-1)[pick].to(w.dtype)
+            else:
+                w.view(-1)[pick] = 0.0
+            recovered += n_rec
+    return recovered
+
+
 def finetune_round(
     model: nn.Module,
     targets: Sequence[Target],
@@ -99,19 +121,7 @@ def finetune_round(
         phase = {k: v.clone() for k, v in masks.items()}
         splicer = None
         if recovery == "random":
-            with torch.no_grad():
-                for t, w in zip(targets, weights):
-                    pruned = (~phase[t.name]).reshape(-1).nonzero().reshape(-1).numpy()
-                    n_rec = int(round(fraction * pruned.size))
-                    if n_rec == 0:
-                        continue
-                    pick = torch.from_numpy(rng.choice(pruned, size=n_rec, replace=False))
-                    phase[t.name].view(-1)[pick] = True
-                    if init == "old" and last_values is not None:
-                        w.view(-1)[pick] = last_values[t.name].view(-1)[pick].to(w.dtype)
-                    else:
-                        w.view(-1)[pick] = 0.0
-                    stats["recovered"] += n_rec
+            stats["recovered"] = float(_recover_random(targets, weights, phase, fraction, init, last_values, rng))
         else:
             thresholds = {}
             for t, w, k in zip(targets, weights, counts):
