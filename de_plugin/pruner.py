@@ -137,8 +137,9 @@ def prune(
     work = model if inplace else copy.deepcopy(model)
     snapshot = copy.deepcopy(model.state_dict()) if inplace else None
     metric_fn = None if val_batches is None else (get_metric(metric) if isinstance(metric, str) else metric)
-    ctx = Context(work, targets, evaluate, finetune, sparsity, max_accuracy_drop, int(seed), progress,
-                  train_batches, val_batches, metric_fn)
+    ctx = Context(model=work, targets=targets, evaluate=evaluate, finetune=finetune, sparsity=sparsity,
+                  max_accuracy_drop=max_accuracy_drop, seed=int(seed), progress=progress, train_batches=train_batches,
+                  val_batches=val_batches, metric=metric_fn)
     t0 = time.perf_counter()
     try:
         outcome = pruner.run(ctx)

@@ -218,7 +218,8 @@ class DELayerwisePruner(Pruner):
         # the wrapped module's own weight is the target space's tensor: address it through the wrapper
         targets = [Target(f"{n}._nni_wrapper", "weight", "wrapped", tuple(s.target.shape))
                    for n, s in zip(g["layers"], spaces)]
-        ctx = Context(self.bound_model, targets, self._evaluate, None, None, None, self.seed, False)
+        ctx = Context(model=self.bound_model, targets=targets, evaluate=self._evaluate, finetune=None, sparsity=None,
+                      max_accuracy_drop=None, seed=self.seed, progress=False)
         runner = RoundRunner(create_pruner("de_layerwise", **self._group_options(g)))
         runner.start(ctx)
         self._runners[g_i] = runner
