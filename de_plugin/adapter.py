@@ -28,7 +28,7 @@ from .coarse import (
     coarse_search,
     count_macs,
 )
-from .evaluation import Backend, BackendOptions, Scorer, backend_round, check_score, make_backend
+from .evaluation import Backend, BackendOptions, Scorer, backend_round, check_batches, check_score, make_backend
 from .hookspecs import hookimpl
 from .layerwise import LayerwiseOptions
 from .options import validate_options
@@ -36,12 +36,12 @@ from .pruner import Context, prune
 from .registry import create_pruner, lookup
 from .result import PruningResult
 from .runner import RoundRecord, RoundRunner
-from .targets import Target
+from .targets import Target, masks_attached
 
 __all__ = [
-    "prune", "PruningResult", "create_pruner", "Context", "RoundRunner", "RoundRecord", "Target",
+    "prune", "PruningResult", "create_pruner", "Context", "RoundRunner", "RoundRecord", "Target", "masks_attached",
     "Allocator", "KeepSpace", "DensitySpace", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
-    "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "validate_options",
+    "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "check_batches", "validate_options",
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",
     "hookimpl", "lookup",
 ]

@@ -24,7 +24,13 @@ from .registry import create_pruner, list_pruners
 from .report import format_table, write_report
 
 def cmd_run(args: argparse.Namespace) -> int:
-    options = json.loads(args.options) if args.options else {}
+    try:
+        options = json.loads(args.options) if args.options else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--options is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "
+                         f"give an object, e.g. '{{\"rounds\": 4}}'") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--options must be a JSON object of pruner options, e.g. '{{\"rounds\": 4}}', got {args.options!r}")
     goal = {"sparsity": args.sparsity} if args.max_accuracy_drop is None else {"max_accuracy_drop": args.max_accuracy_drop}
     create_pruner(args.pruner, **options)  # bad names or options fail here, before any training
     data = load_idx_dataset(args.data, val_size=args.val_size, seed=args.seed)

@@ -102,6 +102,11 @@ class CoarseSpace:
         self.modules = dict(model.named_modules())
         fm = options.feature_map_ratio > 0 or any(r > 0 for r in options.ratios.values())
         selected = set(producers)
+        for key, table in (("ratios", options.ratios), ("kernel_ratios", options.kernel_ratios)):
+            unmatched = [p for p in table if not any(n == p or fnmatch.fnmatchcase(n, p) for n in producers)]
+            if unmatched:
+                raise ValueError(f"`{key}` keys {unmatched} match no selected Conv2d layer; selected: "
+                                 f"{', '.join(producers[:12])}{' ...' if len(producers) > 12 else ''}")
         self.groups: list[ChannelGroup] = []
         self.group_ratio: list[float] = []
         if fm:

@@ -91,6 +91,44 @@ def check_score(value: Any) -> float:
     return value
 
 
+def check_device(name: str) -> torch.device:
+    """``torch.device(name)``, refused up front when this machine cannot use it."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device={name!r} is not a torch device ({exc}); use e.g. 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}, but torch has no CUDA on this machine (torch.cuda.is_available() is "
+                         "False); drop `device` or use 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name!r}, but MPS is not available on this machine; drop `device` or use 'cpu'")
+    return dev
+
+
+def check_batches(data: Any, name: str, pairs: bool) -> list:
+    """``data`` as a list of batches, or an error naming ``name`` and the expected form. With
+    ``pairs`` every batch must be ``(inputs, targets)``; else a batch may also be an input tensor."""
+    form = "(inputs, targets) batches" if pairs else "batches ((inputs, targets) pairs or input tensors)"
+    if isinstance(data, torch.Tensor):
+        raise TypeError(f"`{name}` must be an iterable of {form}, e.g. a DataLoader or [(x, y), ...]; got one "
+                        f"tensor of shape {tuple(data.shape)}: wrap it as [(x, y)] or split it into batches")
+    try:
+        batches = list(data)
+    except TypeError:
+        raise TypeError(f"`{name}` must be an iterable of {form}, got {type(data).__name__}") from None
+    if not batches:
+        raise ValueError(f"`{name}` is empty")
+    for i, b in enumerate(batches):
+        ok = isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[0], torch.Tensor) if pairs else \
+            isinstance(b, torch.Tensor) or (isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor))
+        if not ok:
+            raise TypeError(f"`{name}` must be an iterable of {form}; batch {i} is {type(b).__name__}"
+                            + (f" of length {len(b)}" if isinstance(b, (tuple, list)) else ""))
+    return [tuple(b) if isinstance(b, list) else b for b in batches]
+
+
 @contextmanager
 def inference(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and no autograd for the block; the model's train/eval mode comes back afterwards,

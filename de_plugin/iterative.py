@@ -8,10 +8,11 @@ round and the same recovery; only the per-layer allocation differs.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .options import Options
 from .pruner import Context, Pruner
@@ -34,6 +35,13 @@ class IterativeOptions(Options):
     patience: int = Field(2, ge=1, description="accuracy form: rejected rounds in a row before stopping")
     checkpoint: Optional[str] = Field(None, description="file the whole search state is saved to after every generation")
     resume: bool = Field(False, description="continue from `checkpoint` (a run killed at any point ends identically)")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_is_a_file(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and os.path.isdir(v):
+            raise ValueError(f"{v!r} is a directory; give a file path, e.g. {os.path.join(v, 'search.ckpt')!r}")
+        return v
 
 
 class IterativePruner(Pruner):

@@ -25,12 +25,12 @@ import time
 from typing import Any, Callable, Optional
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from . import allocation
 from .allocator import Allocator, KeepSpace, SearchOptions, StdSpace
 from .de import DifferentialEvolution
-from .evaluation import MagnitudeScorer, backend_round, make_backend
+from .evaluation import MagnitudeScorer, backend_round, check_device, make_backend
 from .hookspecs import hookimpl
 from .iterative import IterativeOptions, IterativePruner, State
 from .pruner import Context
@@ -51,6 +51,13 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
     sensitivity_scan: bool = Field(True, description="per-layer sensitivity scan in the first round (warm start)")
     scan_levels: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     device: Optional[str] = Field(None, description="move the working copy here (e.g. 'cuda')")
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            check_device(v)
+        return v
 
 
 def magnitude_space(scorer: MagnitudeScorer, state: State, o: LayerwiseOptions) -> KeepSpace:

@@ -8,9 +8,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 class Options(BaseModel):
-    """Base of every pruner's options: unknown keys are errors, values are type-checked."""
+    """Base of every pruner's options: unknown keys are errors, values are type-checked strictly
+    (``rounds="4"`` is refused rather than coerced: a string where a number belongs is usually a
+    config mistake; an int is still accepted where a float belongs)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 def validate_options(model_cls: type[Options], pruner_name: str, options: dict[str, Any]) -> Options:
@@ -28,7 +30,8 @@ def validate_options(model_cls: type[Options], pruner_name: str, options: dict[s
                 lines.append(f"unknown option {key!r}{hint}")
             else:
                 lines.append(f"option {key!r}: {err['msg']} (got {err.get('input')!r})")
+        unknown = any(err["type"] == "extra_forbidden" for err in exc.errors())
         raise ValueError(
             f"invalid options for pruner {pruner_name!r}: " + "; ".join(lines)
-            + f". Valid options: {', '.join(sorted(known))}"
+            + (f". Valid options: {', '.join(sorted(known))}" if unknown else "")
         ) from None

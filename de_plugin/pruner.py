@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .evaluation import check_score, evaluator_from_batches
+from .evaluation import check_batches, check_score, evaluator_from_batches
 from .options import Options, validate_options
 from .registry import get_metric, get_pruner_class
 from .result import Outcome, PruningResult
@@ -123,12 +123,10 @@ def prune(
         raise ValueError("give either `evaluate` or `val_data`, not both")
     val_batches = train_batches = None
     if val_data is not None:
-        val_batches = [tuple(b) if isinstance(b, (tuple, list)) else b for b in val_data]
+        val_batches = check_batches(val_data, "val_data", pairs=True)
         evaluate = evaluator_from_batches(val_batches, metric)
     if train_data is not None:
-        train_batches = list(train_data)
-        if not train_batches:
-            raise ValueError("`train_data` is empty")
+        train_batches = check_batches(train_data, "train_data", pairs=False)
     _check_callables(cls, name, evaluate, finetune, max_accuracy_drop)
     if not isinstance(seed, numbers.Integral):
         raise TypeError(f"`seed` must be an integer, got {seed!r}")

@@ -112,7 +112,14 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     Every name and shape is checked before any weight is touched, so a mismatch leaves the
     model as it was.
     """
-    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no masks file at {path} (write one with PruningResult.save)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - random bytes, truncated zip, wrong format
+        raise ValueError(f"masks file {path} is corrupt or truncated ({type(exc).__name__}); write it again with "
+                         f"PruningResult.save (the model was not touched)") from None
     if not isinstance(payload, dict) or payload.get("format") != "de_plugin.masks/1":
         raise ValueError(f"{path} is not a de_plugin masks file (written by PruningResult.save)")
     params = dict(model.named_parameters())

@@ -142,6 +142,10 @@ class RoundRunner:
             ctx.score() if ctx.evaluate is not None else None)
         if self.reference is not None:
             log.info("%s: dense reference accuracy %.4f", self.pruner.name, self.reference)
+        if self.mode == "accuracy" and self.reference > 1.0:
+            raise ValueError(f"`evaluate` returned {self.reference} (above 1) while max_accuracy_drop="
+                             f"{ctx.max_accuracy_drop} is a fraction of accuracy (0.01 = 1 point): make `evaluate` "
+                             f"return accuracy as a fraction (e.g. 0.88, not 88.0)")
         self.pruner.nfev = 0
         self.pruner.checkpointer = self.checkpointer
         self.pruner.begin(ctx, self.reference)

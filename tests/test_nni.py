@@ -366,3 +366,35 @@ def test_random_coarse_nni_bad_input(evaluator_for):
         de_plugin_nni.create_pruner("random_coarse", model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], ev,
                                     candidates=0)
     assert same_state(before, state_of(model))
+
+
+def test_multi_entry_masks_hold_to_the_end(mlp, evaluator_for):
+    """Later entries' fine-tuning must not regrow what earlier entries pruned (every entry ends at zero)."""
+    cfg = [{"op_names": ["fc1"], "sparse_ratio": 0.9}, {"op_names": ["fc2"], "sparse_ratio": 0.7},
+           {"op_names": ["out"], "sparse_ratio": 0.5}]
+    p = de_plugin_nni.DELayerwisePruner(mlp, cfg, evaluator_for(mlp), **{**DE, "finetune_epochs": 2})
+    _, masks = p.compress()
+    p.unwrap_model()
+    for name, ratio in (("fc1", 0.9), ("fc2", 0.7), ("out", 0.5)):
+        w = mlp.get_submodule(name).weight
+        assert float((w == 0).float().mean()) == pytest.approx(ratio, abs=2e-3), name
+        assert torch.all(w[masks[name]["weight"] == 0] == 0), name
+
+
+def test_evaluation_inside_a_schedule_restores_train_mode(mlp, digits, evaluate):
+    """An evaluating_func that leaves the model in eval mode must not switch the schedule's training off."""
+    from nni.compression.pruning import LinearPruner
+
+    from conftest import nni_evaluator
+
+    def careless(model):
+        model.eval()  # and never back
+        return evaluate(model)
+
+    modes = []
+    inner = de_plugin_nni.DELayerwisePruner(mlp, [{"op_types": ["Linear"], "sparse_ratio": 0.6}],
+                                            nni_evaluator(mlp, digits, careless), **DE)
+    hook = mlp.register_forward_pre_hook(lambda m, a: modes.append(m.training) if torch.is_grad_enabled() else None)
+    LinearPruner(inner, interval_steps=3, total_times=2).compress(max_steps=9, max_epochs=None)
+    hook.remove()
+    assert len(modes) >= 9 and all(modes), f"{modes.count(False)} training forwards ran in eval mode"

@@ -28,11 +28,20 @@ from neural_compressor.compression.pruner.pruners.base import register_pruner
 from neural_compressor.compression.pruner.pruners.basic import PytorchBasicPruner
 from torch import nn
 
+from de_plugin.adapter import check_batches
+
 from .config import validate_entry
 from .patterns import check_pattern, layer_mask
 from .search import coarse_settings, search_channels, search_layer_targets
 
 log = logging.getLogger("de_plugin_inc")
+
+
+class _Quiet(list):
+    """A list that INC's ``logger.info(info)`` prints as one short line."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} batches>"
 
 
 class _ModelRef:
@@ -64,6 +73,9 @@ def _patch_generate_pruners() -> None:
             for info in self.pruners_info:
                 if info.get("pruning_type") in ("de_layerwise", "random_coarse"):
                     info["model_ref"] = _ModelRef(_get_model(self))
+                    if info.get("train_data") is not None and not isinstance(info["train_data"], _Quiet):
+                        # INC logs every entry at INFO (``logger.info(info)``): not every batch, please
+                        info["train_data"] = _Quiet(check_batches(info["train_data"], "train_data", pairs=False))
             return _original(self)
 
         _generate_pruners._de_plugin = True
@@ -140,10 +152,22 @@ class SearchedPruner(PytorchBasicPruner):
         raise NotImplementedError
 
     def update_masks(self, local_step):
+        if self.global_step == self.start_step and self.config["lock_init_sparsity"]:  # as INC's basic pruner
+            self.masks = self.pattern.get_pattern_lock_masks(self.modules)
+            self.init_sparsity_ratio = self.pattern.get_sparsity_ratio(self.masks)
+            self.current_sparsity_ratio = self.init_sparsity_ratio
         if not self.check_is_pruned_step(self.global_step):
             return
         if not self.searched():
-            self._search()
+            if getattr(self, "_searching", False):
+                # Quirk (INC 3.7.1, prepare_pruning): INC's forward pre-hook calls on_step_begin on every
+                # forward, so the search's own eval_func(model) would re-enter the search (RecursionError)
+                return
+            self._searching = True
+            try:
+                self._search()
+            finally:
+                self._searching = False
         if self.current_sparsity_ratio > self.target_sparsity_ratio:
             return
         current = self.scheduler.update_sparsity_ratio(self.target_sparsity_ratio, self.completed_pruned_cnt,
@@ -203,6 +227,10 @@ class PytorchRandomCoarsePruner(SearchedPruner):
 
     def __init__(self, config, modules):
         config["criterion_type"] = "magnitude"
+        if not modules:
+            raise ValueError(f"random_coarse: op_names {config.get('op_names')} matched no Conv2d layer of the model "
+                             "(INC's op_names are regular expressions over module names; INC also leaves out the "
+                             "last layer)")
         check_pattern(config["pattern"], modules)
         coarse_settings(config.get("coarse_options"))
         keep = config.get("channel_keep")

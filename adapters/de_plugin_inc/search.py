@@ -23,6 +23,7 @@ from de_plugin.adapter import (
     allocation,
     backend_round,
     capture_input,
+    check_batches,
     check_score,
     coarse_search,
     make_backend,
@@ -39,6 +40,9 @@ COARSE_KEYS = {"candidates", "adaptive_bn", "bn_batches", "score", "seed"}
 
 def de_settings(de_options: Dict[str, Any] | None) -> Dict[str, Any]:
     """Validate ``de_options`` with the core's option model; keep the keys the INC search uses."""
+    if de_options is not None and not isinstance(de_options, dict):
+        raise TypeError(f"de_options must be a dict of search options, e.g. {{'population': 8, 'generations': 5}}; "
+                        f"got {type(de_options).__name__} {de_options!r}")
     opts = dict(de_options or {})
     seed = opts.pop("seed", 0)
     unused = sorted(set(opts) - DE_KEYS)
@@ -87,6 +91,9 @@ def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, 
 
 def coarse_settings(options: Optional[Dict[str, Any]]) -> tuple[CoarseOptions, int]:
     """Validate ``coarse_options`` (feature-map ratios come from target_sparsity)."""
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"coarse_options must be a dict, e.g. {{'candidates': 20}}; got {type(options).__name__} "
+                        f"{options!r}")
     opts = dict(options or {})
     seed = int(opts.pop("seed", 0))
     bad = sorted(set(opts) - COARSE_KEYS)
@@ -101,6 +108,8 @@ def search_channels(model: nn.Module, layers: Dict[str, float], eval_func: Calla
                     ) -> Dict[str, List[bool]]:
     """Best of N random feature-map masks at the given per-layer ratios: kept filters per layer."""
     o, seed = coarse_settings(options)
+    if train_data is not None:
+        train_data = check_batches(train_data, "train_data", pairs=False)
     o.ratios = dict(layers)
     o.feature_map_ratio = 0.0
     example, _ = capture_input(model, lambda: check_score(eval_func(model)))

@@ -26,25 +26,31 @@ from torch import nn
 from de_plugin.adapter import CoarseOptions, CoarseSpace, apply_and_retrain, coarse_search, validate_options
 
 from .evaluators import patch_lightning_evaluator
-from .pruner import _score_of, sync_into_wrappers, validated_entries
+from .entries import setting, validated_entries
+from .pruner import _score_of, sync_into_wrappers
 
 log = logging.getLogger("de_plugin_nni")
 CONFIG_OWNED = {"feature_map_ratio", "ratios"}
+#: NNI settings random_coarse cannot honour (dependency_group_id is honoured: coupled channels)
+UNSUPPORTED = {
+    "granularity": "it removes whole output channels (granularity 'out_channel'); use l1norm for other granularities",
+    "internal_metric_block": "it scores whole-network candidates, not per-block metrics; drop the key",
+    "global_group_id": "ratios are per layer (sparse_ratio of each layer's channels); drop the key",
+    "sparse_threshold": "give the fraction of channels as sparse_ratio",
+    "align": "drop the key",
+}
 
 
 def parse_coarse_config(model: nn.Module, config_list: List[Dict]) -> tuple[Dict[str, float], List[List[str]]]:
     """Per-layer feature-map ratios and NNI dependency groups from a config_list (NNI's schema)."""
-    configs = validated_entries(config_list, "random_coarse", "{'op_types': ['Conv2d'], 'sparse_ratio': 0.5}")
+    configs = validated_entries(model, config_list, "random_coarse", "{'op_types': ['Conv2d'], 'sparse_ratio': 0.5}",
+                                UNSUPPORTED)
     ratios: Dict[str, float] = {}
     groups: Dict[Any, List[str]] = {}
     for i, cfg in enumerate(configs):
         modules, _, _ = select_modules_by_config(model, cfg)
         names = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
-        if cfg.get("exclude"):
-            for n in names:
-                ratios.pop(n, None)
-            continue
-        ratio = cfg.get("sparse_ratio")
+        ratio = setting(cfg, "sparse_ratio")
         if ratio is None or not 0.0 <= float(ratio) < 1.0:
             raise ValueError(f"config_list entry {i}: sparse_ratio (fraction of each layer's output channels) must "
                              f"lie in [0, 1), got {ratio}")
@@ -52,8 +58,8 @@ def parse_coarse_config(model: nn.Module, config_list: List[Dict]) -> tuple[Dict
             raise ValueError(f"config_list entry {i} selects no Conv2d layer: {cfg}")
         for n in names:
             ratios[n] = float(ratio)
-        if cfg.get("dependency_group_id") is not None:
-            groups.setdefault(cfg["dependency_group_id"], []).extend(names)
+        if setting(cfg, "dependency_group_id") is not None:
+            groups.setdefault(setting(cfg, "dependency_group_id"), []).extend(names)
     if not ratios:
         raise ValueError("config_list selects no Conv2d layer to prune")
     return ratios, list(groups.values())

@@ -72,17 +72,32 @@ class CompressionConfig(BaseModel):
     train: TrainSection = Field(default_factory=TrainSection)
 
 
+def _read_config_file(path: Path) -> Any:
+    """The file's data; a syntax error names the file and the line (YAML for .yaml/.yml, else JSON)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"{path} is not valid YAML{where}: {problem}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg} "
+                         f"(YAML files need the .yaml suffix)") from None
+
+
 def load_config(source: str | Path | Dict[str, Any]) -> CompressionConfig:
     """Read and validate a config; unknown keys are errors that name the valid ones."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text)
-        else:
-            raw = json.loads(text)
+        raw = _read_config_file(Path(source))
     else:
         raw = copy.deepcopy(source)
     if not isinstance(raw, dict):

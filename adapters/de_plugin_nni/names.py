@@ -23,6 +23,7 @@ from torch import nn
 
 from de_plugin.adapter import lookup
 
+from .entries import validated_entries
 from .evaluators import patch_lightning_evaluator
 from .coarse import RandomCoarsePruner
 from .pruner import DELayerwisePruner
@@ -69,6 +70,9 @@ def create_pruner(name: str, model: nn.Module, config_list: List[Dict], evaluato
         return cls(inner, options["interval_steps"], options["total_times"], evaluator=evaluator)
     if name in ("de_layerwise", "random_coarse"):
         return cls(model, config_list, evaluator, **options)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    validated_entries(model, config_list, name, "{'op_types': ['Linear'], 'sparse_ratio': 0.5}")
     try:
         return cls(model, config_list, evaluator, **options) if evaluator is not None or name in NEEDS_EVALUATOR \
             else cls(model, config_list, **options)

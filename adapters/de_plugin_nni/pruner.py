@@ -22,10 +22,9 @@ from typing import Any, Dict, List, Literal
 
 import torch
 from nni.compression.base.compressor import Pruner
-from nni.compression.base.config import default_config_schema, select_modules_by_config, trans_legacy_config_list
+from nni.compression.base.config import select_modules_by_config
 from nni.compression.base.wrapper import ModuleWrapper
 from nni.compression.utils.evaluator import Evaluator
-from schema import SchemaError
 from torch import nn
 
 from de_plugin.adapter import (
@@ -35,14 +34,25 @@ from de_plugin.adapter import (
     Target,
     check_score,
     create_pruner,
+    masks_attached,
     prune,
     validate_options,
 )
 
+from .entries import setting, validated_entries
 from .evaluators import patch_lightning_evaluator
 
 log = logging.getLogger("de_plugin_nni")
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: NNI settings de_layerwise cannot honour: refused with the reason rather than silently ignored
+UNSUPPORTED = {
+    "granularity": "it prunes single weights (granularity 'default'); use l1norm / random_coarse for channels",
+    "dependency_group_id": "it prunes single weights, which need no channel alignment; drop the key",
+    "internal_metric_block": "it ranks single weights by magnitude; drop the key",
+    "global_group_id": "each entry already is one global budget over its layers; put the layers in one entry",
+    "sparse_threshold": "give the budget as sparse_ratio",
+    "align": "drop the key",
+}
 
 
 def _score_of(metric: Any) -> float:
@@ -54,38 +64,19 @@ def _score_of(metric: Any) -> float:
     return check_score(metric)
 
 
-def validated_entries(config_list: List[Dict], pruner: str, example: str) -> List[Dict[str, Any]]:
-    """``config_list`` in NNI's current form, every entry checked with NNI's own schema."""
-    if not isinstance(config_list, list) or not config_list:
-        raise ValueError(f"config_list must be a non-empty list of dicts, e.g. [{example}]")
-    configs = trans_legacy_config_list([dict(c) for c in config_list])
-    schema = default_config_schema("pruning")
-    for i, cfg in enumerate(configs):
-        try:
-            schema.validate(cfg)
-        except SchemaError as exc:
-            raise ValueError(f"config_list entry {i} is not valid for NNI: {exc}. "
-                             f"({pruner} options go to the pruner's constructor, not into config_list)") from None
-    return configs
-
-
 def parse_config_list(model: nn.Module, config_list: List[Dict]) -> List[Dict[str, Any]]:
     """Validate ``config_list`` with NNI's own schema and return one group per entry.
 
     Raises ValueError in plain words before NNI wraps anything.
     """
-    configs = validated_entries(config_list, "de_layerwise", "{'op_types': ['Linear'], 'sparse_ratio': 0.9}")
+    configs = validated_entries(model, config_list, "de_layerwise", "{'op_types': ['Linear'], 'sparse_ratio': 0.9}",
+                                UNSUPPORTED)
     groups, owner = [], {}
     for i, cfg in enumerate(configs):
-        if cfg.get("exclude"):
-            continue
-        ratio = cfg.get("sparse_ratio")
+        ratio = setting(cfg, "sparse_ratio")
         if ratio is None:
-            raise ValueError(f"config_list entry {i} needs 'sparse_ratio' (the overall budget of its layers)")
-        for key in ("sparse_ratio", "max_sparse_ratio", "min_sparse_ratio"):
-            v = cfg.get(key)
-            if v is not None and not 0.0 <= float(v) < 1.0:
-                raise ValueError(f"config_list entry {i}: {key}={v} must lie in [0, 1)")
+            raise ValueError(f"config_list entry {i} needs 'sparse_ratio' (the overall budget of its layers; "
+                             "NNI's legacy 'sparsity' / 'total_sparsity' work too)")
         modules, _, _ = select_modules_by_config(model, cfg)
         names = [n for n, m in modules.items() if isinstance(m, PRUNABLE)]
         if not names:
@@ -93,8 +84,8 @@ def parse_config_list(model: nn.Module, config_list: List[Dict]) -> List[Dict[st
         for n in names:
             owner[n] = len(groups)
         groups.append({"index": i, "layers": names, "sparse_ratio": float(ratio),
-                       "max_sparse_ratio": float(cfg.get("max_sparse_ratio") or 0.995),
-                       "min_sparse_ratio": float(cfg.get("min_sparse_ratio") or 0.0)})
+                       "max_sparse_ratio": float(setting(cfg, "max_sparse_ratio") or 0.995),
+                       "min_sparse_ratio": float(setting(cfg, "min_sparse_ratio") or 0.0)})
     for g_i, g in enumerate(groups):  # a layer selected twice belongs to the last entry, as in NNI
         g["layers"] = [n for n in g["layers"] if owner[n] == g_i]
     groups = [g for g in groups if g["layers"]]
@@ -142,7 +133,15 @@ class DELayerwisePruner(Pruner):
         return self.evaluator
 
     def _evaluate(self, _model: nn.Module | None = None) -> float:
-        return _score_of(self._require_evaluator().evaluate())
+        """The evaluator's score; every module's train/eval mode is put back afterwards, since NNI's
+        schedules call this inside their training loop and a user's evaluating_func may leave the
+        model in eval mode (seen with LinearPruner + TorchEvaluator: most steps then trained in eval mode)."""
+        modes = [(m, m.training) for m in self.bound_model.modules()]
+        try:
+            return _score_of(self._require_evaluator().evaluate())
+        finally:
+            for m, mode in modes:
+                m.training = mode
 
     def _group_options(self, g: Dict[str, Any]) -> dict:
         opts = self.options.model_dump()
@@ -166,12 +165,14 @@ class DELayerwisePruner(Pruner):
                              "without max_steps/max_epochs, or schedule it with AGPPruner/LinearPruner")
         self.unwrap_model()
         evaluator.bind_model(self.bound_model)
+        held: list = []  # the entries pruned so far: their masks hold while later entries fine-tune
+        masks: Dict[str, torch.Tensor] = {}
 
         def finetune(model: nn.Module, epochs: int) -> None:
-            evaluator.train(max_epochs=epochs)
+            with masks_attached(model, held, masks):
+                evaluator.train(max_epochs=epochs)
 
         try:
-            masks: Dict[str, torch.Tensor] = {}
             for g in self.groups:
                 res = prune(
                     self.bound_model, "de_layerwise", evaluate=self._evaluate, finetune=finetune,
@@ -180,6 +181,7 @@ class DELayerwisePruner(Pruner):
                 )
                 self.results.append(res)
                 masks.update(res.masks)
+                held += [Target(*row["name"].rsplit(".", 1), row["type"], tuple(row["shape"])) for row in res.layers]
         finally:
             evaluator.unbind_model()
             sync_into_wrappers(self)

@@ -77,6 +77,28 @@ def patch_concrete_tracer() -> None:
     _PATCHED = True
 
 
+def trace(model: nn.Module, dummy_input: Any) -> torch.fx.GraphModule:
+    """The graph ModelSpeedup works on: NNI's concrete tracer, else ``torch.fx.symbolic_trace``.
+
+    Only a tracing failure falls back to the other tracer; neither touches the model, so the
+    fallback runs on the model as the user gave it.
+    """
+    from nni.common.concrete_trace_utils import concrete_trace
+    from nni.compression.speedup.model_speedup import _normalize_input
+
+    try:
+        return concrete_trace(model, dummy_input if isinstance(dummy_input, dict) else _normalize_input(dummy_input))
+    except Exception as concrete_error:  # noqa: BLE001 - report both tracers' errors below
+        log.warning("NNI's concrete tracer failed (%s); trying torch.fx.symbolic_trace", concrete_error)
+        try:
+            return torch.fx.symbolic_trace(model)
+        except Exception as fx_error:
+            raise RuntimeError(
+                f"ModelSpeedup cannot trace this model. NNI's concrete tracer: {concrete_error!r}; "
+                f"torch.fx: {fx_error!r}. Make the failing op traceable or exclude its layers."
+            ) from fx_error
+
+
 def speedup(model: nn.Module, dummy_input: Any, masks: dict, **kwargs: Any) -> nn.Module:
     """Shrink ``model`` in place with NNI's ``ModelSpeedup`` using ``masks`` (NNI format).
 
@@ -89,18 +111,10 @@ def speedup(model: nn.Module, dummy_input: Any, masks: dict, **kwargs: Any) -> n
     masks = {k: dict(v) for k, v in masks.items()}  # plain dicts: NNI may save them with torch.save
     was_training = model.training
     model.eval()
-    try:
-        ModelSpeedup(model, dummy_input, masks, **kwargs).speedup_model()
-    except Exception as concrete_error:  # noqa: BLE001 - report both tracers' errors below
-        log.warning("NNI's concrete tracer failed (%s); trying torch.fx.symbolic_trace", concrete_error)
-        try:
-            graph_module = torch.fx.symbolic_trace(model)
-        except Exception as fx_error:
-            raise RuntimeError(
-                f"ModelSpeedup cannot trace this model. NNI's concrete tracer: {concrete_error!r}; "
-                f"torch.fx: {fx_error!r}. Make the failing op traceable or exclude its layers."
-            ) from fx_error
-        ModelSpeedup(model, dummy_input, masks, graph_module=graph_module, **kwargs).speedup_model()
+    if "graph_module" not in kwargs:
+        kwargs["graph_module"] = trace(model, dummy_input)
+    # tracing is done, the model untouched: any error from here on is the speedup's own, raised as it is
+    ModelSpeedup(model, dummy_input, masks, **kwargs).speedup_model()
     model.eval()
     if was_training:
         log.info("speedup: model returned in eval mode")
