@@ -37,11 +37,21 @@ from .search import coarse_settings, search_channels, search_layer_targets
 log = logging.getLogger("de_plugin_inc")
 
 
-class _Quiet(list):
-    """A list that INC's ``logger.info(info)`` prints as one short line."""
+class _Quiet:
+    """Batches that INC's ``logger.info(info)`` prints as one short line (INC pretty-prints lists
+    element by element, so this is no list; it iterates like one)."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
     def __repr__(self) -> str:
-        return f"<{len(self)} batches>"
+        return f"<{len(self.batches)} batches>"
 
 
 class _ModelRef:

@@ -1,0 +1,265 @@
+"""Bad input found by held-out checks (issue 12): each is a clear error, raised before any work,
+naming the argument or key and what to do; the user's model and files are left untouched."""
+import json
+import os
+
+import pytest
+import torch
+
+import de_plugin
+from conftest import nni_evaluator, same_state, state_of
+from de_plugin import cli
+from de_plugin.demo.models import SmallResNet
+
+
+def counted(evaluate):
+    def ev(model):
+        ev.calls += 1
+        return evaluate(model)
+
+    ev.calls = 0
+    return ev
+
+
+# ------------------------------------------------------------------------------------- core
+@pytest.mark.parametrize("content,what", [(os.urandom(4096), "random bytes"), (None, "truncated")])
+def test_load_corrupt_masks_file_names_the_file(mlp, evaluate, tmp_path, content, what):
+    path = tmp_path / "masks.pt"
+    if content is None:  # a real masks file, cut short
+        r = de_plugin.prune(mlp, "uniform_magnitude", sparsity=0.5, progress=False, rounds=1, finetune_epochs=0)
+        r.save(path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(content)
+    before = state_of(mlp)
+    with pytest.raises(ValueError, match=f"masks file {path} is corrupt or truncated"):
+        de_plugin.load(path, mlp)
+    assert same_state(before, state_of(mlp))
+    with pytest.raises(FileNotFoundError, match="no masks file"):
+        de_plugin.load(tmp_path / "missing.pt", mlp)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_device_without_cuda_refused_before_any_evaluation(mlp, evaluate):
+    ev = counted(evaluate)
+    with pytest.raises(ValueError, match="option 'device'.*no CUDA on this machine"):
+        de_plugin.prune(mlp, "de_layerwise", evaluate=ev, sparsity=0.5, device="cuda", progress=False)
+    assert ev.calls == 0
+
+
+def test_val_data_must_be_batches(mlp, digits):
+    with pytest.raises(TypeError, match=r"`val_data` must be an iterable of \(inputs, targets\) batches.*one tensor"):
+        de_plugin.prune(mlp, "de_layerwise", val_data=digits.x_val, sparsity=0.5, progress=False)
+    with pytest.raises(TypeError, match="`val_data`.*batch 0 is tuple of length 3"):
+        de_plugin.prune(mlp, "de_layerwise", val_data=[(digits.x_val, digits.y_val, digits.y_val)], sparsity=0.5)
+
+
+@pytest.fixture(scope="module")
+def convnet():
+    torch.manual_seed(0)
+    return SmallResNet(widths=(8, 16, 16))
+
+
+def images(digits):
+    return digits.x_val.reshape(-1, 1, 8, 8), digits.y_val
+
+
+def test_random_coarse_ratio_key_matching_no_layer(convnet, digits):
+    x, y = images(digits)
+    before = state_of(convnet)
+    with pytest.raises(ValueError, match=r"`ratios` keys \['block.conv9'\] match no selected Conv2d layer"):
+        de_plugin.prune(convnet, "random_coarse", val_data=[(x, y)], score="accuracy", ratios={"block.conv9": 0.25},
+                        candidates=2, adaptive_bn=False, progress=False)
+    with pytest.raises(ValueError, match=r"`kernel_ratios` keys \['nope\*'\]"):
+        de_plugin.prune(convnet, "random_coarse", val_data=[(x, y)], kernel_ratios={"nope*": 0.2}, candidates=2,
+                        adaptive_bn=False, progress=False)
+    assert same_state(before, state_of(convnet))
+
+
+def test_random_coarse_train_data_tensor_refused_first(convnet, digits, evaluate):
+    x, y = images(digits)
+    ev = counted(lambda m: float((m(x).argmax(1) == y).float().mean()))
+    with pytest.raises(TypeError, match="`train_data` must be an iterable of batches.*one tensor of shape"):
+        de_plugin.prune(convnet, "random_coarse", evaluate=ev, train_data=x, candidates=2, progress=False)
+    assert ev.calls == 0
+
+
+def test_option_types_are_strict():
+    with pytest.raises(ValueError, match="option 'rounds': Input should be a valid integer"):
+        de_plugin.create_pruner("de_layerwise", rounds="4")
+    assert de_plugin.create_pruner("de_layerwise", mutation=1).options.mutation == 1.0  # int where a float belongs
+
+
+def test_checkpoint_directory_refused_at_once(tmp_path):
+    with pytest.raises(ValueError, match="is a directory; give a file path"):
+        de_plugin.create_pruner("de_layerwise", checkpoint=str(tmp_path))
+
+
+def test_percent_accuracy_with_fractional_drop_refused(mlp, evaluate, finetune):
+    ev = counted(lambda m: 100.0 * evaluate(m))
+    before = state_of(mlp)
+    with pytest.raises(ValueError, match="return accuracy as a fraction"):
+        de_plugin.prune(mlp, "de_layerwise", evaluate=ev, finetune=finetune, max_accuracy_drop=0.01, progress=False)
+    assert ev.calls == 1 and same_state(before, state_of(mlp))  # only the reference was measured
+
+
+def test_cli_bad_options_json(capsys):
+    assert cli.main(["run", "--options", '{"rounds": 4,, }']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("de-plugin: error: --options is not valid JSON") and "line 1 column" in err[-1]
+
+
+# -------------------------------------------------------------------------------------- NNI
+@pytest.fixture
+def nni_pruner():
+    pytest.importorskip("nni")
+    import de_plugin_nni
+
+    return de_plugin_nni.create_pruner
+
+
+@pytest.mark.parametrize("text,suffix,match", [
+    ("pruner: de_layerwise\nconfig_list: [\n  - {op_types: [Linear]\n", ".yaml", r"is not valid YAML at line \d+"),
+    ('{"pruner": "de_layerwise", "config_list": [}', ".json", r"is not valid JSON at line 1, column \d+"),
+])
+def test_cli_config_syntax_errors_name_file_and_line(nni_pruner, tmp_path, capsys, text, suffix, match):
+    path = tmp_path / f"bad{suffix}"
+    path.write_text(text)
+    assert cli.main(["nni", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith(f"de-plugin: error: {path}")
+    import re
+
+    assert re.search(match, err[-1])
+
+
+@pytest.mark.parametrize("name", ["de_layerwise", "random_coarse", "level", "l1norm"])
+def test_nni_op_names_naming_no_module(nni_pruner, mlp, digits, evaluate, name):
+    before = state_of(mlp)
+    with pytest.raises(ValueError, match=r"op_names \['fc9'\] name no module of the model; its Conv/Linear modules"):
+        nni_pruner(name, mlp, [{"op_names": ["fc9"], "sparse_ratio": 0.5}], nni_evaluator(mlp, digits, evaluate))
+    assert same_state(before, state_of(mlp)) and not hasattr(mlp.fc1, "_nni_wrapper")
+
+
+def test_nni_max_below_min_refused_before_wrapping(nni_pruner, mlp, digits, evaluate):
+    cfg = [{"op_types": ["Linear"], "sparse_ratio": 0.5, "max_sparse_ratio": 0.3, "min_sparse_ratio": 0.4}]
+    with pytest.raises(ValueError, match="max_sparse_ratio=0.3 is below min_sparse_ratio=0.4"):
+        nni_pruner("de_layerwise", mlp, cfg, nni_evaluator(mlp, digits, evaluate))
+    assert not hasattr(mlp.fc1, "_nni_wrapper")
+
+
+@pytest.mark.parametrize("name", ["level", "l1norm", "l2norm", "fpgm"])
+@pytest.mark.parametrize("ratio", [1.2, -0.1])
+def test_nni_builtins_get_the_same_config_checks(nni_pruner, mlp, name, ratio):
+    with pytest.raises(ValueError, match=r"sparse_ratio=.* must lie in \[0, 1\)"):
+        nni_pruner(name, mlp, [{"op_types": ["Linear"], "sparse_ratio": ratio}])
+
+
+@pytest.mark.parametrize("key,value", [("granularity", "in_channel"), ("dependency_group_id", 1),
+                                       ("internal_metric_block", 4)])
+def test_nni_settings_de_layerwise_cannot_honour_are_refused(nni_pruner, mlp, digits, evaluate, key, value):
+    cfg = [{"op_types": ["Linear"], "sparse_ratio": 0.5, key: value}]
+    with pytest.raises(ValueError, match=f"de_layerwise does not support {key}="):
+        nni_pruner("de_layerwise", mlp, cfg, nni_evaluator(mlp, digits, evaluate))
+
+
+def test_nni_legacy_config_keys_accepted(nni_pruner, mlp, digits, evaluate):
+    cfg = [{"op_types": ["Linear"], "sparsity": 0.7}]  # NNI 2.x form, still accepted by NNI 3.0
+    p = nni_pruner("de_layerwise", mlp, cfg, nni_evaluator(mlp, digits, evaluate), population=6, generations=1,
+                   rounds=1, finetune_epochs=1, scan_levels=[0.5], progress=False)
+    _, masks = p.compress()
+    kept = sum(m["weight"].sum().item() for m in masks.values())
+    total = sum(m["weight"].numel() for m in masks.values())
+    assert 1 - kept / total == pytest.approx(0.7, abs=1e-3)
+
+
+def test_nni_speedup_raises_the_real_error(nni_pruner, digits):
+    """A speedup failure that is not a tracing failure surfaces as it is (no fx retry)."""
+    import de_plugin_nni
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
+    bad = {"0": {"weight": torch.ones(3, 3)}}  # wrong shape: NNI's own error, not the tracer's
+    with pytest.raises(Exception) as info:
+        de_plugin_nni.speedup(model, digits.x_val[:2], bad)
+    assert "cannot trace" not in str(info.value)
+
+
+# -------------------------------------------------------------------------------------- INC
+@pytest.fixture
+def inc():
+    pytest.importorskip("neural_compressor")
+    from neural_compressor.training import WeightPruningConfig, prepare_compression
+
+    import de_plugin_inc  # noqa: F401 - registers the pruners
+
+    return WeightPruningConfig, prepare_compression
+
+
+@pytest.mark.parametrize("bad", ["population=4", 8])
+def test_inc_de_options_not_a_dict(inc, mlp, evaluate, bad):
+    WeightPruningConfig, prepare_compression = inc
+    cfg = WeightPruningConfig([{"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": evaluate,
+                                "de_options": bad}], target_sparsity=0.5, pattern="1x1", start_step=0, end_step=0)
+    with pytest.raises(TypeError, match="de_options must be a dict"):
+        prepare_compression(mlp, cfg)
+
+
+def test_inc_random_coarse_entry_matching_nothing(inc, convnet, evaluate):
+    WeightPruningConfig, prepare_compression = inc
+    cfg = WeightPruningConfig([{"op_names": ["nothing.*"], "pruning_type": "random_coarse", "eval_func": evaluate}],
+                              target_sparsity=0.5, pattern="1xchannel", start_step=0, end_step=0)
+    with pytest.raises(ValueError, match=r"random_coarse: op_names \['nothing.\*'\] matched no Conv2d layer"):
+        prepare_compression(convnet, cfg)
+
+
+def test_inc_prepare_pruning_route_does_not_recurse(inc, mlp, evaluate, digits):
+    """INC's forward pre-hook calls on_step_begin on every forward, the search's eval_func included."""
+    from neural_compressor.compression.pruner import prepare_pruning
+
+    WeightPruningConfig, _ = inc
+    cfg = WeightPruningConfig([{"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": evaluate,
+                                "de_options": {"population": 4, "generations": 1}}], target_sparsity=0.6,
+                              pattern="1x1", start_step=0, end_step=0)
+    opt = torch.optim.Adam(mlp.parameters(), 1e-3)
+    prepare_pruning(mlp, cfg, optimizer=opt)
+    for i in range(0, 128, 64):
+        loss = torch.nn.functional.cross_entropy(mlp(digits.x_train[i:i + 64]), digits.y_train[i:i + 64])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    s = [float((mlp.get_submodule(n).weight == 0).float().mean()) for n in ("fc1", "fc2")]
+    n1, n2 = mlp.fc1.weight.numel(), mlp.fc2.weight.numel()
+    assert (s[0] * n1 + s[1] * n2) / (n1 + n2) == pytest.approx(0.6, abs=1e-3)
+
+
+def test_inc_train_data_logged_as_one_line(inc, convnet, digits):
+    import logging
+
+    WeightPruningConfig, prepare_compression = inc
+    x, y = images(digits)
+    batches = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 128, 32)]
+    cfg = WeightPruningConfig([{"op_names": ["layer1.conv1"], "pruning_type": "random_coarse", "train_data": batches,
+                                "eval_func": lambda m: 0.5}], target_sparsity=0.5, pattern="1xchannel",
+                              start_step=0, end_step=0)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    inc_log = logging.getLogger("neural_compressor")  # INC's own logger does not propagate
+    inc_log.addHandler(handler)
+    try:
+        prepare_compression(convnet, cfg)
+    finally:
+        inc_log.removeHandler(handler)
+    text = "\n".join(seen)
+    assert "<4 batches>" in text and "tensor(" not in text
+
+
+def test_json_config_file_errors_say_yaml_needs_suffix(nni_pruner, tmp_path):
+    import de_plugin_nni
+
+    path = tmp_path / "cfg.txt"
+    path.write_text("pruner: level\n")
+    with pytest.raises(ValueError, match="YAML files need the .yaml suffix"):
+        de_plugin_nni.load_config(path)
+    assert json.loads(json.dumps({"ok": 1}))  # the module's json import is used
