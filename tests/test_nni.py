@@ -398,3 +398,28 @@ def test_evaluation_inside_a_schedule_restores_train_mode(mlp, digits, evaluate)
     LinearPruner(inner, interval_steps=3, total_times=2).compress(max_steps=9, max_epochs=None)
     hook.remove()
     assert len(modes) >= 9 and all(modes), f"{modes.count(False)} training forwards ran in eval mode"
+
+
+def test_agp_with_lightning_evaluator(digits, _trained):
+    """The schedule's re-allocation evaluates inside trainer.fit; the fit's trainer must stay attached."""
+    model, evaluator = lightning_evaluator(digits)
+    model.net.load_state_dict(_trained.state_dict())
+    inner = de_plugin_nni.create_pruner("de_layerwise", model, [{"op_types": ["Linear"], "sparse_ratio": 0.6}],
+                                        evaluator, **{**DE, "population": 4, "generations": 1, "sensitivity_scan": False})
+    _, masks = AGPPruner(inner, interval_steps=2, total_times=2).compress(max_steps=4, max_epochs=None)
+    assert sparsity(masks) == pytest.approx(0.6, abs=1e-3)
+
+
+def test_lsq_fusion_with_lightning_evaluator(digits, _trained):
+    """Fused with LSQ under Lightning: the up-front evaluation must not turn the quantizer's
+    scale / zero point into inference tensors (Lightning tests under torch.inference_mode)."""
+    from nni.compression.quantization import LsqQuantizer
+
+    model, evaluator = lightning_evaluator(digits)
+    model.net.load_state_dict(_trained.state_dict())
+    p = de_plugin_nni.create_pruner("de_layerwise", model, [{"op_types": ["Linear"], "sparse_ratio": 0.6}],
+                                    evaluator, **{**DE, "population": 4, "generations": 1, "sensitivity_scan": False})
+    qcfg = [{"op_types": ["Linear"], "target_names": ["weight"], "quant_dtype": "int8", "quant_scheme": "symmetric"}]
+    q = LsqQuantizer.from_compressor(p, qcfg)
+    q.compress(max_steps=4, max_epochs=None)
+    assert sparsity(p.get_masks()) == pytest.approx(0.6, abs=1e-3)
