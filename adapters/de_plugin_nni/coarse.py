@@ -51,6 +51,8 @@ def parse_coarse_config(model: nn.Module, config_list: List[Dict]) -> tuple[Dict
         modules, _, _ = select_modules_by_config(model, cfg)
         names = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
         ratio = setting(cfg, "sparse_ratio")
+        if ratio is None and not names:
+            continue  # a legacy {'exclude': True} entry: NNI turned it into exclusions of every entry
         if ratio is None or not 0.0 <= float(ratio) < 1.0:
             raise ValueError(f"config_list entry {i}: sparse_ratio (fraction of each layer's output channels) must "
                              f"lie in [0, 1), got {ratio}")

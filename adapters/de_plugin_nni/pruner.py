@@ -74,11 +74,13 @@ def parse_config_list(model: nn.Module, config_list: List[Dict]) -> List[Dict[st
     groups, owner = [], {}
     for i, cfg in enumerate(configs):
         ratio = setting(cfg, "sparse_ratio")
+        modules, _, _ = select_modules_by_config(model, cfg)
+        names = [n for n, m in modules.items() if isinstance(m, PRUNABLE)]
+        if ratio is None and not names:
+            continue  # a legacy {'exclude': True} entry: NNI turned it into exclusions of every entry
         if ratio is None:
             raise ValueError(f"config_list entry {i} needs 'sparse_ratio' (the overall budget of its layers; "
                              "NNI's legacy 'sparsity' / 'total_sparsity' work too)")
-        modules, _, _ = select_modules_by_config(model, cfg)
-        names = [n for n, m in modules.items() if isinstance(m, PRUNABLE)]
         if not names:
             raise ValueError(f"config_list entry {i} selects no Conv/Linear layer of the model: {cfg}")
         for n in names:
