@@ -263,3 +263,10 @@ def test_json_config_file_errors_say_yaml_needs_suffix(nni_pruner, tmp_path):
     with pytest.raises(ValueError, match="YAML files need the .yaml suffix"):
         de_plugin_nni.load_config(path)
     assert json.loads(json.dumps({"ok": 1}))  # the module's json import is used
+
+
+def test_nni_random_coarse_refuses_granularity_it_cannot_honour(nni_pruner, digits, evaluate):
+    model = SmallResNet(widths=(8, 16, 16))
+    cfg = [{"op_names": ["layer1.conv1"], "sparse_ratio": 0.5, "granularity": "in_channel"}]
+    with pytest.raises(ValueError, match="random_coarse does not support granularity='in_channel'"):
+        nni_pruner("random_coarse", model, cfg, nni_evaluator(model, digits, evaluate))
