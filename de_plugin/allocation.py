@@ -148,8 +148,14 @@ ALLOCATIONS = {
 }
 
 
-def masks_from_counts(weights: list[torch.Tensor], counts: Sequence[int]) -> list[torch.Tensor]:
-    """Keep the ``k`` largest-magnitude weights of each layer (stable tie-break by position)."""
+def masks_from_counts(weights: list[torch.Tensor], counts: Sequence[int],
+                      ranks: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Keep the ``k`` largest-magnitude weights of each layer (stable tie-break by position).
+
+    ``ranks`` (``evaluation.magnitude_rank`` of these very weights, e.g. the search's) spare the sort.
+    """
+    if ranks is not None:
+        return [(r < int(k)).cpu() for r, k in zip(ranks, counts)]
     out = []
     for w, k in zip(weights, counts):
         flat = w.detach().abs().reshape(-1)

@@ -240,6 +240,17 @@ def backend_round(backend: Backend) -> Iterator[Scorer]:
         backend.end_round()
 
 
+def magnitude_rank(w: torch.Tensor) -> torch.Tensor:
+    """Each weight's position in its layer's magnitude order (0 = largest; ties by position, as a
+    stable descending sort), int32 and shaped like ``w``: keeping ``rank < k`` keeps exactly the
+    ``k`` weights ``masks_from_counts`` keeps, with 4 bytes per weight instead of an int64 order."""
+    flat = w.detach().abs().reshape(-1)
+    order = torch.argsort(flat, descending=True, stable=True)
+    rank = torch.empty(flat.numel(), dtype=torch.int32, device=w.device)
+    rank[order] = torch.arange(flat.numel(), dtype=torch.int32, device=w.device)
+    return rank.view(w.shape)
+
+
 class MagnitudeScorer:
     """Magnitude masks from keep-counts, applied in place to one model and scored."""
 
@@ -254,32 +265,34 @@ class MagnitudeScorer:
             shared = getattr(evaluate, "batches", None)  # the evaluator's own (device) copies
             self.batches = shared if isinstance(shared, DeviceBatches) else DeviceBatches(batches)
         self.metric = metric
-        self.reset()
+        self.rank: Optional[list[torch.Tensor]] = None  # built by reset(), once per round
 
     def reset(self) -> None:
-        """Take the model's current weights as this round's reference (snapshot and magnitude order)."""
+        """Take the model's current weights as this round's reference: a snapshot and each weight's
+        magnitude rank (built once per round, shared with the round's mask computation)."""
         self.params = [get_param(self.model, t) for t in self.targets]
         self.w0 = [p.detach().clone() for p in self.params]
-        self.order = [torch.argsort(w.abs().reshape(-1), descending=True, stable=True) for w in self.w0]
+        self.rank = [magnitude_rank(w) for w in self.w0]
+        self._keep = torch.empty(max(w.numel() for w in self.w0), dtype=torch.bool, device=self.w0[0].device)
         self.applied: list[Optional[int]] = [None] * len(self.params)
 
     def apply(self, counts: Sequence[int]) -> None:
+        """Keep the ``counts[l]`` largest weights of each layer: one vectorised pass per changed layer
+        (``rank < k``), exactly the first ``k`` of the stable descending magnitude order."""
+        if self.rank is None:
+            self.reset()
         with torch.no_grad():
             for i, (p, k) in enumerate(zip(self.params, counts)):
-                k, prev, flat, order = int(k), self.applied[i], p.view(-1), self.order[i]
-                if prev == k:
-                    continue
-                if prev is None:
-                    p.copy_(self.w0[i])
-                    flat[order[k:]] = 0
-                elif k < prev:  # only the difference to the last candidate moves: fewer indexed writes
-                    flat[order[k:prev]] = 0
-                else:
-                    idx = order[prev:k]
-                    flat[idx] = self.w0[i].view(-1)[idx]
-                self.applied[i] = k
+                k = int(k)
+                if self.applied[i] != k:
+                    keep = self._keep[: p.numel()].view(p.shape)  # one bool buffer, reused by every layer
+                    torch.lt(self.rank[i], k, out=keep)
+                    torch.mul(self.w0[i], keep, out=p)
+                    self.applied[i] = k
 
     def restore(self) -> None:
+        if self.rank is None:
+            return
         with torch.no_grad():
             for p, w in zip(self.params, self.w0):
                 p.copy_(w)
@@ -379,11 +392,10 @@ class BatchedBackend(SerialBackend):
                 part = batch[start:start + self.chunk]
                 stacked = {}
                 with torch.no_grad():
-                    for name, w0, order in zip(names, s.w0, s.order):
-                        ws = w0.unsqueeze(0).repeat(len(part), *([1] * w0.dim())).reshape(len(part), -1)
-                        for j, c in enumerate(part):
-                            ws[j, order[int(c[names.index(name)]):]] = 0
-                        stacked[name] = ws.reshape(len(part), *w0.shape)
+                    for li, (name, w0, rank) in enumerate(zip(names, s.w0, s.rank)):
+                        keep = torch.tensor([int(c[li]) for c in part], device=rank.device)
+                        mask = rank.unsqueeze(0) < keep.view(-1, *([1] * rank.dim()))
+                        stacked[name] = torch.where(mask, w0.unsqueeze(0), torch.zeros((), dtype=w0.dtype))
                 with torch.inference_mode():
                     logits = self._forward(stacked)
                 out += [check_score(self.metric(logits[j], self.y.to(logits.device))) for j in range(len(part))]

@@ -76,6 +76,11 @@ class IterativePruner(Pruner):
     def restore_checkpoint_state(self, data: dict[str, Any]) -> None:
         """Inverse of :meth:`checkpoint_state`, called after :meth:`begin` when resuming."""
 
+    def magnitude_ranks(self, round_index: int) -> Optional[list]:
+        """The targets' magnitude ranks for this round's weights if the pruner built them (its
+        search did), so the runner's mask computation needs no second sort; None otherwise."""
+        return None
+
     def complete(self, outcome: Outcome) -> Outcome:
         """Add the pruner's own findings to the finished run's outcome."""
         return outcome

@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Optional
 
 import numpy as np
+import torch
 from pydantic import Field, field_validator
 
 from . import allocation
@@ -69,7 +70,8 @@ def magnitude_space(scorer: MagnitudeScorer, state: State, o: LayerwiseOptions) 
         cur = 1.0 - max_keep / state.numels
         bounds = [(min(c, o.max_layer_sparsity), o.max_layer_sparsity) for c in cur]
         return KeepSpace(state.numels, min_keep, max_keep, bounds)
-    sorted_mag = [w.abs().reshape(-1)[order].cpu().numpy() for w, order in zip(scorer.w0, scorer.order)]
+    sorted_mag = [torch.sort(w.abs().reshape(-1), descending=True, stable=True).values.cpu().numpy()
+                  for w in scorer.w0]
     active = [w[w != 0] for w in scorer.w0]
     std = np.array([float(a.std()) if a.numel() > 1 else 1.0 for a in active])
     std[std <= 0] = 1.0
@@ -89,6 +91,7 @@ class DELayerwise(IterativePruner):
         if o.device:
             ctx.model.to(o.device)
         self.ctx, self.reference = ctx, reference
+        self._ranks: Optional[tuple[int, list]] = None
         self.sensitivity: dict[str, list[tuple[float, float]]] = {}
         self.deadline = None if o.time_limit is None else time.perf_counter() + o.time_limit
         budget_rounds = o.rounds if ctx.sparsity is not None else o.rounds + o.patience
@@ -110,6 +113,9 @@ class DELayerwise(IterativePruner):
     def restore_checkpoint_state(self, data: dict[str, Any]) -> None:
         self.rng.bit_generator.state = data["rng"]
         self.sensitivity = data["sensitivity"]
+
+    def magnitude_ranks(self, round_index: int) -> Optional[list]:
+        return self._ranks[1] if self._ranks is not None and self._ranks[0] == round_index else None
 
     def complete(self, outcome: Outcome) -> Outcome:
         if self.sensitivity and outcome.history:
@@ -184,6 +190,7 @@ class DELayerwise(IterativePruner):
             self._search_rng = self.rng.bit_generator.state  # as it stands once the solver exists
             best = run(search, solver, space)
             score = search.score(best)
+            self._ranks = (round_index, scorer.rank)  # the round's weights, sorted once
         self.nfev += search.nfev
         return best, score, search.info(solver)
 

@@ -101,13 +101,15 @@ def finetune_round(
     last_values: Optional[dict[str, torch.Tensor]] = None,
     rng: Optional[np.random.Generator] = None,
     torch_seed: int = 0,
+    ranks: Optional[Sequence[torch.Tensor]] = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Prune to ``counts`` by magnitude, fine-tune (with recovery), return final masks and stats.
 
     On return the model's pruned weights are exactly zero and each layer keeps ``counts[l]``.
+    ``ranks``: the weights' magnitude ranks when the caller has them (no sort then).
     """
     weights = [get_param(model, t) for t in targets]
-    masks = {t.name: m for t, m in zip(targets, masks_from_counts(weights, counts))}
+    masks = {t.name: m for t, m in zip(targets, masks_from_counts(weights, counts, ranks))}
     stats = {"recovered": 0.0, "spliced": 0.0}
     splicing = recovery == "splicing" and finetune is not None and epochs >= 2
     if not splicing:  # DNS keeps pruned values behind the mask so they can be spliced back

@@ -42,12 +42,15 @@ log = logging.getLogger("de_plugin")
 class State:
     """Where the loop stands: current keep-counts and sizes of the targets."""
 
-    def __init__(self, ctx: "Context"):
+    def __init__(self, ctx: "Context", keep_values: bool = False):
         self.ctx = ctx
         self.numels = np.array([t.numel for t in ctx.targets], dtype=np.int64)
         self.masks = {t.name: get_param(ctx.model, t).detach() != 0 for t in ctx.targets}
         self.counts = np.array([int(self.masks[t.name].sum()) for t in ctx.targets], dtype=np.int64)
-        self.last_values = {t.name: get_param(ctx.model, t).detach().clone() for t in ctx.targets}
+        #: last non-zero value of every weight, only for random recovery with recovery_init="old"
+        #: (a copy of every weight: not kept otherwise)
+        self.keep_values = keep_values
+        self.last_values = {t.name: get_param(ctx.model, t).detach().clone() for t in ctx.targets} if keep_values else {}
 
     @property
     def total(self) -> int:
@@ -69,6 +72,8 @@ class State:
         return np.minimum(self.counts, cap)
 
     def remember_values(self) -> None:
+        if not self.keep_values:
+            return
         for t, w in zip(self.ctx.targets, self.weights()):
             nz = w != 0
             self.last_values[t.name][nz] = w[nz]
@@ -131,7 +136,8 @@ class RoundRunner:
     def start(self, ctx: "Context") -> None:
         """Check the goal against the layer bounds, measure the reference (or resume), set up the pruner."""
         self.ctx, o = ctx, self.pruner.options
-        self.state = State(ctx)
+        self.keep_values = o.recovery == "random" and o.recovery_init == "old"
+        self.state = State(ctx, self.keep_values)
         self.mode = "budget" if ctx.sparsity is not None else "accuracy" if ctx.max_accuracy_drop is not None \
             else "scheduled"
         if self.mode == "budget":
@@ -292,7 +298,7 @@ class RoundRunner:
         """A step at a sparsity the caller's schedule chose, over the weights as they are now (the
         schedule trains between steps): re-allocate, prune; fine-tune only if a ``finetune`` was given."""
         o, ctx = self.pruner.options, self.ctx
-        self.state = state = State(ctx)  # the schedule's training moved the weights since the last step
+        self.state = state = State(ctx, self.keep_values)  # the schedule's training moved the weights
         i = self.loop["next"]
         self.loop["next"] = i + 1
         keep = int(round(state.total * (1.0 - sparsity)))
@@ -315,8 +321,8 @@ class RoundRunner:
         masks, stats = finetune_round(
             ctx.model, ctx.targets, counts, ctx.finetune, o.finetune_epochs,
             recovery=o.recovery, fraction=o.recovery_fraction, init=o.recovery_init,
-            splice_interval=o.splice_interval, last_values=state.last_values, rng=self.rng,
-            torch_seed=ctx.seed * 1000 + 2 * i,
+            splice_interval=o.splice_interval, last_values=state.last_values or None, rng=self.rng,
+            torch_seed=ctx.seed * 1000 + 2 * i, ranks=self.pruner.magnitude_ranks(i),
         )
         state.masks = masks
         state.counts = np.array([int(masks[t.name].sum()) for t in ctx.targets], dtype=np.int64)

@@ -27,7 +27,16 @@ DEFAULT_TYPES: dict[type, Callable[[nn.Module], list[str]]] = {
     nn.LSTM: lambda m: [n for n, _ in m.named_parameters(recurse=False) if n.startswith("weight_")],
     nn.GRU: lambda m: [n for n, _ in m.named_parameters(recurse=False) if n.startswith("weight_")],
     nn.RNN: lambda m: [n for n, _ in m.named_parameters(recurse=False) if n.startswith("weight_")],
+    # attention projections: the packed q/k/v weight (or the three separate ones); out_proj is a Linear
+    nn.MultiheadAttention: lambda m: [n for n in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                                      if isinstance(getattr(m, n, None), nn.Parameter)],
 }
+
+
+def layer_kind(module: nn.Module) -> type | None:
+    """The supported type a module is, subclasses included (e.g. MultiheadAttention's out_proj, a
+    ``NonDynamicallyQuantizableLinear``, counts as Linear); None when it is not prunable."""
+    return next((t for t in DEFAULT_TYPES if isinstance(module, t)), None)
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,7 @@ def find_targets(
                 )
     out: list[Target] = []
     for name, mod in modules.items():
-        kind = next((t for t in DEFAULT_TYPES if type(mod) is t), None)
+        kind = layer_kind(mod)
         if kind is None:
             continue
         if layer_types is not None and kind.__name__ not in layer_types:

@@ -308,7 +308,7 @@ def test_incremental_mask_application_equals_a_fresh_one(mlp, evaluate):
         a.apply(counts)  # incremental from the previous candidate
         got = [p.detach().clone() for p in a.params]
         fresh = MagnitudeScorer(mlp, targets, evaluate)  # the round's weights, as a just-restored scorer sees them
-        fresh.w0, fresh.order = a.w0, a.order
+        fresh.w0, fresh.rank, fresh.params, fresh._keep = a.w0, a.rank, a.params, a._keep
         fresh.restore()
         fresh.apply(counts)
         assert all(torch.equal(x, p) for x, p in zip(got, fresh.params))
