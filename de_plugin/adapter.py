@@ -28,6 +28,7 @@ from .coarse import (
     coarse_search,
     count_macs,
 )
+from .coupling import channel_groups
 from .evaluation import Backend, BackendOptions, Scorer, backend_round, check_batches, check_score, make_backend
 from .hookspecs import hookimpl
 from .layerwise import LayerwiseOptions
@@ -43,5 +44,5 @@ __all__ = [
     "Allocator", "KeepSpace", "DensitySpace", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
     "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "check_batches", "validate_options",
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",
-    "hookimpl", "lookup",
+    "channel_groups", "hookimpl", "lookup",
 ]

@@ -423,3 +423,62 @@ def test_lsq_fusion_with_lightning_evaluator(digits, _trained):
     q = LsqQuantizer.from_compressor(p, qcfg)
     q.compress(max_steps=4, max_epochs=None)
     assert sparsity(p.get_masks()) == pytest.approx(0.6, abs=1e-3)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand -> 3x3 depthwise -> 1x1 project, residual."""
+
+    def __init__(self, c, e):
+        super().__init__()
+        self.expand, self.bn1 = nn.Conv2d(c, c * e, 1, bias=False), nn.BatchNorm2d(c * e)
+        self.dw, self.bn2 = nn.Conv2d(c * e, c * e, 3, padding=1, groups=c * e, bias=False), nn.BatchNorm2d(c * e)
+        self.project, self.bn3 = nn.Conv2d(c * e, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = F.relu6(self.bn1(self.expand(x)))
+        return x + self.bn3(self.project(F.relu6(self.bn2(self.dw(y)))))
+
+
+class MobileNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.b1, self.b2 = InvertedResidual(8, 4), InvertedResidual(8, 4)
+        self.aux = nn.Conv2d(8, 4, 1)  # an auxiliary head, called in training only (as GoogLeNet's)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.b2(self.b1(torch.relu(self.stem(x))))
+        if self.training:
+            x = x + 0 * self.aux(x).mean()
+        return self.fc(x.mean((2, 3)))
+
+
+def test_random_coarse_speedup_removes_depthwise_channels_exactly(digits, evaluate):
+    """The sped-up MobileNetV2-style model has exactly the parameter count the masks predict, and
+    a mask for a conv the eval graph never calls does not break the speedup."""
+    from conftest import nni_evaluator
+    from de_plugin.demo.training import make_evaluate
+
+    class Images:
+        x_train, y_train = digits.x_train.reshape(-1, 1, 8, 8), digits.y_train
+        x_val, y_val = digits.x_val.reshape(-1, 1, 8, 8), digits.y_val
+
+    torch.manual_seed(0)
+    model = MobileNetish().eval()
+    ev = make_evaluate(Images.x_val, Images.y_val)
+    p = de_plugin_nni.create_pruner("random_coarse", model, [{"op_names": ["b1.expand", "b2.expand"], "sparse_ratio": 0.5}],
+                                    nni_evaluator(model, Images, ev), candidates=2, adaptive_bn=False,
+                                    finetune_epochs=0, progress=False)
+    _, masks = p.compress()
+    p.unwrap_model()
+    assert {"b1.dw", "b2.dw"} <= set(masks)  # the depthwise convs get the expand convs' rows
+    masks["aux"] = {"weight": torch.ones_like(model.aux.weight)}
+    model.eval()
+    x = Images.x_val[:16]
+    expected = model(x)
+    small = copy.deepcopy(model)
+    de_plugin_nni.speedup(small, x[:2], masks)
+    assert small.b1.dw.out_channels == 16 and small.b1.project.in_channels == 16
+    assert sum(q.numel() for q in small.parameters()) == p.result["params"]
+    torch.testing.assert_close(small(x), expected, atol=1e-5, rtol=1e-5)

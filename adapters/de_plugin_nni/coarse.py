@@ -23,7 +23,14 @@ from nni.compression.base.wrapper import ModuleWrapper
 from nni.compression.utils.evaluator import Evaluator
 from torch import nn
 
-from de_plugin.adapter import CoarseOptions, CoarseSpace, apply_and_retrain, coarse_search, validate_options
+from de_plugin.adapter import (
+    CoarseOptions,
+    CoarseSpace,
+    apply_and_retrain,
+    channel_groups,
+    coarse_search,
+    validate_options,
+)
 
 from .evaluators import patch_lightning_evaluator
 from .entries import setting, validated_entries
@@ -89,12 +96,20 @@ def own_masks(space: CoarseSpace, cand: Dict[str, Any]) -> Dict[str, torch.Tenso
     Quirk (NNI 3.0): ModelSpeedup's mask propagation derives a conv's removed inputs itself; given
     weight masks that also zero the input columns of maps removed upstream, it mis-sizes residual
     adds (one branch shrinks, the other does not). So NNI gets each conv's own decisions only.
+    Quirk (NNI 3.0): it does not carry a removed map through a depthwise conv (MobileNetV2's
+    expand -> depthwise -> project keeps every depthwise channel); a depthwise conv gets the rows
+    of the maps it passes through.
     """
     out: Dict[str, torch.Tensor] = {}
     for g, k in zip(space.groups, cand["channels"]):
         for p in g.producers:
             w = space.param(p + ".weight")
             out[p + ".weight"] = torch.from_numpy(k).to(w.device)[:, None, None, None].expand_as(w).clone()
+        for m, off in g.depthwise:
+            w = space.param(m + ".weight")
+            rows = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+            rows[off:off + len(k)] = torch.from_numpy(k).to(w.device)
+            out[m + ".weight"] = rows[:, None, None, None].expand_as(w).clone()
     in_alive = space.alive(cand["channels"])[0]
     for layer, k in zip(space.kernel_layers, cand["kernels"]):
         w = space.param(layer + ".weight")
@@ -126,7 +141,12 @@ class RandomCoarsePruner(Pruner):
         self.options.feature_map_ratio = 0.0
         self.seed, self.progress = int(seed), bool(progress)
         self.train_data = list(train_data) if train_data is not None else None
-        conv_cfg = [{"op_names": sorted(self.ratios), "sparse_ratio": 0.5}]
+        dummy = evaluator.get_dummy_input()
+        self.couple = self.given_groups or nni_dependency_groups(model, dummy, sorted(self.ratios))
+        # depthwise convs over pruned maps get the producer's rows too, so they need wrappers
+        depthwise = sorted({m for g in channel_groups(model, dummy, self.couple) if set(g.producers) & set(self.ratios)
+                            for m, _ in g.depthwise} - set(self.ratios))
+        conv_cfg = [{"op_names": sorted(self.ratios) + depthwise, "sparse_ratio": 0.5}]
         super().__init__(model, conv_cfg, evaluator, existed_wrappers)
         self.result: Dict[str, Any] = {}
 
@@ -149,8 +169,7 @@ class RandomCoarsePruner(Pruner):
         evaluator.bind_model(model)
         try:
             dummy = evaluator.get_dummy_input()
-            couple = self.given_groups or nni_dependency_groups(model, dummy, sorted(self.ratios))
-            space = CoarseSpace(model, dummy, sorted(self.ratios), self.options, couple)
+            space = CoarseSpace(model, dummy, sorted(self.ratios), self.options, self.couple)
             score = lambda _m: _score_of(evaluator.evaluate())  # noqa: E731
             found = coarse_search(model, space, dummy, score, self.options, self.seed, train_batches=self._calibration(),
                                   progress=self.progress)
@@ -162,7 +181,8 @@ class RandomCoarsePruner(Pruner):
             self.result = {"reference": reference, "best_candidate_score": found.score, "candidate_scores": found.scores,
                            "before_retraining": before, "accuracy": score(model), "groups": found.groups,
                            "macs": macs["macs"], "macs_dense": macs["macs_dense"],
-                           "macs_removed": 1 - macs["macs"] / macs["macs_dense"], "param_masks": masks}
+                           "macs_removed": 1 - macs["macs"] / macs["macs_dense"], "params": macs["params"],
+                           "params_dense": macs["params_dense"], "param_masks": masks}
         finally:
             evaluator.unbind_model()
             sync_into_wrappers(self)

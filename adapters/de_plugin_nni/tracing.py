@@ -113,6 +113,13 @@ def speedup(model: nn.Module, dummy_input: Any, masks: dict, **kwargs: Any) -> n
     model.eval()
     if "graph_module" not in kwargs:
         kwargs["graph_module"] = trace(model, dummy_input)
+    # Quirk (NNI 3.0): a mask for a module the eval graph never calls (GoogLeNet's / Inception's
+    # auxiliary classifiers run in training only) fails the speedup with a KeyError; leave them out
+    called = {str(n.target) for n in kwargs["graph_module"].graph.nodes if n.op == "call_module"}
+    skipped = sorted(k for k in masks if k not in called)
+    if skipped:
+        log.info("speedup: %d masked module(s) never called in eval mode, left as they are: %s", len(skipped), skipped)
+        masks = {k: v for k, v in masks.items() if k in called}
     # tracing is done, the model untouched: any error from here on is the speedup's own, raised as it is
     ModelSpeedup(model, dummy_input, masks, **kwargs).speedup_model()
     model.eval()
