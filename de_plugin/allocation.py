@@ -85,13 +85,36 @@ def fit_budget(
 
 
 def _topk_counts(scores: list[torch.Tensor], total: int) -> np.ndarray:
-    flat = torch.cat([s.reshape(-1) for s in scores])
+    """How many of the ``total`` largest scores (non-negative floats) fall in each layer.
+
+    The threshold is found by bisection over float32 bit patterns (monotone for non-negative
+    floats, 32 steps), counting per layer: no concatenation and no top-k index tensor, so the
+    memory beyond the scores is one layer's boolean mask. Ties at the threshold go to the
+    earlier layers.
+    """
     counts = np.zeros(len(scores), dtype=np.int64)
+    numels = np.array([s.numel() for s in scores], dtype=np.int64)
     if total <= 0:
         return counts
-    idx = torch.topk(flat, total, sorted=False).indices
-    bounds = np.cumsum([0] + [s.numel() for s in scores])
-    counts[:] = np.histogram(idx.numpy(), bins=bounds)[0]
+    if total >= numels.sum():
+        return numels
+    flat = [s.reshape(-1).float() for s in scores]
+
+    def at_least(bits: int) -> int:
+        t = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+        return sum(int((s >= t).sum()) for s in flat)
+
+    lo, hi = 0, 0x7F800000  # +0.0 .. +inf
+    while lo < hi:  # the largest threshold that still keeps at least `total` scores
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if at_least(mid) >= total else (lo, mid - 1)
+    t = torch.tensor(lo, dtype=torch.int32).view(torch.float32)
+    counts[:] = [int((s > t).sum()) for s in flat]
+    left = total - int(counts.sum())
+    for i, s in enumerate(flat):  # the tied scores at the threshold, in layer order
+        take = min(left, int((s == t).sum()))
+        counts[i] += take
+        left -= take
     return counts
 
 
