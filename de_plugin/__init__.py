@@ -8,7 +8,8 @@ Quick start::
 """
 from .pruner import Pruner, prune
 from .registry import create_pruner, list_metrics, list_pruners, register_pruner
-from .result import PruningResult, load
+from .result import PruningResult
+from .saving import load, save_model
 
 __all__ = [
     "prune",
@@ -19,5 +20,6 @@ __all__ = [
     "Pruner",
     "PruningResult",
     "load",
+    "save_model",
 ]
 __version__ = "0.1.0"

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from .saving import export_onnx, load, save_model  # noqa: F401 - load: de_plugin.load
 
 
 @dataclass
@@ -80,20 +81,19 @@ class PruningResult:
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.summary(), indent=kwargs.pop("indent", 2), default=_jsonable, **kwargs)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write masks and summary atomically (temporary file, then rename)."""
-        masks = {**self.masks, **self.extra_masks}
-        payload = {"format": "de_plugin.masks/1", "masks": {k: v.cpu().bool() for k, v in masks.items()},
-                   "summary": json.loads(self.to_json())}
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    def save(self, path: str | os.PathLike, masks_only: bool = False) -> None:
+        """Write the pruned model (weights and buffers), its masks and the summary atomically;
+        ``de_plugin.load(path, model)`` gives back a model whose outputs equal ``self.model``'s.
+        ``masks_only=True`` writes the masks alone (re-applied to whatever weights a model has)."""
+        if self.model is None and not masks_only:
+            raise ValueError("this result holds no model: save it with masks_only=True")
+        save_model(path, self.model, {**self.masks, **self.extra_masks}, json.loads(self.to_json()), masks_only)
+
+    def export_onnx(self, path: str | os.PathLike, example_inputs: Any, opset: int = 17) -> dict[str, Any]:
+        """The pruned model as ONNX (see :func:`de_plugin.saving.export_onnx`); returns path and size."""
+        if self.model is None:
+            raise ValueError("this result holds no model to export")
+        return export_onnx(self.model, path, example_inputs, opset)
 
 
 def _jsonable(o: Any) -> Any:
@@ -104,34 +104,3 @@ def _jsonable(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
     return str(o)
-
-
-def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
-    """Apply masks saved by ``PruningResult.save`` to ``model`` in place (zeroing pruned weights).
-
-    Every name and shape is checked before any weight is touched, so a mismatch leaves the
-    model as it was.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no masks file at {path} (write one with PruningResult.save)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - random bytes, truncated zip, wrong format
-        raise ValueError(f"masks file {path} is corrupt or truncated ({type(exc).__name__}); write it again with "
-                         f"PruningResult.save (the model was not touched)") from None
-    if not isinstance(payload, dict) or payload.get("format") != "de_plugin.masks/1":
-        raise ValueError(f"{path} is not a de_plugin masks file (written by PruningResult.save)")
-    params = dict(model.named_parameters())
-    problems = []
-    for name, m in payload["masks"].items():
-        if name not in params:
-            problems.append(f"{name}: no such parameter in the model")
-        elif tuple(params[name].shape) != tuple(m.shape):
-            problems.append(f"{name}: mask shape {tuple(m.shape)} != parameter shape {tuple(params[name].shape)}")
-    if problems:
-        raise ValueError("masks do not fit this model: " + "; ".join(problems))
-    with torch.no_grad():
-        for name, m in payload["masks"].items():
-            params[name].mul_(m.to(params[name].device, params[name].dtype))
-    return model
