@@ -195,7 +195,7 @@ class Allocator:
         )
 
     def _run(self, solver: DifferentialEvolution, evaluate_batch, desc: str) -> None:
-        pbar = tqdm(total=solver.maxiter + 1, desc=desc, leave=False, disable=not self.progress)
+        pbar = tqdm(total=solver.maxiter + 1, desc=desc, leave=False, disable=None if self.progress else True)
         while not solver.done:
             if self.deadline is not None and solver.history and time.perf_counter() > self.deadline:
                 log.info("time_limit reached: stopping the search at generation %d", solver.nit)

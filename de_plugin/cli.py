@@ -20,8 +20,18 @@ from .demo.data import FASHION_MNIST_DIR, load_idx_dataset
 from .demo.models import MODELS
 from .demo.training import dense_model, make_evaluate, make_finetune
 from .plugins import load_plugins
-from .registry import create_pruner, list_pruners
+from .pruner import check_goal
+from .registry import create_pruner, get_pruner_class, list_pruners
 from .report import format_table, write_report
+
+#: the main job's options; ``--options`` adds to them (keys the chosen pruner has), it does not replace them
+RUN_DEFAULTS = {"rounds": 4, "finetune_epochs": 2}
+
+
+def run_options(pruner: str, given: dict) -> dict:
+    fields = get_pruner_class(pruner).Options.model_fields
+    return {**{k: v for k, v in RUN_DEFAULTS.items() if k in fields}, **given}
+
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
@@ -32,7 +42,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not isinstance(options, dict):
         raise ValueError(f"--options must be a JSON object of pruner options, e.g. '{{\"rounds\": 4}}', got {args.options!r}")
     goal = {"sparsity": args.sparsity} if args.max_accuracy_drop is None else {"max_accuracy_drop": args.max_accuracy_drop}
-    create_pruner(args.pruner, **options)  # bad names or options fail here, before any training
+    options = run_options(args.pruner, options)
+    create_pruner(args.pruner, **options)  # bad names, options and goals fail here, before any training
+    check_goal(args.pruner, **goal)
     data = load_idx_dataset(args.data, val_size=args.val_size, seed=args.seed)
     model = dense_model(args.model, data, args.train_epochs, args.seed, args.data)
     evaluate = make_evaluate(data.x_val, data.y_val)
@@ -45,30 +57,34 @@ def cmd_run(args: argparse.Namespace) -> int:
                    exclude=args.exclude or None, **goal, **options)
     test_acc = test(result.model)
     extra = {
-        "test accuracy": f"dense {dense_test:.4f} -> pruned {test_acc:.4f} (drop {100 * (dense_test - test_acc):+.2f} pp)",
+        "test accuracy": f"dense {dense_test:.4f} -> pruned {test_acc:.4f} (drop {100 * (dense_test - test_acc):+.2f} pp; "
+                         f"the pruned model had {finetune.steps} fine-tune steps the dense one did not)",
         "fine-tune gradient steps": finetune.steps,
-        "wall time (s)": round(time.perf_counter() - t0, 1),
+        "wall time of pruning (s)": round(time.perf_counter() - t0, 1),
     }
     print(format_table(result, extra))
     paths = write_report(result, args.out, {"dense_test_accuracy": dense_test, "test_accuracy": test_acc,
-                                             "finetune_steps": finetune.steps, "model": args.model})
-    result.save(Path(args.out) / "masks.pt")
-    print(f"\nwrote {paths['json']}, {paths['text']}, {paths['plot']} and {Path(args.out) / 'masks.pt'}")
+                                             "finetune_steps": finetune.steps, "model": args.model}, extra)
+    result.save(Path(args.out) / "pruned.pt")
+    print(f"\nwrote {paths['json']}, {paths['text']}, {paths['plot']} and {Path(args.out) / 'pruned.pt'} "
+          f"(the pruned model: de_plugin.load(path, model))")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="de-plugin", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="de-plugin", description="de-plugin: differential-evolution layer-wise pruning "
+                                "and coarse random-mask pruning (main job, pruner list, framework commands)")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train, prune and report (default: de_layerwise on LeNet-300-100 / Fashion-MNIST)")
-    r.add_argument("--pruner", default="de_layerwise")
+    r = sub.add_parser("run", help="train, prune and report (default: de_layerwise on LeNet-300-100 / Fashion-MNIST)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--pruner", default="de_layerwise", help=f"one of: {', '.join(list_pruners())}")
     r.add_argument("--model", default="lenet300", choices=sorted(MODELS))
     r.add_argument("--data", default=FASHION_MNIST_DIR, help="folder with MNIST-format IDX files")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--sparsity", type=float, default=0.95)
     g.add_argument("--max-accuracy-drop", type=float, default=None)
-    r.add_argument("--options", default='{"rounds": 4, "finetune_epochs": 2}',
-                   help="pruner options as JSON")
+    r.add_argument("--options", default=None,
+                   help=f"pruner options as a JSON object, added to the main job's {json.dumps(RUN_DEFAULTS)}")
     r.add_argument("--exclude", nargs="*", default=[], help="module names not to prune")
     r.add_argument("--train-epochs", type=int, default=10)
     r.add_argument("--val-size", type=int, default=5000)
@@ -90,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"de-plugin: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("de-plugin: interrupted (with checkpoint=..., run again with resume=true to continue)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

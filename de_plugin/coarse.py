@@ -396,7 +396,7 @@ def best_of_n(model: nn.Module, space: CoarseSpace, score: Callable[[nn.Module],
     scores: list[float] = []
     try:
         backend.start_round()
-        with tqdm(total=n, desc=f"{desc} candidates", disable=not progress or n == 1, leave=False) as bar:
+        with tqdm(total=n, desc=f"{desc} candidates", disable=True if not progress or n == 1 else None, leave=False) as bar:
             for start in range(0, n, step):
                 scores += backend.evaluate(cands[start:start + step])
                 bar.update(min(step, n - start))

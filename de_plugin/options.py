@@ -15,9 +15,11 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
-def validate_options(model_cls: type[Options], pruner_name: str, options: dict[str, Any]) -> Options:
+def validate_options(model_cls: type[Options], pruner_name: str, options: dict[str, Any],
+                     what: str = "options for pruner") -> Options:
     """Build the options object or raise a ValueError that names each problem and the fix."""
     known = list(model_cls.model_fields)
+    noun = "key" if "config" in what else "option"
     try:
         return model_cls(**options)
     except ValidationError as exc:
@@ -27,11 +29,11 @@ def validate_options(model_cls: type[Options], pruner_name: str, options: dict[s
             if err["type"] == "extra_forbidden":
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                lines.append(f"unknown option {key!r}{hint}")
+                lines.append(f"unknown {noun} {key!r}{hint}")
             else:
-                lines.append(f"option {key!r}: {err['msg']} (got {err.get('input')!r})")
+                lines.append(f"{noun} {key!r}: {err['msg']} (got {err.get('input')!r})")
         unknown = any(err["type"] == "extra_forbidden" for err in exc.errors())
         raise ValueError(
-            f"invalid options for pruner {pruner_name!r}: " + "; ".join(lines)
-            + (f". Valid options: {', '.join(sorted(known))}" if unknown else "")
+            f"invalid {what} {pruner_name!r}: " + "; ".join(lines)
+            + (f". Valid keys: {', '.join(sorted(known))}" if unknown else "")
         ) from None

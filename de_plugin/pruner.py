@@ -9,6 +9,7 @@ user's model is copied, so a bad call never leaves a half-pruned model behind.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import numbers
@@ -75,11 +76,14 @@ class Pruner:
         raise NotImplementedError
 
 
+EXAMPLES = {"sparsity": "0.9 prunes 90% of the weights", "max_accuracy_drop": "0.005 allows a 0.5 pp drop"}
+
+
 def _check_fraction(label: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise TypeError(f"`{label}` must be a number in [0, 1), got {value!r}")
     if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"`{label}` must lie in [0, 1) (a fraction, e.g. 0.9 for 90%), got {value}")
+        raise ValueError(f"`{label}` must lie in [0, 1) (a fraction: {EXAMPLES[label]}), got {value}")
     return float(value)
 
 
@@ -148,6 +152,12 @@ def prune(
     return build_result(name, pruner, outcome, work, int(seed), time.perf_counter() - t0)
 
 
+def check_goal(name: str, sparsity: Any = None, max_accuracy_drop: Any = None) -> None:
+    """The goal checks of :func:`prune` for pruner ``name``, for callers that validate before work
+    (the CLI, before it loads data and trains)."""
+    _check_goal(get_pruner_class(name), name, sparsity, max_accuracy_drop)
+
+
 def _check_goal(cls: type[Pruner], name: str, sparsity: Any, max_accuracy_drop: Any,
                 ) -> tuple[Optional[float], Optional[float]]:
     """Exactly one goal for sparsity-driven pruners, none for ratio-driven ones; fractions in [0, 1)."""
@@ -169,9 +179,26 @@ def _check_callables(cls: type[Pruner], name: str, evaluate: Any, finetune: Any,
         raise TypeError(f"`evaluate` must be callable as evaluate(model) -> float, got {type(evaluate).__name__}")
     if finetune is not None and not callable(finetune):
         raise TypeError(f"`finetune` must be callable as finetune(model, epochs), got {type(finetune).__name__}")
+    for label, fn, args in (("evaluate", evaluate, ("model",)), ("finetune", finetune, ("model", "epochs"))):
+        if fn is not None and not _accepts(fn, len(args)):
+            raise TypeError(f"`{label}` must accept {len(args)} positional argument(s): {label}({', '.join(args)}); "
+                            f"its signature is {label}{inspect.signature(fn)}")
     if evaluate is None and (cls.needs_evaluate or max_accuracy_drop is not None):
         need = "max_accuracy_drop" if max_accuracy_drop is not None else f"pruner {name!r}"
         raise ValueError(f"{need} needs `evaluate` (a callable model -> float) or `val_data` batches")
+
+
+def _accepts(fn: Callable, n: int) -> bool:
+    """Whether ``fn`` can be called with ``n`` positional arguments (True when it cannot be inspected)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    try:
+        sig.bind(*range(n))
+    except TypeError:
+        return False
+    return True
 
 
 def build_result(name: str, pruner: Pruner, outcome: Outcome, model: nn.Module, seed: int,

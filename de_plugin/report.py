@@ -84,8 +84,10 @@ def format_table(result: PruningResult, extra: dict[str, Any] | None = None) -> 
     return "\n".join(out)
 
 
-def write_report(result: PruningResult, out_dir: str | Path, extra: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write ``result.json``, ``report.txt`` and ``report.png`` into ``out_dir``."""
+def write_report(result: PruningResult, out_dir: str | Path, extra: dict[str, Any] | None = None,
+                 text_extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``result.json`` (with ``extra``), ``report.txt`` (with ``text_extra``, labelled for a
+    reader; ``extra`` when not given) and ``report.png`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = result.summary()
@@ -93,7 +95,7 @@ def write_report(result: PruningResult, out_dir: str | Path, extra: dict[str, An
     summary.update(extra or {})
     paths = {"json": out / "result.json", "text": out / "report.txt", "plot": out / "report.png"}
     paths["json"].write_text(json.dumps(summary, indent=2, default=str))
-    paths["text"].write_text(format_table(result, extra) + "\n")
+    paths["text"].write_text(format_table(result, extra if text_extra is None else text_extra) + "\n")
     plot_result(result, paths["plot"])
     return paths
 

@@ -52,6 +52,11 @@ class PruningResult:
     #: masks of parameters beyond the reported weights (random_coarse: biases and BatchNorm terms)
     extra_masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # the masks, model and history would print whole
+        acc = "n/a" if self.accuracy is None else f"{self.accuracy:.4f}"
+        return (f"PruningResult(pruner={self.pruner!r}, sparsity={self.sparsity:.4f}, compression={self.compression:.1f}x, "
+                f"layers={len(self.masks)}, accuracy={acc}, nfev={self.nfev}, wall_time={self.wall_time:.1f}s)")
+
     @property
     def compression(self) -> float:
         """1 / (1 - sparsity) over the pruned layers' weights (ALGORITHMS.md section 0)."""

@@ -161,7 +161,7 @@ class RoundRunner:
             self.load_state_dict(saved)
             log.info("%s: resuming from %s at round %d", self.pruner.name, self.checkpoint, saved["round"])
         total = len(self.loop["plan"]) if self.mode == "budget" else o.rounds
-        self._bar = tqdm(total=total, desc=f"{self.pruner.name} rounds", disable=not ctx.progress or self.mode == "scheduled")
+        self._bar = tqdm(total=total, desc=f"{self.pruner.name} rounds", disable=True if not ctx.progress or self.mode == "scheduled" else None)
         self._bar.update(self.loop["next"] if self.mode == "budget" else self.loop["accepted"])
 
     def _check_budget(self) -> None:

@@ -270,3 +270,62 @@ def test_nni_random_coarse_refuses_granularity_it_cannot_honour(nni_pruner, digi
     cfg = [{"op_names": ["layer1.conv1"], "sparse_ratio": 0.5, "granularity": "in_channel"}]
     with pytest.raises(ValueError, match="random_coarse does not support granularity='in_channel'"):
         nni_pruner("random_coarse", model, cfg, nni_evaluator(model, digits, evaluate))
+
+
+def test_inc_does_not_call_our_keys_unsupported(inc, mlp, evaluate, digits):
+    import logging
+
+    WeightPruningConfig, prepare_compression = inc
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    inc_log = logging.getLogger("neural_compressor")
+    inc_log.addHandler(handler)
+    try:
+        cfg = WeightPruningConfig([{"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": evaluate,
+                                    "de_options": {"population": 4, "generations": 1}}], target_sparsity=0.5,
+                                  pattern="1x1", start_step=0, end_step=0)
+        prepare_compression(mlp, cfg)
+    finally:
+        inc_log.removeHandler(handler)
+    assert not [m for m in seen if "not supported for config" in m], seen
+
+
+def test_cli_checks_goal_and_options_before_any_data(capsys, monkeypatch):
+    from de_plugin import cli as cli_mod
+
+    monkeypatch.setattr(cli_mod, "load_idx_dataset", lambda *a, **k: pytest.fail("data loaded before the checks"))
+    assert cli.main(["run", "--sparsity", "90"]) == 2
+    assert "`sparsity` must lie in [0, 1)" in capsys.readouterr().err
+    assert cli.main(["run", "--options", '{"populaton": 3}']) == 2
+    assert "did you mean 'population'" in capsys.readouterr().err
+    assert cli_mod.run_options("de_layerwise", {"population": 10}) == {"rounds": 4, "finetune_epochs": 2,
+                                                                       "population": 10}
+    assert "rounds" not in cli_mod.run_options("random_coarse", {})
+
+
+def test_nni_config_checked_before_data(nni_pruner, tmp_path, capsys, monkeypatch):
+    import de_plugin_nni.config as nni_config
+
+    monkeypatch.setattr("de_plugin.demo.data.load_idx_dataset", lambda *a, **k: pytest.fail("data loaded first"))
+    path = tmp_path / "c.yaml"
+    path.write_text("pruner: de_layerwise\noptions: {populaton: 3}\nconfig_list:\n"
+                    "  - {op_types: [Linear], sparse_ratio: 0.8}\nmodel: lenet300\n")
+    assert cli.main(["nni", str(path)]) == 2
+    assert "did you mean 'population'" in capsys.readouterr().err
+    path.write_text("pruner: de_layerwise\nconfig_list:\n  - {op_types: [Linear], sparse_ratio: 95}\nmodel: lenet300\n")
+    assert cli.main(["nni", str(path)]) == 2
+    assert "sparse_ratio=95 must lie in [0, 1)" in capsys.readouterr().err
+    assert nni_config.precheck  # the checks live in one function
+
+
+def test_finetune_with_the_wrong_signature_refused_before_the_search(mlp, evaluate):
+    ev = counted(evaluate)
+    with pytest.raises(TypeError, match=r"`finetune` must accept 2 positional argument\(s\): finetune\(model, epochs\)"):
+        de_plugin.prune(mlp, "de_layerwise", evaluate=ev, finetune=lambda model: None, sparsity=0.5, progress=False)
+    assert ev.calls == 0
+
+
+def test_result_repr_is_short(mlp):
+    r = de_plugin.prune(mlp, "uniform_magnitude", sparsity=0.5, progress=False, rounds=1, finetune_epochs=0)
+    assert len(repr(r)) < 400 and "tensor(" not in repr(r)

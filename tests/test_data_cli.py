@@ -75,7 +75,7 @@ def test_main_job_on_real_fashion_mnist_subset(tmp_path, monkeypatch, capsys):
     res = json.loads((out / "result.json").read_text())
     assert abs(res["sparsity"] - 0.9) < 1e-4 and res["nfev"] > 0
     assert res["storage"]["pruned_layers_bytes"]["best_sparse"] < res["storage"]["pruned_layers_bytes"]["dense"]
-    assert (out / "report.png").stat().st_size > 1000 and (out / "masks.pt").exists()
+    assert (out / "report.png").stat().st_size > 1000 and (out / "pruned.pt").exists()
     assert list((tmp_path / "cache").glob("lenet300_*.pt"))  # dense model cached outside the repo
 
 

@@ -221,7 +221,7 @@ def test_config_structured_pruner_with_speedup(evaluator_for, digits):
 @pytest.mark.parametrize(
     "cfg,match",
     [
-        ({"pruner": "de_layerwise", "config_list": [], "quantiser": {}}, "unknown option 'quantiser'"),
+        ({"pruner": "de_layerwise", "config_list": [], "quantiser": {}}, "unknown key 'quantiser'"),
         ({"pruner": "de_layerwise", "config_list": [{"op_types": ["Linear"], "sparse_ratio": 0.5}],
           "quantizer": {"name": "int4", "config_list": []}}, "unknown quantizer 'int4'"),
         ({"pruner": "nope", "config_list": [{"op_types": ["Linear"], "sparse_ratio": 0.5}]}, "Available NNI pruners"),

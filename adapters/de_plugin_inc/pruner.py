@@ -140,9 +140,30 @@ def _patch_parse_to_prune() -> None:
         mod.parse_to_prune = parse_to_prune
 
 
+class _QuietINC(logging.Filter):
+    """Quirk (INC 3.7.1): ``process_config`` warns "<key> is not supported for config" for the keys
+    our pruners read (they are used), and every pattern step logs "<layer> sparsity is ..." at INFO
+    (hundreds of lines per run). Drop those two; everything else INC says passes."""
+
+    OURS = ("eval_func", "de_options", "coarse_options", "train_data", "layer_targets", "channel_keep", "model_ref")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.endswith(" is not supported for config") and msg.split(" ", 1)[0] in self.OURS:
+            return False
+        return not (record.levelno == logging.INFO and " sparsity is " in msg)
+
+
+def _quiet_inc_logger() -> None:
+    inc_log = logging.getLogger("neural_compressor")
+    if not any(isinstance(f, _QuietINC) for f in inc_log.filters):
+        inc_log.addFilter(_QuietINC())
+
+
 _patch_generate_pruners()
 _patch_process_config()
 _patch_parse_to_prune()
+_quiet_inc_logger()
 
 
 class SearchedPruner(PytorchBasicPruner):

@@ -31,7 +31,7 @@ from torch import nn
 
 from de_plugin.adapter import validate_options
 
-from .names import SCHEDULERS, create_pruner
+from .names import PRUNERS, SCHEDULERS, create_pruner, lookup
 from .quantize import QUANTIZERS, finetune, int8_storage, quantize
 from .tracing import speedup as run_speedup
 
@@ -102,7 +102,8 @@ def load_config(source: str | Path | Dict[str, Any]) -> CompressionConfig:
         raw = copy.deepcopy(source)
     if not isinstance(raw, dict):
         raise ValueError("a compression config must be a mapping with at least 'pruner' and 'config_list'")
-    cfg = validate_options(CompressionConfig, "config", raw)
+    cfg = validate_options(CompressionConfig, str(source) if isinstance(source, (str, Path)) else "config", raw,
+                           what="keys in the compression config")
     if cfg.quantizer is not None and cfg.quantizer.name not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {cfg.quantizer.name!r}; valid: {', '.join(sorted(QUANTIZERS))}")
     return cfg
@@ -134,7 +135,7 @@ def torch_evaluator(model: nn.Module, data, train: TrainSection, lr: float, eval
 
 def _layer_table(masks: Dict[str, Dict[str, torch.Tensor]]) -> List[Dict[str, Any]]:
     rows = []
-    for name, t in masks.items():
+    for name, t in sorted(masks.items()):
         m = t.get("weight")
         if m is None:
             continue
@@ -142,17 +143,48 @@ def _layer_table(masks: Dict[str, Dict[str, torch.Tensor]]) -> List[Dict[str, An
     return rows
 
 
+def precheck(cfg: CompressionConfig, model: nn.Module | None = None) -> None:
+    """What can be checked without data or training, checked first: the pruner's name, our pruners'
+    options and every config_list entry (against an untrained copy of the demo model when the
+    config names one)."""
+    from de_plugin.adapter import CoarseOptions, LayerwiseOptions
+
+    from .entries import validated_entries
+
+    lookup(PRUNERS, cfg.pruner, "NNI pruner")
+    if model is None and cfg.model is None:
+        raise ValueError("the config needs 'model' (e.g. lenet300) when no model object is given")
+    if model is None:
+        from de_plugin.demo.models import create_model
+
+        model = create_model(cfg.model)
+    opts = {k: v for k, v in cfg.options.items() if k not in ("seed", "progress", "train_data")}
+    if cfg.pruner == "de_layerwise":
+        validate_options(LayerwiseOptions, cfg.pruner, opts)
+        from .pruner import parse_config_list
+
+        parse_config_list(model, cfg.config_list)
+    elif cfg.pruner == "random_coarse":
+        validate_options(CoarseOptions, cfg.pruner, opts)
+        from .coarse import parse_coarse_config
+
+        parse_coarse_config(model, cfg.config_list)
+    else:
+        if cfg.pruner in SCHEDULERS:
+            lookup(PRUNERS, cfg.options.get("pruner", "level"), "NNI pruner")
+        validated_entries(model, cfg.config_list, cfg.pruner, "{'op_types': ['Linear'], 'sparse_ratio': 0.5}")
+
+
 def run_config(source, model: nn.Module | None = None, evaluator=None, test_evaluate=None,
                out_dir: str | Path | None = None) -> Dict[str, Any]:
     """Prune (and optionally speed up and quantize) as the config says; return and print a report."""
     cfg = load_config(source)
+    precheck(cfg, model)
     data = None
     if model is None:
         from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset
         from de_plugin.demo.training import dense_model, make_evaluate
 
-        if cfg.model is None:
-            raise ValueError("the config needs 'model' (e.g. lenet300) when no model object is given")
         folder = cfg.data or FASHION_MNIST_DIR
         data = load_idx_dataset(folder, val_size=cfg.train.val_size, train_limit=cfg.train.train_limit,
                                 seed=cfg.train.seed)

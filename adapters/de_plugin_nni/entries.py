@@ -38,13 +38,13 @@ def validated_entries(model: nn.Module, config_list: List[Dict], pruner: str, ex
     schema = default_config_schema("pruning")
     modules = dict(model.named_modules())
     for i, cfg in enumerate(configs):
+        _check_ratios(i, cfg)  # before the schema: `sparse_ratio: 95` is a range error, not a key error
         try:
             schema.validate(cfg)
         except SchemaError as exc:
             raise ValueError(f"config_list entry {i} is not valid for NNI: {exc}. "
                              f"({pruner} options go to the pruner's constructor, not into config_list)") from None
         _check_names(i, cfg.get("op_names") or [], modules)
-        _check_ratios(i, cfg)
         for key, why in (unsupported or {}).items():
             value = setting(cfg, key)
             if value is not None and not (key == "granularity" and value in ("default", "out_channel")):
@@ -63,6 +63,9 @@ def _check_names(i: int, names: Iterable[str], modules: Dict[str, nn.Module]) ->
 
 def _check_ratios(i: int, cfg: Dict[str, Any]) -> None:
     ratio, lo, hi = (setting(cfg, k) for k in ("sparse_ratio", "min_sparse_ratio", "max_sparse_ratio"))
+    for key, v in (("sparse_ratio", ratio), ("min_sparse_ratio", lo), ("max_sparse_ratio", hi)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"config_list entry {i}: {key}={v!r} must be a number in [0, 1)")
     if ratio is not None and not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"config_list entry {i}: sparse_ratio={ratio} must lie in [0, 1) (0.8 prunes 80%)")
     if lo is not None and not 0.0 <= float(lo) < 1.0:

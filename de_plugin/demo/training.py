@@ -58,7 +58,7 @@ def make_finetune(
         for ep in range(epochs):
             perm = torch.randperm(len(y))
             it = range(0, len(y), batch_size)
-            for i in tqdm(it, desc=f"fine-tune epoch {ep + 1}/{epochs}", leave=False, disable=not progress):
+            for i in tqdm(it, desc=f"fine-tune epoch {ep + 1}/{epochs}", leave=False, disable=None if progress else True):
                 if max_steps is not None and finetune.steps >= max_steps:
                     return
                 idx = perm[i : i + batch_size]
