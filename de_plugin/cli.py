@@ -74,6 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="de-plugin", description="de-plugin: differential-evolution layer-wise pruning "
                                 "and coarse random-mask pruning (main job, pruner list, framework commands)")
+    p.add_argument("--verbose", action="store_true", help="debug logging, frameworks' chatter included")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train, prune and report (default: de_layerwise on LeNet-300-100 / Fashion-MNIST)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        logging.getLogger("de_plugin").setLevel(logging.DEBUG)
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError) as exc:

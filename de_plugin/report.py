@@ -107,22 +107,33 @@ def plot_result(result: PruningResult, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     rounds = [h for h in result.history if isinstance(h.get("de"), dict)]
     fig, axes = plt.subplots(1, 2 if rounds else 1, figsize=(11 if rounds else 6, 4))
     axes = axes if rounds else [axes]
     names = [L["name"] for L in result.layers]
-    axes[0].bar(range(len(names)), [L["sparsity"] for L in result.layers], color="tab:blue")
+    values = [L["sparsity"] for L in result.layers]
+    bars = axes[0].bar(range(len(names)), values, color="tab:blue")
+    axes[0].bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7)
     axes[0].set_xticks(range(len(names)), names, rotation=45, ha="right")
-    axes[0].set_ylim(0, 1)
-    axes[0].set_ylabel("sparsity")
-    axes[0].set_title(f"{result.pruner}: {result.compression:.1f}x overall")
+    axes[0].set_ylim(0, 1.08)
+    axes[0].set_ylabel("sparsity of the layer's weights")
+    acc = "" if result.accuracy is None else f", val acc {result.accuracy:.4f}"
+    axes[0].set_title(f"{result.pruner}: {result.compression:.1f}x overall{acc}")
     if rounds:
         for h in rounds:
-            axes[1].plot(h["de"]["history"], label=f"round {h['round']} ({h.get('target_sparsity', h['sparsity']):.3f})")
+            best = h["de"]["history"]
+            # budget form: the fitness is -accuracy; accuracy form: the kept fraction (lower is better)
+            ys = [-v for v in best] if all(v <= 0 for v in best) else best
+            axes[1].plot(range(len(ys)), ys, marker="o", ms=3,
+                         label=f"round {h['round']}: {100 * h.get('target_sparsity', h['sparsity']):.1f}% sparse")
+        forms = all(all(v <= 0 for v in h["de"]["history"]) for h in rounds)
         axes[1].set_xlabel("DE generation")
-        axes[1].set_ylabel("best fitness (lower is better)")
-        axes[1].set_title("search convergence per round")
-        axes[1].legend(fontsize=8)
+        axes[1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[1].set_ylabel("best validation accuracy" if forms else "best fitness (kept fraction, lower is better)")
+        axes[1].set_title("search progress per round (before fine-tuning)")
+        axes[1].legend(fontsize=8, title="round: target", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from typing import Any
 
 log = logging.getLogger("de_plugin_inc")
+# Quirk (INC 3.7.1 + setuptools 80): importing INC warns "pkg_resources is deprecated" on every run
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 INC_AVAILABLE = False
 try:  # registering with INC is what importing this package is for
     from .pruner import PytorchDELayerwisePruner, PytorchRandomCoarsePruner  # noqa: F401

@@ -14,10 +14,18 @@ from torch import nn
 
 
 def quantize(model: nn.Module, approach: str = "static", calib_dataloader: Optional[Iterable] = None,
-             eval_func: Optional[Callable[[nn.Module], float]] = None):
-    """INC post-training quantization; returns INC's quantized model (``.model`` is the torch module)."""
+             eval_func: Optional[Callable[[nn.Module], float]] = None, workspace: str = "runs/inc"):
+    """INC post-training quantization; returns INC's quantized model (``.model`` is the torch module).
+
+    INC writes its tuning history under ``workspace``/nc_workspace (INC's default is ``./nc_workspace``
+    in whatever directory the user runs from)."""
+    import os
+
     from neural_compressor import PostTrainingQuantConfig
+    from neural_compressor.config import options
     from neural_compressor.quantization import fit
+
+    options.workspace = os.path.join(workspace, "nc_workspace", "")
 
     if approach not in ("static", "dynamic"):
         raise ValueError(f"approach must be 'static' or 'dynamic', got {approach!r}")

@@ -10,7 +10,14 @@ ImportError that says how to install it.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any
+
+# Quirk (NNI 3.0 on torch 2.13): nni.compression.speedup registers torch.fx's immutable collections as
+# pytree nodes with a deprecated call, warning twice per import; the registration itself is harmless
+warnings.filterwarnings("ignore", message=".*_register_pytree_node.*is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*immutable_(dict|list).*already registered as pytree node",
+                        category=UserWarning)
 
 _LAZY = {
     "DELayerwisePruner": "de_plugin_nni.pruner",

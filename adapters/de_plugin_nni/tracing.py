@@ -120,8 +120,22 @@ def speedup(model: nn.Module, dummy_input: Any, masks: dict, **kwargs: Any) -> n
     if skipped:
         log.info("speedup: %d masked module(s) never called in eval mode, left as they are: %s", len(skipped), skipped)
         masks = {k: v for k, v in masks.items() if k in called}
-    # tracing is done, the model untouched: any error from here on is the speedup's own, raised as it is
-    ModelSpeedup(model, dummy_input, masks, **kwargs).speedup_model()
+    # Quirk (NNI 3.0): ModelSpeedup logs every graph node at INFO through its own handler and the root
+    # logger (~300 lines, each twice); its messages go to a logger of ours, shown with --verbose only
+    verbose = logging.getLogger("de_plugin").isEnabledFor(logging.DEBUG)
+    quiet = logging.getLogger("de_plugin_nni.speedup")
+    quiet.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    kwargs.setdefault("logger", quiet)
+    nni_loggers = [logging.getLogger(n) for n in ("nni.compression.speedup", "nni.compression.utils.mask_conflict")]
+    levels = [lg.level for lg in nni_loggers]
+    for lg in nni_loggers:
+        lg.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    try:
+        # tracing is done, the model untouched: any error from here on is the speedup's own, raised as it is
+        ModelSpeedup(model, dummy_input, masks, **kwargs).speedup_model()
+    finally:
+        for lg, level in zip(nni_loggers, levels):
+            lg.setLevel(level)
     model.eval()
     if was_training:
         log.info("speedup: model returned in eval mode")
