@@ -66,6 +66,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     paths = write_report(result, args.out, {"dense_test_accuracy": dense_test, "test_accuracy": test_acc,
                                              "finetune_steps": finetune.steps, "model": args.model}, extra)
     result.save(Path(args.out) / "pruned.pt")
+    try:
+        onnx = result.export_onnx(Path(args.out) / "pruned.onnx", data.x_val[:2])
+        print(f"ONNX: {onnx['path']} ({onnx['bytes'] / 1024:.1f} KiB; pruned weights are stored as zeros)")
+    except ImportError:
+        pass  # onnx is an optional extra
     print(f"\nwrote {paths['json']}, {paths['text']}, {paths['plot']} and {Path(args.out) / 'pruned.pt'} "
           f"(the pruned model: de_plugin.load(path, model))")
     return 0

@@ -69,7 +69,10 @@ def format_table(result: PruningResult, extra: dict[str, Any] | None = None) -> 
     if result.reference_accuracy is not None and result.accuracy is not None:
         out.append(f"validation accuracy: dense {result.reference_accuracy:.4f} -> pruned {result.accuracy:.4f} "
                    f"(drop {100 * (result.reference_accuracy - result.accuracy):+.2f} pp)")
-    out.append(f"search: {result.nfev} evaluations, {result.wall_time:.1f} s in total")
+    search = sum(h.get("search_seconds", 0.0) for h in result.history)
+    tune = sum(h.get("finetune_seconds", 0.0) for h in result.history)
+    out.append(f"time: {result.wall_time:.1f} s in all; search {search:.1f} s ({result.nfev} evaluations), "
+               f"pruning + fine-tuning {tune:.1f} s, the rest reference and bookkeeping")
     st = storage_summary(result)
     p = st["pruned_layers_bytes"]
     out.append(f"storage of pruned layers: dense fp32 {_fmt_bytes(p['dense'])}, bitmask+values {_fmt_bytes(p['bitmask'])}, "
