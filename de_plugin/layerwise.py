@@ -135,7 +135,11 @@ class DELayerwise(IterativePruner):
                 counts = base.copy()
                 counts[i] = max(k, int(space.min_keep[i]))
                 jobs.append((t.name, float(level), counts))
+        log.info("%s: sensitivity scan, %d evaluations (%d layers x %d levels)", self.name, len(jobs),
+                 len(self.ctx.targets), len(self.options.scan_levels))
+        t0 = time.perf_counter()
         scores = search.score_many([c for _, _, c in jobs])  # one batch: parallel backends use every worker
+        log.info("%s: sensitivity scan done in %.1f s", self.name, time.perf_counter() - t0)
         self.sensitivity = {t.name: [] for t in self.ctx.targets}
         for (name, level, _), acc in zip(jobs, scores):
             self.sensitivity[name].append((level, acc))

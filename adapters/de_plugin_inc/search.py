@@ -80,7 +80,7 @@ def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, 
                 for rule in allocation.ALLOCATIONS.values():
                     seeds.append(space.fit(rule([w.detach() for w in scorer.saved], target) / numels, keep,
                                            is_density=True))
-            search = Allocator(backend, options, np.random.default_rng(s["seed"]))
+            search = Allocator(backend, options, np.random.default_rng(s["seed"]), progress=True)  # a bar on a TTY
             solver = search.solver(space, seeds, s["max_evals"])
             best = search.maximise(solver, space, keep)
     finally:

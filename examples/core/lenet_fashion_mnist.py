@@ -1,6 +1,8 @@
 """de_layerwise on LeNet-5 / Fashion-MNIST with the plain-callable API (no framework).
 
-    python examples/core/lenet_fashion_mnist.py --sparsity 0.95
+    python examples/core/lenet_fashion_mnist.py --sparsity 0.95   # about 4.5 minutes on 2 CPU cores
+
+(measured 261 s on an idle 2-core machine: LeNet-5 trained 4 epochs, then 4 rounds of de_layerwise)
 """
 import argparse
 
