@@ -118,34 +118,52 @@ def _topk_counts(scores: list[torch.Tensor], total: int) -> np.ndarray:
     return counts
 
 
-def uniform(weights: list[torch.Tensor], sparsity: float) -> np.ndarray:
+def uniform(weights: list[torch.Tensor], sparsity: float, ranks: Sequence[torch.Tensor] | None = None,
+            ) -> np.ndarray:
     """Same sparsity in every layer."""
     n = np.array([w.numel() for w in weights])
     return largest_remainder(n * (1.0 - sparsity), total_keep(n, sparsity), np.zeros_like(n), n)
 
 
-def global_magnitude(weights: list[torch.Tensor], sparsity: float) -> np.ndarray:
+def global_magnitude(weights: list[torch.Tensor], sparsity: float, ranks: Sequence[torch.Tensor] | None = None,
+                     ) -> np.ndarray:
     """One magnitude threshold over all layers."""
     return _topk_counts([w.detach().abs().float() for w in weights], total_keep([w.numel() for w in weights], sparsity))
 
 
-def lamp_scores(w: torch.Tensor) -> torch.Tensor:
-    """LAMP (Lee et al. 2021): w_u^2 / sum of w_v^2 over the layer's weights at least as large."""
+def lamp_scores(w: torch.Tensor, rank: torch.Tensor | None = None) -> torch.Tensor:
+    """LAMP (Lee et al. 2021): w_u^2 / sum of w_v^2 over the layer's weights at least as large.
+
+    ``rank`` (``evaluation.magnitude_rank(w)``, the search's) replaces the sort: weight j sits at
+    ascending position ``n - 1 - rank[j]``. Tied weights may then swap scores with each other, which
+    leaves the layer's multiset of scores, hence every top-k count, unchanged.
+    """
     sq = w.detach().float().reshape(-1) ** 2
-    order = torch.argsort(sq, stable=True)  # ascending
-    s = sq[order]
+    if rank is None:
+        order = torch.argsort(sq, stable=True)  # ascending
+        s = sq[order]
+    else:
+        pos = (sq.numel() - 1) - rank.reshape(-1).long()
+        s = torch.empty_like(sq)
+        s[pos] = sq
     suffix = torch.flip(torch.cumsum(torch.flip(s, [0]), 0), [0])
+    scores = s / suffix.clamp_min(1e-30)
+    if rank is not None:
+        return scores[pos]
     out = torch.empty_like(sq)
-    out[order] = s / suffix.clamp_min(1e-30)
+    out[order] = scores
     return out
 
 
-def lamp(weights: list[torch.Tensor], sparsity: float) -> np.ndarray:
-    """Global top-k on LAMP scores (search-free, layer-adaptive)."""
-    return _topk_counts([lamp_scores(w) for w in weights], total_keep([w.numel() for w in weights], sparsity))
+def lamp(weights: list[torch.Tensor], sparsity: float, ranks: Sequence[torch.Tensor] | None = None) -> np.ndarray:
+    """Global top-k on LAMP scores (search-free, layer-adaptive); ``ranks`` spare the per-layer sorts."""
+    ranks = ranks if ranks is not None else [None] * len(weights)
+    return _topk_counts([lamp_scores(w, r) for w, r in zip(weights, ranks)],
+                        total_keep([w.numel() for w in weights], sparsity))
 
 
-def erk(weights: list[torch.Tensor], sparsity: float) -> np.ndarray:
+def erk(weights: list[torch.Tensor], sparsity: float, ranks: Sequence[torch.Tensor] | None = None,
+        ) -> np.ndarray:
     """Erdos-Renyi-Kernel (Evci et al. 2020): density proportional to sum(dims) / prod(dims)."""
     n = np.array([w.numel() for w in weights], dtype=float)
     raw = np.array([sum(w.shape) / float(np.prod(w.shape)) for w in weights])

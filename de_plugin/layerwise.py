@@ -92,6 +92,7 @@ class DELayerwise(IterativePruner):
             ctx.model.to(o.device)
         self.ctx, self.reference = ctx, reference
         self._ranks: Optional[tuple[int, list]] = None
+        self._round_ranks: Optional[list] = None
         self.sensitivity: dict[str, list[tuple[float, float]]] = {}
         self.deadline = None if o.time_limit is None else time.perf_counter() + o.time_limit
         budget_rounds = o.rounds if ctx.sparsity is not None else o.rounds + o.patience
@@ -159,8 +160,8 @@ class DELayerwise(IterativePruner):
         weights = state.weights()
         for keep in keeps:
             if self.options.seed_baselines:
-                for rule in allocation.ALLOCATIONS.values():
-                    seeds.append(space.fit(rule(weights, 1.0 - keep / state.total), keep))
+                for rule in allocation.ALLOCATIONS.values():  # the round's ranks: LAMP needs no sort of its own
+                    seeds.append(space.fit(rule(weights, 1.0 - keep / state.total, self._round_ranks), keep))
             seeds.append(space.fit(state.counts, keep))  # previous round's shape, scaled
             if self.sensitivity:
                 base = self.reference if self.reference is not None else 1.0
@@ -178,6 +179,7 @@ class DELayerwise(IterativePruner):
         """One round's search on the backend: a fresh solver (after the first round's scan) or the one
         saved mid-round when resuming; ``run`` drives it. Returns (counts, their score, DE record)."""
         with backend_round(self.backend) as scorer:
+            self._round_ranks = scorer.rank
             space = magnitude_space(scorer, state, self.options)
             saved = self.checkpointer.resumed(round_index) if self.checkpointer is not None else None
             search = Allocator(self.backend, self.options, self.rng, progress=self.ctx.progress,

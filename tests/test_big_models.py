@@ -89,9 +89,9 @@ def test_one_sort_per_round(mlp, evaluate, finetune, monkeypatch):
     monkeypatch.setattr(torch, "argsort", counting)
     n_layers = len(find_targets(mlp))
     de_plugin.prune(mlp, "de_layerwise", evaluate=evaluate, finetune=finetune, sparsity=0.8, progress=False,
-                    population=4, generations=1, rounds=2, finetune_epochs=1, seed_baselines=False,
-                    sensitivity_scan=False, recovery="none")
-    assert len(calls) == 2 * n_layers  # one magnitude sort per layer and round (was four with LAMP seeds)
+                    population=4, generations=1, rounds=2, finetune_epochs=1, sensitivity_scan=False,
+                    recovery="none")  # the seeds (LAMP among them) are on by default
+    assert len(calls) == 2 * n_layers  # one magnitude sort per layer and round (was four)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in kilobytes is Linux's")
@@ -103,3 +103,14 @@ def test_peak_memory_per_weight_on_a_mid_size_model():
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["coverage"] == 1.0
     assert row["peak_extra_bytes_per_weight"] <= 36, row
+
+
+def test_lamp_from_ranks_gives_the_sorted_counts_ties_included():
+    from de_plugin import allocation
+
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randint(-3, 4, (40, 30), generator=g).float() / 4,  # many exact ties and zeros
+               torch.randn(50, 20, generator=g), torch.randint(-2, 3, (64,), generator=g).float()]
+    ranks = [magnitude_rank(w) for w in weights]
+    for sparsity in (0.1, 0.5, 0.8, 0.95):
+        assert np.array_equal(allocation.lamp(weights, sparsity), allocation.lamp(weights, sparsity, ranks)), sparsity
