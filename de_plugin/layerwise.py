@@ -91,8 +91,7 @@ class DELayerwise(IterativePruner):
         if o.device:
             ctx.model.to(o.device)
         self.ctx, self.reference = ctx, reference
-        self._ranks: Optional[tuple[int, list]] = None
-        self._round_ranks: Optional[list] = None
+        self._ranks: Optional[tuple[int, list]] = None  # (round, the round's magnitude ranks)
         self.sensitivity: dict[str, list[tuple[float, float]]] = {}
         self.deadline = None if o.time_limit is None else time.perf_counter() + o.time_limit
         budget_rounds = o.rounds if ctx.sparsity is not None else o.rounds + o.patience
@@ -161,7 +160,7 @@ class DELayerwise(IterativePruner):
         for keep in keeps:
             if self.options.seed_baselines:
                 for rule in allocation.ALLOCATIONS.values():  # the round's ranks: LAMP needs no sort of its own
-                    seeds.append(space.fit(rule(weights, 1.0 - keep / state.total, self._round_ranks), keep))
+                    seeds.append(space.fit(rule(weights, 1.0 - keep / state.total, self._ranks[1]), keep))
             seeds.append(space.fit(state.counts, keep))  # previous round's shape, scaled
             if self.sensitivity:
                 base = self.reference if self.reference is not None else 1.0
@@ -179,7 +178,7 @@ class DELayerwise(IterativePruner):
         """One round's search on the backend: a fresh solver (after the first round's scan) or the one
         saved mid-round when resuming; ``run`` drives it. Returns (counts, their score, DE record)."""
         with backend_round(self.backend) as scorer:
-            self._round_ranks = scorer.rank
+            self._ranks = (round_index, scorer.rank)  # the round's weights, sorted once, shared by seeds and masks
             space = magnitude_space(scorer, state, self.options)
             saved = self.checkpointer.resumed(round_index) if self.checkpointer is not None else None
             search = Allocator(self.backend, self.options, self.rng, progress=self.ctx.progress,
@@ -196,7 +195,6 @@ class DELayerwise(IterativePruner):
             self._search_rng = self.rng.bit_generator.state  # as it stands once the solver exists
             best = run(search, solver, space)
             score = search.score(best)
-            self._ranks = (round_index, scorer.rank)  # the round's weights, sorted once
         self.nfev += search.nfev
         return best, score, search.info(solver)
 

@@ -244,7 +244,9 @@ class RoundRunner:
         """One round: allocate, prune, fine-tune (with recovery); in the accuracy form accept or roll
         back. ``target_sparsity`` is for schedules owned by the caller (the runner's own plan otherwise)."""
         if target_sparsity is not None:
-            return self._scheduled_step(float(target_sparsity))
+            record = self._scheduled_step(float(target_sparsity))
+            self.history.append(record)
+            return record
         if self.mode == "scheduled":
             raise ValueError("this run has no goal of its own (no sparsity / max_accuracy_drop): "
                              "call step(target_sparsity=...)")
@@ -309,9 +311,7 @@ class RoundRunner:
         if keep < int(state.counts.sum()):
             counts, found = self.pruner.allocate(state, keep, i)
             info.update(found)
-        record = self._prune_and_finetune(i, counts, info, evaluate=ctx.finetune is not None)
-        self.history.append(record)
-        return record
+        return self._prune_and_finetune(i, counts, info, evaluate=ctx.finetune is not None)
 
     def _prune_and_finetune(self, i: int, counts: np.ndarray, info: dict[str, Any],
                             evaluate: bool = True) -> RoundRecord:
