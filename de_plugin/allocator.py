@@ -36,10 +36,13 @@ log = logging.getLogger("de_plugin")
 class SearchOptions(BackendOptions):
     """The DE search's settings (shared by ``de_layerwise``, its NNI pruner and INC's ``de_options``)."""
 
-    population: int = Field(20, ge=4, description="DE population size")
+    population: Optional[int] = Field(
+        None, ge=4, description="DE population size; None: max(20, dimension / 2), at most 64 (20 up to 40 layers)")
     generations: int = Field(20, ge=0, description="DE generations per round")
     max_evals: Optional[int] = Field(None, ge=1, description="total fitness evaluations over all rounds")
     strategy: str = Field("rand1bin", pattern="^(rand1bin|best1bin|currenttobest1bin)$")
+    adaptation: str = Field("none", pattern="^(none|jde)$",
+                            description="'jde': self-adaptive F and CR per member (Brest et al. 2006)")
     mutation: float = Field(0.5, ge=0.0, le=2.0)
     recombination: float = Field(0.9, ge=0.0, le=1.0)
     bound_handling: str = Field("clip", pattern="^(clip|reflect|random)$")
@@ -48,6 +51,19 @@ class SearchOptions(BackendOptions):
     early_reject: bool = Field(
         True, description="stop scoring a trial once its accuracy on part of val_data shows it cannot beat its parent "
                           "(same masks; needs several val_data batches and metric='accuracy')")
+
+
+def population_for(population: Optional[int], dim: int) -> int:
+    """The population for a ``dim``-dimensional search: the given one, checked against the minimum
+    ``max(4, ceil(dim / 10))``, or the default sized with the dimension."""
+    least = max(4, math.ceil(dim / 10))
+    if population is None:
+        return int(min(64, max(20, math.ceil(dim / 2))))
+    if population < least:
+        raise ValueError(f"population={population} is too small for a {dim}-dimensional search: give at least "
+                         f"{least} (dimension / 10), leave it unset (auto: {population_for(None, dim)}), or "
+                         "search fewer values with groups='stage' / 'block' / 'type'")
+    return int(population)
 
 
 def seed_population(seeds: list[np.ndarray], bounds, population: int, perturb: float,
@@ -66,7 +82,11 @@ class KeepSpace:
     """Per-layer keep-counts within ``[min_keep, max_keep]`` and the DE vectors that stand for them.
 
     This base is the ``ratio`` parametrisation: ``x_l`` is layer l's sparsity, rounded to a count.
+    ``repairs``: :meth:`to_x` inverts :meth:`to_counts`, so the population may hold the projected
+    (repaired) vectors; spaces whose way back is approximate keep the asked ones.
     """
+
+    repairs = True
 
     def __init__(self, numels: np.ndarray, min_keep: np.ndarray, max_keep: np.ndarray,
                  bounds: Sequence[tuple[float, float]]):
@@ -187,11 +207,12 @@ class Allocator:
     def solver(self, space: KeepSpace, seeds: list[np.ndarray], maxfun: Optional[int]) -> DifferentialEvolution:
         """A fresh solver whose population starts from ``seeds`` (keep-count vectors)."""
         o = self.options
-        x0 = seed_population([space.to_x(s) for s in seeds], space.bounds, o.population, o.perturb, self.rng)
+        pop = population_for(o.population, len(space.bounds))
+        x0 = seed_population([space.to_x(s) for s in seeds], space.bounds, pop, o.perturb, self.rng)
         return DifferentialEvolution(
-            space.bounds, popsize=o.population, strategy=o.strategy, mutation=o.mutation,
+            space.bounds, popsize=pop, strategy=o.strategy, mutation=o.mutation,
             recombination=o.recombination, maxiter=o.generations, maxfun=maxfun,
-            bound_handling=o.bound_handling, x0=x0, seed=int(self.rng.integers(2**31)),
+            bound_handling=o.bound_handling, x0=x0, seed=int(self.rng.integers(2**31)), adaptation=o.adaptation,
         )
 
     def _run(self, solver: DifferentialEvolution, evaluate_batch, desc: str) -> None:
@@ -216,7 +237,7 @@ class Allocator:
             # a trial replaces its parent when -score <= parent's objective: it needs score >= -f_parent
             floors = None if parents is None else [-float(fp) for fp in parents[0][:len(counts)]]
             f = [-a for a in self.score_many(counts, floors)]
-            return f, None, np.array([space.to_x(c) for c in counts])
+            return f, None, (np.array([space.to_x(c) for c in counts]) if space.repairs else None)
 
         self._run(solver, evaluate_batch, desc)
         return space.project(solver.population[solver.best_index()], keep)
@@ -240,7 +261,7 @@ class Allocator:
                 else:
                     f.append(dens)
                     v.append(max(0.0, limit - score))
-            return f, v, np.array([space.to_x(c) for c in counts])
+            return f, v, (np.array([space.to_x(c) for c in counts]) if space.repairs else None)
 
         self._run(solver, evaluate_batch, desc)
         return space.to_counts(solver.population[solver.best_index()])

@@ -28,7 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .coupling import ChannelGroup, CouplingError, channel_groups
-from .evaluation import BackendOptions, DeviceBatches, check_score, make_backend, metric_on_batches
+from .evaluation import (BN_TYPES, BackendOptions, BNState, DeviceBatches, check_score, make_backend, metric_on_batches,
+                         recalibrate_bn)
 from .hookspecs import hookimpl
 from .pruner import Context, Pruner
 from .registry import get_metric
@@ -37,7 +38,6 @@ from .targets import Target, masks_attached
 
 log = logging.getLogger("de_plugin")
 Masks = dict[str, torch.Tensor]  # "module.param" -> bool mask shaped like the parameter
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class CoarseOptions(BackendOptions):
@@ -259,9 +259,7 @@ class InPlaceMasks:
         self.model = model
         self.space = space
         self.saved = {n: space.param(n).detach().clone() for n in space.params}
-        self.bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
-        self.bn_saved = [{k: v.clone() for k, v in bn.state_dict().items() if not k.endswith(("weight", "bias"))}
-                         for bn in self.bns]
+        self.bn = BNState(model)
 
     def apply(self, masks: Masks) -> None:
         with torch.no_grad():
@@ -272,9 +270,7 @@ class InPlaceMasks:
         with torch.no_grad():
             for n, v in self.saved.items():
                 self.space.param(n).copy_(v)
-            for bn, saved in zip(self.bns, self.bn_saved):
-                for k, v in saved.items():
-                    getattr(bn, k).copy_(v)
+        self.bn.restore()
 
     @contextmanager
     def applied(self, masks: Masks) -> Iterator[None]:
@@ -283,32 +279,6 @@ class InPlaceMasks:
             yield
         finally:
             self.restore()
-
-
-def recalibrate_bn(model: nn.Module, batches: Sequence[Any], num_batches: int) -> None:
-    """EagleEye's adaptive BN: reset BatchNorm statistics and re-estimate them (cumulative average)
-    from ``num_batches`` training batches, in train mode for BN only, without gradients."""
-    bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
-    if not bns:
-        return
-    modes = {m: m.training for m in model.modules()}
-    momenta = [bn.momentum for bn in bns]
-    dev = next(model.parameters()).device
-    try:
-        model.eval()
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        with torch.no_grad():
-            for b in list(batches)[:num_batches]:
-                x = b[0] if isinstance(b, (tuple, list)) else b
-                model(x.to(dev))
-    finally:
-        for bn, mom in zip(bns, momenta):
-            bn.momentum = mom
-        for m, t in modes.items():
-            m.train(t)
 
 
 def count_macs(model: nn.Module, example_input: Any, masks: Optional[Masks] = None) -> dict[str, Any]:

@@ -21,6 +21,11 @@ import numpy as np
 
 STRATEGIES = ("rand1bin", "best1bin", "currenttobest1bin")
 BOUND_HANDLING = ("clip", "reflect", "random")
+#: ``jde``: Brest et al. 2006's self-adaptive F and CR, one pair per member, re-drawn with
+#: probability 0.1 per trial (F in [0.1, 1], CR in [0, 1]) and kept when the trial wins: no F / CR
+#: to tune per model depth.
+ADAPTATIONS = ("none", "jde")
+JDE_TAU = 0.1
 _STRATEGY_ALIASES = {
     "rand/1/bin": "rand1bin",
     "best/1/bin": "best1bin",
@@ -89,6 +94,7 @@ class DifferentialEvolution:
         init: str = "latinhypercube",
         x0: np.ndarray | Sequence[Sequence[float]] | None = None,
         seed: int | None = None,
+        adaptation: str = "none",
     ) -> None:
         b = np.asarray(bounds, dtype=float)
         if b.ndim != 2 or b.shape[1] != 2 or b.shape[0] < 1:
@@ -100,6 +106,8 @@ class DifferentialEvolution:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
         if bound_handling not in BOUND_HANDLING:
             raise ValueError(f"unknown bound_handling {bound_handling!r}; choose one of {BOUND_HANDLING}")
+        if adaptation not in ADAPTATIONS:
+            raise ValueError(f"unknown adaptation {adaptation!r}; choose one of {ADAPTATIONS}")
         if init not in ("latinhypercube", "random"):
             raise ValueError("init must be 'latinhypercube' or 'random'")
         if not isinstance(popsize, (int, np.integer)) or popsize < 4:
@@ -122,7 +130,12 @@ class DifferentialEvolution:
         self.maxfun = None if maxfun is None else int(maxfun)
         self.tol, self.atol = float(tol), float(atol)
         self.bound_handling = bound_handling
+        self.adaptation = adaptation
         self.rng = np.random.default_rng(seed)
+        # per-member F and CR (constant unless adaptation == "jde"); the pending trials' own pair
+        self.F = np.full(self.popsize, self.mutation)
+        self.CR = np.full(self.popsize, self.recombination)
+        self._trial_F, self._trial_CR = self.F.copy(), self.CR.copy()
         self.nfev = 0
         self.nit = 0
         self.history: list[dict[str, float]] = []
@@ -159,12 +172,12 @@ class DifferentialEvolution:
         keys = [_rank_key(f, v) for f, v in zip(self.fun, self.violation)]
         return int(min(range(self.popsize), key=keys.__getitem__))
 
-    def mutant(self, i: int, r: Sequence[int], best: int | None = None) -> np.ndarray:
+    def mutant(self, i: int, r: Sequence[int], best: int | None = None, F: float | None = None) -> np.ndarray:
         """Mutant vector for member ``i`` from partner indices ``r`` (before bound handling).
 
         Exposed with explicit indices so tests can check each strategy on a hand-set population.
         """
-        p, F = self.population, self.mutation
+        p, F = self.population, (self.mutation if F is None else F)
         if self.strategy == "rand1bin":
             return p[r[0]] + F * (p[r[1]] - p[r[2]])
         best = self.best_index() if best is None else best
@@ -172,9 +185,10 @@ class DifferentialEvolution:
             return p[best] + F * (p[r[0]] - p[r[1]])
         return p[i] + F * (p[best] - p[i]) + F * (p[r[0]] - p[r[1]])
 
-    def crossover(self, target: np.ndarray, mutant: np.ndarray, u: np.ndarray, j_rand: int) -> np.ndarray:
+    def crossover(self, target: np.ndarray, mutant: np.ndarray, u: np.ndarray, j_rand: int,
+                  CR: float | None = None) -> np.ndarray:
         """Binomial crossover: take the mutant where ``u < CR`` and always at ``j_rand``."""
-        take = u < self.recombination
+        take = u < (self.recombination if CR is None else CR)
         take[j_rand] = True
         return np.where(take, mutant, target)
 
@@ -196,13 +210,19 @@ class DifferentialEvolution:
         return np.where(hi > lo, lo + y, lo)
 
     def _trial(self, i: int) -> np.ndarray:
+        F, CR = self.F[i], self.CR[i]
+        if self.adaptation == "jde":  # the draws happen only in jde mode: "none" keeps its random stream
+            a, b, c, d = self.rng.uniform(size=4)
+            F = 0.1 + 0.9 * b if a < JDE_TAU else F
+            CR = d if c < JDE_TAU else CR
+        self._trial_F[i], self._trial_CR[i] = F, CR
         n_partners = 3 if self.strategy == "rand1bin" else 2
         choices = [k for k in range(self.popsize) if k != i]
         r = self.rng.choice(choices, size=n_partners, replace=False)
-        m = self.mutant(i, r)
+        m = self.mutant(i, r, F=F)
         u = self.rng.uniform(size=self.dim)
         j_rand = int(self.rng.integers(self.dim))
-        return self.repair(self.crossover(self.population[i], m, u, j_rand), self.population[i])
+        return self.repair(self.crossover(self.population[i], m, u, j_rand, CR=CR), self.population[i])
 
     # ------------------------------------------------------------------ ask / tell
     @property
@@ -285,6 +305,7 @@ class DifferentialEvolution:
                 if better(f[i], v[i], self.fun[i], self.violation[i]):
                     self.population[i] = self._pending[i]
                     self.fun[i], self.violation[i] = f[i], v[i]
+                    self.F[i], self.CR[i] = self._trial_F[i], self._trial_CR[i]
             self.nit += 1
         self._pending = None
         b = self.best_index()
@@ -331,7 +352,10 @@ class DifferentialEvolution:
                 "tol": self.tol,
                 "atol": self.atol,
                 "bound_handling": self.bound_handling,
+                "adaptation": self.adaptation,
             },
+            "F": self.F.tolist(), "CR": self.CR.tolist(),
+            "trial_F": self._trial_F.tolist(), "trial_CR": self._trial_CR.tolist(),
             "population": self.population.tolist(),
             "fun": self.fun.tolist(),
             "violation": self.violation.tolist(),
@@ -358,6 +382,10 @@ class DifferentialEvolution:
         solver._pending = None if state["pending"] is None else np.asarray(state["pending"], dtype=float)
         solver._pending_is_init = bool(state["pending_is_init"])
         solver.rng.bit_generator.state = state["rng"]
+        if "F" in state:  # states saved before adaptation existed hold the constant pair
+            solver.F, solver.CR = np.asarray(state["F"], dtype=float), np.asarray(state["CR"], dtype=float)
+            solver._trial_F = np.asarray(state["trial_F"], dtype=float)
+            solver._trial_CR = np.asarray(state["trial_CR"], dtype=float)
         return solver
 
 
@@ -372,7 +400,7 @@ def differential_evolution(
     """Minimise ``func`` over a box, scipy-style; ``constraint(x)`` returns a violation >= 0.
 
     ``options`` are those of :class:`DifferentialEvolution` (popsize, strategy, mutation,
-    recombination, maxiter, maxfun, tol, bound_handling, init, x0, seed). A ``callback``
+    recombination, maxiter, maxfun, tol, bound_handling, init, x0, seed, adaptation). A ``callback``
     returning True stops the search after the current generation.
     """
     solver = DifferentialEvolution(bounds, **options)

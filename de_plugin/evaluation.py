@@ -251,13 +251,61 @@ def magnitude_rank(w: torch.Tensor) -> torch.Tensor:
     return rank.view(w.shape)
 
 
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def recalibrate_bn(model: nn.Module, batches: Sequence[Any], num_batches: int) -> None:
+    """EagleEye's adaptive BN: reset BatchNorm statistics and re-estimate them (cumulative average)
+    from ``num_batches`` training batches, in train mode for BN only, without gradients."""
+    bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
+    if not bns:
+        return
+    modes = {m: m.training for m in model.modules()}
+    momenta = [bn.momentum for bn in bns]
+    dev = next(model.parameters()).device
+    try:
+        model.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        with torch.no_grad():
+            for b in list(batches)[:num_batches]:
+                x = b[0] if isinstance(b, (tuple, list)) else b
+                model(x.to(dev))
+    finally:
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
+        for m, t in modes.items():
+            m.train(t)
+
+
+class BNState:
+    """The model's BatchNorm running statistics, saved once and put back after every candidate
+    scored with adaptive BN (the user's statistics are never left re-estimated)."""
+
+    def __init__(self, model: nn.Module):
+        self.bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
+        self.saved = [{k: v.clone() for k, v in bn.state_dict().items() if not k.endswith(("weight", "bias"))}
+                      for bn in self.bns]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for bn, saved in zip(self.bns, self.saved):
+                for k, v in saved.items():
+                    getattr(bn, k).copy_(v)
+
+
 class MagnitudeScorer:
     """Magnitude masks from keep-counts, applied in place to one model and scored."""
 
     def __init__(self, model: nn.Module, targets: Sequence[Target], evaluate: Callable[[nn.Module], float],
                  batches: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None,
-                 metric: Optional[Callable] = None):
+                 metric: Optional[Callable] = None, calib: Optional[Sequence[Any]] = None, bn_batches: int = 0):
         self.model, self.targets, self.evaluate = model, list(targets), evaluate
+        # adaptive BN: re-estimate BatchNorm statistics on ``bn_batches`` of ``calib`` before scoring
+        self.calib = list(calib)[:bn_batches] if calib is not None and bn_batches > 0 else None
+        self.bn_state: Optional[BNState] = None
         # early rejection needs a score that is a per-image sum: accuracy on the cached batches
         # (``evaluate`` is then ``evaluator_from_batches(batches, accuracy)``, which this mirrors)
         self.batches = None
@@ -275,6 +323,7 @@ class MagnitudeScorer:
         self.rank = [magnitude_rank(w) for w in self.w0]
         self._keep = torch.empty(max(w.numel() for w in self.w0), dtype=torch.bool, device=self.w0[0].device)
         self.applied: list[Optional[int]] = [None] * len(self.params)
+        self.bn_state = BNState(self.model) if self.calib else None
 
     def apply(self, counts: Sequence[int]) -> None:
         """Keep the ``counts[l]`` largest weights of each layer: one vectorised pass per changed layer
@@ -297,10 +346,14 @@ class MagnitudeScorer:
             for p, w in zip(self.params, self.w0):
                 p.copy_(w)
         self.applied = [None] * len(self.params)
+        if self.bn_state is not None:
+            self.bn_state.restore()
 
     def score(self, counts: Sequence[int], floor: Optional[float] = None) -> float:
         """The candidate's score, or a :class:`Bound` below ``floor`` when it cannot reach it."""
         self.apply(counts)
+        if self.bn_state is not None:
+            recalibrate_bn(self.model, self.calib, len(self.calib))
         if floor is None or self.batches is None or not np.isfinite(floor):
             return check_score(self.evaluate(self.model))
         return self._bounded(floor)
@@ -621,6 +674,9 @@ def make_backend(name: str, scorer: Any, workers: int = 1, threads: int = 1, add
                              f"{type(scorer).__name__}; use 'serial', 'process' or 'ray'")
         if not val_batches or metric is None:
             log.warning("backend='batched' needs val_data batches and a metric name; using serial")
+            return SerialBackend(scorer)
+        if scorer.calib:
+            log.warning("backend='batched' cannot re-estimate BatchNorm per candidate (adaptive BN); using serial")
             return SerialBackend(scorer)
         return BatchedBackend(scorer, val_batches, metric)
     if name == "process":

@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator
+from torch import nn
 
 from . import allocation
-from .allocator import Allocator, KeepSpace, SearchOptions, StdSpace
+from .allocator import Allocator, KeepSpace, SearchOptions, StdSpace, population_for
 from .de import DifferentialEvolution
-from .evaluation import MagnitudeScorer, backend_round, check_device, make_backend
+from .evaluation import BN_TYPES, MagnitudeScorer, backend_round, check_device, make_backend
+from .grouping import GroupedSpace, resolve_groups
+from .targets import Target
 from .hookspecs import hookimpl
 from .iterative import IterativeOptions, IterativePruner, State
 from .pruner import Context
@@ -52,6 +55,17 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
     sensitivity_scan: bool = Field(True, description="per-layer sensitivity scan in the first round (warm start)")
     scan_levels: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     device: Optional[str] = Field(None, description="move the working copy here (e.g. 'cuda')")
+    groups: Union[int, str, dict[str, Union[str, list[str]]]] = Field(
+        "layer", description="one DE value per group of layers: 'layer' (none), 'stage', 'block', 'type', "
+                             "an integer n (n runs of consecutive layers) or {name: [layer patterns]}")
+    group_offset: float = Field(0.05, ge=0.0, le=1.0,
+                                description="grouped search: bounded per-layer offsets (+-, in x units); 0: none")
+    scan_max_layers: int = Field(
+        32, ge=1, description="without groups, skip the sensitivity scan above this many layers (it costs "
+                              "len(scan_levels) evaluations per layer; the baseline seeds stand in for it)")
+    adaptive_bn: bool = Field(False, description="re-estimate BatchNorm statistics on bn_batches train_data batches "
+                                                 "before scoring each candidate (needs train_data)")
+    bn_batches: int = Field(4, ge=1, description="adaptive BN: training batches per candidate")
 
     @field_validator("device")
     @classmethod
@@ -61,7 +75,30 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
         return v
 
 
-def magnitude_space(scorer: MagnitudeScorer, state: State, o: LayerwiseOptions) -> KeepSpace:
+def check_search(o: LayerwiseOptions, model: nn.Module, targets: Sequence[Target],
+                 train_batches: Optional[list]) -> list[tuple[str, list[int]]]:
+    """What can be known wrong before any work: the grouping, the population for the search's
+    dimension, adaptive BN without training batches. Returns the resolved groups."""
+    groups = resolve_groups(o.groups, targets)
+    dim = len(groups) + (len(targets) if o.group_offset > 0 else 0) if groups else len(targets)
+    population_for(o.population, dim)
+    if o.adaptive_bn:
+        if not train_batches:
+            raise ValueError("adaptive_bn=True re-estimates BatchNorm statistics on training batches: pass "
+                             "train_data=[x, ...] (a few batches of training inputs) or set adaptive_bn=False")
+        if not any(isinstance(m, BN_TYPES) for m in model.modules()):
+            log.warning("adaptive_bn=True but the model has no BatchNorm layer: nothing to re-estimate")
+    return groups
+
+
+def magnitude_space(scorer: MagnitudeScorer, state: State, o: LayerwiseOptions,
+                    groups: Sequence[tuple[str, list[int]]] = ()) -> KeepSpace:
+    """The round's space, seen through ``groups`` when the search is grouped."""
+    base = _layer_space(scorer, state, o)
+    return GroupedSpace(base, [g for _, g in groups], o.group_offset) if groups else base
+
+
+def _layer_space(scorer: MagnitudeScorer, state: State, o: LayerwiseOptions) -> KeepSpace:
     """The round's keep-count space: bounds from the layer limits, the ``std`` parametrisation from
     the scorer's snapshot of the round's weights (taken once by the backend)."""
     min_keep = state.min_keep(o.max_layer_sparsity)
@@ -86,8 +123,12 @@ class DELayerwise(IterativePruner):
     needs_evaluate = True
     backend = None
 
+    def check_targets(self, model: nn.Module, targets: Sequence[Target], train_batches: Optional[list]) -> None:
+        check_search(self.options, model, targets, train_batches)
+
     def begin(self, ctx: Context, reference: Optional[float]) -> None:
         o = self.options
+        self.groups = check_search(o, ctx.model, ctx.targets, ctx.train_batches)
         if o.device:
             ctx.model.to(o.device)
         self.ctx, self.reference = ctx, reference
@@ -95,11 +136,15 @@ class DELayerwise(IterativePruner):
         self.sensitivity: dict[str, list[tuple[float, float]]] = {}
         self.deadline = None if o.time_limit is None else time.perf_counter() + o.time_limit
         budget_rounds = o.rounds if ctx.sparsity is not None else o.rounds + o.patience
-        scan_cost = len(ctx.targets) * len(o.scan_levels) if o.sensitivity_scan else 0
-        self.evals_per_round = None if o.max_evals is None else max(o.population, (o.max_evals - scan_cost) // budget_rounds)
+        self.scan_units = self._scan_units()
+        scan_cost = len(self.scan_units) * len(o.scan_levels)
+        dim = len(self.groups) + (len(ctx.targets) if o.group_offset > 0 else 0) if self.groups else len(ctx.targets)
+        pop = population_for(o.population, dim)
+        self.evals_per_round = None if o.max_evals is None else max(pop, (o.max_evals - scan_cost) // budget_rounds)
         self.rng = np.random.default_rng(ctx.seed)
         scorer = MagnitudeScorer(ctx.model, ctx.targets, ctx.evaluate,
-                                 *((ctx.val_batches, ctx.metric) if o.early_reject else ()))
+                                 *((ctx.val_batches, ctx.metric) if o.early_reject else (None, None)),
+                                 calib=ctx.train_batches if o.adaptive_bn else None, bn_batches=o.bn_batches)
         self.backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address,
                                     ctx.val_batches, ctx.metric)
 
@@ -123,35 +168,53 @@ class DELayerwise(IterativePruner):
         return outcome
 
     # ---------------------------------------------------------------------- warm starts
+    def _scan_units(self) -> list[tuple[str, list[int]]]:
+        """What the sensitivity scan prunes one at a time: the groups, else each layer (none when off,
+        or when there are more than ``scan_max_layers`` layers and no groups: the seeds stand in)."""
+        o, targets = self.options, self.ctx.targets
+        if not o.sensitivity_scan:
+            return []
+        if self.groups:
+            return [(name, idx) for name, idx in self.groups]
+        if len(targets) > o.scan_max_layers:
+            log.info("%s: %d layers > scan_max_layers=%d: no sensitivity scan (the baseline seeds stand in; "
+                     "groups='stage' scans per group)", self.name, len(targets), o.scan_max_layers)
+            return []
+        return [(t.name, [i]) for i, t in enumerate(targets)]
+
     def _scan(self, search: Allocator, space: KeepSpace, state: State) -> None:
-        """Per-layer sensitivity: accuracy with only that layer pruned to each scan level."""
+        """Per-layer (or per-group) sensitivity: accuracy with only that unit pruned to each scan level."""
         base = state.counts.copy()
         jobs = []
-        for i, t in enumerate(self.ctx.targets):
+        for name, idx in self.scan_units:
             for level in self.options.scan_levels:
-                k = int(round(t.numel * (1.0 - min(level, self.options.max_layer_sparsity))))
-                if k >= base[i]:
+                lv = min(level, self.options.max_layer_sparsity)
+                counts, changed = base.copy(), False
+                for i in idx:
+                    k = int(round(state.numels[i] * (1.0 - lv)))
+                    if k < base[i]:
+                        counts[i], changed = max(k, int(space.min_keep[i])), True
+                if not changed:
                     continue
-                counts = base.copy()
-                counts[i] = max(k, int(space.min_keep[i]))
-                jobs.append((t.name, float(level), counts))
-        log.info("%s: sensitivity scan, %d evaluations (%d layers x %d levels)", self.name, len(jobs),
-                 len(self.ctx.targets), len(self.options.scan_levels))
+                jobs.append((name, float(level), counts))
+        log.info("%s: sensitivity scan, %d evaluations (%d units x %d levels)", self.name, len(jobs),
+                 len(self.scan_units), len(self.options.scan_levels))
         t0 = time.perf_counter()
         scores = search.score_many([c for _, _, c in jobs])  # one batch: parallel backends use every worker
         log.info("%s: sensitivity scan done in %.1f s", self.name, time.perf_counter() - t0)
-        self.sensitivity = {t.name: [] for t in self.ctx.targets}
+        self.sensitivity = {name: [] for name, _ in self.scan_units}
         for (name, level, _), acc in zip(jobs, scores):
             self.sensitivity[name].append((level, acc))
 
     def _sensitivity_densities(self, state: State, base_acc: float, tol: float) -> np.ndarray:
-        """Per layer, the sparsest scanned level whose accuracy stays within ``tol`` of the base."""
+        """Per layer, the sparsest scanned level of its unit whose accuracy stays within ``tol`` of the base."""
         d = state.counts / state.numels
         out = d.copy()
-        for i, t in enumerate(self.ctx.targets):
-            ok = [lvl for lvl, acc in self.sensitivity.get(t.name, []) if acc >= base_acc - tol]
+        for name, idx in self.scan_units:
+            ok = [lvl for lvl, acc in self.sensitivity.get(name, []) if acc >= base_acc - tol]
             if ok:
-                out[i] = min(d[i], 1.0 - max(ok))
+                for i in idx:
+                    out[i] = min(d[i], 1.0 - max(ok))
         return out
 
     def _seed_counts(self, space: KeepSpace, state: State, keeps: list[int]) -> list[np.ndarray]:
@@ -179,7 +242,7 @@ class DELayerwise(IterativePruner):
         saved mid-round when resuming; ``run`` drives it. Returns (counts, their score, DE record)."""
         with backend_round(self.backend) as scorer:
             self._ranks = (round_index, scorer.rank)  # the round's weights, sorted once, shared by seeds and masks
-            space = magnitude_space(scorer, state, self.options)
+            space = magnitude_space(scorer, state, self.options, self.groups)
             saved = self.checkpointer.resumed(round_index) if self.checkpointer is not None else None
             search = Allocator(self.backend, self.options, self.rng, progress=self.ctx.progress,
                                deadline=self.deadline, on_generation=self._saver(round_index))
@@ -189,7 +252,7 @@ class DELayerwise(IterativePruner):
                 self.rng.bit_generator.state = saved["rng"]
                 solver = DifferentialEvolution.from_state(saved["solver"])
             else:
-                if self.options.sensitivity_scan and not self.sensitivity:
+                if self.scan_units and not self.sensitivity:
                     self._scan(search, space, state)
                 solver = search.solver(space, make_seeds(search, space), self.evals_per_round)
             self._search_rng = self.rng.bit_generator.state  # as it stands once the solver exists

@@ -72,6 +72,10 @@ class Pruner:
     def __init__(self, **options: Any) -> None:
         self.options = validate_options(self.Options, self.name, options)
 
+    def check_targets(self, model: nn.Module, targets: Sequence[Target], train_batches: Optional[list]) -> None:
+        """Raise ``ValueError`` for what is wrong with these options on this model, before any work
+        (``prune`` calls it once the targets are known; the default has nothing to check)."""
+
     def run(self, ctx: Context) -> Outcome:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -135,6 +139,7 @@ def prune(
     if not isinstance(seed, numbers.Integral):
         raise TypeError(f"`seed` must be an integer, got {seed!r}")
     targets = find_targets(model, layers, layer_types, exclude)
+    pruner.check_targets(model, targets, train_batches)
 
     work = model if inplace else copy.deepcopy(model)
     snapshot = copy.deepcopy(model.state_dict()) if inplace else None

@@ -73,10 +73,13 @@ def load_idx_dataset(
     train_limit: int | None = None,
     test_limit: int | None = None,
     seed: int = 0,
+    size: int | None = None,
 ) -> Splits:
     """MNIST-format dataset (MNIST, Fashion-MNIST, KMNIST...) from a folder of IDX files.
 
-    The validation split is ``val_size`` images drawn (seeded) from the training file.
+    The validation split is ``val_size`` images drawn (seeded) from the training file. ``size=32``
+    zero-pads the 28x28 images to 32x32 (after normalisation, so the border is the mean) for the
+    CIFAR-style deep models.
     """
     folder = Path(folder)
     xs = {k: read_idx(_find(folder, v)) for k, v in _FILES.items()}
@@ -86,7 +89,52 @@ def load_idx_dataset(
     y_te = torch.from_numpy(xs["test_labels"].astype(np.int64))
     mean, std = float(x_tr.mean()), float(x_tr.std())
     x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    if size is not None:
+        x_tr, x_te = _pad_to(x_tr, size), _pad_to(x_te, size)
     return _split(x_tr, y_tr, x_te, y_te, val_size, train_limit, test_limit, seed)
+
+
+def _pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if size < max(h, w):
+        raise ValueError(f"size={size} is smaller than the images ({h}x{w}); give size >= {max(h, w)}")
+    top, left = (size - h) // 2, (size - w) // 2
+    return torch.nn.functional.pad(x, (left, size - w - left, top, size - h - top))
+
+
+def load_cifar10(
+    folder: str | os.PathLike,
+    val_size: int = 5000,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    seed: int = 0,
+) -> Splits:
+    """CIFAR-10 from a folder holding the python pickle batches (``data_batch_1`` .. ``data_batch_5``
+    and ``test_batch``, as in ``cifar-10-python.tar.gz`` once extracted). Nothing is downloaded:
+    fetch and extract the archive yourself and pass the ``cifar-10-batches-py`` folder."""
+    import pickle
+
+    folder = Path(folder)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    missing = [n for n in names if not (folder / n).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} lacks {', '.join(missing)}: pass the extracted `cifar-10-batches-py` folder of "
+            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz (nothing is downloaded at run time)")
+
+    def read(name: str) -> tuple[np.ndarray, np.ndarray]:
+        with open(folder / name, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        return x, np.asarray(d[b"labels"], dtype=np.int64)
+
+    parts = [read(n) for n in names[:5]]
+    x_tr = torch.from_numpy(np.concatenate([p[0] for p in parts]).astype(np.float32) / 255.0)
+    y_tr = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    x_te, y_te = read("test_batch")
+    x_te, y_te = torch.from_numpy(x_te.astype(np.float32) / 255.0), torch.from_numpy(y_te)
+    mean, std = x_tr.mean((0, 2, 3), keepdim=True), x_tr.std((0, 2, 3), keepdim=True)
+    return _split((x_tr - mean) / std, y_tr, (x_te - mean) / std, y_te, val_size, train_limit, test_limit, seed)
 
 
 def load_digits_dataset(val_size: int = 300, test_size: int = 300, seed: int = 0) -> Splits:

@@ -93,10 +93,17 @@ class SmallVGG(nn.Module):
         return self.fc(self.features(x).flatten(1))
 
 
-MODELS = {"lenet300": LeNet300100, "lenet5": LeNet5, "resnet": SmallResNet, "vgg": SmallVGG}
+from .deep import MobileNetV2, ResNetCifar, TinyViT, resnet20, resnet56  # noqa: E402
+
+MODELS = {"lenet300": LeNet300100, "lenet5": LeNet5, "resnet": SmallResNet, "vgg": SmallVGG,
+          "resnet20": resnet20, "resnet56": resnet56, "mobilenetv2": MobileNetV2, "vit": TinyViT}
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
     return MODELS[name](**kwargs)
+
+
+__all__ = ["LeNet300100", "LeNet5", "SmallResNet", "SmallVGG", "ResNetCifar", "MobileNetV2", "TinyViT",
+           "MODELS", "create_model"]

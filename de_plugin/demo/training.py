@@ -83,17 +83,24 @@ def train(model: nn.Module, x, y, epochs: int, lr: float = 1e-3, batch_size: int
 CACHE = Path(os.environ.get("DE_PLUGIN_CACHE", Path.home() / ".cache" / "de_plugin"))
 
 
-def dense_model(name: str, data, epochs: int, seed: int, data_dir: str) -> torch.nn.Module:
-    """Train the dense reference once and cache its weights outside the repository."""
-    model = create_model(name)
-    tag = f"{name}_{Path(data_dir).name}_e{epochs}_s{seed}_n{len(data.y_train)}.pt"
+def dense_model(name: str, data, epochs: int, seed: int, data_dir: str, lr: float = 1e-3,
+                **model_kwargs) -> torch.nn.Module:
+    """Train the dense reference once and cache its weights outside the repository.
+
+    ``model_kwargs`` go to ``create_model`` (e.g. ``in_channels=1`` for the deep models on
+    Fashion-MNIST) and into the cache key, with the image size and ``lr``.
+    """
+    model = create_model(name, **model_kwargs)
+    extra = "".join(f"_{k}{v}" for k, v in sorted(model_kwargs.items()))
+    extra += ("" if data.x_train.shape[-1] == 28 else f"_px{data.x_train.shape[-1]}") + ("" if lr == 1e-3 else f"_lr{lr:g}")
+    tag = f"{name}_{Path(data_dir).name}_e{epochs}_s{seed}_n{len(data.y_train)}{extra}.pt"
     path = CACHE / tag
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         logging.info("loaded cached dense model %s", path)
         return model
     logging.info("training dense %s for %d epochs", name, epochs)
-    train(model, data.x_train, data.y_train, epochs=epochs, seed=seed, progress=True)
+    train(model, data.x_train, data.y_train, epochs=epochs, lr=lr, seed=seed, progress=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model
