@@ -1,0 +1,234 @@
+"""de_layerwise at depth: ResNet-20, the small ViT and MobileNetV2 on Fashion-MNIST 32x32.
+
+The protocol of ``benchmarks/layerwise.py`` on deep models: every method walks the same sparsity
+ladder from the same dense model, pruned further at each rung (``rounds=1`` on the previous
+rung's fine-tuned model) and fine-tuned for the same epochs with the same optimiser. The
+allocation baselines (LAMP, ERK, global and uniform magnitude) get *the same splicing recovery*
+as de_layerwise; NNI's AGP(LevelPruner) and INC's snip_momentum get the same gradient steps up to
+each rung they report (90% and 95%). The search works on a small validation subset
+(``search_val`` images), the reported validation accuracy on the whole split, the test split only
+for the table.
+
+``--ablation`` runs the DE settings side by side (one round to 90% from the dense model, one
+fine-tune epoch, judged on validation accuracy): per-layer vs grouped, jDE, adaptive BN, the
+sensitivity scan. Cut down to fit a 2-core session (training subsets, short schedules, one seed by
+default): see BENCHMARKS.md for what was run.
+
+    python benchmarks/deep.py --models resnet20 vit --seeds 0 --out benchmarks/results/deep
+    python benchmarks/deep.py --ablation --models resnet20 --out benchmarks/results/deep_ablation
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import layerwise as lw  # noqa: E402  (the ladder runners, shared with the LeNet benchmark)
+
+import de_plugin  # noqa: E402
+from de_plugin.demo.data import load_idx_dataset  # noqa: E402
+from de_plugin.demo.models import create_model  # noqa: E402
+from de_plugin.demo.training import make_evaluate, make_finetune, train  # noqa: E402
+
+LADDER = [0.5, 0.8, 0.9, 0.95]
+CONFIG = {
+    "resnet20": {"dense_epochs": 6, "ft_limit": None, "search_val": 500, "generations": 8},
+    "vit": {"dense_epochs": 8, "ft_limit": None, "search_val": 500, "generations": 8},
+    "mobilenetv2": {"dense_epochs": 4, "ft_limit": None, "search_val": 300, "generations": 6},
+    "resnet56": {"dense_epochs": 6, "ft_limit": None, "search_val": 500, "generations": 8},
+}
+BASELINES = ["lamp", "erk", "global_magnitude", "uniform_magnitude"]
+ABLATION = {
+    "default": {},
+    "jde": {"adaptation": "jde"},
+    "groups=stage": {"groups": "stage"},
+    "groups=type": {"groups": "type"},
+    "adaptive_bn": {"adaptive_bn": True},
+    "no scan": {"sensitivity_scan": False},
+    "population=40": {"population": 40},
+}
+
+
+def methods_for(cfg: dict, chosen: list[str] | None) -> dict:
+    de_opts = {"generations": cfg["generations"], "recovery": "splicing"}
+    methods = {"de_layerwise": ("de_layerwise", de_opts)}
+    methods.update({f"{b}[splicing]": (b, {"recovery": "splicing"}) for b in BASELINES})
+    methods.update({"nni_agp": ("nni_agp", {}), "inc_snip_momentum": ("inc_snip_momentum", {})})
+    return {k: v for k, v in methods.items() if chosen is None or k in chosen}
+
+
+def ablation(mname: str, dense, data, cfg: dict, seed: int, epochs: int, train_batches) -> dict:
+    """One round to 90% from the dense model per setting; validation accuracy after the same fine-tune."""
+    search_eval = make_evaluate(data.x_val[: cfg["search_val"]], data.y_val[: cfg["search_val"]])
+    val_eval = make_evaluate(data.x_val, data.y_val)
+    rows = {}
+    for label, opts in ABLATION.items():
+        finetune = make_finetune(data.x_train, data.y_train, lr=5e-4)
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        res = de_plugin.prune(copy.deepcopy(dense), "de_layerwise", evaluate=search_eval, finetune=finetune,
+                              sparsity=0.9, seed=seed, rounds=1, finetune_epochs=epochs, progress=False,
+                              recovery="splicing", generations=cfg["generations"], train_data=train_batches, **opts)
+        wall = time.perf_counter() - t0
+        h = res.history[0]
+        rows[label] = {"val_before_ft": h.get("val_accuracy_before_finetune"), "val": val_eval(res.model),
+                       "search_seconds": h.get("search_seconds", 0.0), "wall_seconds": wall, "nfev": res.nfev}
+        print(f"  {mname} {label:16s} val {rows[label]['val']:.4f} (search pick {rows[label]['val_before_ft']:.4f}) "
+              f"search {rows[label]['search_seconds']:.0f}s of {wall:.0f}s, {res.nfev} evals", flush=True)
+    return rows
+
+
+def forward_seconds(model, x) -> float:
+    """One dense forward over ``x`` (the search's validation subset), best of 3."""
+    best = float("inf")
+    with torch.inference_mode():
+        model.eval()
+        for _ in range(3):
+            t0 = time.perf_counter()
+            model(x)
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["resnet20", "vit"], choices=list(CONFIG))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--epochs", type=int, default=1, help="fine-tune epochs per rung (all methods)")
+    ap.add_argument("--train-limit", type=int, default=8000, help="training images (dense training and fine-tune)")
+    ap.add_argument("--methods", nargs="*", default=None)
+    ap.add_argument("--ablation", action="store_true", help="only the DE settings ablation (one rung)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/deep")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    lw.LADDER[:] = LADDER
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_idx_dataset(val_size=2000, train_limit=args.train_limit, test_limit=5000, size=32)
+    results: dict = {"ladder": LADDER, "epochs_per_rung": args.epochs, "train_images": len(data.y_train),
+                     "models": {}, "ablation": {}}
+    t_start = time.time()
+    for mname in args.models:
+        cfg = CONFIG[mname]
+        mres = results["models"].setdefault(mname, {"dense_test": {}, "runs": {}, "wall": {}})
+        for seed in args.seeds:
+            torch.manual_seed(seed)
+            dense = create_model(mname, in_channels=1)
+            train(dense, data.x_train, data.y_train, epochs=cfg["dense_epochs"], seed=seed)
+            dense_test = make_evaluate(data.x_test, data.y_test)(dense)
+            mres["dense_test"][seed] = dense_test
+            mres["forward_seconds"] = forward_seconds(dense, data.x_val[: cfg["search_val"]])
+            print(f"[{time.time() - t_start:6.0f}s] {mname} seed {seed}: dense test {dense_test:.4f}", flush=True)
+            if args.ablation:
+                calib = [data.x_train[i : i + 128] for i in range(0, 128 * 8, 128)]
+                results["ablation"].setdefault(mname, {})[seed] = ablation(mname, dense, data, cfg, seed, args.epochs,
+                                                                            calib)
+                (out / "results.json").write_text(json.dumps(results, indent=1))
+                continue
+            for label, (method, opts) in methods_for(cfg, args.methods).items():
+                t0 = time.time()
+                runner = lw.RUNNERS.get(method)
+                rows = runner(dense, data, cfg, seed, args.epochs, opts) if runner else \
+                    lw.run_method(method, dense, data, cfg, seed, args.epochs, opts)
+                mres["runs"].setdefault(label, {})[seed] = rows
+                mres["wall"].setdefault(label, {})[seed] = time.time() - t0
+                done = [r for r in rows if r is not None]
+                print(f"[{time.time() - t_start:6.0f}s] {mname} seed {seed} {label:26s} "
+                      + " ".join(f"{r['sparsity']:.2f}:{r['test']:.4f}" for r in done)
+                      + f" ({time.time() - t0:.0f}s)", flush=True)
+                (out / "results.json").write_text(json.dumps(results, indent=1))
+    summarize(results, out)
+
+
+def summarize(results: dict, out: Path) -> None:
+    lines = []
+    for mname, per_seed in results.get("ablation", {}).items():
+        lines.append(f"\n## ablation: {mname}, one round to 90% from dense (validation accuracy, mean over seeds)\n")
+        lines.append("| setting | val after fine-tune | search's pick (before fine-tune) | search s | wall s | evaluations |")
+        lines.append("|---|---|---|---|---|---|")
+        for label in ABLATION:
+            rs = [per_seed[s][label] for s in per_seed if label in per_seed[s]]
+            if rs:
+                m = lambda k: np.mean([r[k] for r in rs])  # noqa: E731
+                lines.append(f"| {label} | {m('val'):.4f} | {m('val_before_ft'):.4f} | {m('search_seconds'):.0f} | "
+                             f"{m('wall_seconds'):.0f} | {int(m('nfev'))} |")
+    for mname, mres in results["models"].items():
+        if not mres["runs"]:
+            continue
+        n_layers = len(de_plugin.targets.find_targets(create_model(mname, in_channels=1)))
+        lines.append(f"\n## {mname} ({n_layers} pruned layers; dense test {np.mean(list(mres['dense_test'].values())):.4f}, "
+                     f"{len(mres['dense_test'])} seed(s), {results['epochs_per_rung']} fine-tune epoch(s) per rung over "
+                     f"{results['train_images']} images)\n")
+        lines.append("| method | test drop @80% (pp) | @90% | @95% | compression @<=0.5 pp | @<=1 pp | evals | "
+                     "search share of wall | fine-tune steps |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for label, runs in mres["runs"].items():
+            d = {s: [] for s in (0.8, 0.9, 0.95)}
+            c05, c1, ev, share, st = [], [], [], [], []
+            for seed, rows in runs.items():
+                dt = mres["dense_test"][seed]
+                by = {round(r["sparsity"], 2): r for r in rows if r is not None}
+                for s in d:
+                    d[s].append(100 * (dt - by[s]["test"]) if s in by else np.nan)
+                c05.append(lw.best_compression(rows, dt, 0.005))
+                c1.append(lw.best_compression(rows, dt, 0.01))
+                last = [r for r in rows if r is not None][-1]
+                ev.append(last["nfev"])
+                st.append(last["steps"])
+                share.append(last["search_seconds"] / mres["wall"][seed])
+            f = lambda v, p=2: "n/a" if np.all(np.isnan(v)) else f"{np.nanmean(v):.{p}f} ± {np.nanstd(v):.{p}f}"  # noqa
+            lines.append(f"| {label} | {f(d[0.8])} | {f(d[0.9])} | {f(d[0.95])} | {f(c05, 1)}x | {f(c1, 1)}x | "
+                         f"{int(np.mean(ev))} | {100 * np.mean(share):.0f}% | {int(np.mean(st))} |")
+        de = mres["runs"].get("de_layerwise")
+        if de:
+            ev = np.mean([[r for r in rows if r][-1]["nfev"] for rows in de.values()])
+            secs = np.mean([[r for r in rows if r][-1]["search_seconds"] for rows in de.values()])
+            lines.append(f"\nde_layerwise: {ev / n_layers:.1f} evaluations per layer over the ladder; "
+                         f"{secs / max(ev, 1):.3f} s per evaluation = "
+                         f"{secs / max(ev, 1) / mres['forward_seconds']:.2f}x one dense forward over the search's "
+                         f"validation subset ({mres['forward_seconds']:.3f} s)")
+    text = "\n".join(lines)
+    print(text)
+    (out / "summary.md").write_text(text + "\n")
+    plot(results, out)
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m, r in results["models"].items() if r["runs"]]
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, mname in zip(axes[0], models):
+        mres = results["models"][mname]
+        for label, per_seed in mres["runs"].items():
+            pts = sorted({round(r["sparsity"], 3) for rows in per_seed.values() for r in rows if r})
+            drops = [np.mean([100 * (mres["dense_test"][s] - r["test"]) for s, rows in per_seed.items()
+                              for r in rows if r and round(r["sparsity"], 3) == p]) for p in pts]
+            ax.plot([1 / (1 - p) for p in pts], drops, marker="o", ms=3, label=label)
+        ax.axhline(0.5, color="grey", ls="--", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("compression (pruned layers)")
+        ax.set_ylabel("test accuracy drop (pp)")
+        ax.set_title(mname)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "deep.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
