@@ -10,8 +10,7 @@ each rung they report (90% and 95%). The search works on a small validation subs
 for the table.
 
 ``--ablation`` runs the DE settings side by side (one round to 90% from the dense model, one
-fine-tune epoch, judged on validation accuracy): per-layer vs grouped, jDE, adaptive BN, the
-sensitivity scan. Cut down to fit a 2-core session (training subsets, short schedules, one seed by
+fine-tune epoch, judged on validation accuracy): per-layer vs grouped by stage, jDE, adaptive BN. Cut down to fit a 2-core session (training subsets, short schedules, one seed by
 default): see BENCHMARKS.md for what was run.
 
     python benchmarks/deep.py --models resnet20 vit --seeds 0 --out benchmarks/results/deep
@@ -48,18 +47,16 @@ CONFIG = {
 BASELINES = ["lamp", "erk", "global_magnitude", "uniform_magnitude"]
 ABLATION = {
     "default": {},
-    "jde": {"adaptation": "jde"},
-    "groups=stage": {"groups": "stage"},
-    "groups=type": {"groups": "type"},
     "adaptive_bn": {"adaptive_bn": True},
-    "no scan": {"sensitivity_scan": False},
-    "population=40": {"population": 40},
+    "groups=stage": {"groups": "stage"},
+    "jde": {"adaptation": "jde"},
 }
 
 
-def methods_for(cfg: dict, chosen: list[str] | None) -> dict:
+def methods_for(cfg: dict, chosen: list[str] | None, calib: list) -> dict:
     de_opts = {"generations": cfg["generations"], "recovery": "splicing"}
-    methods = {"de_layerwise": ("de_layerwise", de_opts)}
+    methods = {"de_layerwise": ("de_layerwise", de_opts),
+               "de_layerwise[adaptive_bn]": ("de_layerwise", {**de_opts, "adaptive_bn": True, "train_data": calib})}
     methods.update({f"{b}[splicing]": (b, {"recovery": "splicing"}) for b in BASELINES})
     methods.update({"nni_agp": ("nni_agp", {}), "inc_snip_momentum": ("inc_snip_momentum", {})})
     return {k: v for k, v in methods.items() if chosen is None or k in chosen}
@@ -129,13 +126,13 @@ def main() -> None:
             mres["dense_test"][seed] = dense_test
             mres["forward_seconds"] = forward_seconds(dense, data.x_val[: cfg["search_val"]])
             print(f"[{time.time() - t_start:6.0f}s] {mname} seed {seed}: dense test {dense_test:.4f}", flush=True)
+            calib = [data.x_train[i : i + 128] for i in range(0, 128 * 8, 128)]
             if args.ablation:
-                calib = [data.x_train[i : i + 128] for i in range(0, 128 * 8, 128)]
                 results["ablation"].setdefault(mname, {})[seed] = ablation(mname, dense, data, cfg, seed, args.epochs,
                                                                             calib)
                 (out / "results.json").write_text(json.dumps(results, indent=1))
                 continue
-            for label, (method, opts) in methods_for(cfg, args.methods).items():
+            for label, (method, opts) in methods_for(cfg, args.methods, calib).items():
                 t0 = time.time()
                 runner = lw.RUNNERS.get(method)
                 rows = runner(dense, data, cfg, seed, args.epochs, opts) if runner else \

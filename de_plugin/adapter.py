@@ -10,7 +10,8 @@ hook) only, its own framework, and never another adapter.
 * Rounds driven by the framework's schedule: :class:`Context` + :class:`RoundRunner` over a pruner
   from :func:`create_pruner` (``runner.start(ctx)``, ``runner.step(target_sparsity=...)``).
 * One allocation with the framework's own masks: :class:`Allocator` over a :class:`Scorer` of the
-  adapter's, on a backend from :func:`make_backend`, in a :class:`KeepSpace` / :class:`DensitySpace`.
+  adapter's, on a backend from :func:`make_backend`, in a :class:`KeepSpace` / :class:`DensitySpace`
+  (seen through :class:`GroupedSpace` and :func:`resolve_groups` for a grouped search).
 * Coarse (channel / kernel) masks: :class:`CoarseSpace` + :func:`coarse_search`, then
   :func:`apply_and_retrain`.
 """
@@ -29,6 +30,7 @@ from .coarse import (
     count_macs,
 )
 from .coupling import channel_groups
+from .grouping import GroupedSpace, resolve_groups
 from .evaluation import Backend, BackendOptions, Scorer, backend_round, check_batches, check_score, make_backend
 from .hookspecs import hookimpl
 from .layerwise import LayerwiseOptions
@@ -41,7 +43,7 @@ from .targets import Target, masks_attached
 
 __all__ = [
     "prune", "PruningResult", "create_pruner", "Context", "RoundRunner", "RoundRecord", "Target", "masks_attached",
-    "Allocator", "KeepSpace", "DensitySpace", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
+    "Allocator", "KeepSpace", "DensitySpace", "GroupedSpace", "resolve_groups", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
     "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "check_batches", "validate_options",
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",
     "channel_groups", "hookimpl", "lookup",

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from . import prune
-from .demo.data import FASHION_MNIST_DIR, load_idx_dataset
-from .demo.models import MODELS
+from .demo.data import FASHION_MNIST_DIR, load_cifar10, load_idx_dataset
+from .demo.models import DEEP_MODELS, MODELS
 from .demo.training import dense_model, make_evaluate, make_finetune
 from .plugins import load_plugins
 from .pruner import check_goal
@@ -26,6 +26,15 @@ from .report import format_table, write_report
 
 #: the main job's options; ``--options`` adds to them (keys the chosen pruner has), it does not replace them
 RUN_DEFAULTS = {"rounds": 4, "finetune_epochs": 2}
+
+
+def load_data(args: argparse.Namespace):
+    """The folder's dataset: CIFAR-10 python batches when it holds ``data_batch_1``, else IDX files
+    (padded to 32x32 for the deep models)."""
+    if (Path(args.data) / "data_batch_1").exists():
+        return load_cifar10(args.data, val_size=args.val_size, train_limit=args.train_limit, seed=args.seed)
+    return load_idx_dataset(args.data, val_size=args.val_size, train_limit=args.train_limit, seed=args.seed,
+                            size=32 if args.model in DEEP_MODELS else None)
 
 
 def run_options(pruner: str, given: dict) -> dict:
@@ -45,9 +54,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = run_options(args.pruner, options)
     create_pruner(args.pruner, **options)  # bad names, options and goals fail here, before any training
     check_goal(args.pruner, **goal)
-    data = load_idx_dataset(args.data, val_size=args.val_size, seed=args.seed)
+    data = load_data(args)
     t_dense = time.perf_counter()
-    model = dense_model(args.model, data, args.train_epochs, args.seed, args.data)
+    kwargs = {"in_channels": int(data.x_train.shape[1])} if args.model in DEEP_MODELS else {}
+    model = dense_model(args.model, data, args.train_epochs, args.seed, args.data, **kwargs)
     t_dense = time.perf_counter() - t_dense
     evaluate = make_evaluate(data.x_val, data.y_val)
     test = make_evaluate(data.x_test, data.y_test)
@@ -88,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("--pruner", default="de_layerwise", help=f"one of: {', '.join(list_pruners())}")
     r.add_argument("--model", default="lenet300", choices=sorted(MODELS))
-    r.add_argument("--data", default=FASHION_MNIST_DIR, help="folder with MNIST-format IDX files")
+    r.add_argument("--data", default=FASHION_MNIST_DIR,
+                   help="folder with MNIST-format IDX files, or an extracted CIFAR-10 `cifar-10-batches-py` folder")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--sparsity", type=float, default=0.95)
     g.add_argument("--max-accuracy-drop", type=float, default=None)
@@ -97,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--exclude", nargs="*", default=[], help="module names not to prune")
     r.add_argument("--train-epochs", type=int, default=10)
     r.add_argument("--val-size", type=int, default=5000)
+    r.add_argument("--train-limit", type=int, default=None, help="use only this many training images (quick runs)")
     r.add_argument("--lr", type=float, default=5e-4, help="fine-tune learning rate (Adam)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="runs/main")

@@ -33,7 +33,7 @@ from . import allocation
 from .allocator import Allocator, KeepSpace, SearchOptions, StdSpace, population_for
 from .de import DifferentialEvolution
 from .evaluation import BN_TYPES, MagnitudeScorer, backend_round, check_device, make_backend
-from .grouping import GroupedSpace, resolve_groups
+from .grouping import NAMED, GroupedSpace, resolve_groups
 from .targets import Target
 from .hookspecs import hookimpl
 from .iterative import IterativeOptions, IterativePruner, State
@@ -66,6 +66,13 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
     adaptive_bn: bool = Field(False, description="re-estimate BatchNorm statistics on bn_batches train_data batches "
                                                  "before scoring each candidate (needs train_data)")
     bn_batches: int = Field(4, ge=1, description="adaptive BN: training batches per candidate")
+
+    @field_validator("groups")
+    @classmethod
+    def _known_grouping(cls, v):
+        if isinstance(v, str) and v not in NAMED:
+            raise ValueError(f"unknown groups {v!r}; choose one of {NAMED}, an integer or a dict of name -> patterns")
+        return v
 
     @field_validator("device")
     @classmethod

@@ -19,7 +19,10 @@ from de_plugin.adapter import (
     CoarseOptions,
     CoarseSpace,
     DensitySpace,
+    GroupedSpace,
+    LayerwiseOptions,
     SearchOptions,
+    Target,
     allocation,
     backend_round,
     capture_input,
@@ -27,6 +30,7 @@ from de_plugin.adapter import (
     check_score,
     coarse_search,
     make_backend,
+    resolve_groups,
     validate_options,
 )
 
@@ -34,7 +38,8 @@ from .patterns import PatternScorer
 
 log = logging.getLogger("de_plugin_inc")
 DE_KEYS = {"population", "generations", "max_evals", "strategy", "mutation", "recombination", "bound_handling",
-           "seed_baselines", "perturb", "backend", "workers", "threads_per_worker", "ray_address"}
+           "seed_baselines", "perturb", "backend", "workers", "threads_per_worker", "ray_address", "adaptation"}
+GROUP_KEYS = {"groups": "layer", "group_offset": 0.05}  # the grouped search of de_layerwise (deep models)
 COARSE_KEYS = {"candidates", "adaptive_bn", "bn_batches", "score", "seed"}
 
 
@@ -45,6 +50,8 @@ def de_settings(de_options: Dict[str, Any] | None) -> Dict[str, Any]:
                         f"got {type(de_options).__name__} {de_options!r}")
     opts = dict(de_options or {})
     seed = opts.pop("seed", 0)
+    grouping = {k: opts.pop(k, v) for k, v in GROUP_KEYS.items()}
+    validate_options(LayerwiseOptions, "de_layerwise", grouping)
     unused = sorted(set(opts) - DE_KEYS)
     if unused:
         import difflib
@@ -52,9 +59,9 @@ def de_settings(de_options: Dict[str, Any] | None) -> Dict[str, Any]:
         hints = [f"{k!r} (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, sorted(DE_KEYS), n=1))
                  else repr(k) for k in unused]
         raise ValueError(f"unknown de_options {', '.join(hints)}: inside INC only the search's options apply "
-                         f"(INC's loop fine-tunes and schedules); valid: {sorted(DE_KEYS | {'seed'})}")
+                         f"(INC's loop fine-tunes and schedules); valid: {sorted(DE_KEYS | set(GROUP_KEYS) | {'seed'})}")
     o = validate_options(SearchOptions, "de_layerwise", opts)
-    return {**{k: getattr(o, k) for k in DE_KEYS}, "seed": int(seed)}
+    return {**{k: getattr(o, k) for k in DE_KEYS}, **grouping, "seed": int(seed)}
 
 
 def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, eval_func: Callable[[], float],
@@ -69,8 +76,11 @@ def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, 
     hi = np.floor(numels * (1.0 - min_ratio) + 1e-9).astype(np.int64)
     if keep < lo.sum() or keep > hi.sum():
         raise ValueError(f"target_sparsity {target} cannot be met within max/min_sparsity_ratio_per_op")
-    space = DensitySpace(numels, lo, hi, [(1.0 - h / n, 1.0 - l / n) for l, h, n in zip(lo, hi, numels)])
-    options = SearchOptions(**{k: v for k, v in s.items() if k != "seed"}, early_reject=False)
+    base = DensitySpace(numels, lo, hi, [(1.0 - h / n, 1.0 - l / n) for l, h, n in zip(lo, hi, numels)])
+    targets = [Target(n, "weight", type(modules[n]).__name__, tuple(modules[n].weight.shape)) for n in names]
+    groups = resolve_groups(s["groups"], targets)
+    space = GroupedSpace(base, [g for _, g in groups], s["group_offset"]) if groups else base
+    options = SearchOptions(**{k: s[k] for k in DE_KEYS}, early_reject=False)
     backend = make_backend(s["backend"], PatternScorer(modules, pattern, eval_func), s["workers"],
                            s["threads_per_worker"], s["ray_address"])
     try:
@@ -86,7 +96,7 @@ def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, 
     finally:
         backend.close()
     log.info("de_layerwise (INC): %d evaluations, best val %.4f", len(search.cache), -solver.fun[solver.best_index()])
-    return {n: float(r) for n, r in zip(names, space.to_x(best))}
+    return {n: float(r) for n, r in zip(names, base.to_x(best))}
 
 
 def coarse_settings(options: Optional[Dict[str, Any]]) -> tuple[CoarseOptions, int]:

@@ -183,12 +183,15 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
     data = None
     if model is None:
         from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset
+        from de_plugin.demo.models import DEEP_MODELS
         from de_plugin.demo.training import dense_model, make_evaluate
 
         folder = cfg.data or FASHION_MNIST_DIR
+        deep = cfg.model in DEEP_MODELS  # CIFAR-style models: 32x32 inputs, one channel here
         data = load_idx_dataset(folder, val_size=cfg.train.val_size, train_limit=cfg.train.train_limit,
-                                seed=cfg.train.seed)
-        model = dense_model(cfg.model, data, cfg.train.epochs, cfg.train.seed, folder)
+                                seed=cfg.train.seed, size=32 if deep else None)
+        model = dense_model(cfg.model, data, cfg.train.epochs, cfg.train.seed, folder,
+                            **({"in_channels": 1} if deep else {}))
         val_evaluate = make_evaluate(data.x_val, data.y_val)
         test_evaluate = make_evaluate(data.x_test, data.y_test)
         evaluator = torch_evaluator(model, data, cfg.train, cfg.train.finetune_lr, val_evaluate)

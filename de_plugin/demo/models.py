@@ -98,6 +98,9 @@ from .deep import MobileNetV2, ResNetCifar, TinyViT, resnet20, resnet56  # noqa:
 MODELS = {"lenet300": LeNet300100, "lenet5": LeNet5, "resnet": SmallResNet, "vgg": SmallVGG,
           "resnet20": resnet20, "resnet56": resnet56, "mobilenetv2": MobileNetV2, "vit": TinyViT}
 
+#: the CIFAR-style models: 32x32 inputs (MNIST-format data is padded for them), ``in_channels`` given
+DEEP_MODELS = ("resnet20", "resnet56", "mobilenetv2", "vit")
+
 
 def create_model(name: str, **kwargs) -> nn.Module:
     if name not in MODELS:
@@ -106,4 +109,4 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 
 __all__ = ["LeNet300100", "LeNet5", "SmallResNet", "SmallVGG", "ResNetCifar", "MobileNetV2", "TinyViT",
-           "MODELS", "create_model"]
+           "MODELS", "DEEP_MODELS", "create_model"]
