@@ -125,6 +125,8 @@ def test_pruning_then_qat_in_one_prepare_compression(mlp, evaluate, digits):
         ({"op_names": ["conv.*"], "pruning_type": "de_layerwise", "eval_func": len}, ValueError, "match no"),
         ({"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": len, "de_options": {"populaton": 3}},
          ValueError, "did you mean"),
+        ({"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": len, "de_options": {"groups": "stages"}},
+         ValueError, "unknown groups"),
     ],
 )
 def test_bad_input_before_training_model_untouched(mlp, entry, exc, match):
@@ -210,3 +212,24 @@ def test_inc_shared_default_exclusions_are_not_polluted(digits, evaluate):
                                                         start_step=0, end_step=0))
     train_with(cm, model, digits)
     assert WeightPruningConfig.__init__.__defaults__[5] == []  # excluded_op_names default untouched
+
+
+def test_grouped_search_on_a_deep_resnet(evaluate):
+    """de_options groups='stage' (no offsets): one sparsity per stage over INC's 57 conv layers, exact budget."""
+    from de_plugin.demo.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet56", in_channels=1, width=0.25)  # fully convolutional: runs on 8x8 digits
+    cfg = WeightPruningConfig([{"op_names": ["stem.*", "layer.*"], "pruning_type": "de_layerwise"}],
+                              target_sparsity=0.6, pattern="1x1", start_step=0, end_step=0)
+    ready = de_plugin_inc.search_config(model, cfg, evaluate, population=6, generations=1, groups="stage",
+                                        group_offset=0.0)
+    targets = {e["op_names"][0][1:-1].replace("\\", ""): e["target_sparsity"] for e in ready.pruning_configs}
+    assert len(targets) == 57
+    numel = {n: model.get_submodule(n).weight.numel() for n in targets}
+    overall = sum(targets[n] * numel[n] for n in targets) / sum(numel.values())
+    assert overall == pytest.approx(0.6, abs=1e-3)
+    per_stage = {}
+    for n, t in targets.items():
+        per_stage.setdefault(n.split(".")[0], set()).add(round(t, 2))
+    assert all(len(v) <= 2 for v in per_stage.values())  # one value per stage (up to count rounding)

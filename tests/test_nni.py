@@ -482,3 +482,20 @@ def test_random_coarse_speedup_removes_depthwise_channels_exactly(digits, evalua
     assert small.b1.dw.out_channels == 16 and small.b1.project.in_channels == 16
     assert sum(q.numel() for q in small.parameters()) == p.result["params"]
     torch.testing.assert_close(small(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_search_on_a_58_layer_resnet(digits, evaluator_for):
+    """A deep model through NNI: groups='stage' searches 5 values (+ offsets) for 58 layers, exact budget."""
+    from de_plugin.demo.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet56", in_channels=1, width=0.25)  # fully convolutional: runs on 8x8 digits
+    cfg = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.7}]
+    p = de_plugin_nni.create_pruner("de_layerwise", model, cfg, evaluator_for(model),
+                                    **{**DE, "population": 8, "generations": 1, "rounds": 1, "groups": "stage",
+                                       "adaptation": "jde"})
+    _, masks = p.compress()
+    assert len(masks) == 58
+    assert sparsity(masks) == pytest.approx(0.7, abs=1e-3)
+    assert set(p.results[0].history[0]["sensitivity_scan"]) == {"stem", "layer1", "layer2", "layer3", "fc"}
+    p.unwrap_model()
