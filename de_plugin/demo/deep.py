@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 
-class _Block(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int):
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv + BatchNorm, residual add (1x1 conv shortcut when shapes change)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
@@ -47,7 +49,7 @@ class ResNetCifar(nn.Module):
         for i, w in enumerate(widths):
             blocks = []
             for j in range(n):
-                blocks.append(_Block(c, w, 2 if (i > 0 and j == 0) else 1))
+                blocks.append(BasicBlock(c, w, 2 if (i > 0 and j == 0) else 1))
                 c = w
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages

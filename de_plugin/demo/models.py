@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from .deep import BasicBlock, MobileNetV2, ResNetCifar, TinyViT, resnet20, resnet56
+
 
 class LeNet300100(nn.Module):
     """LeNet-300-100: 784-300-100-10 fully connected (Han et al. 2015)."""
@@ -35,25 +37,6 @@ class LeNet5(nn.Module):
         x = self.pool(self.conv1(x))
         x = self.pool(self.conv2(x))
         return self.fc2(self.relu(self.fc1(x.flatten(1))))
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 conv + BatchNorm, residual add (1x1 conv shortcut when shapes change)."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.relu = nn.ReLU()
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        y = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
 
 
 class SmallResNet(nn.Module):
@@ -93,7 +76,6 @@ class SmallVGG(nn.Module):
         return self.fc(self.features(x).flatten(1))
 
 
-from .deep import MobileNetV2, ResNetCifar, TinyViT, resnet20, resnet56  # noqa: E402
 
 MODELS = {"lenet300": LeNet300100, "lenet5": LeNet5, "resnet": SmallResNet, "vgg": SmallVGG,
           "resnet20": resnet20, "resnet56": resnet56, "mobilenetv2": MobileNetV2, "vit": TinyViT}
