@@ -105,7 +105,11 @@ def main() -> None:
     ap.add_argument("--ablation", action="store_true", help="only the DE settings ablation (one rung)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/deep")
+    ap.add_argument("--summary-only", action="store_true", help="re-make the table and plot from --out's results.json")
     args = ap.parse_args()
+    if args.summary_only:
+        summarize(json.loads((Path(args.out) / "results.json").read_text()), Path(args.out))
+        return
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     lw.LADDER[:] = LADDER
@@ -182,7 +186,7 @@ def summarize(results: dict, out: Path) -> None:
                 last = [r for r in rows if r is not None][-1]
                 ev.append(last["nfev"])
                 st.append(last["steps"])
-                share.append(last["search_seconds"] / mres["wall"][seed])
+                share.append(last["search_seconds"] / mres["wall"][label][seed])
             f = lambda v, p=2: "n/a" if np.all(np.isnan(v)) else f"{np.nanmean(v):.{p}f} ± {np.nanstd(v):.{p}f}"  # noqa
             lines.append(f"| {label} | {f(d[0.8])} | {f(d[0.9])} | {f(d[0.95])} | {f(c05, 1)}x | {f(c1, 1)}x | "
                          f"{int(np.mean(ev))} | {100 * np.mean(share):.0f}% | {int(np.mean(st))} |")

@@ -65,8 +65,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     dense_test = test(model)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
+    # a few training batches: BatchNorm models score candidates with re-estimated statistics (adaptive BN)
+    train_data = [data.x_train[i:i + 128] for i in range(0, min(len(data.y_train), 8 * 128), 128)]
     result = prune(model, args.pruner, evaluate=evaluate, finetune=finetune, seed=args.seed,
-                   exclude=args.exclude or None, **goal, **options)
+                   exclude=args.exclude or None, train_data=train_data, **goal, **options)
     test_acc = test(result.model)
     extra = {
         "test accuracy": f"dense {dense_test:.4f} -> pruned {test_acc:.4f} (drop {100 * (dense_test - test_acc):+.2f} pp; "

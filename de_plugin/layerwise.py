@@ -63,8 +63,11 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
     scan_max_layers: int = Field(
         32, ge=1, description="without groups, skip the sensitivity scan above this many layers (it costs "
                               "len(scan_levels) evaluations per layer; the baseline seeds stand in for it)")
-    adaptive_bn: bool = Field(False, description="re-estimate BatchNorm statistics on bn_batches train_data batches "
-                                                 "before scoring each candidate (needs train_data)")
+    # chosen by benchmarks/deep.py (ResNet-20): the un-retrained accuracy DE ranks by is near chance
+    # on BN networks without it; with it the searched allocations lead at 90% and 95%
+    adaptive_bn: Optional[bool] = Field(
+        None, description="re-estimate BatchNorm statistics on bn_batches train_data batches before scoring each "
+                          "candidate; None: on when the model has BatchNorm and train_data is given")
     bn_batches: int = Field(4, ge=1, description="adaptive BN: training batches per candidate")
 
     @field_validator("groups")
@@ -89,12 +92,16 @@ def check_search(o: LayerwiseOptions, model: nn.Module, targets: Sequence[Target
     groups = resolve_groups(o.groups, targets)
     dim = len(groups) + (len(targets) if o.group_offset > 0 else 0) if groups else len(targets)
     population_for(o.population, dim)
+    has_bn = any(isinstance(m, BN_TYPES) for m in model.modules())
     if o.adaptive_bn:
         if not train_batches:
             raise ValueError("adaptive_bn=True re-estimates BatchNorm statistics on training batches: pass "
                              "train_data=[x, ...] (a few batches of training inputs) or set adaptive_bn=False")
-        if not any(isinstance(m, BN_TYPES) for m in model.modules()):
+        if not has_bn:
             log.warning("adaptive_bn=True but the model has no BatchNorm layer: nothing to re-estimate")
+    elif o.adaptive_bn is None and has_bn and not train_batches:
+        log.info("the model has BatchNorm: pass train_data (a few training batches) to score candidates with "
+                 "re-estimated BN statistics (adaptive_bn), which ranks them better after heavy pruning")
     return groups
 
 
@@ -151,9 +158,15 @@ class DELayerwise(IterativePruner):
         self.rng = np.random.default_rng(ctx.seed)
         scorer = MagnitudeScorer(ctx.model, ctx.targets, ctx.evaluate,
                                  *((ctx.val_batches, ctx.metric) if o.early_reject else (None, None)),
-                                 calib=ctx.train_batches if o.adaptive_bn else None, bn_batches=o.bn_batches)
+                                 calib=ctx.train_batches if self._adaptive_bn(ctx) else None, bn_batches=o.bn_batches)
         self.backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address,
                                     ctx.val_batches, ctx.metric)
+
+    def _adaptive_bn(self, ctx: Context) -> bool:
+        """Whether candidates are scored after re-estimating BatchNorm (the option, or ``None``: BN + train_data)."""
+        if self.options.adaptive_bn is not None:
+            return self.options.adaptive_bn
+        return bool(ctx.train_batches) and any(isinstance(m, BN_TYPES) for m in ctx.model.modules())
 
     def close(self) -> None:
         if self.backend is not None:
