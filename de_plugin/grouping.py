@@ -17,9 +17,10 @@ Groupings (the ``groups`` option of ``de_layerwise``):
 from __future__ import annotations
 
 import fnmatch
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
+from torch import nn
 
 from .allocator import KeepSpace
 from .targets import Target
@@ -28,20 +29,23 @@ GroupSpec = Union[str, int, dict]
 NAMED = ("layer", "stage", "block", "type")
 
 
-def layer_kind(t: Target) -> str:
-    """The ``type`` grouping's key of one target."""
+def layer_kind(t: Target, model: Optional[nn.Module] = None) -> str:
+    """The ``type`` grouping's key of one target (depthwise from the conv's ``groups`` when the model
+    is given, else from the shape: one input channel per filter)."""
     parts = t.module_name.split(".")
     if (t.module_type in ("MultiheadAttention", "NonDynamicallyQuantizableLinear") or t.param_name == "in_proj_weight"
             or any(p in ("attn", "attention", "self_attention") for p in parts)):
         return "attention"
     if len(t.shape) == 4:
-        if t.shape[1] == 1 and t.shape[2] * t.shape[3] > 1:
+        groups = getattr(model.get_submodule(t.module_name), "groups", 1) if model is not None else None
+        if (groups > 1 and groups == t.shape[0]) if groups is not None else (t.shape[1] == 1 and t.shape[2] * t.shape[3] > 1):
             return "depthwise"
         return f"conv{t.shape[2]}x{t.shape[3]}"
     return "linear" if len(t.shape) == 2 else f"{len(t.shape)}d"
 
 
-def resolve_groups(spec: GroupSpec, targets: Sequence[Target]) -> list[tuple[str, list[int]]]:
+def resolve_groups(spec: GroupSpec, targets: Sequence[Target],
+                   model: Optional[nn.Module] = None) -> list[tuple[str, list[int]]]:
     """The groups ``spec`` stands for, as (name, target indices) in model order; ``[]`` for ``"layer"``.
 
     Raises ``ValueError`` (before any work) for a layer in no group or in two, a pattern that
@@ -60,7 +64,7 @@ def resolve_groups(spec: GroupSpec, targets: Sequence[Target]) -> list[tuple[str
         return []
     key = {"stage": lambda t: t.name.split(".")[0],
            "block": lambda t: ".".join(t.module_name.split(".")[:2]) or t.name,
-           "type": layer_kind}[spec]
+           "type": lambda t: layer_kind(t, model)}[spec]
     out: dict[str, list[int]] = {}
     for i, t in enumerate(targets):
         out.setdefault(key(t), []).append(i)

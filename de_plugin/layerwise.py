@@ -89,7 +89,7 @@ def check_search(o: LayerwiseOptions, model: nn.Module, targets: Sequence[Target
                  train_batches: Optional[list]) -> list[tuple[str, list[int]]]:
     """What can be known wrong before any work: the grouping, the population for the search's
     dimension, adaptive BN without training batches. Returns the resolved groups."""
-    groups = resolve_groups(o.groups, targets)
+    groups = resolve_groups(o.groups, targets, model)
     dim = len(groups) + (len(targets) if o.group_offset > 0 else 0) if groups else len(targets)
     population_for(o.population, dim)
     has_bn = any(isinstance(m, BN_TYPES) for m in model.modules())

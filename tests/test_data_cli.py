@@ -64,10 +64,8 @@ def test_fashion_mnist_from_debian_package():
 
 def test_main_job_on_real_fashion_mnist_subset(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo_training, "CACHE", tmp_path / "cache")
-    orig = cli.load_idx_dataset
-    monkeypatch.setattr(cli, "load_idx_dataset", lambda folder, **kw: orig(folder, train_limit=6000, **kw))
     out = tmp_path / "run"
-    rc = cli.main(["run", "--train-epochs", "2", "--val-size", "1000", "--sparsity", "0.9", "--out", str(out),
+    rc = cli.main(["run", "--train-epochs", "2", "--val-size", "1000", "--train-limit", "6000", "--sparsity", "0.9", "--out", str(out),
                    "--options", '{"rounds": 2, "finetune_epochs": 1, "population": 8, "generations": 3}'])
     assert rc == 0
     text = capsys.readouterr().out

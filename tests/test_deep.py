@@ -174,13 +174,16 @@ def test_bad_deep_options_fail_before_any_work(resnet56, opts, match):
 
 def test_groupings_cover_every_layer_once():
     for name in ("resnet20", "mobilenetv2", "vit"):
-        targets = find_targets(create_model(name, in_channels=1))
+        model = create_model(name, in_channels=1)
+        targets = find_targets(model)
         for spec in ("stage", "block", "type", 4):
-            groups = resolve_groups(spec, targets)
+            groups = resolve_groups(spec, targets, model)
             idx = sorted(i for _, g in groups for i in g)
             assert idx == list(range(len(targets))), (name, spec)
-    kinds = dict(resolve_groups("type", find_targets(create_model("mobilenetv2", in_channels=1))))
-    assert len(kinds["depthwise"]) == 17
+    mnv2 = create_model("mobilenetv2", in_channels=1)
+    kinds = dict(resolve_groups("type", find_targets(mnv2), mnv2))
+    assert len(kinds["depthwise"]) == 17  # one per inverted residual; the 1-channel stem is a conv3x3
+    assert kinds["conv3x3"] == [0]
 
 
 def test_fashion_mnist_padded_to_32(tmp_path):
