@@ -50,6 +50,10 @@ ABLATION = {
     "adaptive_bn": {"adaptive_bn": True},
     "groups=stage": {"groups": "stage"},
     "jde": {"adaptation": "jde"},
+    # the search scores 2 of 8 validation batches (the same 500 images as the others), the 4 finalists
+    # are re-scored on all 2,000
+    "fidelity=0.25": {"fidelity": 0.25, "val_data": True},
+    "adaptive_bn+fidelity": {"adaptive_bn": True, "fidelity": 0.25, "val_data": True},
 }
 
 
@@ -62,16 +66,22 @@ def methods_for(cfg: dict, chosen: list[str] | None, calib: list) -> dict:
     return {k: v for k, v in methods.items() if chosen is None or k in chosen}
 
 
-def ablation(mname: str, dense, data, cfg: dict, seed: int, epochs: int, train_batches) -> dict:
+def ablation(mname: str, dense, data, cfg: dict, seed: int, epochs: int, train_batches,
+             only: list[str] | None = None) -> dict:
     """One round to 90% from the dense model per setting; validation accuracy after the same fine-tune."""
     search_eval = make_evaluate(data.x_val[: cfg["search_val"]], data.y_val[: cfg["search_val"]])
     val_eval = make_evaluate(data.x_val, data.y_val)
     rows = {}
+    val_batches = [(data.x_val[i : i + 250], data.y_val[i : i + 250]) for i in range(0, len(data.y_val), 250)]
     for label, opts in ABLATION.items():
+        if only and label not in only:
+            continue
+        opts = dict(opts)
+        scoring = {"val_data": val_batches} if opts.pop("val_data", False) else {"evaluate": search_eval}
         finetune = make_finetune(data.x_train, data.y_train, lr=5e-4)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
-        res = de_plugin.prune(copy.deepcopy(dense), "de_layerwise", evaluate=search_eval, finetune=finetune,
+        res = de_plugin.prune(copy.deepcopy(dense), "de_layerwise", **scoring, finetune=finetune,
                               sparsity=0.9, seed=seed, rounds=1, finetune_epochs=epochs, progress=False,
                               recovery="splicing", generations=cfg["generations"], train_data=train_batches, **opts)
         wall = time.perf_counter() - t0
@@ -101,7 +111,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--epochs", type=int, default=1, help="fine-tune epochs per rung (all methods)")
     ap.add_argument("--train-limit", type=int, default=8000, help="training images (dense training and fine-tune)")
-    ap.add_argument("--methods", nargs="*", default=None)
+    ap.add_argument("--methods", nargs="*", default=None, help="only these rows (ladder methods or ablation settings)")
     ap.add_argument("--ablation", action="store_true", help="only the DE settings ablation (one rung)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/deep")
@@ -133,7 +143,7 @@ def main() -> None:
             calib = [data.x_train[i : i + 128] for i in range(0, 128 * 8, 128)]
             if args.ablation:
                 results["ablation"].setdefault(mname, {})[seed] = ablation(mname, dense, data, cfg, seed, args.epochs,
-                                                                            calib)
+                                                                            calib, args.methods)
                 (out / "results.json").write_text(json.dumps(results, indent=1))
                 continue
             for label, (method, opts) in methods_for(cfg, args.methods, calib).items():

@@ -155,6 +155,7 @@ class Allocator:
         self.backend, self.options, self.rng = backend, options, rng
         self.progress, self.deadline, self.on_generation = progress, deadline, on_generation
         self.cache: dict[tuple[int, ...], float] = {}
+        self.rescored: dict[tuple[int, ...], float] = {}  # multi-fidelity: full-data scores of the finalists
         self.nfev = self.rejected = self.skipped = self.images_saved = 0
 
     # ------------------------------------------------------------------ scoring
@@ -230,8 +231,13 @@ class Allocator:
             pbar.set_postfix(best=f"{solver.fun[solver.best_index()]:.4f}")
         pbar.close()
 
-    def maximise(self, solver: DifferentialEvolution, space: KeepSpace, keep: int, desc: str = "DE") -> np.ndarray:
-        """Budget form: the allocation keeping exactly ``keep`` weights with the best score."""
+    def maximise(self, solver: DifferentialEvolution, space: KeepSpace, keep: int, desc: str = "DE",
+                 rescore: Optional[Callable[[np.ndarray], float]] = None, top: int = 4) -> np.ndarray:
+        """Budget form: the allocation keeping exactly ``keep`` weights with the best score.
+
+        ``rescore`` (multi-fidelity): the search scored on part of the data; the ``top`` best distinct
+        members of the last population are re-scored with it and the best of those returned (their
+        scores in :attr:`rescored`)."""
         def evaluate_batch(xs, parents):
             counts = [space.project(x, keep) for x in xs]
             # a trial replaces its parent when -score <= parent's objective: it needs score >= -f_parent
@@ -240,7 +246,25 @@ class Allocator:
             return f, None, (np.array([space.to_x(c) for c in counts]) if space.repairs else None)
 
         self._run(solver, evaluate_batch, desc)
-        return space.project(solver.population[solver.best_index()], keep)
+        if rescore is None:
+            return space.project(solver.population[solver.best_index()], keep)
+        return self._rescore([space.project(solver.population[i], keep) for i in np.argsort(solver.fun, kind="stable")],
+                             rescore, top)
+
+    def _rescore(self, ranked: list[np.ndarray], rescore: Callable[[np.ndarray], float], top: int) -> np.ndarray:
+        """The best of the ``top`` first distinct candidates of ``ranked`` by ``rescore`` (ties: the
+        search's order)."""
+        picked: dict[tuple[int, ...], np.ndarray] = {}
+        for c in ranked:
+            picked.setdefault(tuple(int(v) for v in c), c)
+            if len(picked) == top:
+                break
+        for key, c in picked.items():
+            self.rescored[key] = float(rescore(c))
+        best = max(picked, key=lambda k: self.rescored[k])  # max keeps the first of equal scores
+        log.info("multi-fidelity: re-scored the %d best candidates on all the data: %s", len(picked),
+                 ", ".join(f"{self.rescored[k]:.4f}" for k in picked))
+        return picked[best]
 
     def minimise(self, solver: DifferentialEvolution, space: KeepSpace, limit: float, *, penalty: Optional[float] = None,
                  desc: str = "DE") -> np.ndarray:

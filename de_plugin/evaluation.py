@@ -301,8 +301,12 @@ class MagnitudeScorer:
 
     def __init__(self, model: nn.Module, targets: Sequence[Target], evaluate: Callable[[nn.Module], float],
                  batches: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None,
-                 metric: Optional[Callable] = None, calib: Optional[Sequence[Any]] = None, bn_batches: int = 0):
+                 metric: Optional[Callable] = None, calib: Optional[Sequence[Any]] = None, bn_batches: int = 0,
+                 search_batches: Optional[int] = None):
         self.model, self.targets, self.evaluate = model, list(targets), evaluate
+        # multi-fidelity: the search scores accuracy on the first ``search_batches`` batches only
+        # (needs ``batches``); :meth:`score_full` gives the full score for the final re-scoring
+        self.search_batches = search_batches
         # adaptive BN: re-estimate BatchNorm statistics on ``bn_batches`` of ``calib`` before scoring
         self.calib = list(calib)[:bn_batches] if calib is not None and bn_batches > 0 else None
         self.bn_state: Optional[BNState] = None
@@ -354,16 +358,29 @@ class MagnitudeScorer:
         self.apply(counts)
         if self.bn_state is not None:
             recalibrate_bn(self.model, self.calib, len(self.calib))
+        if self.search_batches is not None and self.batches is not None:
+            return self._bounded(floor if floor is not None and np.isfinite(floor) else -math.inf, self.search_batches)
         if floor is None or self.batches is None or not np.isfinite(floor):
             return check_score(self.evaluate(self.model))
         return self._bounded(floor)
 
-    def _bounded(self, floor: float) -> float:
-        """Accuracy batch by batch; stop once ``(correct so far + images left) / total < floor``.
-        A candidate that is not rejected gets exactly what ``evaluate`` computes (same batches, same
-        predictions, the same float32 mean), so serial, worker and rejecting runs stay bit-identical."""
+    def score_full(self, counts: Sequence[int]) -> float:
+        """The candidate's exact score on all of the validation data (the multi-fidelity re-score)."""
+        self.apply(counts)
+        if self.bn_state is not None:
+            recalibrate_bn(self.model, self.calib, len(self.calib))
+        return check_score(self.evaluate(self.model))
+
+    def _bounded(self, floor: float, n_batches: Optional[int] = None) -> float:
+        """Accuracy batch by batch (over the first ``n_batches``, all by default); stop once
+        ``(correct so far + images left) / total < floor``. A candidate that is not rejected gets
+        exactly what ``evaluate`` computes on those batches (same predictions, the same float32 mean),
+        so serial, worker and rejecting runs stay bit-identical."""
         model = self.model
         data, labels = self.batches.on(next(model.parameters()).device)
+        if n_batches is not None:
+            data = data[:n_batches]
+            labels = labels[: sum(len(y) for _, y in data)]
         total = len(labels)
         preds, seen, correct = [], 0, 0
         with inference(model):

@@ -34,6 +34,7 @@ from .allocator import Allocator, KeepSpace, SearchOptions, StdSpace, population
 from .de import DifferentialEvolution
 from .evaluation import BN_TYPES, MagnitudeScorer, backend_round, check_device, make_backend
 from .grouping import NAMED, GroupedSpace, resolve_groups
+from .metrics import accuracy
 from .targets import Target
 from .hookspecs import hookimpl
 from .iterative import IterativeOptions, IterativePruner, State
@@ -69,6 +70,11 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
         None, description="re-estimate BatchNorm statistics on bn_batches train_data batches before scoring each "
                           "candidate; None: on when the model has BatchNorm and train_data is given")
     bn_batches: int = Field(4, ge=1, description="adaptive BN: training batches per candidate")
+    fidelity: Optional[float] = Field(
+        None, gt=0.0, lt=1.0, description="multi-fidelity: share of the val_data batches (the first ones) that "
+                                          "scores candidates during the search; the rescore_top best are then "
+                                          "re-scored on all of val_data (budget form; needs val_data)")
+    rescore_top: int = Field(4, ge=1, description="multi-fidelity: finalists re-scored on all of val_data")
 
     @field_validator("groups")
     @classmethod
@@ -85,10 +91,14 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
         return v
 
 
-def check_search(o: LayerwiseOptions, model: nn.Module, targets: Sequence[Target],
-                 train_batches: Optional[list]) -> list[tuple[str, list[int]]]:
+def check_search(o: LayerwiseOptions, model: nn.Module, targets: Sequence[Target], train_batches: Optional[list],
+                 val_batches: Optional[list] = None, metric: Optional[Callable] = None) -> list[tuple[str, list[int]]]:
     """What can be known wrong before any work: the grouping, the population for the search's
-    dimension, adaptive BN without training batches. Returns the resolved groups."""
+    dimension, adaptive BN without training batches, multi-fidelity without validation batches.
+    Returns the resolved groups."""
+    if o.fidelity is not None and (not val_batches or len(val_batches) < 2 or metric is not accuracy):
+        raise ValueError("fidelity scores candidates on part of the validation batches: pass val_data=[(x, y), ...] "
+                         "with at least 2 batches and metric='accuracy' (not evaluate=), or leave fidelity unset")
     groups = resolve_groups(o.groups, targets, model)
     dim = len(groups) + (len(targets) if o.group_offset > 0 else 0) if groups else len(targets)
     population_for(o.population, dim)
@@ -137,12 +147,13 @@ class DELayerwise(IterativePruner):
     needs_evaluate = True
     backend = None
 
-    def check_targets(self, model: nn.Module, targets: Sequence[Target], train_batches: Optional[list]) -> None:
-        check_search(self.options, model, targets, train_batches)
+    def check_targets(self, model: nn.Module, targets: Sequence[Target], train_batches: Optional[list],
+                      val_batches: Optional[list] = None, metric: Optional[Callable] = None) -> None:
+        check_search(self.options, model, targets, train_batches, val_batches, metric)
 
     def begin(self, ctx: Context, reference: Optional[float]) -> None:
         o = self.options
-        self.groups = check_search(o, ctx.model, ctx.targets, ctx.train_batches)
+        self.groups = check_search(o, ctx.model, ctx.targets, ctx.train_batches, ctx.val_batches, ctx.metric)
         if o.device:
             ctx.model.to(o.device)
         self.ctx, self.reference = ctx, reference
@@ -156,11 +167,14 @@ class DELayerwise(IterativePruner):
         pop = population_for(o.population, dim)
         self.evals_per_round = None if o.max_evals is None else max(pop, (o.max_evals - scan_cost) // budget_rounds)
         self.rng = np.random.default_rng(ctx.seed)
+        search_batches = None if o.fidelity is None else max(1, round(o.fidelity * len(ctx.val_batches)))
         scorer = MagnitudeScorer(ctx.model, ctx.targets, ctx.evaluate,
-                                 *((ctx.val_batches, ctx.metric) if o.early_reject else (None, None)),
-                                 calib=ctx.train_batches if self._adaptive_bn(ctx) else None, bn_batches=o.bn_batches)
-        self.backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address,
-                                    ctx.val_batches, ctx.metric)
+                                 *((ctx.val_batches, ctx.metric) if o.early_reject or o.fidelity else (None, None)),
+                                 calib=ctx.train_batches if self._adaptive_bn(ctx) else None, bn_batches=o.bn_batches,
+                                 search_batches=search_batches)
+        val = ctx.val_batches if search_batches is None else ctx.val_batches[:search_batches]
+        self.backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address, val,
+                                    ctx.metric)
 
     def _adaptive_bn(self, ctx: Context) -> bool:
         """Whether candidates are scored after re-estimating BatchNorm (the option, or ``None``: BN + train_data)."""
@@ -277,7 +291,8 @@ class DELayerwise(IterativePruner):
                 solver = search.solver(space, make_seeds(search, space), self.evals_per_round)
             self._search_rng = self.rng.bit_generator.state  # as it stands once the solver exists
             best = run(search, solver, space)
-            score = search.score(best)
+            score = search.rescored.get(tuple(int(c) for c in best))
+            score = search.score(best) if score is None else score  # the full-data score when re-scored
         self.nfev += search.nfev
         return best, score, search.info(solver)
 
@@ -292,8 +307,22 @@ class DELayerwise(IterativePruner):
         """Budget form: maximise validation accuracy over allocations with exactly ``keep`` weights."""
         best, acc, de = self._search(
             state, round_index, lambda search, space: self._seed_counts(space, state, [keep]),
-            lambda search, solver, space: search.maximise(solver, space, keep, f"DE round {round_index}"))
+            lambda search, solver, space: search.maximise(solver, space, keep, f"DE round {round_index}",
+                                                          self._rescorer(), self.options.rescore_top))
         return best, {"de": de, "val_accuracy_before_finetune": acc}
+
+    def _rescorer(self) -> Optional[Callable[[np.ndarray], float]]:
+        """Multi-fidelity: the full-data score of a candidate, computed here on the round's scorer."""
+        if self.options.fidelity is None:
+            return None
+        scorer = self.backend.scorer
+
+        def rescore(counts: np.ndarray) -> float:
+            try:
+                return scorer.score_full(counts)
+            finally:
+                scorer.restore()
+        return rescore
 
     def propose(self, state: State, round_index: int, caution: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Accuracy form: minimise kept weights s.t. accuracy >= reference - search_drop (Deb's rules)."""

@@ -72,7 +72,8 @@ class Pruner:
     def __init__(self, **options: Any) -> None:
         self.options = validate_options(self.Options, self.name, options)
 
-    def check_targets(self, model: nn.Module, targets: Sequence[Target], train_batches: Optional[list]) -> None:
+    def check_targets(self, model: nn.Module, targets: Sequence[Target], train_batches: Optional[list],
+                      val_batches: Optional[list] = None, metric: Optional[Callable] = None) -> None:
         """Raise ``ValueError`` for what is wrong with these options on this model, before any work
         (``prune`` calls it once the targets are known; the default has nothing to check)."""
 
@@ -139,11 +140,11 @@ def prune(
     if not isinstance(seed, numbers.Integral):
         raise TypeError(f"`seed` must be an integer, got {seed!r}")
     targets = find_targets(model, layers, layer_types, exclude)
-    pruner.check_targets(model, targets, train_batches)
+    metric_fn = None if val_batches is None else (get_metric(metric) if isinstance(metric, str) else metric)
+    pruner.check_targets(model, targets, train_batches, val_batches, metric_fn)
 
     work = model if inplace else copy.deepcopy(model)
     snapshot = copy.deepcopy(model.state_dict()) if inplace else None
-    metric_fn = None if val_batches is None else (get_metric(metric) if isinstance(metric, str) else metric)
     ctx = Context(model=work, targets=targets, evaluate=evaluate, finetune=finetune, sparsity=sparsity,
                   max_accuracy_drop=max_accuracy_drop, seed=int(seed), progress=progress, train_batches=train_batches,
                   val_batches=val_batches, metric=metric_fn)

@@ -209,3 +209,22 @@ def test_cifar10_folder_loader(tmp_path):
     (tmp_path / "test_batch").unlink()
     with pytest.raises(FileNotFoundError, match="test_batch.*nothing is downloaded"):
         load_cifar10(tmp_path)
+
+
+def test_multi_fidelity_scores_on_a_subset_and_rescores_the_finalists(resnet56):
+    x, val = _data(n=128)  # 4 batches: the search scores on the first one, the finalists on all four
+    kw = dict(val_data=val, finetune=_noop, sparsity=0.7, rounds=1, generations=2, recovery="none", progress=False,
+              fidelity=0.25, rescore_top=3, seed=1)
+    a = de_plugin.prune(resnet56, "de_layerwise", **kw)
+    b = de_plugin.prune(resnet56, "de_layerwise", **kw)
+    assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)  # same seed, same masks
+    full = de_plugin.metrics.accuracy(torch.cat([a.model.eval()(v[0]) for v in val]), torch.cat([v[1] for v in val]))
+    # the round's reported pre-fine-tune score is the full-data score of the chosen masks, not the subset's
+    assert a.history[0]["val_accuracy_before_finetune"] == pytest.approx(full, abs=1e-6)
+    assert a.sparsity == pytest.approx(0.7, abs=1e-3)
+
+
+def test_multi_fidelity_needs_val_data(resnet56):
+    with pytest.raises(ValueError, match="fidelity.*val_data"):
+        de_plugin.prune(resnet56, "de_layerwise", evaluate=lambda m: 0.5, finetune=_noop, sparsity=0.5,
+                        fidelity=0.2, progress=False)
