@@ -206,7 +206,7 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
     options = dict(cfg.options)
     if cfg.pruner == "de_layerwise":
         options.setdefault("progress", True)
-    if cfg.pruner == "random_coarse" and data is not None:  # adaptive BN re-estimates on training batches
+    if cfg.pruner in ("random_coarse", "de_layerwise") and data is not None:  # adaptive BN's training batches
         bs = cfg.train.batch_size
         options.setdefault("train_data", [(data.x_train[i:i + bs], data.y_train[i:i + bs])
                                           for i in range(0, min(len(data.y_train), 100 * bs), bs)])

@@ -32,6 +32,7 @@ from de_plugin.adapter import (
     LayerwiseOptions,
     RoundRunner,
     Target,
+    check_batches,
     check_score,
     create_pruner,
     masks_attached,
@@ -112,7 +113,7 @@ class DELayerwisePruner(Pruner):
 
     def __init__(self, model: nn.Module, config_list: List[Dict], evaluator: Evaluator | None = None,
                  existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, seed: int = 0,
-                 progress: bool = True, **de_options: Any):
+                 progress: bool = True, train_data: Any = None, **de_options: Any):
         if evaluator is not None and not isinstance(evaluator, Evaluator):
             raise TypeError(f"evaluator must be an NNI Evaluator (TorchEvaluator or LightningEvaluator), "
                             f"got {type(evaluator).__name__}")
@@ -120,6 +121,8 @@ class DELayerwisePruner(Pruner):
         self.options = validate_options(LayerwiseOptions, "de_layerwise", de_options)
         self.groups = parse_config_list(model, config_list)
         self.seed, self.progress = int(seed), bool(progress)
+        # a few training batches: BatchNorm models score candidates after re-estimating BN (adaptive BN)
+        self.train_data = None if train_data is None else check_batches(train_data, "train_data", pairs=False)
         super().__init__(model, config_list, evaluator, existed_wrappers)
         # what LinearPruner / AGPPruner drive (see _NormPruner)
         self.interval_steps = -1
@@ -179,7 +182,8 @@ class DELayerwisePruner(Pruner):
                 res = prune(
                     self.bound_model, "de_layerwise", evaluate=self._evaluate, finetune=finetune,
                     sparsity=g["sparse_ratio"], layers=g["layers"], layer_types=["Linear", "Conv1d", "Conv2d", "Conv3d"],
-                    inplace=True, seed=self.seed, progress=self.progress, **self._group_options(g),
+                    inplace=True, seed=self.seed, progress=self.progress, train_data=self.train_data,
+                    **self._group_options(g),
                 )
                 self.results.append(res)
                 masks.update(res.masks)
@@ -223,7 +227,7 @@ class DELayerwisePruner(Pruner):
         targets = [Target(f"{n}._nni_wrapper", "weight", "wrapped", tuple(s.target.shape))
                    for n, s in zip(g["layers"], spaces)]
         ctx = Context(model=self.bound_model, targets=targets, evaluate=self._evaluate, finetune=None, sparsity=None,
-                      max_accuracy_drop=None, seed=self.seed, progress=False)
+                      max_accuracy_drop=None, seed=self.seed, progress=False, train_batches=self.train_data)
         runner = RoundRunner(create_pruner("de_layerwise", **self._group_options(g)))
         runner.start(ctx)
         self._runners[g_i] = runner
