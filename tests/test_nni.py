@@ -493,9 +493,16 @@ def test_grouped_search_on_a_58_layer_resnet(digits, evaluator_for):
     cfg = [{"op_types": ["Conv2d", "Linear"], "sparse_ratio": 0.7}]
     p = de_plugin_nni.create_pruner("de_layerwise", model, cfg, evaluator_for(model),
                                     **{**DE, "population": 8, "generations": 1, "rounds": 1, "groups": "stage",
-                                       "adaptation": "jde"})
+                                       "adaptation": "jde"}, train_data=[digits.x_train[:64], digits.x_train[64:128]])
     _, masks = p.compress()
     assert len(masks) == 58
     assert sparsity(masks) == pytest.approx(0.7, abs=1e-3)
     assert set(p.results[0].history[0]["sensitivity_scan"]) == {"stem", "layer1", "layer2", "layer3", "fc"}
     p.unwrap_model()
+    assert len(p.train_data) == 2  # adaptive BN's batches (BN model + train_data: on by default)
+
+
+def test_bad_train_data_is_refused_before_any_work(mlp, evaluator_for):
+    with pytest.raises((TypeError, ValueError), match="train_data"):
+        de_plugin_nni.create_pruner("de_layerwise", mlp, [{"op_types": ["Linear"], "sparse_ratio": 0.5}],
+                                    evaluator_for(mlp), train_data=42)
