@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -155,6 +155,26 @@ class MaskMethod(torch_prune.BasePruningMethod):
         super().__call__(module, inputs)
 
 
+class ChildMaskHook:
+    """Recompute a child's masked weight before its *parent's* forward: ``nn.MultiheadAttention``
+    reads ``out_proj.weight`` inside its own forward without calling ``out_proj``, so the child's
+    own pre-hook never fires and training would reuse one stale masked tensor (torch 2.13:
+    "Trying to backward through the graph a second time" on the second step)."""
+
+    def __init__(self, child: nn.Module, method: MaskMethod):
+        self.child, self.method = child, method
+
+    def __call__(self, module: nn.Module, inputs) -> None:
+        self.method(self.child, inputs)
+
+
+def _attention_parent(model: nn.Module, module_name: str) -> Optional[nn.Module]:
+    if "." not in module_name:
+        return None
+    parent = model.get_submodule(module_name.rsplit(".", 1)[0])
+    return parent if isinstance(parent, nn.MultiheadAttention) else None
+
+
 def attach_masks(
     model: nn.Module,
     targets: Sequence[Target],
@@ -174,6 +194,9 @@ def attach_masks(
         mod.register_buffer(t.param_name + "_mask", masks[t.name].to(orig.dtype).to(orig.device).clone())
         setattr(mod, t.param_name, method.apply_mask(mod))
         mod.register_forward_pre_hook(method)
+        parent = _attention_parent(model, t.module_name)
+        if parent is not None:
+            parent.register_forward_pre_hook(ChildMaskHook(mod, method))
         if isinstance(mod, nn.RNNBase):
             mod._init_flat_weights()
 
@@ -188,6 +211,11 @@ def detach_masks(model: nn.Module, targets: Sequence[Target]) -> dict[str, torch
         for k, hook in list(mod._forward_pre_hooks.items()):
             if isinstance(hook, MaskMethod) and hook._tensor_name == t.param_name:
                 del mod._forward_pre_hooks[k]
+        parent = _attention_parent(model, t.module_name)
+        if parent is not None:
+            for k, hook in list(parent._forward_pre_hooks.items()):
+                if isinstance(hook, ChildMaskHook) and hook.child is mod and hook.method._tensor_name == t.param_name:
+                    del parent._forward_pre_hooks[k]
         delattr(mod, t.param_name)
         del mod._parameters[t.param_name + "_orig"]
         del mod._buffers[t.param_name + "_mask"]

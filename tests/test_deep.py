@@ -228,3 +228,30 @@ def test_multi_fidelity_needs_val_data(resnet56):
     with pytest.raises(ValueError, match="fidelity.*val_data"):
         de_plugin.prune(resnet56, "de_layerwise", evaluate=lambda m: 0.5, finetune=_noop, sparsity=0.5,
                         fidelity=0.2, progress=False)
+
+
+def test_vit_fine_tunes_with_masks_held_on_attention_projections():
+    """out_proj.weight is read by MultiheadAttention's forward, not out_proj's: masks must still be
+    recomputed every step (splicing trains several steps), and stay applied afterwards."""
+    torch.manual_seed(0)
+    model = create_model("vit", in_channels=1, image_size=16, dim=32, depth=2, heads=2)
+    x, val = _data(n=64)
+    opt_steps = []
+
+    def finetune(m, epochs):
+        opt = torch.optim.Adam(m.parameters(), 1e-3)
+        m.train()
+        for _ in range(epochs):
+            for xb, yb in val:
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(m(xb), yb).backward()
+                opt.step()
+                opt_steps.append(1)
+
+    res = de_plugin.prune(model, "de_layerwise", val_data=val, finetune=finetune, sparsity=0.8, rounds=1,
+                          finetune_epochs=2, generations=1, population=6, recovery="splicing", progress=False)
+    assert len(opt_steps) == 4
+    for t in find_targets(model):
+        w = get_param(res.model, t)
+        assert torch.all(w[~res.masks[t.name]] == 0), t.name
+    assert not any(m._forward_pre_hooks for m in res.model.modules())
