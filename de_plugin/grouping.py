@@ -106,6 +106,11 @@ def _from_patterns(spec: dict, names: list[str]) -> list[tuple[str, list[int]]]:
     return sorted(out, key=lambda g: g[1][0])
 
 
+def search_dim(groups: Sequence, n_layers: int, offset: float) -> int:
+    """Length of the DE vector: one value per layer, or per group plus one offset per layer."""
+    return len(groups) + (n_layers if offset > 0 else 0) if groups else n_layers
+
+
 class GroupedSpace(KeepSpace):
     """A :class:`KeepSpace` seen through groups: ``x = (g_1..g_G, o_1..o_L)`` (offsets only when
     ``offset > 0``), layer l's value ``clip(g_group(l) + o_l)`` in the base space's units.
@@ -125,6 +130,7 @@ class GroupedSpace(KeepSpace):
         lo, hi = np.array(base.bounds, dtype=float).T
         self.layer_lo, self.layer_hi = lo, hi
         gb = [(float(lo[g].min()), float(hi[g].max())) for g in self.groups]
+        self.group_lo, self.group_hi = np.array(gb).T
         self.bounds = gb + ([(-self.offset, self.offset)] * len(lo) if self.offset > 0 else [])
 
     def layer_values(self, x: np.ndarray) -> np.ndarray:
@@ -140,7 +146,7 @@ class GroupedSpace(KeepSpace):
     def to_x(self, counts: np.ndarray) -> np.ndarray:
         xl = self.base.to_x(counts)
         g = np.array([float(np.mean(xl[idx])) for idx in self.groups])
-        parts = [np.clip(g, [b[0] for b in self.bounds[:len(g)]], [b[1] for b in self.bounds[:len(g)]])]
+        parts = [np.clip(g, self.group_lo, self.group_hi)]
         if self.offset > 0:
             parts.append(np.clip(xl - parts[0][self.owner], -self.offset, self.offset))
         return np.concatenate(parts)

@@ -33,7 +33,7 @@ from . import allocation
 from .allocator import Allocator, KeepSpace, SearchOptions, StdSpace, population_for
 from .de import DifferentialEvolution
 from .evaluation import BN_TYPES, MagnitudeScorer, backend_round, check_device, make_backend
-from .grouping import NAMED, GroupedSpace, resolve_groups
+from .grouping import NAMED, GroupedSpace, resolve_groups, search_dim
 from .metrics import accuracy
 from .targets import Target
 from .hookspecs import hookimpl
@@ -100,8 +100,7 @@ def check_search(o: LayerwiseOptions, model: nn.Module, targets: Sequence[Target
         raise ValueError("fidelity scores candidates on part of the validation batches: pass val_data=[(x, y), ...] "
                          "with at least 2 batches and metric='accuracy' (not evaluate=), or leave fidelity unset")
     groups = resolve_groups(o.groups, targets, model)
-    dim = len(groups) + (len(targets) if o.group_offset > 0 else 0) if groups else len(targets)
-    population_for(o.population, dim)
+    population_for(o.population, search_dim(groups, len(targets), o.group_offset))
     has_bn = any(isinstance(m, BN_TYPES) for m in model.modules())
     if o.adaptive_bn:
         if not train_batches:
@@ -163,8 +162,7 @@ class DELayerwise(IterativePruner):
         budget_rounds = o.rounds if ctx.sparsity is not None else o.rounds + o.patience
         self.scan_units = self._scan_units()
         scan_cost = len(self.scan_units) * len(o.scan_levels)
-        dim = len(self.groups) + (len(ctx.targets) if o.group_offset > 0 else 0) if self.groups else len(ctx.targets)
-        pop = population_for(o.population, dim)
+        pop = population_for(o.population, search_dim(self.groups, len(ctx.targets), o.group_offset))
         self.evals_per_round = None if o.max_evals is None else max(pop, (o.max_evals - scan_cost) // budget_rounds)
         self.rng = np.random.default_rng(ctx.seed)
         search_batches = None if o.fidelity is None else max(1, round(o.fidelity * len(ctx.val_batches)))
