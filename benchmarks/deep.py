@@ -53,6 +53,13 @@ ABLATION = {  # every setting gets train_data, so "default" scores with adaptive
     # the search scores 2 of 8 validation batches (the same 500 images as the others), the 4 finalists
     # are re-scored on all 2,000
     "fidelity=0.25": {"fidelity": 0.25, "val_data": True},
+    # the cost levers (issue 13: the search's share of a full run): fewer BN batches per candidate,
+    # no per-layer scan (the baseline seeds stand in), stop once the best stalls; and the loss fitness
+    "bn_batches=2": {"bn_batches": 2},
+    "sensitivity_scan=False": {"sensitivity_scan": False},
+    "stall=2": {"stall": 2},
+    "metric=neg_loss": {"metric": "neg_loss", "val_data": "search"},
+    "fast": {"bn_batches": 2, "sensitivity_scan": False, "stall": 2},
 }
 
 
@@ -60,6 +67,10 @@ def methods_for(cfg: dict, chosen: list[str] | None, calib: list) -> dict:
     de_opts = {"generations": cfg["generations"], "recovery": "splicing"}
     methods = {"de_layerwise": ("de_layerwise", de_opts),
                "de_layerwise[adaptive_bn]": ("de_layerwise", {**de_opts, "adaptive_bn": True, "train_data": calib})}
+    # at the defaults (generations 20, stall, no scan above 16 layers, adaptive BN): what a user gets
+    methods["de_layerwise[defaults]"] = ("de_layerwise", {"recovery": "splicing", "train_data": calib})
+    methods["de_layerwise[defaults,neg_loss]"] = ("de_layerwise", {"recovery": "splicing", "train_data": calib,
+                                                                   "metric": "neg_loss"})
     methods.update({f"{b}[splicing]": (b, {"recovery": "splicing"}) for b in BASELINES})
     methods.update({"nni_agp": ("nni_agp", {}), "inc_snip_momentum": ("inc_snip_momentum", {})})
     return {k: v for k, v in methods.items() if chosen is None or k in chosen}
@@ -72,11 +83,13 @@ def ablation(mname: str, dense, data, cfg: dict, seed: int, epochs: int, train_b
     val_eval = make_evaluate(data.x_val, data.y_val)
     rows = {}
     val_batches = [(data.x_val[i : i + 250], data.y_val[i : i + 250]) for i in range(0, len(data.y_val), 250)]
+    search_batches = val_batches[: max(1, cfg["search_val"] // 250)]  # the search's subset, as batches
     for label, opts in ABLATION.items():
         if only and label not in only:
             continue
         opts = dict(opts)
-        scoring = {"val_data": val_batches} if opts.pop("val_data", False) else {"evaluate": search_eval}
+        vd = opts.pop("val_data", False)
+        scoring = {"val_data": search_batches if vd == "search" else val_batches} if vd else {"evaluate": search_eval}
         finetune = make_finetune(data.x_train, data.y_train, lr=5e-4)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
@@ -86,7 +99,8 @@ def ablation(mname: str, dense, data, cfg: dict, seed: int, epochs: int, train_b
         wall = time.perf_counter() - t0
         h = res.history[0]
         rows[label] = {"val_before_ft": h.get("val_accuracy_before_finetune"), "val": val_eval(res.model),
-                       "search_seconds": h.get("search_seconds", 0.0), "wall_seconds": wall, "nfev": res.nfev}
+                       "search_seconds": h.get("search_seconds", 0.0), "wall_seconds": wall, "nfev": res.nfev,
+                       "generations_run": h["de"]["nit"], "best_per_generation": h["de"]["history"]}
         print(f"  {mname} {label:16s} val {rows[label]['val']:.4f} (search pick {rows[label]['val_before_ft']:.4f}) "
               f"search {rows[label]['search_seconds']:.0f}s of {wall:.0f}s, {res.nfev} evals", flush=True)
     return rows

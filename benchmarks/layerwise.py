@@ -45,11 +45,17 @@ def run_method(method, dense, data, cfg, seed, epochs, options):
     search_eval = make_evaluate(data.x_val[: cfg["search_val"]], data.y_val[: cfg["search_val"]])
     val_eval = make_evaluate(data.x_val, data.y_val)
     test_eval = make_evaluate(data.x_test, data.y_test)
+    options = dict(options)
+    metric = options.pop("metric", None)  # a fitness metric other than accuracy: the same subset as batches
+    nv = cfg["search_val"]
+    scoring = {"evaluate": search_eval} if metric is None else {
+        "metric": metric, "val_data": [(data.x_val[i : min(i + 250, nv)], data.y_val[i : min(i + 250, nv)])
+                                       for i in range(0, nv, 250)]}
     model = copy.deepcopy(dense)
     rows, nfev, search_s = [], 0, 0.0
     for i, s in enumerate(LADDER):
         torch.manual_seed(seed * 100 + i)
-        res = de_plugin.prune(model, method, evaluate=search_eval, finetune=finetune, sparsity=s, seed=seed * 100 + i,
+        res = de_plugin.prune(model, method, **scoring, finetune=finetune, sparsity=s, seed=seed * 100 + i,
                               rounds=1, finetune_epochs=epochs, progress=False, **options)
         model = res.model
         nfev += res.nfev

@@ -43,6 +43,11 @@ class SearchOptions(BackendOptions):
     strategy: str = Field("rand1bin", pattern="^(rand1bin|best1bin|currenttobest1bin)$")
     adaptation: str = Field("none", pattern="^(none|jde)$",
                             description="'jde': self-adaptive F and CR per member (Brest et al. 2006)")
+    # chosen by benchmarks/deep.py --ablation (ResNet-20): at depth DE rarely improves on its seeds within a
+    # round, and a generation costs population x (BN re-estimation + a forward); LeNets keep all generations
+    stall: Optional[int] = Field(
+        None, ge=0, description="stop a round's search once its best has not improved for this many generations "
+                                "(0: run all generations); None: 3 above 16 searched values, else 0")
     mutation: float = Field(0.5, ge=0.0, le=2.0)
     recombination: float = Field(0.9, ge=0.0, le=1.0)
     bound_handling: str = Field("clip", pattern="^(clip|reflect|random)$")
@@ -64,6 +69,14 @@ def population_for(population: Optional[int], dim: int) -> int:
                          f"{least} (dimension / 10), leave it unset (auto: {population_for(None, dim)}), or "
                          "search fewer values with groups='stage' / 'block' / 'type'")
     return int(population)
+
+
+def stall_for(stall: Optional[int], dim: int) -> int:
+    """The given ``stall``, or the default for a ``dim``-dimensional search: 3 above 16 values (deep
+    models, where each generation is costly and rarely improves), else 0 (every generation runs)."""
+    if stall is not None:
+        return int(stall)
+    return 3 if dim > 16 else 0
 
 
 def seed_population(seeds: list[np.ndarray], bounds, population: int, perturb: float,
@@ -214,6 +227,7 @@ class Allocator:
             space.bounds, popsize=pop, strategy=o.strategy, mutation=o.mutation,
             recombination=o.recombination, maxiter=o.generations, maxfun=maxfun,
             bound_handling=o.bound_handling, x0=x0, seed=int(self.rng.integers(2**31)), adaptation=o.adaptation,
+            stall=stall_for(o.stall, len(space.bounds)),
         )
 
     def _run(self, solver: DifferentialEvolution, evaluate_batch, desc: str) -> None:

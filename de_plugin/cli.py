@@ -59,7 +59,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     kwargs = {"in_channels": int(data.x_train.shape[1])} if args.model in DEEP_MODELS else {}
     model = dense_model(args.model, data, args.train_epochs, args.seed, args.data, **kwargs)
     t_dense = time.perf_counter() - t_dense
-    evaluate = make_evaluate(data.x_val, data.y_val)
     test = make_evaluate(data.x_test, data.y_test)
     finetune = make_finetune(data.x_train, data.y_train, lr=args.lr)
     dense_test = test(model)
@@ -67,7 +66,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # a few training batches: BatchNorm models score candidates with re-estimated statistics (adaptive BN)
     train_data = [data.x_train[i:i + 128] for i in range(0, min(len(data.y_train), 8 * 128), 128)]
-    result = prune(model, args.pruner, evaluate=evaluate, finetune=finetune, seed=args.seed,
+    # validation as batches, not an opaque evaluate(): the search can then stop scoring a candidate
+    # part-way once it cannot beat its parent (early_reject; exact, the same masks)
+    val_data = [(data.x_val[i:i + 500], data.y_val[i:i + 500]) for i in range(0, len(data.y_val), 500)]
+    result = prune(model, args.pruner, val_data=val_data, finetune=finetune, seed=args.seed,
                    exclude=args.exclude or None, train_data=train_data, **goal, **options)
     test_acc = test(result.model)
     extra = {

@@ -95,6 +95,7 @@ class DifferentialEvolution:
         x0: np.ndarray | Sequence[Sequence[float]] | None = None,
         seed: int | None = None,
         adaptation: str = "none",
+        stall: int = 0,
     ) -> None:
         b = np.asarray(bounds, dtype=float)
         if b.ndim != 2 or b.shape[1] != 2 or b.shape[0] < 1:
@@ -120,6 +121,8 @@ class DifferentialEvolution:
             raise ValueError("maxiter must be >= 0")
         if maxfun is not None and maxfun < 1:
             raise ValueError("maxfun must be >= 1")
+        if stall < 0:
+            raise ValueError("stall must be >= 0 (0: never stop for lack of progress)")
         self.lower, self.upper = b[:, 0].copy(), b[:, 1].copy()
         self.dim = b.shape[0]
         self.popsize = int(popsize)
@@ -131,6 +134,7 @@ class DifferentialEvolution:
         self.tol, self.atol = float(tol), float(atol)
         self.bound_handling = bound_handling
         self.adaptation = adaptation
+        self.stall = int(stall)
         self.rng = np.random.default_rng(seed)
         # per-member F and CR (constant unless adaptation == "jde"); the pending trials' own pair
         self.F = np.full(self.popsize, self.mutation)
@@ -236,7 +240,18 @@ class DifferentialEvolution:
             return "Maximum number of iterations has been reached."
         if self._initialised and self._converged():
             return "Optimization terminated successfully (population converged)."
+        if self._initialised and self._stalled():
+            return f"Stopped: the best member did not improve for {self.stall} generations."
         return ""
+
+    def _stalled(self) -> bool:
+        """No strict improvement of the best (Deb's order) over the last ``stall`` generations:
+        the search is spending evaluations without moving (the cost lever at depth)."""
+        if self.stall <= 0 or len(self.history) <= self.stall:
+            return False
+        then, now = self.history[-1 - self.stall], self.history[-1]
+        return not (_rank_key(now["best_fun"], now["best_violation"])
+                    < _rank_key(then["best_fun"], then["best_violation"]))
 
     def _converged(self) -> bool:
         if self.tol <= 0.0 and self.atol <= 0.0:
@@ -353,6 +368,7 @@ class DifferentialEvolution:
                 "atol": self.atol,
                 "bound_handling": self.bound_handling,
                 "adaptation": self.adaptation,
+                "stall": self.stall,
             },
             "F": self.F.tolist(), "CR": self.CR.tolist(),
             "trial_F": self._trial_F.tolist(), "trial_CR": self._trial_CR.tolist(),
@@ -400,7 +416,7 @@ def differential_evolution(
     """Minimise ``func`` over a box, scipy-style; ``constraint(x)`` returns a violation >= 0.
 
     ``options`` are those of :class:`DifferentialEvolution` (popsize, strategy, mutation,
-    recombination, maxiter, maxfun, tol, bound_handling, init, x0, seed, adaptation). A ``callback``
+    recombination, maxiter, maxfun, tol, bound_handling, init, x0, seed, adaptation, stall). A ``callback``
     returning True stops the search after the current generation.
     """
     solver = DifferentialEvolution(bounds, **options)

@@ -71,7 +71,8 @@ def format_table(result: PruningResult, extra: dict[str, Any] | None = None) -> 
                    f"(drop {100 * (result.reference_accuracy - result.accuracy):+.2f} pp)")
     search = sum(h.get("search_seconds", 0.0) for h in result.history)
     tune = sum(h.get("finetune_seconds", 0.0) for h in result.history)
-    out.append(f"time: {result.wall_time:.1f} s in all; search {search:.1f} s ({result.nfev} evaluations), "
+    share = f", {100 * search / result.wall_time:.0f}% of the run" if result.wall_time else ""
+    out.append(f"time: {result.wall_time:.1f} s in all; search {search:.1f} s ({result.nfev} evaluations{share}), "
                f"pruning + fine-tuning {tune:.1f} s, the rest reference and bookkeeping")
     st = storage_summary(result)
     p = st["pruned_layers_bytes"]

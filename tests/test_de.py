@@ -71,6 +71,7 @@ def test_bound_handling_random_stays_inside():
         ({"recombination": -0.1}, "recombination"),
         ({"bound_handling": "wrap"}, "bound_handling"),
         ({"maxfun": 0}, "maxfun"),
+        ({"stall": -1}, "stall"),
         ({"x0": [[0.0]]}, "x0"),
     ],
 )
@@ -190,3 +191,26 @@ def test_convergence_no_worse_than_scipy(func, bounds, strategy):
         ours.append(r.fun)
         theirs.append(s.fun)
     assert np.median(ours) <= 2.0 * np.median(theirs) + 1e-12
+
+
+def test_stall_stops_once_the_best_stops_improving():
+    flat = differential_evolution(lambda x: 1.0, [(-1, 1)] * 3, popsize=6, maxiter=50, seed=0, stall=3)
+    assert flat.nit == 3 and "did not improve for 3" in flat.message
+    def coarse(x):  # a plateau once within 0.1 of the optimum, as validation accuracy plateaus
+        return float(np.floor(10 * sphere(x)) / 10)
+
+    full = differential_evolution(coarse, [(-1, 1)] * 3, popsize=8, maxiter=40, seed=0)
+    early = differential_evolution(coarse, [(-1, 1)] * 3, popsize=8, maxiter=40, seed=0, stall=4)
+    assert early.nit <= full.nit
+    h = [g["best_fun"] for g in early.history]
+    assert early.nit < 40 and h[-1] == h[-5]  # stopped for the stall: 4 generations without a better best
+    assert all(h[j] < h[j - 4] for j in range(4, len(h) - 1))  # and not before: every earlier window improved
+    # same seed, same stream: identical up to the stop
+    assert [g["best_fun"] for g in full.history[: len(h)]] == h
+
+
+def test_stall_survives_a_resume():
+    a = DifferentialEvolution([(-1, 1)] * 2, popsize=6, maxiter=30, seed=2, stall=2)
+    a.tell([sphere(x) for x in a.ask()])
+    b = DifferentialEvolution.from_state(a.state_dict())
+    assert b.stall == 2

@@ -224,6 +224,18 @@ def test_multi_fidelity_scores_on_a_subset_and_rescores_the_finalists(resnet56):
     assert a.sparsity == pytest.approx(0.7, abs=1e-3)
 
 
+def test_search_images_is_multi_fidelity_by_size(resnet56):
+    x, val = _data(n=128)  # 4 batches of 32
+    kw = dict(val_data=val, finetune=_noop, sparsity=0.7, rounds=1, generations=2, recovery="none", progress=False,
+              rescore_top=3, seed=1)
+    by_share = de_plugin.prune(resnet56, "de_layerwise", fidelity=0.25, **kw)
+    by_size = de_plugin.prune(resnet56, "de_layerwise", search_images=20, **kw)  # one batch holds >= 20 images
+    assert all(torch.equal(by_share.masks[k], by_size.masks[k]) for k in by_share.masks)
+    all_data = de_plugin.prune(resnet56, "de_layerwise", search_images=None, **kw)
+    small_val = de_plugin.prune(resnet56, "de_layerwise", search_images=128, **kw)  # val_data is not larger: all
+    assert all(torch.equal(all_data.masks[k], small_val.masks[k]) for k in all_data.masks)
+
+
 def test_multi_fidelity_needs_val_data(resnet56):
     with pytest.raises(ValueError, match="fidelity.*val_data"):
         de_plugin.prune(resnet56, "de_layerwise", evaluate=lambda m: 0.5, finetune=_noop, sparsity=0.5,

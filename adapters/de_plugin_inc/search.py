@@ -38,7 +38,8 @@ from .patterns import PatternScorer
 
 log = logging.getLogger("de_plugin_inc")
 DE_KEYS = {"population", "generations", "max_evals", "strategy", "mutation", "recombination", "bound_handling",
-           "seed_baselines", "perturb", "backend", "workers", "threads_per_worker", "ray_address", "adaptation"}
+           "seed_baselines", "perturb", "backend", "workers", "threads_per_worker", "ray_address", "adaptation",
+           "stall"}
 GROUP_KEYS = {"groups": "layer", "group_offset": 0.05}  # the grouped search of de_layerwise (deep models)
 COARSE_KEYS = {"candidates", "adaptive_bn", "bn_batches", "score", "seed"}
 
