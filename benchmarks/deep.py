@@ -67,10 +67,13 @@ def methods_for(cfg: dict, chosen: list[str] | None, calib: list) -> dict:
     de_opts = {"generations": cfg["generations"], "recovery": "splicing"}
     methods = {"de_layerwise": ("de_layerwise", de_opts),
                "de_layerwise[adaptive_bn]": ("de_layerwise", {**de_opts, "adaptive_bn": True, "train_data": calib})}
-    # at the defaults (generations 20, stall, no scan above 16 layers, adaptive BN): what a user gets
+    # at the defaults (generations 20, stall 3 at depth, scan up to 32 layers, adaptive BN): what a user gets;
+    # "no scan": the per-layer sensitivity scan off (the cost ablation's lever); neg_loss: the loss fitness
     methods["de_layerwise[defaults]"] = ("de_layerwise", {"recovery": "splicing", "train_data": calib})
-    methods["de_layerwise[defaults,neg_loss]"] = ("de_layerwise", {"recovery": "splicing", "train_data": calib,
-                                                                   "metric": "neg_loss"})
+    methods["de_layerwise[defaults,no scan]"] = ("de_layerwise", {"recovery": "splicing", "train_data": calib,
+                                                                  "sensitivity_scan": False})
+    methods["de_layerwise[defaults,no scan,neg_loss]"] = ("de_layerwise", {
+        "recovery": "splicing", "train_data": calib, "sensitivity_scan": False, "metric": "neg_loss"})
     methods.update({f"{b}[splicing]": (b, {"recovery": "splicing"}) for b in BASELINES})
     methods.update({"nni_agp": ("nni_agp", {}), "inc_snip_momentum": ("inc_snip_momentum", {})})
     return {k: v for k, v in methods.items() if chosen is None or k in chosen}
@@ -129,9 +132,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/deep")
     ap.add_argument("--summary-only", action="store_true", help="re-make the table and plot from --out's results.json")
+    ap.add_argument("--merge", nargs="*", default=[], help="with --summary-only: add the rows (seeds, methods) of "
+                                                           "these runs' results.json to --out's, then summarize")
     args = ap.parse_args()
     if args.summary_only:
-        summarize(json.loads((Path(args.out) / "results.json").read_text()), Path(args.out))
+        results = json.loads((Path(args.out) / "results.json").read_text())
+        for folder in args.merge:
+            merge(results, json.loads((Path(folder) / "results.json").read_text()))
+        (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
+        summarize(results, Path(args.out))
         return
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -174,6 +183,23 @@ def main() -> None:
     summarize(results, out)
 
 
+def merge(into: dict, other: dict) -> None:
+    """Add ``other``'s rows to ``into`` (same protocol: ladder, epochs and training images must agree)."""
+    for key in ("ladder", "epochs_per_rung", "train_images"):
+        if into[key] != other[key]:
+            raise ValueError(f"cannot merge runs with different {key}: {into[key]} vs {other[key]}")
+    for mname, m in other["models"].items():
+        mine = into["models"].setdefault(mname, {"dense_test": {}, "runs": {}, "wall": {}})
+        for seed, acc in m["dense_test"].items():
+            if seed in mine["dense_test"] and abs(mine["dense_test"][seed] - acc) > 1e-9:
+                raise ValueError(f"{mname} seed {seed}: the dense models differ ({mine['dense_test'][seed]} vs {acc})")
+            mine["dense_test"][seed] = acc
+        mine.setdefault("forward_seconds", m.get("forward_seconds"))
+        for part in ("runs", "wall"):
+            for label, per_seed in m[part].items():
+                mine[part].setdefault(label, {}).update(per_seed)
+
+
 def summarize(results: dict, out: Path) -> None:
     lines = []
     for mname, per_seed in results.get("ablation", {}).items():
@@ -213,11 +239,12 @@ def summarize(results: dict, out: Path) -> None:
             f = lambda v, p=2: "n/a" if np.all(np.isnan(v)) else f"{np.nanmean(v):.{p}f} ± {np.nanstd(v):.{p}f}"  # noqa
             lines.append(f"| {label} | {f(d[0.8])} | {f(d[0.9])} | {f(d[0.95])} | {f(c05, 1)}x | {f(c1, 1)}x | "
                          f"{int(np.mean(ev))} | {100 * np.mean(share):.0f}% | {int(np.mean(st))} |")
-        de = mres["runs"].get("de_layerwise")
-        if de:
+        for label, de in mres["runs"].items():
+            if not label.startswith("de_layerwise"):
+                continue
             ev = np.mean([[r for r in rows if r][-1]["nfev"] for rows in de.values()])
             secs = np.mean([[r for r in rows if r][-1]["search_seconds"] for rows in de.values()])
-            lines.append(f"\nde_layerwise: {ev / n_layers:.1f} evaluations per layer over the ladder; "
+            lines.append(f"\n{label}: {ev / n_layers:.1f} evaluations per layer over the ladder; "
                          f"{secs / max(ev, 1):.3f} s per evaluation = "
                          f"{secs / max(ev, 1) / mres['forward_seconds']:.2f}x one dense forward over the search's "
                          f"validation subset ({mres['forward_seconds']:.3f} s)")

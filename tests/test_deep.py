@@ -236,6 +236,19 @@ def test_search_images_is_multi_fidelity_by_size(resnet56):
     assert all(torch.equal(all_data.masks[k], small_val.masks[k]) for k in all_data.masks)
 
 
+def test_stall_default_stops_deep_searches_that_stopped_improving(resnet56):
+    kw = dict(evaluate=lambda m: 0.5, finetune=_noop, sparsity=0.7, rounds=1, generations=6, recovery="none",
+              progress=False, seed=0)  # a flat fitness: no generation can improve on the seeds
+    deep = de_plugin.prune(resnet56, "de_layerwise", **kw)
+    assert deep.history[0]["de"]["nit"] == 3 and "did not improve for 3" in deep.history[0]["de"]["message"]
+    every = de_plugin.prune(resnet56, "de_layerwise", stall=0, **kw)
+    assert every.history[0]["de"]["nit"] == 6
+    torch.manual_seed(0)
+    lenet = create_model("lenet300")  # 3 values: every generation runs by default
+    shallow = de_plugin.prune(lenet, "de_layerwise", **kw)
+    assert shallow.history[0]["de"]["nit"] == 6
+
+
 def test_multi_fidelity_needs_val_data(resnet56):
     with pytest.raises(ValueError, match="fidelity.*val_data"):
         de_plugin.prune(resnet56, "de_layerwise", evaluate=lambda m: 0.5, finetune=_noop, sparsity=0.5,
