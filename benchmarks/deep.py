@@ -200,6 +200,23 @@ def merge(into: dict, other: dict) -> None:
                 mine[part].setdefault(label, {}).update(per_seed)
 
 
+def paired_vs_best(mres: dict, label: str) -> dict:
+    """Per rung: ``label``'s test accuracy minus the best splicing baseline's (best on average over the
+    seeds ``label`` ran; only baselines run on all of them), in pp."""
+    def test_at(lab, seed, s):
+        return {round(r["sparsity"], 2): r["test"] for r in mres["runs"][lab][seed] if r}.get(s)
+
+    seeds = list(mres["runs"][label])
+    base = [b for b in mres["runs"] if b.endswith("[splicing]") and all(x in mres["runs"][b] for x in seeds)]
+    out = {}
+    for s in (0.8, 0.9, 0.95):
+        if not base or any(test_at(label, x, s) is None for x in seeds):
+            continue
+        best = max(base, key=lambda b: np.mean([test_at(b, x, s) for x in seeds]))
+        out[s] = 100 * float(np.mean([test_at(label, x, s) - test_at(best, x, s) for x in seeds]))
+    return out
+
+
 def summarize(results: dict, out: Path) -> None:
     lines = []
     for mname, per_seed in results.get("ablation", {}).items():
@@ -219,9 +236,9 @@ def summarize(results: dict, out: Path) -> None:
         lines.append(f"\n## {mname} ({n_layers} pruned layers; dense test {np.mean(list(mres['dense_test'].values())):.4f}, "
                      f"{len(mres['dense_test'])} seed(s), {results['epochs_per_rung']} fine-tune epoch(s) per rung over "
                      f"{results['train_images']} images)\n")
-        lines.append("| method | test drop @80% (pp) | @90% | @95% | compression @<=0.5 pp | @<=1 pp | evals | "
+        lines.append("| method | seeds | test drop @80% (pp) | @90% | @95% | compression @<=0.5 pp | @<=1 pp | evals | "
                      "search share of wall | fine-tune steps |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for label, runs in mres["runs"].items():
             d = {s: [] for s in (0.8, 0.9, 0.95)}
             c05, c1, ev, share, st = [], [], [], [], []
@@ -237,8 +254,14 @@ def summarize(results: dict, out: Path) -> None:
                 st.append(last["steps"])
                 share.append(last["search_seconds"] / mres["wall"][label][seed])
             f = lambda v, p=2: "n/a" if np.all(np.isnan(v)) else f"{np.nanmean(v):.{p}f} ± {np.nanstd(v):.{p}f}"  # noqa
-            lines.append(f"| {label} | {f(d[0.8])} | {f(d[0.9])} | {f(d[0.95])} | {f(c05, 1)}x | {f(c1, 1)}x | "
+            lines.append(f"| {label} | {len(runs)} | {f(d[0.8])} | {f(d[0.9])} | {f(d[0.95])} | {f(c05, 1)}x | {f(c1, 1)}x | "
                          f"{int(np.mean(ev))} | {100 * np.mean(share):.0f}% | {int(np.mean(st))} |")
+        lines.append("\nPaired: each DE row's test accuracy minus the best same-recovery baseline's at that rung (the "
+                     "baseline best on average over the seeds the row ran), mean over those seeds, pp:\n")
+        for label in mres["runs"]:
+            if label.startswith("de_layerwise"):
+                lines.append(f"- {label}: " + ", ".join(
+                    f"{int(100 * s)}% {v:+.2f}" for s, v in paired_vs_best(mres, label).items()))
         for label, de in mres["runs"].items():
             if not label.startswith("de_layerwise"):
                 continue
