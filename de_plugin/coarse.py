@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .coupling import ChannelGroup, CouplingError, channel_groups
-from .evaluation import (BN_TYPES, BackendOptions, BNState, DeviceBatches, check_score, make_backend, metric_on_batches,
+from .evaluation import (BackendOptions, BNState, batch_norms, DeviceBatches, check_score, make_backend, metric_on_batches,
                          recalibrate_bn)
 from .hookspecs import hookimpl
 from .pruner import Context, Pruner
@@ -413,7 +413,7 @@ def coarse_search(model: nn.Module, space: CoarseSpace, example: Any, score: Cal
 def calibration_batches(model: nn.Module, options: CoarseOptions, train_batches: Optional[list],
                         val_batches: Optional[list]) -> Optional[list]:
     """The batches adaptive BN re-estimates statistics on, or None when it is off."""
-    has_bn = any(isinstance(m, BN_TYPES) for m in model.modules())
+    has_bn = bool(batch_norms(model))
     if not has_bn or options.adaptive_bn is False:
         return None
     if not (train_batches or val_batches):

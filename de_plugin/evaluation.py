@@ -254,10 +254,15 @@ def magnitude_rank(w: torch.Tensor) -> torch.Tensor:
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The model's BatchNorm layers (what adaptive BN re-estimates)."""
+    return [m for m in model.modules() if isinstance(m, BN_TYPES)]
+
+
 def recalibrate_bn(model: nn.Module, batches: Sequence[Any], num_batches: int) -> None:
     """EagleEye's adaptive BN: reset BatchNorm statistics and re-estimate them (cumulative average)
     from ``num_batches`` training batches, in train mode for BN only, without gradients."""
-    bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
+    bns = batch_norms(model)
     if not bns:
         return
     modes = {m: m.training for m in model.modules()}
@@ -285,7 +290,7 @@ class BNState:
     scored with adaptive BN (the user's statistics are never left re-estimated)."""
 
     def __init__(self, model: nn.Module):
-        self.bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
+        self.bns = batch_norms(model)
         self.saved = [{k: v.clone() for k, v in bn.state_dict().items() if not k.endswith(("weight", "bias"))}
                       for bn in self.bns]
 
@@ -353,11 +358,15 @@ class MagnitudeScorer:
         if self.bn_state is not None:
             self.bn_state.restore()
 
-    def score(self, counts: Sequence[int], floor: Optional[float] = None) -> float:
-        """The candidate's score, or a :class:`Bound` below ``floor`` when it cannot reach it."""
+    def _prepare(self, counts: Sequence[int]) -> None:
+        """The candidate's masks applied and, with adaptive BN, its BatchNorm statistics re-estimated."""
         self.apply(counts)
         if self.bn_state is not None:
             recalibrate_bn(self.model, self.calib, len(self.calib))
+
+    def score(self, counts: Sequence[int], floor: Optional[float] = None) -> float:
+        """The candidate's score, or a :class:`Bound` below ``floor`` when it cannot reach it."""
+        self._prepare(counts)
         if self.search_batches is not None and self.batches is not None:
             return self._bounded(floor if floor is not None and np.isfinite(floor) else -math.inf, self.search_batches)
         if floor is None or self.batches is None or not np.isfinite(floor):
@@ -366,9 +375,7 @@ class MagnitudeScorer:
 
     def score_full(self, counts: Sequence[int]) -> float:
         """The candidate's exact score on all of the validation data (the multi-fidelity re-score)."""
-        self.apply(counts)
-        if self.bn_state is not None:
-            recalibrate_bn(self.model, self.calib, len(self.calib))
+        self._prepare(counts)
         return check_score(self.evaluate(self.model))
 
     def _bounded(self, floor: float, n_batches: Optional[int] = None) -> float:

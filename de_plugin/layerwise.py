@@ -32,7 +32,7 @@ from torch import nn
 from . import allocation
 from .allocator import Allocator, KeepSpace, SearchOptions, StdSpace, population_for
 from .de import DifferentialEvolution
-from .evaluation import BN_TYPES, MagnitudeScorer, backend_round, check_device, make_backend
+from .evaluation import MagnitudeScorer, backend_round, batch_norms, check_device, make_backend
 from .grouping import NAMED, GroupedSpace, resolve_groups, search_dim
 from .metrics import accuracy
 from .targets import Target
@@ -107,7 +107,7 @@ def check_search(o: LayerwiseOptions, model: nn.Module, targets: Sequence[Target
                          "with at least 2 batches and metric='accuracy' (not evaluate=), or leave fidelity unset")
     groups = resolve_groups(o.groups, targets, model)
     population_for(o.population, search_dim(groups, len(targets), o.group_offset))
-    has_bn = any(isinstance(m, BN_TYPES) for m in model.modules())
+    has_bn = bool(batch_norms(model))
     if o.adaptive_bn:
         if not train_batches:
             raise ValueError("adaptive_bn=True re-estimates BatchNorm statistics on training batches: pass "
@@ -202,7 +202,7 @@ class DELayerwise(IterativePruner):
         """Whether candidates are scored after re-estimating BatchNorm (the option, or ``None``: BN + train_data)."""
         if self.options.adaptive_bn is not None:
             return self.options.adaptive_bn
-        return bool(ctx.train_batches) and any(isinstance(m, BN_TYPES) for m in ctx.model.modules())
+        return bool(ctx.train_batches) and bool(batch_norms(ctx.model))
 
     def close(self) -> None:
         if self.backend is not None:
