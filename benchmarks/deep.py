@@ -74,6 +74,10 @@ def methods_for(cfg: dict, chosen: list[str] | None, calib: list) -> dict:
                                                                   "sensitivity_scan": False})
     methods["de_layerwise[defaults,no scan,neg_loss]"] = ("de_layerwise", {
         "recovery": "splicing", "train_data": calib, "sensitivity_scan": False, "metric": "neg_loss"})
+    # the next cost levers / the stall's place at the hardest rung (issue 13): one setting changed from the defaults
+    for key, value in (("bn_batches", 2), ("stall", 5), ("stall", 0)):
+        methods[f"de_layerwise[defaults,{key}={value}]"] = ("de_layerwise", {
+            "recovery": "splicing", "train_data": calib, key: value})
     methods.update({f"{b}[splicing]": (b, {"recovery": "splicing"}) for b in BASELINES})
     methods.update({"nni_agp": ("nni_agp", {}), "inc_snip_momentum": ("inc_snip_momentum", {})})
     return {k: v for k, v in methods.items() if chosen is None or k in chosen}

@@ -45,6 +45,9 @@ class CoarseOptions(BackendOptions):
     channels (``feature_map_ratio``) or of its alive k x k kernels (``kernel_ratio``)."""
 
     feature_map_ratio: float = Field(0.5, ge=0.0, lt=1.0)
+    #: fraction of the output features (hidden units) of selected Linear layers: MLP blocks of ViTs and
+    #: ConvNeXts, a LeNet's hidden layers. 0 = Linear layers only lose the input columns of removed maps
+    linear_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     kernel_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     #: per-layer feature-map ratios (module names or fnmatch patterns), overriding the uniform one
     ratios: dict[str, float] = Field(default_factory=dict)
@@ -100,36 +103,21 @@ class CoarseSpace:
                  couple: Optional[Sequence[Sequence[str]]] = None):
         self.model = model
         self.modules = dict(model.named_modules())
-        fm = options.feature_map_ratio > 0 or any(r > 0 for r in options.ratios.values())
+        fm = options.feature_map_ratio > 0 or options.linear_ratio > 0 or any(r > 0 for r in options.ratios.values())
         selected = set(producers)
         for key, table in (("ratios", options.ratios), ("kernel_ratios", options.kernel_ratios)):
             unmatched = [p for p in table if not any(n == p or fnmatch.fnmatchcase(n, p) for n in producers)]
             if unmatched:
-                raise ValueError(f"`{key}` keys {unmatched} match no selected Conv2d layer; selected: "
+                raise ValueError(f"`{key}` keys {unmatched} match no selected Conv2d / Linear layer; selected: "
                                  f"{', '.join(producers[:12])}{' ...' if len(producers) > 12 else ''}")
         self.groups: list[ChannelGroup] = []
         self.group_ratio: list[float] = []
         if fm:
             for g in channel_groups(model, example_input, couple):
-                if not set(g.producers) <= selected or g.locked:
-                    log.debug("group %s not pruned (%s)", g.producers, g.locked or "not all producers selected")
-                    continue
-                if g.unresolved:
-                    raise CouplingError(
-                        f"cannot resolve which channels of {g.producers} are coupled: they pass through "
-                        f"{sorted(set(g.unresolved))}. Exclude these layers (exclude=[...]) or use kernel granularity")
-                ratios = {p: _match(p, options.ratios) for p in g.producers}
-                given = {r for r in ratios.values() if r is not None}
-                if len(given) > 1:
-                    raise ValueError(f"layers {g.producers} share channels (residual add / depthwise) and must be pruned "
-                                     f"at one ratio; `ratios` gives {ratios}")
-                ratio = given.pop() if given else options.feature_map_ratio
-                remove = int(round(ratio * g.channels))
-                if remove >= g.channels:
-                    raise ValueError(f"ratio {ratio} would remove every one of the {g.channels} channels of "
-                                     f"{g.producers}; use a ratio below {1 - 0.5 / g.channels:.3f}")
-                self.groups.append(g)
-                self.group_ratio.append(ratio)
+                ratio = self._group_ratio(g, selected, options)
+                if ratio is not None:
+                    self.groups.append(g)
+                    self.group_ratio.append(ratio)
         self.kernel_layers: list[str] = []
         self.kernel_ratio: list[float] = []
         for p in producers:
@@ -144,6 +132,35 @@ class CoarseSpace:
                              "(all reach the output or are excluded) and kernel_ratio is 0")
         self.params = self._param_names()
 
+    def _group_ratio(self, g: ChannelGroup, selected: set[str], options: CoarseOptions) -> Optional[float]:
+        """The ratio ``g`` is pruned at, None when it is not pruned; errors for ratios it cannot take."""
+        if not set(g.producers) <= selected or g.locked:
+            log.debug("group %s not pruned (%s)", g.producers, g.locked or "not all producers selected")
+            return None
+        ratios = {p: _match(p, options.ratios) for p in g.producers}
+        given = {r for r in ratios.values() if r is not None}
+        if len(given) > 1:
+            raise ValueError(f"layers {g.producers} share channels (residual add / depthwise) and must be pruned "
+                             f"at one ratio; `ratios` gives {ratios}")
+        convs = any(isinstance(self.modules[p], nn.Conv2d) for p in g.producers)
+        ratio = given.pop() if given else (options.feature_map_ratio if convs else options.linear_ratio)
+        if not convs and ratio == 0:
+            return None  # Linear hidden units are pruned only when asked for
+        if g.unresolved:
+            raise CouplingError(
+                f"cannot resolve which channels of {g.producers} are coupled: they pass through "
+                f"{sorted(set(g.unresolved))}. Exclude these layers (exclude=[...]) or use kernel granularity")
+        per_block = int(round(ratio * g.block))
+        if g.block > 1 and per_block >= g.block:
+            grouped = ", ".join(m for m, _ in g.grouped)
+            raise ValueError(f"ratio {ratio} would remove all {g.block} channels of every group of the grouped conv(s) "
+                             f"{grouped} (channels of {g.producers} are removed evenly per conv group); use a ratio "
+                             f"below {1 - 0.5 / g.block:.3f} or exclude {g.producers[0]}")
+        if removals(g, ratio) >= g.channels:
+            raise ValueError(f"ratio {ratio} would remove every one of the {g.channels} channels of "
+                             f"{g.producers}; use a ratio below {1 - 0.5 / g.channels:.3f}")
+        return ratio
+
     def _param_names(self) -> list[str]:
         names: list[str] = []
 
@@ -152,9 +169,12 @@ class CoarseSpace:
                 names.append(f"{module}.{pname}")
 
         for g in self.groups:
-            for m in g.producers + [b for b, _ in g.batchnorms + g.depthwise]:
+            for m in g.producers + [b for b, _ in g.batchnorms + g.depthwise + g.grouped]:
                 add(m, "weight")
                 add(m, "bias")
+            for name, _, _ in g.params:
+                if name not in names:
+                    names.append(name)
             for m, _, _ in g.consumers:
                 add(m, "weight")
         for m in self.kernel_layers:
@@ -162,7 +182,7 @@ class CoarseSpace:
         return names
 
     def param(self, name: str) -> torch.Tensor:
-        module, pname = name.rsplit(".", 1)
+        module, _, pname = name.rpartition(".")
         return getattr(self.modules[module], pname)
 
     # ------------------------------------------------------------------ candidates
@@ -170,15 +190,10 @@ class CoarseSpace:
         """Kept channels per group and kept kernels per conv (bool arrays)."""
         keep_ch: list[np.ndarray] = []
         for g, ratio in zip(self.groups, self.group_ratio):
-            remove = int(round(ratio * g.channels))
+            norms = None
             if criterion == "l1":
                 norms = sum(self.param(p + ".weight").detach().abs().flatten(1).sum(1).cpu().numpy() for p in g.producers)
-                order = np.argsort(norms, kind="stable")  # smallest first
-            else:
-                order = rng.permutation(g.channels)
-            k = np.ones(g.channels, dtype=bool)
-            k[order[:remove]] = False
-            keep_ch.append(k)
+            keep_ch.append(drop_channels(g, ratio, rng, norms))
         in_keep, out_keep = self.alive(keep_ch)
         keep_k: list[np.ndarray] = []
         for layer, ratio in zip(self.kernel_layers, self.kernel_ratio):
@@ -235,10 +250,17 @@ class CoarseSpace:
 
         for g, k in zip(self.groups, cand["channels"]):
             drop = torch.from_numpy(np.flatnonzero(~k))
-            for m, off in [(p, 0) for p in g.producers] + g.batchnorms + g.depthwise:
+            for m, off in [(p, 0) for p in g.producers] + g.batchnorms + g.depthwise + g.grouped:
                 for pname in ("weight", "bias"):
                     if f"{m}.{pname}" in self.params:
                         mask(f"{m}.{pname}")[off + drop] = False
+            for m, off in g.grouped:  # the removed channel is also an input of the other filters of its conv group
+                per = self.modules[m].in_channels // self.modules[m].groups
+                w = mask(f"{m}.weight")
+                for c in (off + drop).tolist():
+                    w[c - c % per: c - c % per + per, c % per] = False
+            for name, dim, off in g.params:
+                mask(name).index_fill_(dim, off + drop, False)
             for m, off, rep in g.consumers:
                 cols = (off + drop[:, None] * rep + torch.arange(rep)[None, :]).flatten()
                 mask(f"{m}.weight")[:, cols] = False
@@ -250,6 +272,27 @@ class CoarseSpace:
     def kept_channels(self, cand: dict[str, Any]) -> list[dict[str, Any]]:
         return [{"layers": g.producers, "channels": g.channels, "kept": int(k.sum())}
                 for g, k in zip(self.groups, cand["channels"])]
+
+
+def removals(g: ChannelGroup, ratio: float) -> int:
+    """How many of ``g``'s channels a ratio removes: ``round(ratio * channels)``, or with a grouped conv
+    over the group, ``round(ratio * block)`` in each run of ``block`` channels (its conv groups)."""
+    if g.block > 1:
+        return int(round(ratio * g.block)) * (g.channels // g.block)
+    return int(round(ratio * g.channels))
+
+
+def drop_channels(g: ChannelGroup, ratio: float, rng: np.random.Generator, norms: Optional[np.ndarray] = None,
+                  ) -> np.ndarray:
+    """Kept channels of ``g`` (bool): ``removals(g, ratio)`` dropped at random (or the smallest ``norms``),
+    evenly per conv group when a grouped conv runs over the group."""
+    block = g.block if g.block > 1 else g.channels
+    per = int(round(ratio * block))
+    keep = np.ones(g.channels, dtype=bool)
+    for start in range(0, g.channels, block):
+        order = np.argsort(norms[start:start + block], kind="stable") if norms is not None else rng.permutation(block)
+        keep[start + order[:per]] = False
+    return keep
 
 
 class InPlaceMasks:
@@ -438,7 +481,7 @@ def apply_and_retrain(model: nn.Module, space: CoarseSpace, masks: Masks, finetu
     if calib:
         recalibrate_bn(model, calib, options.bn_batches)
     before = score(model) if score is not None else None
-    targets = [Target(*n.rsplit(".", 1), type(space.modules[n.rsplit(".", 1)[0]]).__name__,
+    targets = [Target(*n.rpartition(".")[::2], type(space.modules[n.rpartition(".")[0]]).__name__,
                       tuple(space.param(n).shape)) for n in masks]
     if finetune is not None and options.finetune_epochs > 0:
         torch.manual_seed(seed)
@@ -460,10 +503,12 @@ class RandomCoarse(Pruner):
         o: CoarseOptions = self.options  # type: ignore[assignment]
         model = ctx.model
         example, reference = capture_input(model, lambda: ctx.score(model))
-        producers = [t.module_name for t in ctx.targets if t.module_type == "Conv2d" and t.param_name == "weight"]
-        if not producers:
-            raise ValueError("random_coarse prunes Conv2d feature maps and kernels: the selection has no Conv2d "
-                             "layer (check `layers` / `layer_types` / `exclude`)")
+        producers = [t.module_name for t in ctx.targets if t.module_type in ("Conv2d", "Linear")
+                     and t.param_name == "weight"]
+        if not any(t.module_type == "Conv2d" for t in ctx.targets) and not (o.linear_ratio > 0 or o.ratios):
+            raise ValueError("random_coarse prunes Conv2d feature maps and kernels (and Linear hidden units with "
+                             "linear_ratio > 0): the selection has no Conv2d layer (check `layers` / `layer_types` / "
+                             "`exclude`)")
         space = CoarseSpace(model, example, producers, o)
         found = coarse_search(model, space, example, self._scorer(ctx, o), o, ctx.seed, train_batches=ctx.train_batches,
                               val_batches=ctx.val_batches, progress=ctx.progress, desc=self.name)
@@ -475,10 +520,10 @@ class RandomCoarse(Pruner):
                  100 * (1 - macs["macs"] / macs["macs_dense"]))
         # report every Conv2d/Linear weight the masks touch or the user selected (section 0: weights only)
         names = [t.name for t in ctx.targets if t.module_type in ("Conv2d", "Linear")]
-        names += [n for n in masks if n.endswith(".weight") and isinstance(space.modules[n.rsplit(".", 1)[0]],
+        names += [n for n in masks if n.endswith(".weight") and isinstance(space.modules[n.rpartition(".")[0]],
                                                                           (nn.Conv2d, nn.Linear)) and n not in names]
         weight_masks = {n: masks[n] if n in masks else torch.ones(space.param(n).shape, dtype=torch.bool) for n in names}
-        targets = [Target(*n.rsplit(".", 1), type(space.modules[n.rsplit(".", 1)[0]]).__name__,
+        targets = [Target(*n.rpartition(".")[::2], type(space.modules[n.rpartition(".")[0]]).__name__,
                           tuple(space.param(n).shape)) for n in names]
         extra = {
             "groups": found.groups, "candidate_scores": found.scores, "best_candidate_score": found.score,

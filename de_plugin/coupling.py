@@ -1,17 +1,24 @@
-"""Which output channels of which convolutions must be removed together (a torch.fx pass).
+"""Which output channels of which layers must be removed together (a torch.fx pass).
 
-Removing feature map ``c`` of a conv is only a smaller network if every tensor that carries that
-channel loses it too: the BatchNorm over it, a depthwise conv over it, the other branch of a
-residual add (whose channel ``c`` is summed with it), and the input columns of the layers that
-consume it (a conv's input channel, a Linear's ``H*W`` flattened features, an offset inside a
-concatenation). We trace the model with ``torch.fx``, propagate shapes once with an example input,
-and follow the channel dimension through the graph: producers that meet in an elementwise op are
-unioned into one :class:`ChannelGroup`. Ops we cannot follow are named in the error so the user can
-exclude the layers that feed them. Channels that reach the model's output (a classifier conv) are
-never pruned.
+Removing channel ``c`` of a conv (or output feature ``c`` of a Linear) is only a smaller network if
+every tensor that carries that channel loses it too: the BatchNorm over it, a depthwise or grouped
+conv over it, the other branch of a residual add (whose channel ``c`` is summed with it), a
+squeeze-and-excite gate multiplied into it, a per-channel parameter (ConvNeXt's layer scale), and
+the input columns of the layers that consume it (a conv's input channel, a Linear's input feature
+or ``H*W`` flattened features, an offset inside a concatenation). We trace the model with
+``torch.fx``, propagate shapes once with an example input, and follow the channel axis through the
+graph, also where ``permute`` / ``reshape`` move it (channels-last blocks, token sequences):
+producers that meet in an elementwise op are unioned into one :class:`ChannelGroup`.
+
+Some groups can never shrink without changing what the model computes, so they are *locked* with the
+reason: channels that reach the model's output, channels normalised together by LayerNorm /
+GroupNorm (the statistics would change), the output of a grouped conv fed by an untracked tensor.
+Ops we cannot follow are named in ``unresolved`` so the user can exclude the layers that feed them;
+a locked group's unresolved ops do not matter (it is never pruned).
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -21,21 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-#: modules and functions that keep the channel dimension as it is
-_SAME_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-    nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d, nn.Upsample, nn.ZeroPad2d,
-)
-_SAME_FUNCTIONS = {
-    torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, torch.sigmoid, torch.tanh,
-    F.sigmoid, F.tanh, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.dropout,
-    F.interpolate, torch.clone,
-}
-_SAME_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "to", "detach", "type_as"}
-_ELEMENTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-                torch.add, torch.sub, torch.mul, torch.div, "add", "add_", "sub", "mul", "mul_", "div"}
-_REDUCE = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
+from . import coupling_ops as ops
 
 
 class CouplingError(ValueError):
@@ -44,17 +37,25 @@ class CouplingError(ValueError):
 
 @dataclass
 class ChannelGroup:
-    """Output channels shared by ``producers`` (convs with groups=1) and removed together."""
+    """Output channels shared by ``producers`` (convs with groups=1, Linear layers), removed together."""
 
     producers: list[str]
     channels: int
     #: (module name, first channel): channel c of this group is channel ``offset + c`` there
     batchnorms: list[tuple[str, int]] = field(default_factory=list)
     depthwise: list[tuple[str, int]] = field(default_factory=list)
+    #: grouped convs (1 < groups < channels, in == out channels) over the group: channel c of this group is
+    #: input *and* output channel ``offset + c`` of the conv, so it is removed from both
+    grouped: list[tuple[str, int]] = field(default_factory=list)
+    #: (parameter name, dim, first index): per-channel parameters the group's channels are multiplied or
+    #: added with (ConvNeXt's layer scale, positional embeddings)
+    params: list[tuple[str, int, int]] = field(default_factory=list)
     #: (module name, first input column, columns per channel): channel c of this group is input
     #: columns ``offset + c * repeat ... offset + (c + 1) * repeat - 1`` of that consumer
     consumers: list[tuple[str, int, int]] = field(default_factory=list)
-    #: why the group cannot be pruned (reaches the output), or None
+    #: removals must be equal in every run of ``block`` consecutive channels (a grouped conv's groups)
+    block: int = 1
+    #: why the group cannot be pruned (reaches the output, normalised over channels ...), or None
     locked: Optional[str] = None
     #: ops the channel dimension passes through that the pass cannot follow
     unresolved: list[str] = field(default_factory=list)
@@ -66,10 +67,18 @@ class ChannelGroup:
 
 @dataclass(frozen=True)
 class _Ch:
-    """Channel layout of a tensor: segments (group id, size) along dim 1, columns per channel."""
+    """Channel layout of a tensor: segments (group id, size) along ``axis``, columns per channel."""
 
     segs: tuple[tuple[int, int], ...]
+    axis: int = 1
     repeat: int = 1
+
+    @property
+    def size(self) -> int:
+        return sum(s for _, s in self.segs) * self.repeat
+
+    def at(self, axis: int) -> "_Ch":
+        return _Ch(self.segs, axis, self.repeat)
 
 
 def _shape(node: Any) -> Optional[tuple[int, ...]]:
@@ -89,6 +98,22 @@ def _nodes_in(args: Iterable[Any]) -> list[fx.Node]:
     return out
 
 
+def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _block(group: ChannelGroup, block: int) -> int:
+    """The run length within which removals must be equal, for two grouped convs over one group: equal
+    counts per run of gcd(k1, k2) channels are equal per k1 and per k2 (unresolvable if coprime)."""
+    if group.block == 1:
+        return block
+    common = math.gcd(group.block, block)
+    if common == 1:
+        group.unresolved.append(f"grouped convs with {group.block} and {block} channels per group")
+        return group.block
+    return common
+
+
 class _Analysis:
     def __init__(self, model: nn.Module, example_input: Any):
         self.model = model
@@ -97,9 +122,9 @@ class _Analysis:
             self.gm = fx.symbolic_trace(model)
         except Exception as exc:  # noqa: BLE001 - report what fx says, with the fix
             raise CouplingError(
-                f"cannot trace the model with torch.fx to find coupled channels ({exc}). Make forward() "
-                f"traceable (no data-dependent control flow) or prune with granularity 'kernel' only"
-            ) from exc
+                f"cannot trace the model with torch.fx to find coupled channels ({type(exc).__name__}: {exc}"
+                f"{ops.where(exc)}). Make forward() traceable (no data-dependent control flow), or prune with "
+                "granularity 'kernel' only (feature_map_ratio=0)") from exc
         inputs = example_input if isinstance(example_input, tuple) else (example_input,)
         ShapeProp(self.gm).propagate(*inputs)
         self.parent: list[int] = []
@@ -127,17 +152,26 @@ class _Analysis:
         for g, _ in ch.segs:
             self.groups[g].unresolved.append(what)
 
+    def lock(self, ch: _Ch, why: str) -> None:
+        for g, _ in ch.segs:
+            self.groups[g].locked = self.groups[g].locked or why
+
     def consume(self, module: str, ch: _Ch) -> None:
         offset = 0
         for g, size in ch.segs:
             self.groups[g].consumers.append((module, offset * ch.repeat, ch.repeat))
             offset += size
 
-    def per_channel(self, module: str, ch: _Ch, kind: str) -> None:
-        """A per-channel module (BatchNorm, depthwise conv) over the tensor's channels."""
+    def per_channel(self, module: str, ch: _Ch, kind: str, block: int = 1) -> None:
+        """A per-channel module (BatchNorm, depthwise / grouped conv) over the tensor's channels."""
+        if block > 1 and len(ch.segs) > 1:  # equal removals per conv group across several groups: not followed
+            self.problem(ch, f"call_module {module} (grouped conv over the channels of several producers)")
+            return
         offset = 0
         for g, size in ch.segs:
             getattr(self.groups[g], kind).append((module, offset))
+            if block > 1:
+                self.groups[g].block = _block(self.groups[g], block)
             offset += size
 
     def run(self) -> list[ChannelGroup]:
@@ -156,107 +190,274 @@ class _Analysis:
 
     def step(self, node: fx.Node, tracked: list[_Ch]) -> Optional[_Ch]:
         if node.op == "call_module":
-            mod = self.modules[node.target]
-            if isinstance(mod, nn.Conv2d):
-                return self.conv(node, mod, tracked)
-            if isinstance(mod, nn.Linear):
-                if tracked:
-                    shape = _shape(node.args[0])
-                    if shape is not None and len(shape) == 2 and len(tracked) == 1:
-                        self.consume(node.target, tracked[0])
-                    else:
-                        self.problem(tracked[0], self.describe(node) + " applied to a non-flattened feature map")
-                return None
-            if not tracked:
-                return None
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                self.per_channel(node.target, tracked[0], "batchnorms")
-                return tracked[0]
-            if isinstance(mod, _SAME_MODULES):
-                return tracked[0]
-            if isinstance(mod, nn.Flatten):
-                return self.flatten(node, tracked[0])
-            self.problem(tracked[0], self.describe(node))
-            return None
+            return self.module(node, self.modules[node.target], tracked)
         if node.op in ("call_function", "call_method"):
-            if not tracked:
-                return None
-            t = node.target
-            if t in _SAME_FUNCTIONS or t in _SAME_METHODS:
-                return tracked[0]
-            if t in _ELEMENTWISE:
-                first = tracked[0]
-                for other in tracked[1:]:
-                    if [s for _, s in other.segs] != [s for _, s in first.segs] or other.repeat != first.repeat:
-                        self.problem(first, self.describe(node) + " between differently laid-out channels")
-                        self.problem(other, self.describe(node) + " between differently laid-out channels")
-                        continue
-                    for (a, _), (b, _) in zip(first.segs, other.segs):
-                        self.union(a, b)
-                return first
-            if t in (torch.cat, torch.concat):
-                dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-                shape = _shape(node)
-                if shape is not None and dim in (1, 1 - len(shape)) and len(tracked) == len(_nodes_in(node.args[0])):
-                    segs: tuple = ()
-                    for ch in tracked:
-                        segs += ch.segs
-                    return _Ch(segs, tracked[0].repeat)
-                self.problem(tracked[0], self.describe(node) + f" along dim {dim} or with untracked inputs")
-                return None
-            if t in (torch.flatten, "flatten", "view", "reshape"):
-                return self.flatten(node, tracked[0])
-            if t in _REDUCE:
-                in_shape, out_shape = _shape(node.args[0]), _shape(node)
-                if in_shape and out_shape and len(in_shape) >= 2 and len(out_shape) >= 2 and out_shape[1] == in_shape[1] \
-                        and out_shape[0] == in_shape[0]:
-                    return tracked[0]
-            if t in ("size", "dim", "numel") or t is getattr or (t is operator.getitem and _shape(node) is None):
-                return None  # shapes and sizes carry no channels
-            self.problem(tracked[0], self.describe(node))
-            return None
+            return self.function(node, tracked) if tracked else None
         if node.op == "output":
             for ch in tracked:
-                for g, _ in ch.segs:
-                    self.groups[g].locked = "reaches the model output"
+                self.lock(ch, "reaches the model output")
         return None
 
-    def conv(self, node: fx.Node, mod: nn.Conv2d, tracked: list[_Ch]) -> Optional[_Ch]:
+    def module(self, node: fx.Node, mod: nn.Module, tracked: list[_Ch]) -> Optional[_Ch]:
         ch = tracked[0] if tracked else None
+        if isinstance(mod, nn.Conv2d):
+            return self.conv(node, mod, ch)
+        if isinstance(mod, nn.Linear):
+            return self.linear(node, mod, ch)
+        if ch is None:
+            return None
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            if ch.axis != 1 or ch.repeat != 1:
+                self.problem(ch, self.describe(node) + " over a non-channel axis")
+                return None
+            self.per_channel(node.target, ch, "batchnorms")
+            return ch
+        if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
+            return self.norm(node, ch, len(mod.normalized_shape) if isinstance(mod, nn.LayerNorm) else None)
+        if isinstance(mod, ops.SAME_MODULES):
+            return ch
+        if isinstance(mod, nn.Softmax):
+            return self.softmax(node, ch, mod.dim)
+        if isinstance(mod, nn.Flatten):
+            return self.reshape(node, ch)
+        self.problem(ch, self.describe(node))
+        return None
+
+    def function(self, node: fx.Node, tracked: list[_Ch]) -> Optional[_Ch]:
+        t, ch = node.target, tracked[0]
+        name = t if isinstance(t, str) else getattr(t, "__name__", "")
+        if t in ops.SAME_FUNCTIONS or t in ops.SAME_METHODS or (not isinstance(t, str) and name in ops.SAME_NAMES):
+            return self.same_shape(node, ch)
+        if t in ops.ELEMENTWISE:
+            return self.elementwise(node, tracked)
+        if t in (torch.cat, torch.concat):
+            return self.cat(node, tracked)
+        if t in ops.RESHAPES:
+            return self.reshape(node, ch)
+        if t in ops.PERMUTES:
+            return self.permute(node, ch)
+        if t in ops.REDUCE:
+            return self.reduce(node, ch)
+        if t in (F.softmax, F.log_softmax, torch.softmax, "softmax", "log_softmax"):
+            return self.softmax(node, ch, _arg(node, 1, "dim"))
+        if t is F.layer_norm:
+            return self.norm(node, ch, len(_arg(node, 1, "normalized_shape")))
+        if t in (F.pad, torch.roll, "roll", "expand", "expand_as") or t is operator.getitem:
+            return self.same_channels(node, ch)
+        if t in ("size", "dim", "numel") or t is getattr:
+            return None  # shapes and sizes carry no channels
+        self.problem(ch, self.describe(node))
+        return None
+
+    # ------------------------------------------------------------------ layers
+    def conv(self, node: fx.Node, mod: nn.Conv2d, ch: Optional[_Ch]) -> Optional[_Ch]:
+        if ch is not None and (ch.axis != 1 or ch.repeat != 1):
+            self.problem(ch, self.describe(node) + " applied to a flattened or channels-last tensor")
+            ch = None
         if mod.groups == 1:
             if ch is not None:
-                if ch.repeat != 1:
-                    self.problem(ch, self.describe(node) + " applied to a flattened tensor")
-                else:
-                    self.consume(node.target, ch)
+                self.consume(node.target, ch)
             return _Ch(((self.new_group(node.target, mod.out_channels), mod.out_channels),))
-        if mod.groups == mod.in_channels == mod.out_channels:  # depthwise: channel c stays channel c
-            if ch is None:
-                return _Ch(((self.new_group(node.target, mod.out_channels), mod.out_channels),))
-            self.per_channel(node.target, ch, "depthwise")
+        if mod.in_channels == mod.out_channels and ch is not None:
+            # depthwise (one channel per group) or grouped (k per group): channel c in is channel c out
+            per_group = mod.in_channels // mod.groups
+            if per_group == 1:
+                self.per_channel(node.target, ch, "depthwise")
+            else:
+                self.per_channel(node.target, ch, "grouped", block=per_group)
             return ch
+        if mod.groups == mod.in_channels == mod.out_channels:  # depthwise on an untracked input
+            return _Ch(((self.new_group(node.target, mod.out_channels), mod.out_channels),))
         if ch is not None:
-            self.problem(ch, self.describe(node) + f" (grouped conv, groups={mod.groups})")
+            self.problem(ch, self.describe(node) + f" (grouped conv, groups={mod.groups}, "
+                                                   f"{mod.in_channels} -> {mod.out_channels} channels)")
         # its own output channels are coupled to its groups; never prune them
         g = self.new_group(node.target, mod.out_channels)
         self.groups[g].locked = f"grouped conv (groups={mod.groups})"
         return _Ch(((g, mod.out_channels),))
 
-    def flatten(self, node: fx.Node, ch: _Ch) -> Optional[_Ch]:
+    def linear(self, node: fx.Node, mod: nn.Linear, ch: Optional[_Ch]) -> Optional[_Ch]:
+        shape, out = _shape(node.args[0]), _shape(node)
+        if ch is not None:
+            if shape is not None and ch.axis == len(shape) - 1:
+                self.consume(node.target, ch)
+            else:
+                self.problem(ch, self.describe(node) + " applied to a non-flattened feature map")
+        if out is None:
+            return None
+        return _Ch(((self.new_group(node.target, mod.out_features), mod.out_features),), len(out) - 1)
+
+    def norm(self, node: fx.Node, ch: _Ch, last_dims: Optional[int]) -> _Ch:
+        """LayerNorm over the last ``last_dims`` axes (GroupNorm: None, over channel groups)."""
+        rank = len(_shape(node) or ())
+        if last_dims is None or ch.axis >= rank - last_dims:
+            self.lock(ch, f"normalised over its channels by {self.describe(node)} (removing channels would "
+                          "change the statistics)")
+        return ch
+
+    def softmax(self, node: fx.Node, ch: _Ch, dim: Any) -> Optional[_Ch]:
+        rank = len(_shape(node) or ())
+        if isinstance(dim, int) and dim % max(rank, 1) != ch.axis:
+            return ch
+        self.problem(ch, self.describe(node) + " across channels")
+        return None
+
+    # ------------------------------------------------------------------ shape ops
+    def same_shape(self, node: fx.Node, ch: _Ch) -> Optional[_Ch]:
+        return ch
+
+    def same_channels(self, node: fx.Node, ch: _Ch) -> Optional[_Ch]:
+        """Ops that keep every axis (pad, roll, expand, indexing) are fine while the channel axis keeps its
+        size and position; ``roll`` must not shift along it."""
+        in_shape, out_shape = _shape(node.args[0]), _shape(node)
+        if node.target in (torch.roll, "roll"):
+            dims = _arg(node, 2, "dims")
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            if not dims or any(d % len(in_shape) == ch.axis for d in dims):
+                self.problem(ch, self.describe(node) + " along the channel axis")
+                return None
+        if node.target is operator.getitem:
+            return self.getitem(node, ch)
+        if in_shape and out_shape and len(in_shape) == len(out_shape) and in_shape[ch.axis] == out_shape[ch.axis]:
+            return ch
+        self.problem(ch, self.describe(node) + " changing the channel axis")
+        return None
+
+    def getitem(self, node: fx.Node, ch: _Ch) -> Optional[_Ch]:
+        in_shape, out_shape = _shape(node.args[0]), _shape(node)
+        if in_shape is None or out_shape is None:
+            return None if in_shape is None else self._lost(node, ch)
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if any(i is Ellipsis or i is None or isinstance(i, fx.Node) for i in index):
+            return self._lost(node, ch)
+        if ch.axis < len(index) and index[ch.axis] != slice(None):
+            return self._lost(node, ch)
+        removed = sum(1 for i in index[: ch.axis] if isinstance(i, int))
+        axis = ch.axis - removed
+        if axis < len(out_shape) and out_shape[axis] == in_shape[ch.axis]:
+            return ch.at(axis)
+        return self._lost(node, ch)
+
+    def _lost(self, node: fx.Node, ch: _Ch) -> None:
+        self.problem(ch, self.describe(node) + " indexing the channel axis")
+        return None
+
+    def elementwise(self, node: fx.Node, tracked: list[_Ch]) -> Optional[_Ch]:
+        """Operands meeting in an add / mul: their channel c is one channel. Untracked operands must not
+        vary along the channel axis, unless they are a parameter (sliced with the group)."""
+        out = _shape(node)
+        if out is None:
+            return None
+        first = tracked[0]
+        ranks = {n: len(_shape(n) or ()) for n in _nodes_in(node.args)}
+        tail = None
+        for n in _nodes_in(node.args):
+            if n in self.info:
+                ch = self.info[n]
+                t = ranks[n] - ch.axis
+                if tail is None:
+                    tail = t
+                elif t != tail or [s for _, s in ch.segs] != [s for _, s in first.segs] or ch.repeat != first.repeat:
+                    self.problem(first, self.describe(node) + " between differently laid-out channels")
+                    self.problem(ch, self.describe(node) + " between differently laid-out channels")
+                    continue
+                for (a, _), (b, _) in zip(first.segs, ch.segs):
+                    self.union(a, b)
+        for n in _nodes_in(node.args):
+            shape = _shape(n)
+            if n in self.info or shape is None or len(shape) < tail or shape[len(shape) - tail] == 1:
+                continue
+            if n.op == "get_attr":
+                self.per_param(n.target, len(shape) - tail, first)
+            else:
+                self.problem(first, self.describe(node) + f" with an untracked operand {n.name} over the channels")
+        return first.at(len(out) - tail)
+
+    def per_param(self, name: str, dim: int, ch: _Ch) -> None:
+        offset = 0
+        for g, size in ch.segs:
+            self.groups[g].params.append((name, dim, offset))
+            offset += size
+
+    def cat(self, node: fx.Node, tracked: list[_Ch]) -> Optional[_Ch]:
+        dim = _arg(node, 1, "dim", 0)
+        shape = _shape(node)
+        inputs = _nodes_in(node.args[0] if node.args else node.kwargs.get("tensors", ()))
+        first = tracked[0]
+        if shape is None or len(tracked) != len(inputs):
+            self.problem(first, self.describe(node) + " with untracked inputs")
+            return None
+        dim %= len(shape)
+        if dim == first.axis and all(c.axis == dim and c.repeat == first.repeat for c in tracked):
+            segs: tuple = ()
+            for c in tracked:
+                segs += c.segs
+            return _Ch(segs, dim, first.repeat)
+        if dim != first.axis:  # concatenated along another axis: the inputs share their channels
+            return self.elementwise(node, tracked)
+        self.problem(first, self.describe(node) + f" along dim {dim}")
+        return None
+
+    def reshape(self, node: fx.Node, ch: _Ch) -> Optional[_Ch]:
+        """view / reshape / flatten: the channel axis survives if the axes before it keep their product and
+        it is either kept or merged with the axes after it (then each channel spans ``repeat`` columns)."""
         in_shape, out_shape = _shape(node.args[0]), _shape(node)
         if in_shape is None or out_shape is None:
             self.problem(ch, self.describe(node))
             return None
-        if in_shape == out_shape:
-            return ch
-        if len(out_shape) == 2 and out_shape[0] == in_shape[0] and ch.repeat == 1:
-            spatial = 1
-            for s in in_shape[2:]:
-                spatial *= s
-            return _Ch(ch.segs, spatial)
+        before = math.prod(in_shape[: ch.axis])
+        size = in_shape[ch.axis]
+        for b in range(len(out_shape)):
+            if math.prod(out_shape[:b]) != before:
+                continue
+            if out_shape[b] == size:
+                return ch.at(b)
+            merged = out_shape[b] // size if size else 0
+            if merged and out_shape[b] == size * merged and math.prod(in_shape[ch.axis + 1:]) % merged == 0 \
+                    and self._merges(in_shape, ch.axis, merged):
+                return _Ch(ch.segs, b, ch.repeat * merged)
         self.problem(ch, self.describe(node) + f" reshaping {list(in_shape)} to {list(out_shape)}")
         return None
 
+    @staticmethod
+    def _merges(in_shape: tuple, axis: int, merged: int) -> bool:
+        """``merged`` is the product of the axes right after ``axis`` (a flatten of them into it)."""
+        p = 1
+        for s in in_shape[axis + 1:]:
+            p *= s
+            if p == merged:
+                return True
+        return merged == 1
+
+    def permute(self, node: fx.Node, ch: _Ch) -> Optional[_Ch]:
+        rank = len(_shape(node) or ())
+        if ch.repeat != 1 or not rank:
+            self.problem(ch, self.describe(node) + " of a flattened tensor")
+            return None
+        if node.target in (torch.transpose, "transpose", torch.swapaxes, "swapaxes"):
+            a, b = _arg(node, 1, "dim0") % rank, _arg(node, 2, "dim1") % rank
+            order = list(range(rank))
+            order[a], order[b] = b, a
+        else:
+            dims = node.args[1:] if node.target == "permute" else (_arg(node, 1, "dims"),)
+            order = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else list(dims)
+            order = [d % rank for d in order]
+        return ch.at(order.index(ch.axis))
+
+    def reduce(self, node: fx.Node, ch: _Ch) -> Optional[_Ch]:
+        in_shape, out_shape = _shape(node.args[0]), _shape(node)
+        dims = _arg(node, 1, "dim")
+        if in_shape is None or out_shape is None or dims is None or ch.repeat != 1:
+            self.problem(ch, self.describe(node) + " over all axes")
+            return None
+        dims = {d % len(in_shape) for d in ([dims] if isinstance(dims, int) else dims)}
+        if ch.axis in dims:
+            self.problem(ch, self.describe(node) + " across channels")
+            return None
+        axis = ch.axis if len(out_shape) == len(in_shape) else ch.axis - sum(1 for d in dims if d < ch.axis)
+        return ch.at(axis)
+
+    # ------------------------------------------------------------------ result
     def merge(self) -> list[ChannelGroup]:
         classes: dict[int, ChannelGroup] = {}
         for g, grp in enumerate(self.groups):
@@ -267,17 +468,17 @@ class _Analysis:
             if grp.channels != c.channels:
                 c.unresolved.append(f"{grp.producers[0]} has {grp.channels} channels, coupled with {c.channels}")
             c.producers += grp.producers
-            c.batchnorms += grp.batchnorms
-            c.depthwise += grp.depthwise
-            c.consumers += grp.consumers
-            c.unresolved += grp.unresolved
+            for kind in ("batchnorms", "depthwise", "grouped", "params", "consumers", "unresolved"):
+                getattr(c, kind).extend(getattr(grp, kind))
+            if grp.block > 1:
+                c.block = _block(c, grp.block)
             c.locked = c.locked or grp.locked
         return list(classes.values())
 
 
 def channel_groups(model: nn.Module, example_input: Any,
                    couple: Optional[Iterable[Iterable[str]]] = None) -> list[ChannelGroup]:
-    """Groups of coupled conv output channels of ``model`` (see the module docstring).
+    """Groups of coupled output channels of ``model``'s convs and Linear layers (see the module docstring).
 
     ``couple`` adds couplings known from elsewhere (NNI's ``dependency_group_id``): each iterable
     of producer names is merged into one group.

@@ -54,7 +54,9 @@ def by_producers(groups):
 def test_coupling_follows_residual_adds_and_flatten():
     groups = by_producers(channel_groups(SmallResNet(widths=(8, 16, 16)), torch.randn(2, 1, 8, 8)))
     assert set(groups) == {("layer1.conv2", "stem.0"), ("layer1.conv1",), ("layer2.conv1",),
-                           ("layer2.conv2", "layer2.shortcut.0"), ("layer3.conv1",), ("layer3.conv2", "layer3.shortcut.0")}
+                           ("layer2.conv2", "layer2.shortcut.0"), ("layer3.conv1",), ("layer3.conv2", "layer3.shortcut.0"),
+                           ("fc",)}
+    assert groups[("fc",)].locked == "reaches the model output"  # a Linear's outputs are a group too
     stem = groups[("layer1.conv2", "stem.0")]
     assert sorted(stem.batchnorms) == [("layer1.bn2", 0), ("stem.1", 0)]
     assert sorted(c[0] for c in stem.consumers) == ["layer1.conv1", "layer2.conv1", "layer2.shortcut.0"]
