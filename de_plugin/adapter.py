@@ -31,7 +31,7 @@ from .coarse import (
 )
 from .coupling import channel_groups
 from .grouping import GroupedSpace, resolve_groups
-from .evaluation import Backend, BackendOptions, Scorer, backend_round, check_batches, check_score, make_backend
+from .evaluation import Backend, BackendOptions, BNState, Scorer, backend_round, check_batches, check_score, make_backend
 from .hookspecs import hookimpl
 from .layerwise import LayerwiseOptions
 from .options import validate_options
@@ -39,6 +39,7 @@ from .pruner import Context, prune
 from .registry import create_pruner, lookup
 from .result import PruningResult
 from .runner import RoundRecord, RoundRunner
+from .slicing import speedup as slice_channels
 from .targets import Target, masks_attached
 
 __all__ = [
@@ -46,5 +47,5 @@ __all__ = [
     "Allocator", "KeepSpace", "DensitySpace", "GroupedSpace", "resolve_groups", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
     "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "check_batches", "validate_options",
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",
-    "channel_groups", "hookimpl", "lookup",
+    "channel_groups", "slice_channels", "BNState", "hookimpl", "lookup",
 ]

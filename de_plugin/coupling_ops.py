@@ -37,9 +37,8 @@ PERMUTES = {torch.permute, "permute", torch.transpose, "transpose", torch.swapax
 def where(exc: BaseException) -> str:
     """``" at file:line in function"`` for the innermost frame of ``exc`` outside torch, else ``""``:
     the line of the user's ``forward`` that torch.fx could not trace."""
-    torch_dir = os.path.dirname(torch.__file__)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
-    frames = [f for f in frames if not f.filename.endswith(("coupling.py", "coupling_ops.py"))]
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
     if not frames:
         return ""
     f = frames[-1]

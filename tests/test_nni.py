@@ -349,6 +349,27 @@ def test_random_coarse_through_nni_speedup_equals_masked_model(evaluator_for, di
     assert dead == round(0.2 * 8 * 8)  # a fifth of the 8 x 8 kernels alive after feature-map pruning
 
 
+def test_random_coarse_nni_adaptive_bn_from_the_evaluator_without_train_data(evaluator_for):
+    from de_plugin.demo.models import SmallResNet
+    from de_plugin_nni.coarse import training_inputs
+
+    torch.manual_seed(0)
+    model = SmallResNet(widths=(8, 16, 16))
+    _bn_stats(model)
+    ev = evaluator_for(model)
+    ev.bind_model(model)
+    before = state_of(model)
+    inputs = training_inputs(ev, model, 3)
+    ev.unbind_model()
+    # three of the training function's own batches; no weight moved, BN statistics put back
+    assert len(inputs) == 3 and inputs[0].shape[0] == 64
+    assert same_state(before, state_of(model))
+    pruner = de_plugin_nni.create_pruner("random_coarse", model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], ev,
+                                         candidates=2, bn_batches=2, finetune_epochs=0, progress=False)
+    pruner.compress()
+    assert pruner.result["adaptive_bn_batches"] == 2
+
+
 def test_random_coarse_nni_bad_input(evaluator_for):
     from de_plugin.demo.models import SmallResNet
 

@@ -24,6 +24,7 @@ from nni.compression.utils.evaluator import Evaluator
 from torch import nn
 
 from de_plugin.adapter import (
+    BNState,
     CoarseOptions,
     CoarseSpace,
     apply_and_retrain,
@@ -121,6 +122,44 @@ def own_masks(space: CoarseSpace, cand: Dict[str, Any]) -> Dict[str, torch.Tenso
     return out
 
 
+def training_inputs(evaluator: Evaluator, model: nn.Module, steps: int) -> Optional[list]:
+    """The inputs the evaluator's own training function feeds ``model`` in ``steps`` steps, with the
+    optimizer step disabled and the model's BatchNorm statistics and the LR schedulers put back: the
+    batches adaptive BN re-estimates statistics on when the user passes no ``train_data``.
+
+    Quirk (NNI 3.0): ``Evaluator.patch_optimizer_step`` always calls the original ``step`` (NNI's
+    data-driven pruners only add tasks around it), so the step of ``TorchEvaluator``'s first optimizer is
+    replaced here for the duration and restored; other evaluators give None (then ``train_data=``).
+    """
+    optimizers = getattr(evaluator, "_optimizers", None)
+    if not optimizers:
+        return None
+    seen: list = []
+
+    def grab(_mod, args):
+        if args and isinstance(args[0], torch.Tensor) and len(seen) < steps:
+            seen.append(args[0].detach().clone())
+
+    schedulers = [(s, s.state_dict()) for s in getattr(evaluator, "_lr_schedulers", None) or []]
+    stats = BNState(model)
+    was_training = model.training
+    handle = model.register_forward_pre_hook(grab)
+    original = optimizers[0].step
+    optimizers[0].step = lambda *a, **k: None  # noqa: E731 - no weight moves while the inputs are captured
+    try:
+        evaluator.train(max_steps=steps)
+    finally:
+        optimizers[0].step = original
+        handle.remove()
+        stats.restore()
+        for sched, state in schedulers:
+            sched.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    log.info("random_coarse (NNI): adaptive BN on %d batches from the evaluator's training function", len(seen))
+    return seen or None
+
+
 class RandomCoarsePruner(Pruner):
     """Best-of-N random feature-map / kernel masks for NNI (name ``random_coarse``)."""
 
@@ -151,13 +190,18 @@ class RandomCoarsePruner(Pruner):
         self.result: Dict[str, Any] = {}
 
     def _calibration(self) -> Optional[list]:
+        """Adaptive-BN batches: ``train_data=`` if given, else the evaluator's own training inputs."""
         if self.train_data is not None:
             return self.train_data
         try:  # LightningEvaluator: its datamodule's training batches
             loader = self.evaluator.data_module.train_dataloader()  # type: ignore[attr-defined]
             return [b for _, b in zip(range(self.options.bn_batches), loader)]
         except AttributeError:
+            pass
+        if self.options.adaptive_bn is False or not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                         for m in self.bound_model.modules()):
             return None
+        return training_inputs(self.evaluator, self.bound_model, self.options.bn_batches)
 
     def _single_compress(self, max_steps: int | None, max_epochs: int | None) -> None:
         evaluator = self.evaluator
@@ -182,7 +226,8 @@ class RandomCoarsePruner(Pruner):
                            "before_retraining": before, "accuracy": score(model), "groups": found.groups,
                            "macs": macs["macs"], "macs_dense": macs["macs_dense"],
                            "macs_removed": 1 - macs["macs"] / macs["macs_dense"], "params": macs["params"],
-                           "params_dense": macs["params_dense"], "param_masks": masks}
+                           "params_dense": macs["params_dense"], "param_masks": masks,
+                           "adaptive_bn_batches": len(found.calib or [])}
         finally:
             evaluator.unbind_model()
             sync_into_wrappers(self)

@@ -4,7 +4,7 @@
     options: {rounds: 3, finetune_epochs: 1}
     config_list:                    # NNI's config_list, unchanged
       - {op_types: [Linear], sparse_ratio: 0.95}
-    speedup: false                  # ModelSpeedup (structured masks only)
+    speedup: false                  # ModelSpeedup (structured masks only); speedup_engine: auto | nni | de_plugin
     quantizer: {name: qat, config_list: [...], steps: 200, quant_start_step: 50}
     # for the command line only: what to train and on which data
     model: lenet300                 # de_plugin.demo.models name
@@ -20,7 +20,7 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import nni
 import torch
@@ -64,6 +64,8 @@ class CompressionConfig(BaseModel):
     options: Dict[str, Any] = Field(default_factory=dict)
     config_list: List[Dict[str, Any]]
     speedup: bool = False
+    #: "auto": NNI's ModelSpeedup, the core's channel slicing where it fails or differs; "nni"; "de_plugin"
+    speedup_engine: Literal["auto", "nni", "de_plugin"] = "auto"
     finetune_epochs: int = Field(0, ge=0, description="epochs of training after pruning/speedup (zeros kept)")
     schedule_steps: Optional[int] = Field(None, ge=1, description="training steps for linear/agp schedules")
     quantizer: Optional[QuantizerSection] = None
@@ -238,7 +240,7 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
         else:
             dummy = evaluator.get_dummy_input() if evaluator is not None else None
             before = sum(p.numel() for p in model.parameters())
-            run_speedup(model, dummy, masks)
+            run_speedup(model, dummy, masks, engine=cfg.speedup_engine)
             report["speedup"] = {"params_before": before, "params_after": sum(p.numel() for p in model.parameters())}
     if cfg.finetune_epochs:
         if evaluator is None:

@@ -17,6 +17,7 @@ If the patched tracer still fails on a model, :func:`speedup` falls back to
 """
 from __future__ import annotations
 
+import copy
 import dis
 import functools
 import logging
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from de_plugin.adapter import slice_channels
 
 log = logging.getLogger("de_plugin_nni")
 _PATCHED = False
@@ -99,18 +102,63 @@ def trace(model: nn.Module, dummy_input: Any) -> torch.fx.GraphModule:
             ) from fx_error
 
 
-def speedup(model: nn.Module, dummy_input: Any, masks: dict, **kwargs: Any) -> nn.Module:
-    """Shrink ``model`` in place with NNI's ``ModelSpeedup`` using ``masks`` (NNI format).
+def speedup(model: nn.Module, dummy_input: Any, masks: dict, engine: str = "auto", **kwargs: Any) -> nn.Module:
+    """Shrink ``model`` in place using ``masks`` (NNI format ``{module_name: {"weight": mask, ...}}``).
 
-    ``masks`` is ``{module_name: {"weight": mask, ...}}`` as returned by ``pruner.compress()``.
-    The model is returned in eval mode (NNI leaves replaced BatchNorm layers in train mode).
+    ``engine``: ``"nni"``, NNI's ``ModelSpeedup`` (errors raised as they are); ``"de_plugin"``, the core's
+    slicing from the coupling groups (:func:`de_plugin.adapter.slice_channels`); ``"auto"`` (default),
+    ModelSpeedup on a copy, kept if it runs and computes what the masked model computes, else the core's
+    slicing (NNI 3.0 fails on grouped convs, channels-last blocks and several torchvision graphs; which
+    one ran is logged). The model is returned in eval mode (NNI leaves replaced BatchNorms in train mode).
     """
+    if engine not in ("auto", "nni", "de_plugin"):
+        raise ValueError(f"engine={engine!r}: use 'auto', 'nni' or 'de_plugin'")
+    was_training = model.training
+    model.eval()
+    if engine == "de_plugin":
+        slice_channels(model, dummy_input, masks)
+    elif engine == "nni":
+        _nni_speedup(model, dummy_input, masks, **kwargs)
+    else:
+        _auto(model, dummy_input, masks, **kwargs)
+    model.eval()
+    if was_training:
+        log.info("speedup: model returned in eval mode")
+    return model
+
+
+def _auto(model: nn.Module, dummy_input: Any, masks: dict, **kwargs: Any) -> None:
+    inputs = dummy_input if isinstance(dummy_input, tuple) else (dummy_input,)
+    trial = copy.deepcopy(model)
+    with torch.no_grad():
+        masked = copy.deepcopy(model)
+        for name, t in masks.items():
+            mod = masked.get_submodule(name)
+            for p, m in t.items():
+                if m is not None and getattr(mod, p, None) is not None:
+                    getattr(mod, p).mul_(m.to(getattr(mod, p).dtype))
+        reference = masked(*inputs)
+    try:
+        _nni_speedup(trial, dummy_input, masks, **kwargs)
+        with torch.no_grad():
+            out = trial.eval()(*inputs)
+        diff = float((out - reference).abs().max() / (reference.abs().max() + 1e-12))
+        if diff > 1e-4:
+            raise RuntimeError(f"the sped-up model differs from the masked one (relative max diff {diff:.1e})")
+    except Exception as exc:  # noqa: BLE001 - fall back to the core's slicing, say why
+        log.warning("speedup: NNI's ModelSpeedup did not give an equal model (%s: %s); slicing the channels "
+                    "from the coupling groups instead", type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        slice_channels(model, dummy_input, masks)
+        return
+    model.__dict__.update(trial.__dict__)  # adopt the sped-up modules in place, as ModelSpeedup does
+    log.info("speedup: NNI's ModelSpeedup")
+
+
+def _nni_speedup(model: nn.Module, dummy_input: Any, masks: dict, **kwargs: Any) -> None:
     from nni.compression.speedup import ModelSpeedup
 
     patch_concrete_tracer()
     masks = {k: dict(v) for k, v in masks.items()}  # plain dicts: NNI may save them with torch.save
-    was_training = model.training
-    model.eval()
     if "graph_module" not in kwargs:
         kwargs["graph_module"] = trace(model, dummy_input)
     # Quirk (NNI 3.0): a mask for a module the eval graph never calls (GoogLeNet's / Inception's
@@ -136,7 +184,3 @@ def speedup(model: nn.Module, dummy_input: Any, masks: dict, **kwargs: Any) -> n
     finally:
         for lg, level in zip(nni_loggers, levels):
             lg.setLevel(level)
-    model.eval()
-    if was_training:
-        log.info("speedup: model returned in eval mode")
-    return model

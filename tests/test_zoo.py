@@ -1,0 +1,94 @@
+"""random_coarse on one torchvision model per family (random weights, small inputs): the coupling
+resolves, the masks are exact, the core's slicing gives a smaller model computing the same outputs,
+and NNI's speedup route falls back to it where ModelSpeedup cannot follow the graph.
+
+torchvision comes from ``.zoo-site`` (``benchmarks/tvzoo.py`` says why and how; ``.ci/run`` installs it).
+"""
+import copy
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import de_plugin
+from de_plugin.slicing import speedup
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from tvzoo import import_torchvision  # noqa: E402
+
+try:
+    models = import_torchvision()
+except ImportError as exc:  # pragma: no cover - CI installs it
+    pytest.skip(str(exc), allow_module_level=True)
+
+#: one model per family the coupling must follow (ISSUE 18's root causes), with its input size
+FAMILIES = {
+    "resnet18": 64,              # residual adds
+    "regnet_y_400mf": 64,        # grouped convs + squeeze-and-excite
+    "resnext50_32x4d": 64,       # grouped convs (32 groups)
+    "efficientnet_b0": 64,       # stochastic depth + SE + depthwise
+    "mobilenet_v3_small": 64,    # hardswish SE gates
+    "convnext_tiny": 64,         # permute to channels-last, LayerNorm, Linear MLP, layer scale
+    "swin_t": 64,                # windows (roll, pad, reshape), LayerNorm, Linear MLP
+    "vit_b_32": 224,             # patch conv reshaped into tokens, MultiheadAttention
+    "densenet121": 64,           # concatenations
+    "googlenet": 64,             # inception branches
+}
+
+
+def build(name):
+    kw = {"num_classes": 10}
+    if name == "googlenet":
+        kw.update(aux_logits=False, init_weights=False)
+    torch.manual_seed(0)
+    model = models.get_model(name, weights=None, **kw).eval()
+    for mod in model.modules():  # ConvNeXt's layer scale starts at 1e-6: make its blocks count
+        if isinstance(getattr(mod, "layer_scale", None), torch.nn.Parameter):
+            torch.nn.init.constant_(mod.layer_scale, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_zoo_model_prunes_and_speeds_up_exactly(name):
+    torch.set_num_threads(2)
+    x = torch.randn(2, 3, FAMILIES[name], FAMILIES[name])
+    model = build(name)
+    with torch.no_grad():
+        r = de_plugin.prune(model, "random_coarse", evaluate=lambda m: float(m(x).std()), feature_map_ratio=0.25,
+                            linear_ratio=0.25, candidates=1, adaptive_bn=False, progress=False)
+    assert r.extra["groups"] and all(g["kept"] < g["channels"] for g in r.extra["groups"] if g["channels"] >= 4)
+    masked = r.model.eval()
+    params = dict(masked.named_parameters())
+    assert all(not params[n][~m].any() for n, m in r.extra_masks.items() if n in params)
+    small = copy.deepcopy(masked)
+    info = speedup(small, x, r.extra_masks)
+    with torch.no_grad():
+        y0, y1 = masked(x), small.eval()(x)
+    assert info["params_after"] < 0.95 * info["params_before"]
+    assert float((y0 - y1).abs().max() / y0.abs().max()) < 1e-4
+
+
+def test_nni_speedup_falls_back_to_slicing_where_modelspeedup_fails(caplog):
+    pytest.importorskip("nni")
+    from de_plugin_nni.tracing import speedup as nni_speedup
+
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        r = de_plugin.prune(build("regnet_y_400mf"), "random_coarse", evaluate=lambda m: float(m(x).std()),
+                            feature_map_ratio=0.25, candidates=1, adaptive_bn=False, progress=False)
+    masked = r.model.eval()
+    masks = {}
+    for k, m in r.extra_masks.items():
+        mod, _, p = k.rpartition(".")
+        masks.setdefault(mod, {})[p] = m.float()
+    small = copy.deepcopy(masked)
+    before = sum(p.numel() for p in small.parameters())
+    with caplog.at_level(logging.INFO, logger="de_plugin_nni"):
+        nni_speedup(small, x, masks)
+    with torch.no_grad():
+        y0, y1 = masked(x), small(x)
+    assert sum(p.numel() for p in small.parameters()) < before
+    assert float((y0 - y1).abs().max() / y0.abs().max()) < 1e-4
+    assert "speedup:" in caplog.text  # which engine ran is logged
