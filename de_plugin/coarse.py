@@ -53,6 +53,9 @@ class CoarseOptions(BackendOptions):
     ratios: dict[str, float] = Field(default_factory=dict)
     kernel_ratios: dict[str, float] = Field(default_factory=dict)
     candidates: int = Field(100, ge=1)
+    #: channel groups whose ops the coupling pass cannot follow: "raise" (one error naming every such group
+    #: and op) or "skip" (leave them unpruned, prune the rest, warn)
+    unresolved: Literal["raise", "skip"] = "raise"
     #: "evaluate": the user's evaluate; "accuracy" / "neg_loss": computed on ``val_data`` batches
     score: Literal["evaluate", "accuracy", "neg_loss"] = "evaluate"
     #: re-estimate BatchNorm statistics before scoring each candidate; None = on if the model has BN
@@ -113,11 +116,15 @@ class CoarseSpace:
         self.groups: list[ChannelGroup] = []
         self.group_ratio: list[float] = []
         if fm:
+            unresolved: list[ChannelGroup] = []
             for g in channel_groups(model, example_input, couple):
                 ratio = self._group_ratio(g, selected, options)
-                if ratio is not None:
+                if ratio is not None and g.unresolved:
+                    unresolved.append(g)
+                elif ratio is not None:
                     self.groups.append(g)
                     self.group_ratio.append(ratio)
+            self._unresolved(unresolved, options)
         self.kernel_layers: list[str] = []
         self.kernel_ratio: list[float] = []
         for p in producers:
@@ -147,9 +154,7 @@ class CoarseSpace:
         if not convs and ratio == 0:
             return None  # Linear hidden units are pruned only when asked for
         if g.unresolved:
-            raise CouplingError(
-                f"cannot resolve which channels of {g.producers} are coupled: they pass through "
-                f"{sorted(set(g.unresolved))}. Exclude these layers (exclude=[...]) or use kernel granularity")
+            return ratio  # reported with the others by _unresolved
         per_block = int(round(ratio * g.block))
         if g.block > 1 and per_block >= g.block:
             grouped = ", ".join(m for m, _ in g.grouped)
@@ -160,6 +165,22 @@ class CoarseSpace:
             raise ValueError(f"ratio {ratio} would remove every one of the {g.channels} channels of "
                              f"{g.producers}; use a ratio below {1 - 0.5 / g.channels:.3f}")
         return ratio
+
+    @staticmethod
+    def _unresolved(groups: list[ChannelGroup], options: CoarseOptions) -> None:
+        """One error naming every group the pass cannot follow and its ops, or a warning with "skip"."""
+        if not groups:
+            return
+        ops = sorted({u.split(" (node")[0] for g in groups for u in g.unresolved})
+        layers = [p for g in groups for p in g.producers]
+        if options.unresolved == "skip":
+            log.warning("random_coarse: %d channel group(s) left unpruned: their channels pass through ops the "
+                        "coupling pass cannot follow (%s); layers %s", len(groups), "; ".join(ops[:5]), layers[:12])
+            return
+        raise CouplingError(
+            f"cannot resolve which channels of {len(groups)} group(s) are coupled: they pass through "
+            f"{ops[:8]}{' ...' if len(ops) > 8 else ''}. Exclude their layers (exclude={layers}), leave them unpruned "
+            "with unresolved='skip', or use kernel granularity (feature_map_ratio=0)")
 
     def _param_names(self) -> list[str]:
         names: list[str] = []

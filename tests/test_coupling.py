@@ -176,3 +176,34 @@ def test_linear_hidden_units_are_pruned_only_when_asked():
     cand = space.sample(np.random.default_rng(0))
     assert {tuple(g.producers): int((~k).sum()) for g, k in zip(space.groups, cand["channels"])} == {
         ("patch", "fc2"): 4, ("fc1",): 4}
+
+
+class Shuffled(nn.Module):
+    """A channel shuffle (ShuffleNet) the pass cannot follow, between two convs, then a prunable pair."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        n, ch, h, w = y.shape
+        y = y.view(n, 2, ch // 2, h, w).transpose(1, 2).reshape(n, ch, h, w)
+        return self.fc(self.c(torch.relu(self.b(y))).mean((2, 3)))
+
+
+def test_unresolved_groups_are_named_in_one_error_or_skipped_on_request():
+    x = torch.randn(2, 3, 8, 8)
+    model = Shuffled()
+    before = state_of(model)
+    with pytest.raises(CouplingError, match=r"view.*exclude=\['a'\].*unresolved='skip'"):
+        de_plugin.prune(model, "random_coarse", evaluate=score(x), feature_map_ratio=0.5, candidates=1,
+                        inplace=True, progress=False)
+    assert same_state(before, state_of(model))
+    r, small, y0, y1, _ = prune_and_speedup(Shuffled(), x, feature_map_ratio=0.5, unresolved="skip")
+    assert [g["layers"] for g in r.extra["groups"]] == [["b"], ["c"]]  # a's maps are left as they are
+    assert small.a.out_channels == 8 and small.b.out_channels == 4
+    assert torch.allclose(y0, y1, atol=1e-5)

@@ -103,10 +103,10 @@ def own_masks(space: CoarseSpace, cand: Dict[str, Any]) -> Dict[str, torch.Tenso
     """
     out: Dict[str, torch.Tensor] = {}
     for g, k in zip(space.groups, cand["channels"]):
-        for p in g.producers:
+        for p in g.producers:  # Conv2d or Linear: rows are output channels / features
             w = space.param(p + ".weight")
-            out[p + ".weight"] = torch.from_numpy(k).to(w.device)[:, None, None, None].expand_as(w).clone()
-        for m, off in g.depthwise:
+            out[p + ".weight"] = torch.from_numpy(k).to(w.device).view(-1, *[1] * (w.dim() - 1)).expand_as(w).clone()
+        for m, off in g.depthwise + g.grouped:
             w = space.param(m + ".weight")
             rows = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
             rows[off:off + len(k)] = torch.from_numpy(k).to(w.device)
@@ -182,9 +182,9 @@ class RandomCoarsePruner(Pruner):
         self.train_data = list(train_data) if train_data is not None else None
         dummy = evaluator.get_dummy_input()
         self.couple = self.given_groups or nni_dependency_groups(model, dummy, sorted(self.ratios))
-        # depthwise convs over pruned maps get the producer's rows too, so they need wrappers
+        # depthwise and grouped convs over pruned maps get the producer's rows too, so they need wrappers
         depthwise = sorted({m for g in channel_groups(model, dummy, self.couple) if set(g.producers) & set(self.ratios)
-                            for m, _ in g.depthwise} - set(self.ratios))
+                            for m, _ in g.depthwise + g.grouped} - set(self.ratios))
         conv_cfg = [{"op_names": sorted(self.ratios) + depthwise, "sparse_ratio": 0.5}]
         super().__init__(model, conv_cfg, evaluator, existed_wrappers)
         self.result: Dict[str, Any] = {}
