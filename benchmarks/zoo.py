@@ -32,7 +32,7 @@ models = import_torchvision()
 
 import de_plugin  # noqa: E402
 from de_plugin.coarse import count_macs  # noqa: E402
-from de_plugin.coupling import channel_groups  # noqa: E402
+from de_plugin.coupling import CouplingError, channel_groups  # noqa: E402
 from de_plugin.slicing import speedup  # noqa: E402
 
 log = logging.getLogger("zoo")
@@ -69,10 +69,15 @@ def run_ours(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> tuple[dic
            "unresolved": sum(bool(g.unresolved and not g.locked) for g in groups)}
     unres = sorted({u.split(" (node")[0] for g in groups if not g.locked for u in g.unresolved})
     row["unresolved_ops"] = unres[:3]
+    score = lambda m: float(m(x).float().std())  # noqa: E731 - structure only: any deterministic score
+    opts = dict(evaluate=score, feature_map_ratio=ratio, linear_ratio=ratio, candidates=1, adaptive_bn=False,
+                progress=False)
     with torch.no_grad():
-        score = lambda m: float(m(x).float().std())  # noqa: E731 - structure only: any deterministic score
-        res = de_plugin.prune(model, "random_coarse", evaluate=score, feature_map_ratio=ratio, linear_ratio=ratio,
-                              candidates=1, adaptive_bn=False, progress=False)
+        try:
+            res = de_plugin.prune(model, "random_coarse", **opts)
+        except CouplingError as exc:  # as a user would: read the error, leave those groups unpruned
+            row["refused_first"] = str(exc)[:200]
+            res = de_plugin.prune(model, "random_coarse", unresolved="skip", **opts)
     masked = res.model.eval()
     row["pruned_groups"] = len(res.extra["groups"])
     row["channels"] = sum(g["channels"] for g in res.extra["groups"])
@@ -160,7 +165,8 @@ def table(rows: list[dict], args) -> str:
         else:
             o = r["ours"]
             eq = f"{'yes' if o['ok'] else 'NO'}, {o['rel_diff']:.0e}" if "rel_diff" in o else f"failed: {o['error']}"
-            cells = [r["model"], str(r["layers"]), f"{r['groups']} ({r['pruned_groups']} / {r['locked']} / {r['unresolved']})",
+            skip = " (unresolved='skip')" if "refused_first" in r else ""
+            cells = [r["model"] + skip, str(r["layers"]), f"{r['groups']} ({r['pruned_groups']} / {r['locked']} / {r['unresolved']})",
                      f"{r['channels_removed']} / {r['channels']}", eq,
                      f"{r['params_before'] / 1e6:.2f}M -> {o.get('params_after', r['params_before']) / 1e6:.2f}M",
                      f"{r['macs_before'] / 1e6:.0f}M -> {o.get('macs_after', r['macs_before']) / 1e6:.0f}M"]
@@ -179,7 +185,9 @@ def table(rows: list[dict], args) -> str:
 def summary(rows: list[dict], args) -> str:
     n = len(rows)
     ours = sum(1 for r in rows if r.get("ours", {}).get("ok") and r["ours"]["params_after"] < r["params_before"])
-    out = [f"{n} models; ours: smaller and output-equal on {ours} ({100 * ours / n:.0f}%)"]
+    skipped = sum(1 for r in rows if "refused_first" in r)
+    out = [f"{n} models; ours: smaller and output-equal on {ours} ({100 * ours / n:.0f}%), {skipped} of them with "
+           "unresolved='skip' after the first call named the ops it cannot follow"]
     if args.nni:
         nni = sum(1 for r in rows if r.get("nni", {}).get("ok"))
         both = sum(1 for r in rows if r.get("nni", {}).get("ok") and r.get("ours", {}).get("ok"))

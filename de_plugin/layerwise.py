@@ -78,7 +78,7 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
                                           "re-scored on all of val_data (budget form; needs val_data)")
     rescore_top: int = Field(4, ge=1, description="multi-fidelity: finalists re-scored on all of val_data")
     search_images: Optional[int] = Field(
-        1000, ge=1, description="multi-fidelity by size (budget form, fidelity unset): when val_data holds more "
+        500, ge=1, description="multi-fidelity by size (budget form, fidelity unset): when val_data holds more "
                                 "images than this, the search scores candidates on its first batches holding "
                                 "this many and re-scores the rescore_top finalists on all; None: all of val_data")
 
