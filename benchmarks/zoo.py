@@ -55,6 +55,8 @@ def build(name: str) -> torch.nn.Module:
     for mod in model.modules():  # ConvNeXt's layer scale starts at 1e-6: blocks would not show in the outputs
         if hasattr(mod, "layer_scale") and isinstance(mod.layer_scale, torch.nn.Parameter):
             torch.nn.init.constant_(mod.layer_scale, 0.5)
+        if isinstance(mod, torch.nn.Linear) and not mod.weight.any():  # ViT's zero-initialised head: outputs 0
+            torch.nn.init.normal_(mod.weight, std=0.02)
     return model
 
 

@@ -384,10 +384,15 @@ class _Analysis:
         shape = _shape(node)
         inputs = _nodes_in(node.args[0] if node.args else node.kwargs.get("tensors", ()))
         first = tracked[0]
-        if shape is None or len(tracked) != len(inputs):
-            self.problem(first, self.describe(node) + " with untracked inputs")
+        if shape is None:
+            self.problem(first, self.describe(node))
             return None
         dim %= len(shape)
+        if len(tracked) != len(inputs):
+            # e.g. ViT's class token joined to the patch tokens: its channels would need slicing too. The
+            # group cannot shrink, but stays tracked so later locks (LayerNorm) and unions still reach it
+            self.problem(first, self.describe(node) + " with untracked inputs")
+            return first if dim != first.axis else None
         if dim == first.axis and all(c.axis == dim and c.repeat == first.repeat for c in tracked):
             segs: tuple = ()
             for c in tracked:

@@ -47,6 +47,8 @@ def build(name):
     for mod in model.modules():  # ConvNeXt's layer scale starts at 1e-6: make its blocks count
         if isinstance(getattr(mod, "layer_scale", None), torch.nn.Parameter):
             torch.nn.init.constant_(mod.layer_scale, 0.5)
+        if isinstance(mod, torch.nn.Linear) and not mod.weight.any():  # ViT's zero-initialised head
+            torch.nn.init.normal_(mod.weight, std=0.02)
     return model
 
 
