@@ -357,6 +357,7 @@ def test_random_coarse_nni_adaptive_bn_from_the_evaluator_without_train_data(eva
     model = SmallResNet(widths=(8, 16, 16))
     _bn_stats(model)
     ev = evaluator_for(model)
+    ev._init_optimizer_helpers(model)  # what NNI's compressors do with an evaluator before binding it
     ev.bind_model(model)
     before = state_of(model)
     inputs = training_inputs(ev, model, 3)
@@ -364,7 +365,8 @@ def test_random_coarse_nni_adaptive_bn_from_the_evaluator_without_train_data(eva
     # three of the training function's own batches; no weight moved, BN statistics put back
     assert len(inputs) == 3 and inputs[0].shape[0] == 64
     assert same_state(before, state_of(model))
-    pruner = de_plugin_nni.create_pruner("random_coarse", model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], ev,
+    pruner = de_plugin_nni.create_pruner("random_coarse", model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}],
+                                         evaluator_for(model),
                                          candidates=2, bn_batches=2, finetune_epochs=0, progress=False)
     pruner.compress()
     assert pruner.result["adaptive_bn_batches"] == 2

@@ -64,7 +64,7 @@ class CompressionConfig(BaseModel):
     options: Dict[str, Any] = Field(default_factory=dict)
     config_list: List[Dict[str, Any]]
     speedup: bool = False
-    #: "auto": NNI's ModelSpeedup, the core's channel slicing where it fails or differs; "nni"; "de_plugin"
+    #: "auto": NNI's ModelSpeedup, the core's channel slicing where it fails; "nni"; "de_plugin"
     speedup_engine: Literal["auto", "nni", "de_plugin"] = "auto"
     finetune_epochs: int = Field(0, ge=0, description="epochs of training after pruning/speedup (zeros kept)")
     schedule_steps: Optional[int] = Field(None, ge=1, description="training steps for linear/agp schedules")
