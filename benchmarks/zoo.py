@@ -101,7 +101,7 @@ def check_speedup(masked: torch.nn.Module, x: torch.Tensor, masks: dict, engine:
             for k, m in masks.items():
                 mod, _, p = k.rpartition(".")
                 by_module.setdefault(mod, {})[p] = m.float()
-            nni_speedup(model, x, by_module)
+            nni_speedup(model, x, by_module, engine="nni")  # NNI alone: where ModelSpeedup itself works
     except Exception as exc:  # noqa: BLE001 - the table records the failure
         return {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}",
                 "seconds": time.perf_counter() - t0}
