@@ -89,6 +89,31 @@ def run_ours(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> tuple[dic
     return row, masked, res.extra_masks
 
 
+def in_child(fn, *args, memory_gb: float = 8.0) -> dict:
+    """``fn(*args)`` in a forked process under a memory limit: NNI's ModelSpeedup on MaxViT at 224x224 grew
+    past 22 GB and was OOM-killed with the benchmark; a child that runs out reports it as a row."""
+    import multiprocessing as mp
+    import resource
+
+    def target(conn):
+        resource.setrlimit(resource.RLIMIT_AS, (int(memory_gb * 2**30), int(memory_gb * 2**30)))
+        try:
+            conn.send(fn(*args))
+        except MemoryError:
+            conn.send({"ok": False, "error": f"MemoryError: over {memory_gb:g} GB"})
+
+    parent, child = mp.get_context("fork").Pipe(duplex=False)
+    proc = mp.get_context("fork").Process(target=target, args=(child,))
+    proc.start()
+    child.close()
+    try:
+        out = parent.recv()
+    except EOFError:
+        out = {"ok": False, "error": f"the process died (exit code {proc.exitcode}; memory limit {memory_gb:g} GB)"}
+    proc.join()
+    return out
+
+
 def check_speedup(masked: torch.nn.Module, x: torch.Tensor, masks: dict, engine: str) -> dict:
     model = copy.deepcopy(masked)
     t0 = time.perf_counter()
@@ -142,12 +167,12 @@ def one(name: str, args) -> dict:
         row.update(base)
         row["ours"] = check_speedup(masked, x, masks, "ours")
         if args.nni:
-            row["nni"] = check_speedup(masked, x, masks, "nni")
+            row["nni"] = in_child(check_speedup, masked, x, masks, "nni")
     except Exception as exc:  # noqa: BLE001 - a refusal is a row too
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     row["seconds"] = time.perf_counter() - t0
     if args.tp:
-        row["torch_pruning"] = run_torch_pruning(name, x, args.ratio)
+        row["torch_pruning"] = in_child(run_torch_pruning, name, x, args.ratio)
     return row
 
 
@@ -191,13 +216,32 @@ def summary(rows: list[dict], args) -> str:
     out = [f"{n} models; ours: smaller and output-equal on {ours} ({100 * ours / n:.0f}%), {skipped} of them with "
            "unresolved='skip' after the first call named the ops it cannot follow"]
     if args.nni:
-        nni = sum(1 for r in rows if r.get("nni", {}).get("ok"))
-        both = sum(1 for r in rows if r.get("nni", {}).get("ok") and r.get("ours", {}).get("ok"))
-        out.append(f"NNI ModelSpeedup on the same masks: output-equal on {nni}; both on {both}")
+        tried = [r for r in rows if "nni" in r]
+        nni = sum(1 for r in tried if r["nni"].get("ok"))
+        both = sum(1 for r in tried if r["nni"].get("ok") and r.get("ours", {}).get("ok"))
+        out.append(f"NNI ModelSpeedup on the same masks ({len(tried)} models tried): output-equal on {nni}; "
+                   f"ours on {sum(1 for r in tried if r.get('ours', {}).get('ok'))} of them, both on {both}")
     if args.tp:
-        tpn = sum(1 for r in rows if r.get("torch_pruning", {}).get("ok"))
-        out.append(f"Torch-Pruning MetaPruner: a smaller model that runs on {tpn}")
+        tried = [r for r in rows if "torch_pruning" in r]
+        tpn = sum(1 for r in tried if r["torch_pruning"].get("ok"))
+        out.append(f"Torch-Pruning MetaPruner ({len(tried)} models tried): a smaller model that runs on {tpn}")
     return "; ".join(out)
+
+
+def merged(out: Path, others: list[Path], args) -> None:
+    """One table from runs of the same protocol: ours from ``out``, NNI / Torch-Pruning from ``others``."""
+    rows = json.loads((out / "results.json").read_text())
+    by_name = {r["model"]: r for r in rows}
+    for folder in others:
+        for r in json.loads((folder / "results.json").read_text()):
+            for key in ("nni", "torch_pruning"):
+                if key in r and r["model"] in by_name:
+                    by_name[r["model"]][key] = r[key]
+    args.nni = any("nni" in r for r in rows)
+    args.tp = any("torch_pruning" in r for r in rows)
+    text = table(rows, args) + "\n\n" + summary(rows, args) + "\n"
+    (out / "table.md").write_text(text)
+    print(text)
 
 
 def main() -> None:
@@ -209,15 +253,24 @@ def main() -> None:
     ap.add_argument("--huge", action="store_true", help=f"include {sorted(HUGE)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/zoo")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out's results.json")
+    ap.add_argument("--merge", nargs="*", default=[], help="re-make --out's table, taking the NNI and Torch-Pruning "
+                                                           "columns from these runs' results.json")
     args = ap.parse_args()
+    if args.merge:
+        merged(Path(args.out), [Path(d) for d in args.merge], args)
+        return
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     names = args.models or [n for n in models.list_models(module=models) if args.huge or n not in HUGE]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows = json.loads((out / "results.json").read_text()) if args.resume and (out / "results.json").exists() else []
+    done = {r["model"] for r in rows}
     for name in names:
+        if name in done:
+            continue
         rows.append(one(name, args))
         r = rows[-1]
         print(f"{name:22s} {r.get('error') or r['ours']} ({r['seconds']:.0f}s)", flush=True)
