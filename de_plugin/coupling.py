@@ -266,14 +266,13 @@ class _Analysis:
             else:
                 self.per_channel(node.target, ch, "grouped", block=per_group)
             return ch
-        if mod.groups == mod.in_channels == mod.out_channels:  # depthwise on an untracked input
-            return _Ch(((self.new_group(node.target, mod.out_channels), mod.out_channels),))
         if ch is not None:
             self.problem(ch, self.describe(node) + f" (grouped conv, groups={mod.groups}, "
                                                    f"{mod.in_channels} -> {mod.out_channels} channels)")
-        # its own output channels are coupled to its groups; never prune them
+        # its own output channels are tied to its input channels (depthwise / grouped on an untracked input,
+        # e.g. the model input or a tensor after an op the pass cannot follow): never prune them
         g = self.new_group(node.target, mod.out_channels)
-        self.groups[g].locked = f"grouped conv (groups={mod.groups})"
+        self.groups[g].locked = f"grouped conv (groups={mod.groups}) over channels the pass does not track"
         return _Ch(((g, mod.out_channels),))
 
     def linear(self, node: fx.Node, mod: nn.Linear, ch: Optional[_Ch]) -> Optional[_Ch]:
