@@ -78,8 +78,9 @@ def test_nni_speedup_falls_back_to_slicing_where_modelspeedup_fails(caplog):
 
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        r = de_plugin.prune(build("regnet_y_400mf"), "random_coarse", evaluate=lambda m: float(m(x).std()),
-                            feature_map_ratio=0.25, candidates=1, adaptive_bn=False, progress=False)
+        r = de_plugin.prune(build("convnext_tiny"), "random_coarse", evaluate=lambda m: float(m(x).std()),
+                            feature_map_ratio=0.25, linear_ratio=0.25, candidates=1, adaptive_bn=False,
+                            progress=False)
     masked = r.model.eval()
     masks = {}
     for k, m in r.extra_masks.items():
@@ -93,4 +94,5 @@ def test_nni_speedup_falls_back_to_slicing_where_modelspeedup_fails(caplog):
         y0, y1 = masked(x), small(x)
     assert sum(p.numel() for p in small.parameters()) < before
     assert float((y0 - y1).abs().max() / y0.abs().max()) < 1e-4
-    assert "speedup:" in caplog.text  # which engine ran is logged
+    # NNI 3.0's ModelSpeedup raises EmptyLayerError on ConvNeXt's channels-last MLPs: the log says so
+    assert "ModelSpeedup failed (EmptyLayerError" in caplog.text and "slicing the channels" in caplog.text

@@ -107,9 +107,9 @@ def speedup(model: nn.Module, dummy_input: Any, masks: dict, engine: str = "auto
 
     ``engine``: ``"nni"``, NNI's ``ModelSpeedup`` (errors raised as they are); ``"de_plugin"``, the core's
     slicing from the coupling groups (:func:`de_plugin.adapter.slice_channels`); ``"auto"`` (default),
-    ModelSpeedup on a copy, kept if it runs, else the core's slicing (NNI 3.0 fails on grouped convs,
-    channels-last blocks and several torchvision graphs: BENCHMARKS.md, the zoo table; which one ran is
-    logged). The model is returned in eval mode (NNI leaves replaced BatchNorms in train mode).
+    ModelSpeedup on a copy, kept if it runs, else the core's slicing (NNI 3.0 raises EmptyLayerError on
+    ConvNeXt's channels-last MLPs and runs out of memory on MaxViT: BENCHMARKS.md, the zoo table; which
+    one ran is logged). The model is returned in eval mode (NNI leaves replaced BatchNorms in train mode).
     """
     if engine not in ("auto", "nni", "de_plugin"):
         raise ValueError(f"engine={engine!r}: use 'auto', 'nni' or 'de_plugin'")
@@ -146,7 +146,9 @@ def _nni_speedup(model: nn.Module, dummy_input: Any, masks: dict, **kwargs: Any)
     from nni.compression.speedup import ModelSpeedup
 
     patch_concrete_tracer()
-    masks = {k: dict(v) for k, v in masks.items()}  # plain dicts: NNI may save them with torch.save
+    # plain dicts (NNI may save them with torch.save) of copies: ModelSpeedup's mask propagation edits the
+    # tensors in place (NNI 3.0), which would leave the caller's masks, and a fallback's, emptied
+    masks = {k: {p: m.clone() if isinstance(m, torch.Tensor) else m for p, m in v.items()} for k, v in masks.items()}
     if "graph_module" not in kwargs:
         kwargs["graph_module"] = trace(model, dummy_input)
     # Quirk (NNI 3.0): a mask for a module the eval graph never calls (GoogLeNet's / Inception's
