@@ -68,7 +68,7 @@ def images(digits):
 def test_random_coarse_ratio_key_matching_no_layer(convnet, digits):
     x, y = images(digits)
     before = state_of(convnet)
-    with pytest.raises(ValueError, match=r"`ratios` keys \['block.conv9'\] match no selected Conv2d layer"):
+    with pytest.raises(ValueError, match=r"`ratios` keys \['block.conv9'\] match no selected Conv2d / Linear layer"):
         de_plugin.prune(convnet, "random_coarse", val_data=[(x, y)], score="accuracy", ratios={"block.conv9": 0.25},
                         candidates=2, adaptive_bn=False, progress=False)
     with pytest.raises(ValueError, match=r"`kernel_ratios` keys \['nope\*'\]"):
