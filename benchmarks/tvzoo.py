@@ -34,3 +34,21 @@ def import_torchvision():
     except ImportError as exc:
         raise ImportError(f"torchvision is not installed for the zoo: {INSTALL}") from exc
     return models
+
+
+def build(models, name: str):
+    """A torchvision classifier as the zoo test and benchmark use it: random weights (seed 0), 10 classes,
+    eval mode, with initialisations that would hide pruning in the outputs made visible."""
+    import torch
+
+    kw: dict = {"num_classes": 10}
+    if name in ("googlenet", "inception_v3"):
+        kw.update(aux_logits=False, init_weights=False)
+    torch.manual_seed(0)
+    model = models.get_model(name, weights=None, **kw).eval()
+    for mod in model.modules():
+        if isinstance(getattr(mod, "layer_scale", None), torch.nn.Parameter):  # ConvNeXt: 1e-6 hides its blocks
+            torch.nn.init.constant_(mod.layer_scale, 0.5)
+        if isinstance(mod, torch.nn.Linear) and not mod.weight.any():  # ViT's zero-initialised head: outputs 0
+            torch.nn.init.normal_(mod.weight, std=0.02)
+    return model

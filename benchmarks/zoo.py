@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tvzoo import import_torchvision  # noqa: E402  (torchvision from .zoo-site, with the import shim)
+import tvzoo  # noqa: E402  (torchvision from .zoo-site, with the import shim)
 
-models = import_torchvision()
+models = tvzoo.import_torchvision()
 
 import de_plugin  # noqa: E402
 from de_plugin.coarse import count_macs  # noqa: E402
@@ -47,17 +47,7 @@ def input_size(name: str) -> int:
 
 
 def build(name: str) -> torch.nn.Module:
-    kw: dict = {"num_classes": 10}
-    if name in ("googlenet", "inception_v3"):
-        kw.update(aux_logits=False, init_weights=False)
-    torch.manual_seed(0)
-    model = models.get_model(name, weights=None, **kw).eval()
-    for mod in model.modules():  # ConvNeXt's layer scale starts at 1e-6: blocks would not show in the outputs
-        if hasattr(mod, "layer_scale") and isinstance(mod.layer_scale, torch.nn.Parameter):
-            torch.nn.init.constant_(mod.layer_scale, 0.5)
-        if isinstance(mod, torch.nn.Linear) and not mod.weight.any():  # ViT's zero-initialised head: outputs 0
-            torch.nn.init.normal_(mod.weight, std=0.02)
-    return model
+    return tvzoo.build(models, name)
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -227,7 +227,7 @@ class _Analysis:
         t, ch = node.target, tracked[0]
         name = t if isinstance(t, str) else getattr(t, "__name__", "")
         if t in ops.SAME_FUNCTIONS or t in ops.SAME_METHODS or (not isinstance(t, str) and name in ops.SAME_NAMES):
-            return self.same_shape(node, ch)
+            return ch
         if t in ops.ELEMENTWISE:
             return self.elementwise(node, tracked)
         if t in (torch.cat, torch.concat):
@@ -302,9 +302,6 @@ class _Analysis:
         return None
 
     # ------------------------------------------------------------------ shape ops
-    def same_shape(self, node: fx.Node, ch: _Ch) -> Optional[_Ch]:
-        return ch
-
     def same_channels(self, node: fx.Node, ch: _Ch) -> Optional[_Ch]:
         """Ops that keep every axis (pad, roll, expand, indexing) are fine while the channel axis keeps its
         size and position; ``roll`` must not shift along it."""

@@ -75,7 +75,8 @@ class _Plan:
             w = self.modules[m].weight
             self._rows(self.inp, m, w.shape[1], off, np.repeat(keep, rep))
         for name, dim, off in g.params:
-            p = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+            mod, _, attr = name.rpartition(".")
+            p = getattr(self.modules[mod], attr)  # a parameter or a buffer
             self._rows(self.params, (name, dim), p.shape[dim], off, keep)
 
 

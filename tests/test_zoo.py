@@ -16,12 +16,9 @@ import de_plugin
 from de_plugin.slicing import speedup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from tvzoo import import_torchvision  # noqa: E402
+import tvzoo  # noqa: E402
 
-try:
-    models = import_torchvision()
-except ImportError as exc:  # pragma: no cover - CI installs it
-    pytest.skip(str(exc), allow_module_level=True)
+models = tvzoo.import_torchvision()  # not installed: ImportError with the install command, never a skip
 
 #: one model per family the coupling must follow (ISSUE 18's root causes), with its input size
 FAMILIES = {
@@ -39,17 +36,7 @@ FAMILIES = {
 
 
 def build(name):
-    kw = {"num_classes": 10}
-    if name == "googlenet":
-        kw.update(aux_logits=False, init_weights=False)
-    torch.manual_seed(0)
-    model = models.get_model(name, weights=None, **kw).eval()
-    for mod in model.modules():  # ConvNeXt's layer scale starts at 1e-6: make its blocks count
-        if isinstance(getattr(mod, "layer_scale", None), torch.nn.Parameter):
-            torch.nn.init.constant_(mod.layer_scale, 0.5)
-        if isinstance(mod, torch.nn.Linear) and not mod.weight.any():  # ViT's zero-initialised head
-            torch.nn.init.normal_(mod.weight, std=0.02)
-    return model
+    return tvzoo.build(models, name)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
