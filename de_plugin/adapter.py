@@ -13,13 +13,15 @@ hook) only, its own framework, and never another adapter.
   adapter's, on a backend from :func:`make_backend`, in a :class:`KeepSpace` / :class:`DensitySpace`
   (seen through :class:`GroupedSpace` and :func:`resolve_groups` for a grouped search).
 * Coarse (channel / kernel) masks: :class:`CoarseSpace` + :func:`coarse_search`, then
-  :func:`apply_and_retrain`.
+  :func:`apply_and_retrain`; searched channel counts (``de_channel``) as a whole run through
+  :func:`prune` with :class:`ChannelOptions`; :func:`slice_channels` makes either physically smaller.
 """
 from __future__ import annotations
 
 from . import allocation
 from .allocation import masks_from_counts
 from .allocator import Allocator, DensitySpace, KeepSpace, SearchOptions
+from .channel import ChannelOptions
 from .coarse import (
     CoarseOptions,
     CoarseSearch,
@@ -47,5 +49,5 @@ __all__ = [
     "Allocator", "KeepSpace", "DensitySpace", "GroupedSpace", "resolve_groups", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
     "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "check_batches", "validate_options",
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",
-    "channel_groups", "slice_channels", "BNState", "hookimpl", "lookup",
+    "channel_groups", "slice_channels", "ChannelOptions", "BNState", "hookimpl", "lookup",
 ]

@@ -15,6 +15,7 @@ DEFAULT_PLUGINS = (
     "de_plugin.layerwise",
     "de_plugin.baselines",
     "de_plugin.coarse",
+    "de_plugin.channel",
     "de_plugin.metrics",
 )
 

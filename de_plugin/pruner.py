@@ -68,6 +68,8 @@ class Pruner:
     #: "sparsity": exactly one of ``sparsity`` / ``max_accuracy_drop``; "ratios": the pruner's own
     #: options say how much to prune (random_coarse's per-layer channel / kernel ratios)
     goal: ClassVar[str] = "sparsity"
+    #: with goal "ratios": the options that say how much to prune, for the error on a `sparsity` goal
+    goal_options: ClassVar[str] = "its ratio options (e.g. feature_map_ratio=0.5, kernel_ratio=0.3)"
 
     def __init__(self, **options: Any) -> None:
         self.options = validate_options(self.Options, self.name, options)
@@ -169,8 +171,8 @@ def _check_goal(cls: type[Pruner], name: str, sparsity: Any, max_accuracy_drop: 
     """Exactly one goal for sparsity-driven pruners, none for ratio-driven ones; fractions in [0, 1)."""
     if cls.goal == "ratios":
         if sparsity is not None or max_accuracy_drop is not None:
-            raise ValueError(f"pruner {name!r} is driven by its ratio options (e.g. feature_map_ratio=0.5, "
-                             f"kernel_ratio=0.3), not by `sparsity` / `max_accuracy_drop`")
+            raise ValueError(f"pruner {name!r} is driven by {cls.goal_options}, not by `sparsity` / "
+                             "`max_accuracy_drop`")
     elif (sparsity is None) == (max_accuracy_drop is None):
         raise ValueError(
             "give exactly one of `sparsity` (a budget, e.g. sparsity=0.9) or `max_accuracy_drop` "

@@ -529,3 +529,46 @@ def test_bad_train_data_is_refused_before_any_work(mlp, evaluator_for):
     with pytest.raises((TypeError, ValueError), match="train_data"):
         de_plugin_nni.create_pruner("de_layerwise", mlp, [{"op_types": ["Linear"], "sparse_ratio": 0.5}],
                                     evaluator_for(mlp), train_data=42)
+
+
+def test_de_channel_through_nni_meets_the_macs_budget_and_speeds_up(evaluator_for, digits):
+    from de_plugin.adapter import slice_channels  # noqa: F401 - the engine de_plugin_nni.speedup falls back to
+    from de_plugin.coarse import count_macs
+    from de_plugin.demo.models import SmallResNet
+    from de_plugin.demo.training import train
+
+    torch.manual_seed(0)
+    model = SmallResNet(widths=(8, 16, 16))
+    train(model, digits.x_train, digits.y_train, epochs=3, lr=3e-3, batch_size=64)
+    dense_macs = count_macs(model, digits.x_val[:2])["macs_dense"]
+    batches = [(digits.x_train[i:i + 64], digits.y_train[i:i + 64]) for i in range(0, 256, 64)]
+    pruner = de_plugin_nni.create_pruner(
+        "de_channel", model, [{"op_types": ["Conv2d"]}], evaluator_for(model), macs=0.5, rounds=1, generations=2,
+        population=6, train_data=batches, bn_batches=2, finetune_epochs=1, progress=False)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    assert 0.4 < pruner.result["macs_kept"] <= 0.5
+    rows = lambda n: masks[n]["weight"].flatten(1).any(1)  # noqa: E731
+    assert torch.equal(rows("layer1.conv2"), rows("stem.0"))  # residual-coupled convs lose the same channels
+    model.eval()
+    x = digits.x_val[:16]
+    expected = model(x)
+    de_plugin_nni.speedup(model, digits.x_val[:2], masks)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    assert count_macs(model, digits.x_val[:2])["macs_dense"] == pruner.result["macs"] <= 0.5 * dense_macs
+    assert sum(p.numel() for p in model.parameters()) == pruner.result["params"]
+
+
+def test_de_channel_nni_bad_input(evaluator_for):
+    from de_plugin.demo.models import SmallResNet
+
+    model = SmallResNet(widths=(8, 16, 16))
+    ev = evaluator_for(model)
+    before = state_of(model)
+    with pytest.raises(ValueError, match="macs=0.5"):  # a per-layer ratio is what it searches
+        de_plugin_nni.create_pruner("de_channel", model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], ev, macs=0.5)
+    with pytest.raises(ValueError, match="exactly one budget"):
+        de_plugin_nni.create_pruner("de_channel", model, [{"op_types": ["Conv2d"]}], ev)
+    with pytest.raises(ValueError, match="selects no Conv2d"):
+        de_plugin_nni.create_pruner("de_channel", model, [{"op_types": ["Linear"]}], ev, macs=0.5)
+    assert same_state(before, state_of(model))

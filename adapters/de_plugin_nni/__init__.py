@@ -22,6 +22,7 @@ warnings.filterwarnings("ignore", message=".*immutable_(dict|list).*already regi
 _LAZY = {
     "DELayerwisePruner": "de_plugin_nni.pruner",
     "RandomCoarsePruner": "de_plugin_nni.coarse",
+    "DEChannelPruner": "de_plugin_nni.channel",
     "create_pruner": "de_plugin_nni.names",
     "list_pruners": "de_plugin_nni.names",
     "PRUNERS": "de_plugin_nni.names",

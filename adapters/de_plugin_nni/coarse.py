@@ -156,12 +156,14 @@ def training_inputs(evaluator: Evaluator, model: nn.Module, steps: int) -> Optio
             sched.load_state_dict(state)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    log.info("random_coarse (NNI): adaptive BN on %d batches from the evaluator's training function", len(seen))
+    log.info("NNI: adaptive BN on %d batches from the evaluator's training function", len(seen))
     return seen or None
 
 
 class RandomCoarsePruner(Pruner):
     """Best-of-N random feature-map / kernel masks for NNI (name ``random_coarse``)."""
+
+    name = "random_coarse"
 
     def __init__(self, model: nn.Module, config_list: List[Dict], evaluator: Evaluator | None = None,
                  existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, seed: int = 0, progress: bool = True,
@@ -249,7 +251,7 @@ class RandomCoarsePruner(Pruner):
         return super().compress(max_steps, max_epochs)
 
     def _fuse_preprocess(self, evaluator: Evaluator) -> None:
-        raise ValueError("random_coarse picks its mask once before retraining; it is not fused or scheduled "
+        raise ValueError(f"{self.name} picks its masks before retraining; it is not fused or scheduled "
                          "(prune, speed up, then quantize)")
 
     def _fuse_postprocess(self, evaluator: Evaluator) -> None:  # pragma: no cover - never fused

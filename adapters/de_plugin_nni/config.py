@@ -149,7 +149,7 @@ def precheck(cfg: CompressionConfig, model: nn.Module | None = None) -> None:
     """What can be checked without data or training, checked first: the pruner's name, our pruners'
     options and every config_list entry (against an untrained copy of the demo model when the
     config names one)."""
-    from de_plugin.adapter import CoarseOptions, LayerwiseOptions
+    from de_plugin.adapter import ChannelOptions, CoarseOptions, LayerwiseOptions
 
     from .entries import validated_entries
 
@@ -171,6 +171,11 @@ def precheck(cfg: CompressionConfig, model: nn.Module | None = None) -> None:
         from .coarse import parse_coarse_config
 
         parse_coarse_config(model, cfg.config_list)
+    elif cfg.pruner == "de_channel":
+        o = validate_options(ChannelOptions, cfg.pruner, opts)
+        from .channel import parse_channel_config
+
+        parse_channel_config(model, cfg.config_list, o.include_linear)
     else:
         if cfg.pruner in SCHEDULERS:
             lookup(PRUNERS, cfg.options.get("pruner", "level"), "NNI pruner")
@@ -208,7 +213,7 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
     options = dict(cfg.options)
     if cfg.pruner == "de_layerwise":
         options.setdefault("progress", True)
-    if cfg.pruner in ("random_coarse", "de_layerwise") and data is not None:  # adaptive BN's training batches
+    if cfg.pruner in ("random_coarse", "de_layerwise", "de_channel") and data is not None:  # adaptive BN's training batches
         bs = cfg.train.batch_size
         options.setdefault("train_data", [(data.x_train[i:i + bs], data.y_train[i:i + bs])
                                           for i in range(0, min(len(data.y_train), 100 * bs), bs)])

@@ -25,12 +25,14 @@ from de_plugin.adapter import lookup
 
 from .entries import validated_entries
 from .evaluators import patch_lightning_evaluator
+from .channel import DEChannelPruner
 from .coarse import RandomCoarsePruner
 from .pruner import DELayerwisePruner
 
 PRUNERS: Dict[str, type] = {
     "de_layerwise": DELayerwisePruner,
     "random_coarse": RandomCoarsePruner,
+    "de_channel": DEChannelPruner,
     "level": LevelPruner,
     "l1norm": L1NormPruner,
     "l2norm": L2NormPruner,
@@ -42,7 +44,7 @@ PRUNERS: Dict[str, type] = {
     "agp": AGPPruner,
 }
 SCHEDULERS = {"linear", "agp"}
-NEEDS_EVALUATOR = {"de_layerwise", "random_coarse", "slim", "taylor", "movement", "linear", "agp"}
+NEEDS_EVALUATOR = {"de_layerwise", "random_coarse", "de_channel", "slim", "taylor", "movement", "linear", "agp"}
 
 
 def list_pruners() -> List[str]:
@@ -68,7 +70,7 @@ def create_pruner(name: str, model: nn.Module, config_list: List[Dict], evaluato
             raise ValueError(f"{name!r} needs interval_steps and total_times (how often and how many times to prune)")
         inner = create_pruner(inner_name, model, config_list, evaluator, **inner_options)
         return cls(inner, options["interval_steps"], options["total_times"], evaluator=evaluator)
-    if name in ("de_layerwise", "random_coarse"):
+    if name in ("de_layerwise", "random_coarse", "de_channel"):
         return cls(model, config_list, evaluator, **options)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

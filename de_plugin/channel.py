@@ -1,0 +1,312 @@
+"""``de_channel``: DE searches how many channels each coupled group keeps, under a MACs or
+parameter budget; the coarse machinery removes and scores them (our two methods combined).
+
+The decision vector holds one removed share per coupled channel group (:mod:`de_plugin.coupling`,
+the groups ``random_coarse`` prunes). Every DE vector is projected onto the budget
+(:class:`~de_plugin.channel_cost.ChannelSpace`: the allocation of that shape keeping the most
+without exceeding it), the channels within each group are the smallest by L1 norm of the group's
+filters (Li et al.), and the candidate is scored on validation data after adaptive BN, as
+``random_coarse`` scores its masks. Rounds prune towards the budget geometrically with retraining
+in between, like ``de_layerwise``; a channel removed in one round stays removed. With
+``channel_choice="random"`` the last round's channels are the best of ``candidates`` random draws
+at the searched counts instead (``random_coarse``'s choice, the searched ratios).
+
+The seeds of the population are the uniform ratio (what L1-filter pruning and Torch-Pruning's
+default do), a global L1 ranking normalised per group (Torch-Pruning's ``global_pruning``) and
+the previous round's shape, so the search starts from the baselines it is compared with.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from . import checkpoint as ckpt
+from .allocator import Allocator, SearchOptions
+from .channel_cost import ChannelCost, ChannelSpace
+from .coarse import (CoarseOptions, CoarseScorer, CoarseSpace, apply_and_retrain, calibration_batches, capture_input,
+                     count_macs)
+from .de import DifferentialEvolution
+from .evaluation import backend_round, make_backend
+from .hookspecs import hookimpl
+from .pruner import Context, Pruner
+from .result import Outcome
+from .targets import Target
+
+log = logging.getLogger("de_plugin")
+
+
+class ChannelOptions(SearchOptions):
+    """Options of ``de_channel``: exactly one budget, as a fraction of the dense model's cost."""
+
+    macs: Optional[float] = Field(None, gt=0.0, le=1.0, description="fraction of the dense MACs kept")
+    params: Optional[float] = Field(None, gt=0.0, le=1.0, description="fraction of the dense parameters kept")
+    rounds: int = Field(2, ge=1, le=20, description="prune / retrain rounds; the budget falls geometrically")
+    finetune_epochs: int = Field(1, ge=0, description="epochs passed to finetune() after each round")
+    max_group_ratio: float = Field(0.8, gt=0.0, lt=1.0, description="at most this share of a group's channels removed")
+    channel_choice: Literal["l1", "random"] = Field(
+        "l1", description="which channels a group loses: smallest L1 norm, or the best of `candidates` random draws "
+                          "at the searched counts (last round)")
+    candidates: int = Field(20, ge=1, description="channel_choice='random': random draws scored")
+    include_linear: bool = Field(False, description="also search the hidden units of Linear layers (MLP blocks)")
+    unresolved: Literal["raise", "skip"] = "raise"
+    adaptive_bn: Optional[bool] = Field(None, description="re-estimate BatchNorm before scoring; None: if the model has BN")
+    bn_batches: int = Field(4, ge=1)
+    backend: Literal["serial", "process", "ray"] = Field("serial", description="where candidates are scored")
+    checkpoint: Optional[str] = Field(None, description="file the search state is saved to after every generation")
+    resume: bool = Field(False, description="continue from `checkpoint` (a killed run ends identically)")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "ChannelOptions":
+        given = [k for k in ("macs", "params") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one budget: macs=0.5 (keep half the dense MACs) or params=0.5 (half the "
+                             f"parameters); got {', '.join(given) if given else 'none'}")
+        return self
+
+    @property
+    def measure(self) -> str:
+        return "macs" if self.macs is not None else "params"
+
+    @property
+    def budget(self) -> float:
+        return float(self.macs if self.macs is not None else self.params)
+
+
+class ChannelScorer(CoarseScorer):
+    """Scores unit counts per group: the group's lowest-ranked channels removed, adaptive BN, score.
+
+    Ranks are the L1 norms of the round's weights, or for a ``{"q": counts, "draw": seed}`` candidate
+    random (the draw's seed); channels removed in earlier rounds always rank lowest."""
+
+    def __init__(self, model: nn.Module, space: CoarseSpace, cost: ChannelCost, score, calib, bn_batches: int):
+        self.cost = cost
+        super().__init__(model, space, score, calib, bn_batches)
+
+    def reset(self) -> None:
+        super().reset()
+        self.removed, self.norms = [], []
+        for g in self.space.groups:
+            norm = sum(self.space.param(p + ".weight").detach().abs().flatten(1).sum(1).double().cpu().numpy()
+                       for p in g.producers)
+            self.norms.append(norm)
+            self.removed.append(norm == 0)  # zeroed by an earlier round's masks
+
+    def candidate(self, cand: Any) -> dict[str, Any]:
+        q, draw = (cand["q"], cand["draw"]) if isinstance(cand, dict) else (cand, None)
+        rng = None if draw is None else np.random.default_rng(draw)
+        keep = []
+        for g, norm, gone, qi, size in zip(self.space.groups, self.norms, self.removed, q, self.cost.size):
+            rank = np.where(gone, -np.inf, norm if rng is None else rng.random(len(norm)))
+            block = g.block if g.block > 1 else g.channels
+            k = np.ones(g.channels, dtype=bool)
+            for start in range(0, g.channels, block):
+                k[start + np.argsort(rank[start:start + block], kind="stable")[:int(size - qi)]] = False
+            keep.append(k)
+        return {"channels": keep, "kernels": []}
+
+    def score(self, candidate: Any, floor: Optional[float] = None) -> float:
+        return super().score(self.candidate(candidate), floor)
+
+
+class DEChannel(Pruner):
+    """DE over per-group channel counts under a MACs / parameter budget (``de_channel``)."""
+
+    name = "de_channel"
+    Options = ChannelOptions
+    goal = "ratios"
+    goal_options = "its budget option (macs=0.5 or params=0.5: the fraction of the dense cost kept)"
+
+    def run(self, ctx: Context) -> Outcome:
+        o: ChannelOptions = self.options  # type: ignore[assignment]
+        model = ctx.model
+        example = _example(ctx)
+        if example is None:
+            example, _ = capture_input(model, lambda: ctx.score(model))
+        space, cost = channel_space(model, example, ctx.targets, o)
+        self.space, self.cost = space, cost
+        dense = cost.dense(o.measure)
+        lo = np.ceil(cost.size * (1.0 - o.max_group_ratio) - 1e-9).astype(np.int64).clip(1)
+        least = cost.cost(lo, o.measure) / dense
+        if least > o.budget + 1e-12:
+            raise ValueError(f"{o.measure}={o.budget} is out of reach: with at most max_group_ratio={o.max_group_ratio} "
+                             f"of each group's channels removed (and layers that reach the output or are excluded "
+                             f"kept whole) the smallest reachable is {o.measure}={least:.4f}; raise the budget or "
+                             "max_group_ratio")
+        self.min_q = lo
+        calib = calibration_batches(model, CoarseOptions(adaptive_bn=o.adaptive_bn), ctx.train_batches, ctx.val_batches)
+        scorer = ChannelScorer(model, space, cost, ctx.score, calib, o.bn_batches)
+        self.backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address)
+        try:
+            return self._rounds(ctx, o, example, calib)
+        finally:
+            self.backend.close()
+
+    # ------------------------------------------------------------------ rounds
+    def _rounds(self, ctx: Context, o: ChannelOptions, example: Any, calib: Optional[list]) -> Outcome:
+        fp = ckpt.fingerprint(self.name, ctx, o.model_dump())
+        saved = ckpt.load(o.checkpoint, fp) if o.resume and o.checkpoint and _exists(o.checkpoint) else None
+        self.rng = np.random.default_rng(ctx.seed)
+        if saved is None:
+            reference = ctx.score()
+            st = {"round": 0, "q": self.cost.size.copy(), "history": [], "nfev": 0, "reference": reference}
+        else:
+            ctx.model.load_state_dict(saved["model"])
+            st = saved["state"]
+            self.rng.bit_generator.state = saved["rng"]
+            log.info("%s: resuming from %s at round %d", self.name, o.checkpoint, st["round"])
+        dense = self.cost.dense(o.measure)
+        plan = [dense * o.budget ** ((i + 1) / o.rounds) for i in range(o.rounds)]
+        self._saved_search = saved.get("search") if saved is not None else None
+        while st["round"] < o.rounds:
+            self._snapshot = {"fingerprint": fp, "state": st, "rng": self.rng.bit_generator.state,
+                              "model": {k: v.detach().cpu().clone() for k, v in ctx.model.state_dict().items()}}
+            if o.checkpoint:
+                ckpt.save(o.checkpoint, self._snapshot)
+            st["history"].append(self._round(ctx, o, st, plan[st["round"]], calib))
+            st["q"] = np.array(st["history"][-1]["q"], dtype=np.int64)
+            st["round"] += 1
+        if o.checkpoint:
+            ckpt.save(o.checkpoint, {"fingerprint": fp, "state": st, "rng": self.rng.bit_generator.state,
+                                     "model": {k: v.detach().cpu().clone() for k, v in ctx.model.state_dict().items()}})
+        return self._outcome(ctx, st, example)
+
+    def _round(self, ctx: Context, o: ChannelOptions, st: dict[str, Any], budget: float,
+               calib: Optional[list]) -> dict[str, Any]:
+        i = st["round"]
+        t0 = time.perf_counter()
+        q, score, de = self._search(ctx, o, st["q"], budget, i)
+        masks = self.space.masks(self.backend.scorer.candidate(q))
+        if o.channel_choice == "random" and i == o.rounds - 1:
+            masks, score, de["random_scores"] = self._best_random(q)
+        search_s = time.perf_counter() - t0
+        st["nfev"] += de["nfev"]
+        apply_and_retrain(ctx.model, self.space, masks, ctx.finetune, _coarse(o), ctx.seed * 1000 + i, calib,
+                          None, self.name)
+        after = ctx.score()
+        dense = self.cost.dense(o.measure)
+        rec = {"round": i, "budget": budget / dense, "q": [int(v) for v in q],
+               "kept_channels": [int(v) for v in q * self.cost.step],
+               "macs": self.cost.macs(q) / self.cost.macs_dense, "params": self.cost.params(q) / self.cost.params_dense,
+               "val_accuracy_before_finetune": score, "accuracy_after_finetune": after,
+               "search_seconds": search_s, "finetune_seconds": time.perf_counter() - t0 - search_s, "de": de}
+        log.info("%s round %d: %s %.4f of dense (budget %.4f), val %.4f before / %.4f after fine-tuning", self.name, i,
+                 o.measure, rec[o.measure], rec["budget"], score, after)
+        return rec
+
+    def _search(self, ctx: Context, o: ChannelOptions, q_now: np.ndarray, budget: float, i: int,
+                ) -> tuple[np.ndarray, float, dict[str, Any]]:
+        space = ChannelSpace(self.cost, o.measure, np.minimum(self.min_q, q_now), q_now, o.max_group_ratio)
+        with backend_round(self.backend) as scorer:
+            search = Allocator(self.backend, o, self.rng, progress=ctx.progress, on_generation=self._saver())
+            saved, self._saved_search = self._saved_search, None
+            if saved is not None:
+                search.load_state_dict(saved)
+                self.rng.bit_generator.state = saved["rng"]
+                solver = DifferentialEvolution.from_state(saved["solver"])
+            else:
+                maxfun = None if o.max_evals is None else max(1, o.max_evals // o.rounds)
+                solver = search.solver(space, self._seeds(space, scorer, q_now, budget), maxfun)
+            self._search_rng = self.rng.bit_generator.state
+            best = search.maximise(solver, space, budget, f"{self.name} round {i}")
+            score = search.score(best)
+        return best, score, search.info(solver)
+
+    def _seeds(self, space: ChannelSpace, scorer: ChannelScorer, q_now: np.ndarray, budget: float) -> list[np.ndarray]:
+        """Uniform ratio, previous shape, global L1 normalised per group (at a few depths)."""
+        seeds = [space.project_density(np.ones(len(q_now)), budget), space.fit(q_now, budget)]
+        normed = [np.where(gone, -np.inf, n / max(n[~gone].mean() if (~gone).any() else 1.0, 1e-12))
+                  for n, gone in zip(scorer.norms, scorer.removed)]
+        finite = np.concatenate([v[np.isfinite(v)] for v in normed])
+        for share in (0.3, 0.5, 0.7):
+            tau = np.quantile(finite, share)
+            dens = np.array([max(float(np.mean(v >= tau)), 1e-3) for v in normed])
+            seeds.append(space.project_density(dens, budget))
+        uniq: dict[tuple, np.ndarray] = {}
+        for s in seeds:
+            uniq.setdefault(tuple(int(v) for v in s), s)
+        return list(uniq.values())
+
+    def _saver(self):
+        def save(search: Allocator, solver: DifferentialEvolution) -> None:
+            if self.options.checkpoint:
+                ckpt.save(self.options.checkpoint, {**self._snapshot, "search": {
+                    "solver": solver.state_dict(), **search.state_dict(), "rng": self._search_rng}})
+        return save
+
+    def _best_random(self, q: np.ndarray) -> tuple[dict[str, torch.Tensor], float, list[float]]:
+        o: ChannelOptions = self.options  # type: ignore[assignment]
+        draws = [{"q": q, "draw": int(d)} for d in self.rng.integers(2**31, size=o.candidates)]
+        with backend_round(self.backend) as scorer:
+            scores = self.backend.evaluate(draws)
+            best = int(np.argmax(scores))
+            masks = self.space.masks(scorer.candidate(draws[best]))
+        return masks, float(scores[best]), [float(s) for s in scores]
+
+    # ------------------------------------------------------------------ result
+    def _outcome(self, ctx: Context, st: dict[str, Any], example: Any) -> Outcome:
+        space, model = self.space, ctx.model
+        with backend_round(self.backend) as scorer:
+            masks = space.masks(scorer.candidate(st["q"]))  # the channels the rounds removed (zero norms now)
+        names = [t.name for t in ctx.targets if t.module_type in ("Conv2d", "Linear")]
+        names += [n for n in masks if n.endswith(".weight") and isinstance(space.modules[n[:-7]], (nn.Conv2d, nn.Linear))
+                  and n not in names]
+        weight_masks = {n: masks[n] if n in masks else torch.ones(space.param(n).shape, dtype=torch.bool) for n in names}
+        targets = [Target(*n.rpartition(".")[::2], type(space.modules[n[:-7]]).__name__, tuple(space.param(n).shape))
+                   for n in names]
+        macs = count_macs(model, example, masks)
+        extra = {"measure": self.options.measure, "budget": self.options.budget,
+                 "macs": macs["macs"], "macs_dense": macs["macs_dense"], "macs_kept": macs["macs"] / macs["macs_dense"],
+                 "params": macs["params"], "params_dense": macs["params_dense"],
+                 "params_kept": macs["params"] / macs["params_dense"], "layer_macs": macs["layer_macs"],
+                 "groups": [{"layers": g.producers, "channels": g.channels, "kept": int(k)}
+                            for g, k in zip(space.groups, np.asarray(st["q"]) * self.cost.step)]}
+        return Outcome(masks=weight_masks, targets=targets, history=st["history"], nfev=st["nfev"],
+                       accuracy=st["history"][-1]["accuracy_after_finetune"], reference_accuracy=st["reference"],
+                       extra_masks=masks, extra=extra)
+
+
+def channel_space(model: nn.Module, example: Any, targets: list[Target], o: ChannelOptions,
+                  ) -> tuple[CoarseSpace, ChannelCost]:
+    """The coupled groups ``de_channel`` searches (random_coarse's, every one at a placeholder ratio)
+    and their closed-form cost."""
+    producers = [t.module_name for t in targets if t.module_type in ("Conv2d", "Linear") and t.param_name == "weight"]
+    if not any(t.module_type == "Conv2d" for t in targets) and not o.include_linear:
+        raise ValueError("de_channel searches Conv2d feature maps (and Linear hidden units with include_linear=True): "
+                         "the selection has no Conv2d layer (check `layers` / `layer_types` / `exclude`)")
+    probe = CoarseOptions(feature_map_ratio=0.5, linear_ratio=0.5 if o.include_linear else 0.0, unresolved=o.unresolved)
+    space = CoarseSpace(model, example, producers, probe)
+    if not space.groups:
+        raise ValueError("de_channel found no channel group it may prune: every selected layer's channels reach the "
+                         "model's output, are normalised together (LayerNorm) or are excluded")
+    return space, ChannelCost(model, space, example)
+
+
+def _coarse(o: ChannelOptions) -> CoarseOptions:
+    return CoarseOptions(feature_map_ratio=0.0, finetune_epochs=o.finetune_epochs, bn_batches=o.bn_batches)
+
+
+def _example(ctx: Context) -> Any:
+    """Two samples of the model's input from the data batches (no model call), or None."""
+    for batches in (ctx.val_batches, ctx.train_batches):
+        if batches:
+            x = batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]
+            if isinstance(x, torch.Tensor):
+                return x[:2]
+    return None
+
+
+def _exists(path: str) -> bool:
+    import os
+
+    return os.path.exists(path)
+
+
+@hookimpl
+def register_pruners():
+    return [DEChannel]

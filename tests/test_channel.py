@@ -1,0 +1,151 @@
+"""de_channel: DE over per-group channel counts under a MACs / parameter budget."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import de_plugin
+from conftest import same_state, state_of
+from de_plugin.adapter import slice_channels
+from de_plugin.channel import ChannelOptions, ChannelScorer, channel_space
+from de_plugin.channel_cost import ChannelSpace
+from de_plugin.coarse import count_macs
+from de_plugin.demo.models import SmallResNet, create_model
+from de_plugin.demo.training import make_finetune, train
+from de_plugin.targets import find_targets
+
+
+@pytest.fixture(scope="session")
+def images(digits):
+    class D:
+        x = digits.x_train.reshape(-1, 1, 8, 8)
+        y = digits.y_train
+        xv = digits.x_val.reshape(-1, 1, 8, 8)
+        yv = digits.y_val
+
+    D.train = [(D.x[i:i + 64], D.y[i:i + 64]) for i in range(0, len(D.y), 64)]
+    D.val = [(D.xv[i:i + 128], D.yv[i:i + 128]) for i in range(0, len(D.yv), 128)]
+    return D
+
+
+@pytest.fixture(scope="session")
+def _resnet(images):
+    torch.manual_seed(0)
+    return train(SmallResNet(widths=(8, 16, 16)), images.x, images.y, epochs=8, lr=3e-3, batch_size=64, seed=0)
+
+
+@pytest.fixture
+def resnet(_resnet):
+    return copy.deepcopy(_resnet)
+
+
+@pytest.fixture
+def ft(images):
+    return make_finetune(images.x, images.y, lr=1e-3, batch_size=64)
+
+
+FAST = dict(generations=2, population=6, rounds=2, bn_batches=2, progress=False)
+
+
+def run(model, images, ft, **kw):
+    return de_plugin.prune(model, "de_channel", val_data=images.val, train_data=images.train, finetune=ft,
+                           **{**FAST, **kw})
+
+
+@pytest.mark.parametrize("name,linear", [("resnet20", False), ("mobilenetv2", False), ("vit", True)])
+def test_closed_form_cost_equals_counted_macs_and_params(name, linear):
+    model = create_model(name, in_channels=1, **({"width": 0.5} if name == "resnet20" else {})).eval()
+    x = torch.randn(2, 1, 32, 32)
+    space, cost = channel_space(model, x, find_targets(model, None, None, None),
+                                ChannelOptions(macs=0.5, include_linear=linear))
+    scorer = ChannelScorer(model, space, cost, lambda m: 0.0, None, 1)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        q = np.array([rng.integers(1, s + 1) for s in cost.size])
+        counted = count_macs(model, x, space.masks(scorer.candidate(q)))
+        assert cost.macs(q) == pytest.approx(counted["macs"], abs=0.5)
+        assert cost.params(q) == pytest.approx(counted["params"], abs=0.5)
+
+
+@pytest.mark.parametrize("measure", ["macs", "params"])
+def test_projection_fills_the_budget_without_exceeding_it(measure):
+    model = create_model("mobilenetv2", in_channels=1).eval()
+    space, cost = channel_space(model, torch.randn(2, 1, 32, 32), find_targets(model, None, None, None),
+                                ChannelOptions(macs=0.5))
+    proj = ChannelSpace(cost, measure, np.ones(len(cost.size), dtype=np.int64), cost.size.copy(), 0.9)
+    rng = np.random.default_rng(1)
+    for frac in (0.3, 0.5, 0.8):
+        budget = frac * cost.dense(measure)
+        for _ in range(3):
+            q = proj.project(rng.uniform(0, 0.9, len(cost.size)), budget)
+            assert cost.cost(q, measure) <= budget
+            for g in np.flatnonzero(q < cost.size):  # maximal: no group can keep one more unit
+                more = q.copy()
+                more[g] += 1
+                assert cost.cost(more, measure) > budget
+
+
+def test_macs_budget_met_masks_zero_and_speedup_output_equal(resnet, images, ft):
+    r = run(resnet, images, ft, macs=0.5)
+    assert 0.45 < r.extra["macs_kept"] <= 0.5
+    assert [h["budget"] for h in r.history] == pytest.approx([0.5 ** 0.5, 0.5])
+    assert all(h["macs"] <= h["budget"] + 1e-9 for h in r.history)
+    assert all(b <= a for a, b in zip(r.history[0]["q"], r.history[1]["q"]))  # removed channels stay removed
+    state = r.model.state_dict()
+    for name, mask in r.extra_masks.items():
+        assert not state[name][~mask].any(), name  # removed channels are zero, biases and BN terms included
+    model = r.model.eval()
+    x = images.xv[:16]
+    with torch.no_grad():
+        before = model(x)
+        slice_channels(model, x[:2], r.extra_masks)
+        after = model(x)
+    assert torch.allclose(before, after, atol=1e-5)
+    assert sum(p.numel() for p in model.parameters()) == r.extra["params"]
+    assert count_macs(model, x[:2])["macs_dense"] == r.extra["macs"]
+
+
+def test_params_budget_and_random_channel_choice(resnet, images, ft):
+    r = run(resnet, images, ft, params=0.6, channel_choice="random", candidates=3)
+    assert 0.5 < r.extra["params_kept"] <= 0.6
+    assert len(r.history[-1]["de"]["random_scores"]) == 3
+
+
+def test_a_killed_run_resumes_to_the_same_masks(resnet, images, ft, tmp_path):
+    a = run(copy.deepcopy(resnet), images, ft, macs=0.6, seed=3)
+    calls = {"n": 0}
+
+    def dies_in_round_two(model, epochs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        ft(model, epochs)
+
+    ck = str(tmp_path / "ch.ckpt")
+    with pytest.raises(KeyboardInterrupt):
+        run(copy.deepcopy(resnet), images, dies_in_round_two, macs=0.6, seed=3, checkpoint=ck)
+    c = run(copy.deepcopy(resnet), images, ft, macs=0.6, seed=3, checkpoint=ck, resume=True)
+    assert [h["q"] for h in c.history] == [h["q"] for h in a.history]
+    assert all(torch.equal(a.extra_masks[k], c.extra_masks[k]) for k in a.extra_masks)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({}, "exactly one budget"),
+    ({"macs": 0.5, "params": 0.5}, "exactly one budget"),
+    ({"macs": 1.5}, "macs"),
+    ({"macs": 0.0}, "macs"),
+    ({"macs": 0.02}, r"out of reach.*smallest reachable is macs=0\.\d+"),
+    ({"macs": 0.5, "sparsity": 0.5}, "budget option"),
+])
+def test_bad_budgets_fail_before_any_work(resnet, images, kw, match):
+    before = state_of(resnet)
+    calls = {"n": 0}
+
+    def ft(model, epochs):
+        calls["n"] += 1
+
+    with pytest.raises(ValueError, match=match):
+        de_plugin.prune(resnet, "de_channel", val_data=images.val, train_data=images.train, finetune=ft, inplace=True,
+                        progress=False, **kw)
+    assert calls["n"] == 0 and same_state(before, state_of(resnet))
