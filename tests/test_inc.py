@@ -181,6 +181,38 @@ def test_random_coarse_whole_filters_in_inc_loop(digits, evaluate, route):
             assert torch.equal(~dead, torch.tensor(entries[f"^{n.replace('.', chr(92) + '.')}$"]["channel_keep"]))
 
 
+def test_de_channel_meets_its_macs_budget_in_inc_loop(digits, evaluate):
+    import numpy as np
+
+    from de_plugin.channel import ChannelOptions, channel_space
+    from de_plugin.targets import find_targets
+
+    model, batches = _resnet_and_batches(digits)
+    layers = ["layer1.conv1", "layer2.conv1", "layer3.conv1"]
+    config = WeightPruningConfig([{"op_names": ["layer.\\.conv1"], "pruning_type": "de_channel", "eval_func": evaluate,
+                                   "train_data": batches,
+                                   "channel_options": {"macs": 0.8, "population": 6, "generations": 2, "bn_batches": 2}}],
+                                 pattern="1xchannel", target_sparsity=0.5, start_step=0, end_step=4, pruning_frequency=2)
+    cm = prepare_compression(model, config)
+    train_with(cm, model, digits)
+    kept = {n: int((~dead_filters(model, n)).sum()) for n in layers}
+    assert any(k < model.get_submodule(n).out_channels for n, k in kept.items())  # whole filters removed
+    # the kept filters are an allocation within the budget, by the core's cost model over those layers
+    space, cost = channel_space(model, digits.x_val[:2], find_targets(model, layers, None, None),
+                                ChannelOptions(macs=0.8))
+    q = np.array([kept[g.producers[0]] for g in space.groups])
+    assert 0.7 < cost.macs(q) / cost.macs_dense <= 0.8
+
+
+def test_de_channel_inc_needs_a_budget(digits, evaluate):
+    model, _ = _resnet_and_batches(digits)
+    config = WeightPruningConfig([{"op_names": ["layer1.conv1"], "pruning_type": "de_channel", "eval_func": evaluate}],
+                                 target_sparsity=0.5, pattern="1xchannel", start_step=0, end_step=2)
+    with pytest.raises(ValueError, match="channel_options with its budget"):
+        cm = prepare_compression(model, config)
+        train_with(cm, model, digits)
+
+
 def test_random_coarse_inc_wrong_pattern(digits, evaluate):
     model, _ = _resnet_and_batches(digits)
     config = WeightPruningConfig([{"op_names": ["layer1.conv1"], "pruning_type": "random_coarse", "eval_func": evaluate}],

@@ -32,7 +32,7 @@ from de_plugin.adapter import check_batches
 
 from .config import validate_entry
 from .patterns import check_pattern, layer_mask
-from .search import coarse_settings, search_channels, search_layer_targets
+from .search import channel_settings, coarse_settings, search_channel_counts, search_channels, search_layer_targets
 
 log = logging.getLogger("de_plugin_inc")
 
@@ -81,7 +81,7 @@ def _patch_generate_pruners() -> None:
 
         def _generate_pruners(self, _original=original, _get_model=get_model):
             for info in self.pruners_info:
-                if info.get("pruning_type") in ("de_layerwise", "random_coarse"):
+                if info.get("pruning_type") in ("de_layerwise", "random_coarse", "de_channel"):
                     info["model_ref"] = _ModelRef(_get_model(self))
                     if info.get("train_data") is not None and not isinstance(info["train_data"], _Quiet):
                         # INC logs every entry at INFO (``logger.info(info)``): not every batch, please
@@ -106,7 +106,7 @@ def _patch_process_config() -> None:
             glob = getattr(config, "weight_compression", {}) or {}
             for entry in getattr(config, "pruning_configs", None) or []:
                 kind = entry.get("pruning_type", glob.get("pruning_type"))
-                if kind in ("de_layerwise", "random_coarse"):
+                if kind in ("de_layerwise", "random_coarse", "de_channel"):
                     t = entry.get("target_sparsity", glob.get("target_sparsity"))
                     if t is None or not 0.0 <= float(t) < 1.0:
                         raise ValueError(f"{kind}: target_sparsity must lie in [0, 1), got {t}")
@@ -297,3 +297,26 @@ class PytorchRandomCoarsePruner(SearchedPruner):
             ratio = min(final, current * final / self.target_sparsity_ratio) if self.target_sparsity_ratio else 0.0
             self.masks[name] = layer_mask(self.pattern, name, score, ratio, final, self.masks[name])
         return True
+
+
+@register_pruner("pt_de_channel")
+class PytorchDEChannelPruner(PytorchRandomCoarsePruner):
+    """INC's basic pruner whose filter scores are the channels ``de_channel`` keeps under a MACs /
+    parameter budget (``channel_options={"macs": 0.5}``); ``target_sparsity`` only shapes INC's ramp:
+    each layer reaches its searched ratio when INC's schedule reaches ``target_sparsity``."""
+
+    label = "de_channel"
+
+    def __init__(self, config, modules):
+        channel_settings(config.get("channel_options"))
+        if not callable(config.get("eval_func")):
+            raise ValueError("pruning_type='de_channel' needs 'eval_func' (model -> accuracy) in its pruning config "
+                             "entry")
+        PytorchRandomCoarsePruner.__init__(self, config, modules)
+
+    def _search(self) -> None:
+        ref = self.config.get("model_ref")
+        if ref is None:
+            raise ValueError("de_channel needs the model: use INC's prepare_pruning / prepare_compression")
+        self.channel_keep = search_channel_counts(ref.model, list(self.modules), self.config["eval_func"],
+                                                  self.config["channel_options"], self.config.get("train_data"))

@@ -1,5 +1,6 @@
 """Where the searches run for INC: the core's allocator over INC's pattern masks (``de_layerwise``)
-and the core's coarse search over whole filters (``random_coarse``).
+the core's coarse search over whole filters (``random_coarse``) and its channel-count search under a
+MACs / parameter budget (``de_channel``).
 
 ``de_layerwise``: a candidate (one sparsity per layer) is projected onto the exact budget (its
 per-layer densities scaled by one factor so the weights kept sum to ``(1 - target) * N``), becomes
@@ -16,6 +17,7 @@ from torch import nn
 
 from de_plugin.adapter import (
     Allocator,
+    ChannelOptions,
     CoarseOptions,
     CoarseSpace,
     DensitySpace,
@@ -30,6 +32,7 @@ from de_plugin.adapter import (
     check_score,
     coarse_search,
     make_backend,
+    prune,
     resolve_groups,
     validate_options,
 )
@@ -134,3 +137,39 @@ def search_channels(model: nn.Module, layers: Dict[str, float], eval_func: Calla
     log.info("random_coarse (INC): best of %d candidates, val %.4f", len(found.scores), found.score)
     keep = found.channel_keep()
     return {n: [bool(v) for v in keep[n]] for n in layers}
+
+
+#: ChannelOptions that make no sense inside INC's loop (INC schedules and retrains)
+CHANNEL_OWNED = {"rounds", "finetune_epochs", "checkpoint", "resume", "channel_choice", "candidates"}
+
+
+def channel_settings(options: Optional[Dict[str, Any]]) -> tuple[Dict[str, Any], int]:
+    """Validate ``channel_options`` (the budget, e.g. ``{"macs": 0.5}``, and search settings)."""
+    if not isinstance(options, dict):
+        raise ValueError("pruning_type='de_channel' needs channel_options with its budget, e.g. "
+                         f"{{'macs': 0.5}} (fraction of the dense MACs kept); got {options!r}")
+    opts = dict(options)
+    seed = int(opts.pop("seed", 0))
+    bad = sorted(set(opts) & CHANNEL_OWNED)
+    if bad:
+        raise ValueError(f"channel_options {bad}: inside INC one search runs at the first pruning step and INC's loop "
+                         "retrains; drop them")
+    validate_options(ChannelOptions, "de_channel", opts)
+    return opts, seed
+
+
+def search_channel_counts(model: nn.Module, layers: List[str], eval_func: Callable[[nn.Module], float],
+                          options: Dict[str, Any], train_data: Optional[List[Any]] = None) -> Dict[str, List[bool]]:
+    """``de_channel``'s search on a copy of ``model`` (one round, no retraining: INC's loop retrains):
+    the kept filters per layer under the budget of ``options``."""
+    opts, seed = channel_settings(options)
+    r = prune(model, "de_channel", evaluate=lambda m: check_score(eval_func(m)), finetune=None, layers=list(layers),
+              train_data=None if train_data is None else check_batches(train_data, "train_data", pairs=False),
+              seed=seed, progress=False, **{**opts, "rounds": 1, "finetune_epochs": 0})
+    log.info("de_channel (INC): %d evaluations, val %.4f, MACs kept %.3f, parameters kept %.3f", r.nfev,
+             r.history[-1]["val_accuracy_before_finetune"], r.extra["macs_kept"], r.extra["params_kept"])
+    keep = {}
+    for n in layers:
+        m = r.extra_masks.get(f"{n}.weight")
+        keep[n] = [True] * model.get_submodule(n).weight.shape[0] if m is None else m.flatten(1).any(1).tolist()
+    return keep
