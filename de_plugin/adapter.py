@@ -35,6 +35,7 @@ from .coupling import channel_groups
 from .grouping import GroupedSpace, resolve_groups
 from .evaluation import Backend, BackendOptions, BNState, Scorer, backend_round, check_batches, check_score, make_backend
 from .hookspecs import hookimpl
+from .latency import measure as measure_latency
 from .layerwise import LayerwiseOptions
 from .options import validate_options
 from .pruner import Context, prune
@@ -49,5 +50,5 @@ __all__ = [
     "Allocator", "KeepSpace", "DensitySpace", "GroupedSpace", "resolve_groups", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
     "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "check_batches", "validate_options",
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",
-    "channel_groups", "slice_channels", "ChannelOptions", "BNState", "hookimpl", "lookup",
+    "channel_groups", "slice_channels", "ChannelOptions", "measure_latency", "BNState", "hookimpl", "lookup",
 ]
