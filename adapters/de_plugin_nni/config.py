@@ -29,7 +29,7 @@ from nni.compression import TorchEvaluator
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from de_plugin.adapter import validate_options
+from de_plugin.adapter import count_macs, measure_latency, validate_options
 
 from .names import PRUNERS, SCHEDULERS, create_pruner, lookup
 from .quantize import QUANTIZERS, finetune, int8_storage, quantize
@@ -244,9 +244,10 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
             report["speedup"] = "skipped: weight-level masks leave every layer's shape as it is (no speedup)"
         else:
             dummy = evaluator.get_dummy_input() if evaluator is not None else None
-            before = sum(p.numel() for p in model.parameters())
+            before = _cost(model, dummy)
             run_speedup(model, dummy, masks, engine=cfg.speedup_engine)
-            report["speedup"] = {"params_before": before, "params_after": sum(p.numel() for p in model.parameters())}
+            after = _cost(model, dummy)
+            report["speedup"] = {f"{k}_{when}": v for when, c in (("before", before), ("after", after)) for k, v in c.items()}
     if cfg.finetune_epochs:
         if evaluator is None:
             raise ValueError("finetune_epochs needs an evaluator")
@@ -272,6 +273,16 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
         (out / "result.json").write_text(json.dumps(report, indent=2, default=str))
     report["model"] = model
     return report
+
+
+def _cost(model: nn.Module, dummy: Any) -> Dict[str, Any]:
+    """Parameters, MACs of one sample and measured latency (ms, median; batch 1 and 64) on this machine."""
+    out: Dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
+    if dummy is not None:
+        out["macs"] = count_macs(model, dummy)["macs_dense"]
+        for batch in (1, 64):
+            out[f"latency_ms_b{batch}"] = 1000 * measure_latency(model, dummy, batch, repeats=20 if batch == 1 else 5)
+    return out
 
 
 def _print(report: Dict[str, Any]) -> None:
