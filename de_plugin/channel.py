@@ -17,6 +17,7 @@ the previous round's shape, so the search starts from the baselines it is compar
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Any, Literal, Optional
@@ -34,8 +35,10 @@ from .coarse import (CoarseOptions, CoarseScorer, CoarseSpace, apply_and_retrain
 from .de import DifferentialEvolution
 from .evaluation import backend_round, make_backend
 from .hookspecs import hookimpl
+from .latency import LatencyTable, measure as measure_latency
 from .pruner import Context, Pruner
 from .result import Outcome
+from .slicing import speedup as slice_channels
 from .targets import Target
 
 log = logging.getLogger("de_plugin")
@@ -46,6 +49,11 @@ class ChannelOptions(SearchOptions):
 
     macs: Optional[float] = Field(None, gt=0.0, le=1.0, description="fraction of the dense MACs kept")
     params: Optional[float] = Field(None, gt=0.0, le=1.0, description="fraction of the dense parameters kept")
+    latency: Optional[float] = Field(None, gt=0.0, le=1.0, description="fraction of the dense model's latency on "
+                                                                         "this machine (at latency_batch)")
+    latency_batch: int = Field(1, ge=1, description="batch size the latency budget is measured at")
+    latency_cache: Optional[str] = Field("~/.cache/de_plugin/latency", description="folder of per-layer latency "
+                                         "tables (per model, batch, threads); None: time the layers every run")
     rounds: int = Field(2, ge=1, le=20, description="prune / retrain rounds; the budget falls geometrically")
     finetune_epochs: int = Field(1, ge=0, description="epochs passed to finetune() after each round")
     max_group_ratio: float = Field(0.8, gt=0.0, lt=1.0, description="at most this share of a group's channels removed")
@@ -63,19 +71,20 @@ class ChannelOptions(SearchOptions):
 
     @model_validator(mode="after")
     def _one_budget(self) -> "ChannelOptions":
-        given = [k for k in ("macs", "params") if getattr(self, k) is not None]
+        given = [k for k in ("macs", "params", "latency") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one budget: macs=0.5 (keep half the dense MACs) or params=0.5 (half the "
-                             f"parameters); got {', '.join(given) if given else 'none'}")
+            raise ValueError("give exactly one budget: macs=0.5 (keep half the dense MACs), params=0.5 (half the "
+                             "parameters) or latency=0.5 (half the dense latency on this machine); got "
+                             f"{', '.join(given) if given else 'none'}")
         return self
 
     @property
     def measure(self) -> str:
-        return "macs" if self.macs is not None else "params"
+        return next(k for k in ("macs", "params", "latency") if getattr(self, k) is not None)
 
     @property
     def budget(self) -> float:
-        return float(self.macs if self.macs is not None else self.params)
+        return float(getattr(self, self.measure))
 
 
 class ChannelScorer(CoarseScorer):
@@ -129,9 +138,11 @@ class DEChannel(Pruner):
         if example is None:
             example, _ = capture_input(model, lambda: ctx.score(model))
         space, cost = channel_space(model, example, ctx.targets, o)
-        self.space, self.cost = space, cost
-        dense = cost.dense(o.measure)
+        self.space, self.cost, self.example = space, cost, example
         lo = np.ceil(cost.size * (1.0 - o.max_group_ratio) - 1e-9).astype(np.int64).clip(1)
+        if o.measure == "latency":
+            self._latency_table(model, lo)
+        dense = cost.dense(o.measure)
         least = cost.cost(lo, o.measure) / dense
         if least > o.budget + 1e-12:
             raise ValueError(f"{o.measure}={o.budget} is out of reach: with at most max_group_ratio={o.max_group_ratio} "
@@ -146,6 +157,61 @@ class DEChannel(Pruner):
             return self._rounds(ctx, o, example, calib)
         finally:
             self.backend.close()
+
+    def _latency_table(self, model: nn.Module, lo: np.ndarray) -> None:
+        """Check that the model can be sliced, then time its layers (or read the cached table)."""
+        o: ChannelOptions = self.options  # type: ignore[assignment]
+        try:
+            self._sliced(model, lo)
+        except Exception as exc:  # noqa: BLE001 - the reason goes to the user
+            raise ValueError(f"a latency budget needs a model that can be made physically smaller, and slicing this "
+                             f"one fails ({type(exc).__name__}: {exc}); use macs= or params= instead") from exc
+        log.info("%s: building the per-layer latency table at batch %d (%d threads)", self.name, o.latency_batch,
+                 torch.get_num_threads())
+        self.cost.table = table = LatencyTable(model, self.example, self.cost.prunable, o.latency_batch, o.latency_cache)
+        self.latency_dense = measure_latency(model, self.example, o.latency_batch, repeats=30)
+        if not table.fitted:  # whole sliced models at uniform shares: overhead and what the layers alone miss
+            samples = [(*self.cost.kept_shares(self.cost.size), self.latency_dense)]
+            for share in (0.25, 0.5, 0.75):
+                q = np.clip(np.round(share * self.cost.size).astype(np.int64), lo, self.cost.size)
+                small = self._sliced(model, q)
+                samples.append((*self.cost.kept_shares(q), measure_latency(small, self.example, o.latency_batch,
+                                                                           repeats=30)))
+            table.fit(samples)
+        log.info("%s: latency model %.2f ms + %.2f x layer time (dense %.2f ms measured)", self.name,
+                 1000 * table.a, table.b, 1000 * self.latency_dense)
+
+    def _sliced(self, model: nn.Module, q: np.ndarray) -> nn.Module:
+        """A physically smaller copy of ``model`` keeping ``q`` (L1 channels of its current weights)."""
+        scorer = ChannelScorer(model, self.space, self.cost, lambda m: 0.0, None, 1)
+        masks = self.space.masks(scorer.candidate(q))
+        small = copy.deepcopy(model)
+        modules = dict(small.named_modules())
+        with torch.no_grad():
+            for n, m in masks.items():
+                mod, _, pname = n.rpartition(".")
+                getattr(modules[mod], pname).mul_(m.to(getattr(modules[mod], pname).dtype))
+        slice_channels(small, self.example, masks, self.space.groups)
+        return small
+
+    def _check_latency(self, model: nn.Module, q: np.ndarray, share: float, space: ChannelSpace,
+                       ) -> tuple[np.ndarray, float, list[float]]:
+        """Measure the sliced model; while it misses ``share`` of the dense latency by more than 5%, re-project
+        the allocation's shape onto a budget corrected by the miss (at most 3 times). Returns the allocation
+        whose measured latency is within budget and closest to it, its measured share and every one measured."""
+        o: ChannelOptions = self.options  # type: ignore[assignment]
+        tries, budget = [], share * self.cost.dense("latency")
+        for _ in range(4):
+            got = measure_latency(self._sliced(model, q), self.example, o.latency_batch, repeats=30) / self.latency_dense
+            tries.append((q, got))
+            if abs(got - share) <= 0.05 * share:
+                break
+            # a noisy measurement must not swing the allocation far, nor back to the dense model
+            budget = min(budget * float(np.clip(share / got, 0.5, 2.0)), 0.99 * self.cost.dense("latency"))
+            q = space.project_density(q / self.cost.size, budget)
+        within = [t for t in tries if t[1] <= share * 1.05]
+        best = max(within, key=lambda t: t[1]) if within else min(tries, key=lambda t: t[1])
+        return best[0], best[1], [t[1] for t in tries]
 
     # ------------------------------------------------------------------ rounds
     def _rounds(self, ctx: Context, o: ChannelOptions, example: Any, calib: Optional[list]) -> Outcome:
@@ -181,6 +247,14 @@ class DEChannel(Pruner):
         i = st["round"]
         t0 = time.perf_counter()
         q, score, de = self._search(ctx, o, st["q"], budget, i)
+        if o.measure == "latency":
+            space = ChannelSpace(self.cost, o.measure, np.minimum(self.min_q, st["q"]), st["q"], o.max_group_ratio)
+            searched = q
+            q, de["latency"], de["latency_measured"] = self._check_latency(ctx.model, q, budget / self.cost.dense(o.measure),
+                                                                           space)
+            if not np.array_equal(q, searched):
+                with backend_round(self.backend):
+                    score = float(self.backend.evaluate([q])[0])
         masks = self.space.masks(self.backend.scorer.candidate(q))
         if o.channel_choice == "random" and i == o.rounds - 1:
             masks, score, de["random_scores"] = self._best_random(q)
@@ -193,6 +267,8 @@ class DEChannel(Pruner):
         rec = {"round": i, "budget": budget / dense, "q": [int(v) for v in q],
                "kept_channels": [int(v) for v in q * self.cost.step],
                "macs": self.cost.macs(q) / self.cost.macs_dense, "params": self.cost.params(q) / self.cost.params_dense,
+               **({"latency": de["latency"], "latency_predicted": self.cost.latency(q) /
+                   self.cost.dense("latency")} if o.measure == "latency" else {}),
                "val_accuracy_before_finetune": score, "accuracy_after_finetune": after,
                "search_seconds": search_s, "finetune_seconds": time.perf_counter() - t0 - search_s, "de": de}
         log.info("%s round %d: %s %.4f of dense (budget %.4f), val %.4f before / %.4f after fine-tuning", self.name, i,

@@ -21,7 +21,7 @@ from torch import nn
 from .allocator import KeepSpace
 from .coarse import CoarseSpace, count_macs
 
-Measure = Literal["macs", "params"]
+Measure = Literal["macs", "params", "latency"]
 
 
 class ChannelCost:
@@ -57,6 +57,11 @@ class ChannelCost:
         self._m_const = float(sum(v for k, v in layer.items() if f"{k}.weight" not in mods))
         self._m_size = self._p_size[idx]
         self._m_rows = [r[idx] for r in self._p_rows]
+        self.layers = [t[:-7] for t in mods]
+        #: per layer: whether it loses output rows / input columns (what a latency table must time)
+        self.prunable = {n: (bool(self._m_rows[0][i].any()), bool(self._m_rows[1][i].any()))
+                         for i, n in enumerate(self.layers)}
+        self.table = None  #: a LatencyTable, for the "latency" measure
 
     def removed(self, q: np.ndarray) -> np.ndarray:
         """Channels removed per group for unit counts ``q``."""
@@ -68,6 +73,18 @@ class ChannelCost:
         kept1 = 1.0 - self._m_rows[1] @ r / self._m_size[:, 1]
         return self._m_const + float(np.sum(self._m_dense * kept0 * kept1))
 
+    def kept_shares(self, q: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+        """Per layer: the kept share of its output channels and of its input channels."""
+        r = self.removed(q)
+        kept0 = 1.0 - self._m_rows[0] @ r / self._m_size[:, 0]
+        kept1 = 1.0 - self._m_rows[1] @ r / self._m_size[:, 1]
+        return dict(zip(self.layers, kept0.tolist())), dict(zip(self.layers, kept1.tolist()))
+
+    def latency(self, q: np.ndarray) -> float:
+        if self.table is None:
+            raise ValueError("no latency table: the latency budget builds one (ChannelCost.table)")
+        return self.table.predict(*self.kept_shares(q))
+
     def params(self, q: np.ndarray) -> float:
         r = self.removed(q)
         alive = (self._p_size[:, 0] - self._p_rows[0] @ r) * (self._p_size[:, 1] - self._p_rows[1] @ r) * self._p_rest
@@ -75,9 +92,11 @@ class ChannelCost:
         return float(self.params_dense - np.sum(total - alive))
 
     def cost(self, q: np.ndarray, measure: Measure) -> float:
-        return self.macs(q) if measure == "macs" else self.params(q)
+        return self.macs(q) if measure == "macs" else self.params(q) if measure == "params" else self.latency(q)
 
     def dense(self, measure: Measure) -> float:
+        if measure == "latency":
+            return self.latency(self.size)
         return float(self.macs_dense if measure == "macs" else self.params_dense)
 
 

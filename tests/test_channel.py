@@ -149,3 +149,42 @@ def test_bad_budgets_fail_before_any_work(resnet, images, kw, match):
         de_plugin.prune(resnet, "de_channel", val_data=images.val, train_data=images.train, finetune=ft, inplace=True,
                         progress=False, **kw)
     assert calls["n"] == 0 and same_state(before, state_of(resnet))
+
+
+def test_latency_budget_is_checked_by_measuring_the_sliced_model(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=1)  # 32x32 inputs: its convs, not per-op overhead, dominate
+    x, y = torch.randn(96, 1, 32, 32), torch.randint(0, 10, (96,))
+    cache = tmp_path / "lat"
+    r = de_plugin.prune(model, "de_channel", latency=0.85, latency_batch=32, latency_cache=str(cache), max_group_ratio=0.9,
+                        val_data=[(x[:32], y[:32])], train_data=[(x[32:], y[32:])], rounds=1, generations=1,
+                        population=4, finetune_epochs=0, bn_batches=1, progress=False)
+    h = r.history[-1]
+    # every allocation tried was sliced and measured; the one kept is the slowest within 5% over the budget
+    # (or, when none was, the fastest), and its measured share is what is reported
+    assert h["latency"] in h["de"]["latency_measured"]
+    assert h["latency"] <= 0.85 * 1.05 or h["latency"] == min(h["de"]["latency_measured"])
+    assert r.extra["macs_kept"] < 1.0
+    files = list(cache.glob("*.json"))
+    assert len(files) == 1  # the per-layer table and its fit, cached for this model, batch and thread count
+    data = __import__("json").loads(files[0].read_text())
+    assert "fit" in data and {"stem.0", "layer1.0.conv1", "fc"} <= set(data["layers"])
+
+
+def test_latency_table_interpolates_and_is_monotone():
+    from de_plugin.latency import LatencyTable
+
+    model = SmallResNet(widths=(8, 16, 16)).eval()
+    table = LatencyTable(model, torch.randn(2, 1, 8, 8), {"layer1.conv1": (True, False)}, batch=8, cache=None,
+                         repeats=3)
+    grid = table.layers["layer1.conv1"]
+    assert grid["g0"] == [0.125, 0.25, 0.5, 0.75, 1.0] and grid["g1"] == [1.0]
+    assert table.layers["fc"]["g0"] == [1.0]  # untouched layers are timed once, at full size
+    col = [row[0] for row in grid["t"]]
+    rest = table.layer_time({}, {}) - col[-1]  # every other layer at full size
+    at = lambda share: table.layer_time({"layer1.conv1": share}, {}) - rest  # noqa: E731
+    assert at(0.125) == pytest.approx(col[0]) and at(0.5) == pytest.approx(col[2])
+    assert min(col[1], col[2]) - 1e-12 <= at(0.3) <= max(col[1], col[2]) + 1e-12  # linear between grid points
+    table.fit([({}, {}, 2.0 * table.layer_time({}, {}) + 0.001), ({"layer1.conv1": 0.125}, {},
+                                                                  2.0 * (rest + col[0]) + 0.001)])
+    assert (table.a, table.b) == (pytest.approx(0.001, abs=1e-9), pytest.approx(2.0))
