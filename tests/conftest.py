@@ -82,3 +82,31 @@ def nni_evaluator(model, digits, evaluate):
 
     opt = nni.trace(torch.optim.Adam)(model.parameters(), lr=1e-3)
     return TorchEvaluator(training_func, opt, training_step, evaluating_func=evaluate, dummy_input=digits.x_val[:2])
+
+
+@pytest.fixture(scope="session")
+def images(digits):
+    """The digits as 1x8x8 images, with training batches of 64 and validation batches of 128."""
+    class D:
+        x = digits.x_train.reshape(-1, 1, 8, 8)
+        y = digits.y_train
+        xv = digits.x_val.reshape(-1, 1, 8, 8)
+        yv = digits.y_val
+
+    D.batches = [(D.x[i:i + 64], D.y[i:i + 64]) for i in range(0, len(D.y), 64)]
+    D.val = [(D.xv[i:i + 128], D.yv[i:i + 128]) for i in range(0, len(D.yv), 128)]
+    return D
+
+
+@pytest.fixture(scope="session")
+def _resnet(images):
+    from de_plugin.demo.models import SmallResNet
+
+    torch.manual_seed(0)
+    return train(SmallResNet(widths=(8, 16, 16)), images.x, images.y, epochs=8, lr=3e-3, batch_size=64, seed=0)
+
+
+@pytest.fixture
+def resnet(_resnet):
+    """A trained residual CNN with BatchNorm (a fresh copy per test)."""
+    return copy.deepcopy(_resnet)

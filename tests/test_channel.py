@@ -12,32 +12,8 @@ from de_plugin.channel import ChannelOptions, ChannelScorer, channel_space
 from de_plugin.channel_cost import ChannelSpace
 from de_plugin.coarse import count_macs
 from de_plugin.demo.models import SmallResNet, create_model
-from de_plugin.demo.training import make_finetune, train
+from de_plugin.demo.training import make_finetune
 from de_plugin.targets import find_targets
-
-
-@pytest.fixture(scope="session")
-def images(digits):
-    class D:
-        x = digits.x_train.reshape(-1, 1, 8, 8)
-        y = digits.y_train
-        xv = digits.x_val.reshape(-1, 1, 8, 8)
-        yv = digits.y_val
-
-    D.train = [(D.x[i:i + 64], D.y[i:i + 64]) for i in range(0, len(D.y), 64)]
-    D.val = [(D.xv[i:i + 128], D.yv[i:i + 128]) for i in range(0, len(D.yv), 128)]
-    return D
-
-
-@pytest.fixture(scope="session")
-def _resnet(images):
-    torch.manual_seed(0)
-    return train(SmallResNet(widths=(8, 16, 16)), images.x, images.y, epochs=8, lr=3e-3, batch_size=64, seed=0)
-
-
-@pytest.fixture
-def resnet(_resnet):
-    return copy.deepcopy(_resnet)
 
 
 @pytest.fixture
@@ -49,7 +25,7 @@ FAST = dict(generations=2, population=6, rounds=2, bn_batches=2, progress=False)
 
 
 def run(model, images, ft, **kw):
-    return de_plugin.prune(model, "de_channel", val_data=images.val, train_data=images.train, finetune=ft,
+    return de_plugin.prune(model, "de_channel", val_data=images.val, train_data=images.batches, finetune=ft,
                            **{**FAST, **kw})
 
 
@@ -146,7 +122,7 @@ def test_bad_budgets_fail_before_any_work(resnet, images, kw, match):
         calls["n"] += 1
 
     with pytest.raises(ValueError, match=match):
-        de_plugin.prune(resnet, "de_channel", val_data=images.val, train_data=images.train, finetune=ft, inplace=True,
+        de_plugin.prune(resnet, "de_channel", val_data=images.val, train_data=images.batches, finetune=ft, inplace=True,
                         progress=False, **kw)
     assert calls["n"] == 0 and same_state(before, state_of(resnet))
 

@@ -10,31 +10,7 @@ from conftest import same_state, state_of
 from de_plugin.coarse import CoarseOptions, CoarseSpace, best_of_n, count_macs, recalibrate_bn
 from de_plugin.coupling import CouplingError, channel_groups
 from de_plugin.demo.models import LeNet5, SmallResNet
-from de_plugin.demo.training import make_evaluate, make_finetune, train
-
-
-@pytest.fixture(scope="session")
-def images(digits):
-    class D:
-        x = digits.x_train.reshape(-1, 1, 8, 8)
-        y = digits.y_train
-        xv = digits.x_val.reshape(-1, 1, 8, 8)
-        yv = digits.y_val
-
-    D.batches = [(D.x[i:i + 64], D.y[i:i + 64]) for i in range(0, len(D.y), 64)]
-    return D
-
-
-@pytest.fixture(scope="session")
-def _resnet(images):
-    torch.manual_seed(0)
-    m = SmallResNet(widths=(8, 16, 16))
-    return train(m, images.x, images.y, epochs=8, lr=3e-3, batch_size=64, seed=0)
-
-
-@pytest.fixture
-def resnet(_resnet):
-    return copy.deepcopy(_resnet)
+from de_plugin.demo.training import make_evaluate, make_finetune
 
 
 @pytest.fixture

@@ -532,7 +532,6 @@ def test_bad_train_data_is_refused_before_any_work(mlp, evaluator_for):
 
 
 def test_de_channel_through_nni_meets_the_macs_budget_and_speeds_up(evaluator_for, digits):
-    from de_plugin.adapter import slice_channels  # noqa: F401 - the engine de_plugin_nni.speedup falls back to
     from de_plugin.coarse import count_macs
     from de_plugin.demo.models import SmallResNet
     from de_plugin.demo.training import train

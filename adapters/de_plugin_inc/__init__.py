@@ -22,7 +22,7 @@ log = logging.getLogger("de_plugin_inc")
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 INC_AVAILABLE = False
 try:  # registering with INC is what importing this package is for
-    from .pruner import PytorchDELayerwisePruner, PytorchRandomCoarsePruner  # noqa: F401
+    from .pruner import PytorchDEChannelPruner, PytorchDELayerwisePruner, PytorchRandomCoarsePruner  # noqa: F401
 
     INC_AVAILABLE = True
 except ImportError as exc:  # pragma: no cover - exercised only without INC
