@@ -5,8 +5,9 @@
     WeightPruningConfig([{"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": evaluate}],
                         target_sparsity=0.9, pattern="1x1", start_step=0, end_step=100)
 
-works in INC's usual loop, and so does ``pruning_type="random_coarse"`` (whole filters,
-``pattern="1x{kh*kw*C_in}"``) (``prepare_pruning`` / ``prepare_compression``). ``search_config(...)``
+works in INC's usual loop, and so do ``pruning_type="random_coarse"`` (whole filters,
+``pattern="1x{kh*kw*C_in}"``) and ``pruning_type="de_channel"`` (whole filters under the budget of
+``channel_options={"macs": 0.5}``) (``prepare_pruning`` / ``prepare_compression``). ``search_config(...)``
 runs the search up front and returns a ready ``WeightPruningConfig`` with per-layer targets.
 Importing never fails when INC is missing; using the adapter then says how to install it.
 """
