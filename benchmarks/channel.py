@@ -173,6 +173,26 @@ def run_tp(setup: Setup, level: float, global_pruning: bool) -> dict:
                      steps=12)
 
 
+def run_latency(setup: Setup, level: float) -> dict:
+    """de_channel under a latency budget (fraction of the dense latency at ``--latency-batch``), the result
+    re-measured independently (fresh dense and sliced timings)."""
+    a, ft = setup.args, setup.finetune()
+    t0 = time.perf_counter()
+    r = de_plugin.prune(setup.dense, "de_channel", latency=level, latency_batch=a.latency_batch, rounds=1,
+                        finetune_epochs=a.epochs, generations=a.generations, train_data=setup.calib,
+                        evaluate=setup.search, finetune=ft, seed=setup.seed, progress=False)
+    seconds = time.perf_counter() - t0
+    small = r.model.eval()
+    slice_channels(small, setup.example, r.extra_masks)
+    row = measured(setup, small, ft.steps, {"nfev": r.nfev, "search_seconds": seconds})
+    dense = measure_latency(setup.dense, setup.example, a.latency_batch, repeats=a.repeats)
+    again = measure_latency(small, setup.example, a.latency_batch, repeats=a.repeats)
+    h = r.history[-1]
+    row.update({"target": level, "latency_share": again / dense, "search_measured": h["latency"],
+                "search_tries": h["de"]["latency_measured"], "predicted": h["latency_predicted"]})
+    return row
+
+
 def run_one(setup: Setup, method: str, level: float) -> dict:
     torch.manual_seed(setup.seed)
     if method == "nni_l1norm":
@@ -206,7 +226,24 @@ def table(results: dict) -> str:
                     f"{np.mean([v['params'] for v in vals]):.3f} | {lat('latency_b1'):.2f} | {lat('latency_b64'):.2f} | "
                     f"{np.mean([v['nfev'] for v in vals]):.0f} | {np.mean([v['search_seconds'] for v in vals]):.0f} | "
                     f"{vals[0]['steps']} |")
+        if mres.get("latency"):
+            lines.append(f"\n{mname}: de_channel under a latency budget (batch {results['args'].get('latency_batch', 64)}; "
+                         "share of the dense latency, re-measured after the run)")
+            lines.append("| budget | seeds | measured share | within 5%? | measured in the search | predicted by the table "
+                         "| test acc (%) | MACs kept | evals |")
+            lines.append("|---|---|---|---|---|---|---|---|---|")
+            for lkey, per_seed in mres["latency"].items():
+                vals = list(per_seed.values())
+                met = sum(abs(v["latency_share"] / v["target"] - 1) <= 0.05 for v in vals)
+                lines.append(f"| {float(lkey):.2f} | {len(vals)} | {_join(vals, 'latency_share')} | {met}/{len(vals)} | "
+                             f"{_join(vals, 'search_measured')} | {_join(vals, 'predicted')} | "
+                             f"{_ms([v['test'] for v in vals])} | {np.mean([v['macs'] for v in vals]):.3f} | "
+                             f"{np.mean([v['nfev'] for v in vals]):.0f} |")
     return "\n".join(lines)
+
+
+def _join(vals: list[dict], key: str) -> str:
+    return ", ".join(f"{v[key]:.3f}" for v in vals)
 
 
 def _ms(xs: list[float]) -> str:
@@ -257,6 +294,9 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=50, help="random_coarse: random masks scored")
     ap.add_argument("--repeats", type=int, default=30, help="latency: timed runs (median)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--latency-levels", nargs="*", type=float, default=[0.5, 0.7],
+                    help="de_channel latency budgets (fractions of dense latency), the second table")
+    ap.add_argument("--latency-batch", type=int, default=64)
     ap.add_argument("--data", default=FASHION_MNIST_DIR)
     ap.add_argument("--out", default="benchmarks/results/channel")
     ap.add_argument("--summary-only", action="store_true")
@@ -276,6 +316,13 @@ def main() -> None:
             for seed in args.seeds:
                 setup = Setup(mname, seed, data, args)
                 mres["dense"][str(seed)] = measured(setup, copy.deepcopy(setup.dense), 0, {"nfev": 0, "search_seconds": 0})
+                for level in args.latency_levels:
+                    row = run_latency(setup, level)
+                    mres.setdefault("latency", {}).setdefault(f"{level:.6f}", {})[str(seed)] = row
+                    print(f"[{time.time() - t_start:6.0f}s] {mname} seed {seed} latency budget {level:.2f}: measured "
+                          f"{row['latency_share']:.3f} (search {row['search_measured']:.3f}, predicted "
+                          f"{row['predicted']:.3f}) test {row['test']:.4f} MACs {row['macs']:.3f}", flush=True)
+                    path.write_text(json.dumps(results, indent=1))
                 for level in args.levels:
                     rows = mres["levels"].setdefault(f"{level:.6f}", {})
                     for method in args.methods:
