@@ -155,7 +155,7 @@ def test_speedup_output_equal_on_residual_bn_branch_model(digits):
 
 
 def test_names_create_builtins_and_schedulers(mlp, evaluator_for):
-    assert {"de_layerwise", "random_coarse", "level", "l1norm", "l2norm", "fpgm", "slim", "taylor", "movement", "linear",
+    assert {"de_layerwise", "random_coarse", "de_channel", "level", "l1norm", "l2norm", "fpgm", "slim", "taylor", "movement", "linear",
             "agp"} == set(de_plugin_nni.list_pruners())
     cfg = [{"op_types": ["Linear"], "sparse_ratio": 0.5}]
     for name in ["level", "l1norm", "l2norm", "fpgm"]:
