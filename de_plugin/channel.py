@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from typing import Any, Literal, Optional
 
@@ -216,7 +217,7 @@ class DEChannel(Pruner):
     # ------------------------------------------------------------------ rounds
     def _rounds(self, ctx: Context, o: ChannelOptions, example: Any, calib: Optional[list]) -> Outcome:
         fp = ckpt.fingerprint(self.name, ctx, o.model_dump())
-        saved = ckpt.load(o.checkpoint, fp) if o.resume and o.checkpoint and _exists(o.checkpoint) else None
+        saved = ckpt.load(o.checkpoint, fp) if o.resume and o.checkpoint and os.path.exists(o.checkpoint) else None
         self.rng = np.random.default_rng(ctx.seed)
         if saved is None:
             reference = ctx.score()
@@ -375,12 +376,6 @@ def _example(ctx: Context) -> Any:
             if isinstance(x, torch.Tensor):
                 return x[:2]
     return None
-
-
-def _exists(path: str) -> bool:
-    import os
-
-    return os.path.exists(path)
 
 
 @hookimpl
