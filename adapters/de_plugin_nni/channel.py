@@ -25,7 +25,6 @@ from de_plugin.adapter import ChannelOptions, channel_groups, prune, validate_op
 
 from .coarse import RandomCoarsePruner
 from .entries import setting, validated_entries
-from .evaluators import patch_lightning_evaluator
 from .pruner import _score_of, sync_into_wrappers
 
 log = logging.getLogger("de_plugin_nni")
@@ -69,14 +68,9 @@ class DEChannelPruner(RandomCoarsePruner):
     def __init__(self, model: nn.Module, config_list: List[Dict], evaluator: Evaluator | None = None,
                  existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, seed: int = 0, progress: bool = True,
                  train_data: Optional[List[Any]] = None, **options: Any):
-        if evaluator is None or not isinstance(evaluator, Evaluator):
-            raise TypeError("de_channel needs an NNI Evaluator (TorchEvaluator or LightningEvaluator): its evaluate() "
-                            f"scores the candidates, got {type(evaluator).__name__}")
-        patch_lightning_evaluator()
+        self._common(evaluator, seed, progress, train_data)
         self.options = validate_options(ChannelOptions, "de_channel", options)
         self.layers = parse_channel_config(model, config_list, self.options.include_linear)
-        self.seed, self.progress = int(seed), bool(progress)
-        self.train_data = list(train_data) if train_data is not None else None
         dummy = evaluator.get_dummy_input()
         # depthwise and grouped convs over searched maps lose rows too, so they need wrappers
         passing = sorted({m for g in channel_groups(model, dummy) if set(g.producers) <= set(self.layers)

@@ -168,20 +168,15 @@ class RandomCoarsePruner(Pruner):
     def __init__(self, model: nn.Module, config_list: List[Dict], evaluator: Evaluator | None = None,
                  existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, seed: int = 0, progress: bool = True,
                  train_data: Optional[List[Any]] = None, **options: Any):
-        if evaluator is None or not isinstance(evaluator, Evaluator):
-            raise TypeError("random_coarse needs an NNI Evaluator (TorchEvaluator or LightningEvaluator): its "
-                            f"evaluate() scores the candidates, got {type(evaluator).__name__}")
+        self._common(evaluator, seed, progress, train_data)
         bad = CONFIG_OWNED & set(options)
         if bad:
             raise ValueError(f"{sorted(bad)}: in NNI the feature-map ratio of each layer is the config_list's "
                              f"sparse_ratio")
-        patch_lightning_evaluator()
         self.options = validate_options(CoarseOptions, "random_coarse", options)
         self.ratios, self.given_groups = parse_coarse_config(model, config_list)
         self.options.ratios = dict(self.ratios)
         self.options.feature_map_ratio = 0.0
-        self.seed, self.progress = int(seed), bool(progress)
-        self.train_data = list(train_data) if train_data is not None else None
         dummy = evaluator.get_dummy_input()
         self.couple = self.given_groups or nni_dependency_groups(model, dummy, sorted(self.ratios))
         # depthwise and grouped convs over pruned maps get the producer's rows too, so they need wrappers
@@ -190,6 +185,15 @@ class RandomCoarsePruner(Pruner):
         conv_cfg = [{"op_names": sorted(self.ratios) + depthwise, "sparse_ratio": 0.5}]
         super().__init__(model, conv_cfg, evaluator, existed_wrappers)
         self.result: Dict[str, Any] = {}
+
+    def _common(self, evaluator: Any, seed: int, progress: bool, train_data: Optional[List[Any]]) -> None:
+        """What every evaluator-scored pruner here checks and keeps first (``de_channel`` shares it)."""
+        if evaluator is None or not isinstance(evaluator, Evaluator):
+            raise TypeError(f"{self.name} needs an NNI Evaluator (TorchEvaluator or LightningEvaluator): its "
+                            f"evaluate() scores the candidates, got {type(evaluator).__name__}")
+        patch_lightning_evaluator()
+        self.seed, self.progress = int(seed), bool(progress)
+        self.train_data = list(train_data) if train_data is not None else None
 
     def _calibration(self) -> Optional[list]:
         """Adaptive-BN batches: ``train_data=`` if given, else the evaluator's own training inputs."""
