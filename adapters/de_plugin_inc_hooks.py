@@ -18,8 +18,13 @@ def register_commands(subparsers):
     def run(_args) -> int:
         import de_plugin_inc
 
-        print("INC adapter ready: pruning_type='de_layerwise' is registered" if de_plugin_inc.INC_AVAILABLE
-              else "INC missing: pip install 'de-plugin[inc]'")
+        if de_plugin_inc.ROUTE == "legacy":
+            print(f"INC {de_plugin_inc.INC_VERSION}: pruning_type='de_layerwise' is registered (INC 3.7 pruning loop)")
+        elif de_plugin_inc.ROUTE == "inc3":
+            print(f"INC {de_plugin_inc.INC_VERSION}: DELayerwiseConfig is registered (INC 3.x quantize / autotune; "
+                  "de_plugin_inc.prune_and_quantize)")
+        else:
+            print(de_plugin_inc.INC_ERROR)
         return 0
 
     p.set_defaults(func=run)

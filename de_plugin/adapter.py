@@ -38,6 +38,7 @@ from .hookspecs import hookimpl
 from .latency import measure as measure_latency
 from .layerwise import LayerwiseOptions
 from .options import validate_options
+from .patterns import PatternScorer, as_matrix, check_fits, parse_pattern, pattern_mask
 from .pruner import Context, prune
 from .registry import create_pruner, lookup
 from .result import PruningResult
@@ -51,4 +52,5 @@ __all__ = [
     "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "check_batches", "validate_options",
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",
     "channel_groups", "slice_channels", "ChannelOptions", "measure_latency", "BNState", "hookimpl", "lookup",
+    "PatternScorer", "parse_pattern", "pattern_mask", "check_fits", "as_matrix",
 ]

@@ -265,3 +265,24 @@ def test_grouped_search_on_a_deep_resnet(evaluate):
     for n, t in targets.items():
         per_stage.setdefault(n.split(".")[0], set()).add(round(t, 2))
     assert all(len(v) <= 2 for v in per_stage.values())  # one value per stage (up to count rounding)
+
+
+@pytest.mark.parametrize("pattern, ratio", [("1x1", 0.75), ("4x1", 0.5), ("2:4", 0.5), ("2:4", 0.25)])
+def test_core_patterns_equal_inc37_pattern_masks(pattern, ratio):
+    """INC 3.8+ has no patterns, so its route masks with the core's: the same masks INC 3.7 applies."""
+    from neural_compressor.compression.pruner.patterns import get_pattern
+    from neural_compressor.compression.pruner.utils import process_config
+
+    from de_plugin.adapter import pattern_mask
+    from de_plugin_inc.patterns import layer_mask
+
+    torch.manual_seed(0)
+    mods = {"conv": torch.nn.Conv2d(4, 8, 3), "fc": torch.nn.Linear(16, 8)}
+    info = process_config(WeightPruningConfig([{"op_names": [".*"]}], target_sparsity=ratio, pattern=pattern))[0]
+    inc_pattern = get_pattern(info, mods)
+    for name, mod in mods.items():
+        w = mod.weight.detach()
+        score = inc_pattern.reduce_score(w.abs(), name) if hasattr(inc_pattern, "reduce_score") else w.abs()
+        inc = layer_mask(inc_pattern, name, score, ratio, ratio, torch.ones_like(w, dtype=torch.bool)).bool()
+        ours = pattern_mask(w, ratio, pattern)
+        assert torch.equal(inc, ours) and float((~ours).float().mean()) == ratio

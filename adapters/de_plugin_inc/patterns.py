@@ -2,7 +2,7 @@
 
 A per-layer sparsity becomes a mask through INC's own pattern object (``1x1``, ``4x1``, ``2:4``,
 whole filters ``1x{kh*kw*C_in}``), exactly as INC will prune, so a searched allocation is scored
-on the masks INC will actually apply (:class:`PatternScorer`, the scorer the core's allocator runs).
+on the masks INC will actually apply (:func:`inc_scorer`, the core's ``PatternScorer`` over INC's pattern).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
-from de_plugin.adapter import check_score
+from de_plugin.adapter import PatternScorer
 
 
 def layer_mask(pattern, name: str, score: torch.Tensor, ratio: float, final_ratio: float,
@@ -28,41 +28,19 @@ def layer_mask(pattern, name: str, score: torch.Tensor, ratio: float, final_rati
     return pattern.get_masks_local({name: score}, ratio, {name: pre_mask})[name]
 
 
-class PatternScorer:
-    """Per-layer keep counts -> INC's own pattern masks on the layers -> ``eval_func()``: a
-    :class:`de_plugin.adapter.Scorer`, so a generation can be scored by forked workers or Ray
-    actors (``de_options={"backend": "process", "workers": 2}``)."""
+def inc_scorer(modules: Dict[str, nn.Module], pattern, eval_func: Callable[[], float]) -> PatternScorer:
+    """The core's :class:`PatternScorer` over INC's own pattern object: per-layer keep counts -> INC's
+    masks on the layers -> ``eval_func()``, so a generation can be scored by forked workers or Ray
+    actors (``de_options={"backend": "process", "workers": 2}``) on exactly the masks INC will apply."""
+    ones = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in modules.items()}
 
-    def __init__(self, modules: Dict[str, nn.Module], pattern, eval_func: Callable[[], float]):
-        self.names = list(modules)
-        # the round's weights travel to workers as this holder's state (keys cannot contain dots)
-        self.model = nn.ModuleDict({n.replace(".", "/"): modules[n] for n in self.names})
-        self.modules, self.pattern, self.eval_func = modules, pattern, eval_func
-        self.reset()
+    def score_of(name: str, w: torch.Tensor) -> torch.Tensor:
+        return pattern.reduce_score(w.abs(), name) if hasattr(pattern, "reduce_score") else w.abs()
 
-    def reset(self) -> None:
-        self.weights = [self.modules[n].weight for n in self.names]
-        self.saved = [w.detach().clone() for w in self.weights]
-        self.ones = {n: torch.ones_like(w, dtype=torch.bool) for n, w in zip(self.names, self.weights)}
-        p = self.pattern
-        self.scores = {n: p.reduce_score(w.abs(), n) if hasattr(p, "reduce_score") else w.abs()
-                       for n, w in zip(self.names, self.saved)}
+    def masker(name: str, score: torch.Tensor, ratio: float) -> torch.Tensor:
+        return layer_mask(pattern, name, score, ratio, ratio, ones[name])
 
-    def score(self, counts, floor=None) -> float:
-        with torch.no_grad():
-            for n, w, w0, k in zip(self.names, self.weights, self.saved, counts):
-                r = 1.0 - int(k) / w0.numel()
-                m = layer_mask(self.pattern, n, self.scores[n], float(r), float(r), self.ones[n])
-                w.copy_(w0 * m.to(w0.dtype))
-            try:
-                return check_score(self.eval_func())
-            finally:
-                self.restore()
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for w, w0 in zip(self.weights, self.saved):
-                w.copy_(w0)
+    return PatternScorer(modules, eval_func, masker=masker, score_of=score_of)
 
 
 def filter_pattern(module: nn.Module) -> str:

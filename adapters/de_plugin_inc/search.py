@@ -4,7 +4,7 @@ MACs / parameter budget (``de_channel``).
 
 ``de_layerwise``: a candidate (one sparsity per layer) is projected onto the exact budget (its
 per-layer densities scaled by one factor so the weights kept sum to ``(1 - target) * N``), becomes
-masks through INC's pattern (:class:`~de_plugin_inc.patterns.PatternScorer`) and is scored by the
+masks through INC's pattern (:func:`~de_plugin_inc.patterns.inc_scorer`; on INC 3.8+ the core's patterns) and is scored by the
 user's ``eval_func(model)``. ``random_coarse``: the best of N random filter masks at each layer's ratio.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from de_plugin.adapter import (
     validate_options,
 )
 
-from .patterns import PatternScorer
+from .patterns import inc_scorer
 
 log = logging.getLogger("de_plugin_inc")
 DE_KEYS = {"population", "generations", "max_evals", "strategy", "mutation", "recombination", "bound_handling",
@@ -71,7 +71,14 @@ def de_settings(de_options: Dict[str, Any] | None) -> Dict[str, Any]:
 def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, eval_func: Callable[[], float],
                          de_options: Dict[str, Any] | None, max_ratio: float, min_ratio: float = 0.0,
                          ) -> Dict[str, float]:
-    """Per-layer sparsities (same keys as ``modules``) maximising ``eval_func`` at overall ``target``."""
+    """Per-layer sparsities (same keys as ``modules``) maximising ``eval_func`` at overall ``target``,
+    scored on INC 3.7's own pattern masks."""
+    return search_targets(inc_scorer(modules, pattern, eval_func), modules, target, de_options, max_ratio, min_ratio)
+
+
+def search_targets(scorer, modules: Dict[str, nn.Module], target: float, de_options: Dict[str, Any] | None,
+                   max_ratio: float, min_ratio: float = 0.0) -> Dict[str, float]:
+    """The DE search over per-layer sparsities with ``scorer`` (a ``PatternScorer``): both INC routes."""
     s = de_settings(de_options)
     names = list(modules)
     numels = np.array([modules[n].weight.numel() for n in names], dtype=np.int64)
@@ -85,7 +92,7 @@ def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, 
     groups = resolve_groups(s["groups"], targets)
     space = GroupedSpace(base, [g for _, g in groups], s["group_offset"]) if groups else base
     options = SearchOptions(**{k: s[k] for k in DE_KEYS}, early_reject=False)
-    backend = make_backend(s["backend"], PatternScorer(modules, pattern, eval_func), s["workers"],
+    backend = make_backend(s["backend"], scorer, s["workers"],
                            s["threads_per_worker"], s["ray_address"])
     try:
         with backend_round(backend) as scorer:
