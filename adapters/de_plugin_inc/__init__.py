@@ -56,14 +56,19 @@ def _release(v: str) -> tuple:
     return tuple(parts)
 
 
+def route_for(version: Optional[str]) -> tuple[Optional[str], str]:
+    """The route an INC release takes ("legacy", "inc3" or None) and, for None, what to tell the user."""
+    if version is None:
+        return None, f"Intel Neural Compressor is not installed: {CURRENT_EXTRA}, or for INC 3.7's pruning loop {LEGACY_EXTRA}"
+    if _release(version) < (3, 7):
+        return None, (f"neural-compressor {version} has neither route de_plugin_inc supports (3.7's pruning API, "
+                      f"3.8+'s config registry): {CURRENT_EXTRA}")
+    return ("legacy" if _release(version) < (3, 8) else "inc3"), ""
+
+
 INC_VERSION = inc_version()
-ROUTE: Optional[str] = None  # "legacy" (3.7, pruning loop) or "inc3" (3.8+, config registry)
-INC_ERROR = f"Intel Neural Compressor is not installed: {CURRENT_EXTRA}, or for INC 3.7's pruning loop {LEGACY_EXTRA}"
-if INC_VERSION is not None and _release(INC_VERSION) < (3, 7):
-    INC_ERROR = (f"neural-compressor {INC_VERSION} has neither route de_plugin_inc supports (3.7's pruning API, "
-                 f"3.8+'s config registry): {CURRENT_EXTRA}")
-elif INC_VERSION is not None:
-    ROUTE = "legacy" if _release(INC_VERSION) < (3, 8) else "inc3"
+ROUTE, INC_ERROR = route_for(INC_VERSION)
+if ROUTE is not None:
     try:  # registering with INC is what importing this package is for
         if ROUTE == "legacy":
             from .pruner import PytorchDEChannelPruner, PytorchDELayerwisePruner, PytorchRandomCoarsePruner  # noqa: F401

@@ -25,7 +25,7 @@ from neural_compressor.torch.quantization import (
 )
 from torch import nn
 
-from de_plugin.adapter import check_batches
+from de_plugin.adapter import check_batches, check_score
 
 from .inc3 import DELayerwiseConfig, prune_model
 
@@ -56,7 +56,8 @@ def prune_and_quantize(model: nn.Module, pruning: DELayerwiseConfig, quant: Any,
                        example_inputs: Optional[Tuple] = None, calib_data: Optional[Iterable] = None,
                        inplace: bool = False, dynamic_shapes: Any = "batch") -> nn.Module:
     """``de_layerwise`` then INC quantization; the quantized model, with ``.de_plugin_masks`` and
-    ``.de_plugin_report`` (per-layer sparsity, zeros kept after quantization).
+    ``.de_plugin_report`` (per-layer sparsity, zeros kept after quantization, ``eval_fn`` of the dense,
+    pruned and quantized model).
 
     ``dynamic_shapes="batch"`` exports with a free batch dimension (torch.export otherwise fixes every
     size to ``example_inputs``'); pass None for static shapes or torch.export's own specification."""
@@ -67,9 +68,11 @@ def prune_and_quantize(model: nn.Module, pruning: DELayerwiseConfig, quant: Any,
     pruning.check(model)  # before any work
     work = model if inplace else copy.deepcopy(model)
     work.eval()
+    dense = check_score(pruning.eval_fn(work))
     masks = prune_model(work, pruning)
     report = dict(work.de_plugin_report)
     work.eval()
+    report["eval"] = {"dense": dense, "pruned": check_score(pruning.eval_fn(work))}
     if route == "rtn":
         q = quantize(work, quant, inplace=True)
     else:
@@ -80,11 +83,17 @@ def prune_and_quantize(model: nn.Module, pruning: DELayerwiseConfig, quant: Any,
             for b in batches or []:
                 q(*_inputs(b, len(example_inputs)))
         q = convert(q)
+        # Quirk (INC 3.10 + torchao 0.18): a converted PT2E model raises NotImplementedError on .eval() / .train(),
+        # which every evaluation function calls; torchao's own switch makes them legal (eval mode is what runs)
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+        allow_exported_model_train_eval(q)
     kept = zeros_kept(q, masks)
     bad = {n: f for n, f in kept.items() if f < 1.0}
     if bad:
         raise RuntimeError(f"INC's quantization moved pruned weights off zero in {bad}: please report this")
     report["zeros_kept"] = kept
+    report["eval"]["quantized"] = check_score(pruning.eval_fn(q))
     q.de_plugin_masks, q.de_plugin_report = masks, report
     return q
 
