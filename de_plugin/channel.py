@@ -153,7 +153,8 @@ class DEChannel(Pruner):
         self.min_q = lo
         calib = calibration_batches(model, CoarseOptions(adaptive_bn=o.adaptive_bn), ctx.train_batches, ctx.val_batches)
         scorer = ChannelScorer(model, space, cost, ctx.score, calib, o.bn_batches)
-        self.backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address)
+        self.backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address,
+                                    runtime_env=o.ray_runtime_env)
         try:
             return self._rounds(ctx, o, example, calib)
         finally:

@@ -17,7 +17,8 @@ import torch
 
 FORMAT = "de_plugin.search/1"
 #: options that may change between the killed run and the resumed one (how, not what, is computed)
-VOLATILE = {"checkpoint", "resume", "backend", "workers", "threads_per_worker", "ray_address", "device", "time_limit"}
+VOLATILE = {"checkpoint", "resume", "backend", "workers", "threads_per_worker", "ray_address", "ray_runtime_env", "device",
+            "time_limit"}
 
 
 def fingerprint(pruner: str, ctx, options: dict[str, Any]) -> dict[str, Any]:

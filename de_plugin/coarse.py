@@ -425,7 +425,8 @@ def best_of_n(model: nn.Module, space: CoarseSpace, score: Callable[[nn.Module],
     cands = [space.sample(rng, options.criterion) for _ in range(n)]
     scorer = CoarseScorer(model, space, score, calib, options.bn_batches)
     name = options.backend if n > 1 else "serial"
-    backend = make_backend(name, scorer, options.workers, options.threads_per_worker, options.ray_address)
+    backend = make_backend(name, scorer, options.workers, options.threads_per_worker, options.ray_address,
+                           runtime_env=options.ray_runtime_env)
     step = 1 if name == "serial" else 4 * options.workers  # progress after every few rounds of the pool
     scores: list[float] = []
     try:

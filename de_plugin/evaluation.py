@@ -37,6 +37,8 @@ import math
 import multiprocessing as mp
 import numbers
 import os
+import re
+import socket
 import traceback
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Protocol, Sequence
@@ -607,62 +609,167 @@ class ProcessBackend:
 
 
 # ------------------------------------------------------------------------------------------- ray
+def _ray_init(ray: Any, address: Optional[str], runtime_env: Optional[dict], cpus: int, timeout: float) -> None:
+    """``ray.init`` for a local Ray or a cluster; an address nobody answers at, or a cluster running
+    another Ray, is said in plain words instead of a hang or Ray's internals."""
+    if not address:
+        ray.init(num_cpus=max(cpus, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, runtime_env=runtime_env)
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError):
+        raise ConnectionError(f"no Ray cluster answered at ray_address={address!r} within {timeout:.0f} s: start one "
+                              "there (ray start --head --port <port>) or fix the address (host:port of the head node, "
+                              "or ray://host:10001 for Ray Client)") from None
+    try:
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+    except Exception as exc:  # noqa: BLE001 - Ray raises RuntimeError / ConnectionError with its own text
+        if "version" in str(exc).lower() and "mismatch" in str(exc).lower():
+            raise RuntimeError(f"the Ray cluster at {address} runs another Ray or Python version than this process "
+                               f"(Ray {ray.__version__} here); install the cluster's Ray here, or start the cluster "
+                               f"with this one. Ray said: {str(exc).splitlines()[0]}") from None
+        raise
+
+
+def _ray_actor(ray: Any, threads: int, gpu: bool) -> Any:
+    """The worker actor class: one per GPU when the model is on CUDA, else ``threads`` CPUs each."""
+
+    @ray.remote(num_cpus=0 if gpu else threads, num_gpus=1 if gpu else 0)
+    class _Actor:
+        def __init__(self, scorer, threads):
+            torch.set_num_threads(threads)
+            self.scorer = scorer
+
+        def where(self):
+            ctx = ray.get_runtime_context()
+            return socket.gethostname(), ctx.get_node_id(), list(ctx.get_accelerator_ids().get("GPU", []))
+
+        def start_round(self, state):
+            self.scorer.model.load_state_dict(state)
+            self.scorer.reset()
+
+        def score(self, candidate, floor):
+            return self.scorer.score(candidate, floor)
+
+    return _Actor
+
+
 class RayBackend:
     """One Ray actor per worker, each with a model replica; candidate vectors are the only traffic
-    besides the round's weights (``ray.put`` once per round)."""
+    besides the round's weights (``ray.put`` once per round).
+
+    Without ``address`` a local Ray starts in this process; with one (``"127.0.0.1:6379"`` from
+    ``ray start --head``, or ``"ray://host:10001"``) the actors run on that cluster's nodes, one per GPU
+    when the model is on CUDA, else one per ``threads`` CPUs. ``runtime_env`` goes to ``ray.init``: the
+    cluster's workers import the model's class and the scoring code, so code that is not installed on
+    the nodes travels as ``{"py_modules": [...]}`` or ``{"working_dir": "."}``."""
 
     name = "ray"
+    CONNECT_TIMEOUT = 5.0  # seconds for a cluster to answer at ray_address before we say none did
 
-    def __init__(self, scorer: Scorer, workers: int, threads: int, address: Optional[str] = None):
+    def __init__(self, scorer: Scorer, workers: int, threads: int, address: Optional[str] = None,
+                 runtime_env: Optional[dict] = None):
         try:
             import ray
         except ImportError:
             raise ImportError("backend='ray' needs Ray: pip install 'de-plugin[ray]' (or pip install ray)") from None
         self.ray, self.scorer = ray, scorer
+        gpu = any(p.is_cuda for p in scorer.model.parameters())
         if not ray.is_initialized():
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=max(workers * threads, os.cpu_count() or 1), include_dashboard=False,
-                         log_to_driver=False, configure_logging=False)
+            _ray_init(ray, address, runtime_env, workers * threads, self.CONNECT_TIMEOUT)
+        elif address or runtime_env:
+            log.warning("Ray is already initialised in this process (%s): ray_address / ray_runtime_env are not "
+                        "applied; call ray.shutdown() first to join another cluster",
+                        ray.get_runtime_context().gcs_address)
+        if gpu and ray.cluster_resources().get("GPU", 0) < 1:
+            raise ValueError("the model is on CUDA but the Ray cluster has no GPU (ray.cluster_resources() lists "
+                             "none): start its nodes with GPUs (ray start --num-gpus N) or search on the CPU")
         payload = ray.put(scorer)  # model replica, cached data and scoring code, shipped once
+        actor = _ray_actor(ray, threads, gpu).options(scheduling_strategy="SPREAD")  # over the nodes
+        self.actors = [actor.remote(payload, threads) for _ in range(workers)]
+        self.placement = self._where()
 
-        @ray.remote(num_cpus=threads)
-        class _Actor:
-            def __init__(self, scorer, threads):
-                torch.set_num_threads(threads)
-                self.scorer = scorer
-
-            def start_round(self, state):
-                self.scorer.model.load_state_dict(state)
-                self.scorer.reset()
-
-            def score(self, candidate, floor):
-                return self.scorer.score(candidate, floor)
-
-        self.actors = [_Actor.remote(payload, threads) for _ in range(workers)]
+    def _where(self) -> dict:
+        """Which node each worker runs on (and says so in the log and the result); an actor that cannot
+        unpickle the model (its class not importable on the node) fails here, before any search."""
+        where, alive, error = [], [], None
+        for a in self.actors:
+            try:
+                where.append(self.ray.get(a.where.remote()))
+                alive.append(a)
+            except self.ray.exceptions.RayActorError as exc:  # its node died, or it cannot unpickle the model
+                error = exc
+                if "No module named" not in str(exc):
+                    log.warning("ray: a worker died at start (%s); going on without it", str(exc).splitlines()[0])
+        self.actors = alive
+        if error is not None and (not alive or "No module named" in str(error)):
+            exc = error
+            self.close()
+            missing = re.search(r"No module named '([^']+)'", str(exc))
+            if missing:
+                raise ImportError(
+                    f"the Ray workers cannot import {missing.group(1)!r}, which the model or scoring code comes from: "
+                    f"ship it with ray_runtime_env={{'py_modules': ['path/to/{missing.group(1).split('.')[0]}']}} "
+                    "(a module file or package directory), or {'working_dir': '.'} to send the current directory, "
+                    "or install it on every node") from None
+            raise exc
+        nodes: dict[str, int] = {}
+        for host, node, _gpus in where:
+            key = f"{host}/{node[:8]}"
+            nodes[key] = nodes.get(key, 0) + 1
+        log.info("ray: %d workers on %d node(s): %s%s", len(where), len(nodes),
+                 ", ".join(f"{h} ({n})" for h, n in nodes.items()),
+                 "; GPUs " + ", ".join(str(g) for *_, g in where) if any(g for *_, g in where) else "")
+        return {"workers": len(where), "nodes": nodes, "gpus": [g for *_, g in where]}
 
     def start_round(self) -> None:
         self.scorer.reset()
         state = self.ray.put({k: v.detach().cpu().clone() for k, v in self.scorer.model.state_dict().items()})
-        self.ray.get([a.start_round.remote(state) for a in self.actors])
+        futures = [(a, a.start_round.remote(state)) for a in self.actors]
+        for a, f in futures:
+            try:
+                self.ray.get(f)
+            except self.ray.exceptions.RayActorError as exc:  # its node died between rounds
+                if len(self.actors) == 1:
+                    raise WorkerError(f"the last Ray worker died: {exc}") from exc
+                log.warning("ray: a worker died (%s); going on without it", str(exc).splitlines()[0])
+                self.actors.remove(a)
+                self.placement["workers"] = len(self.actors)
 
     def evaluate(self, batch: Sequence[np.ndarray], floors: Optional[Sequence[Optional[float]]] = None) -> list[float]:
         floors = floors if floors is not None else [None] * len(batch)
-        futures = [self.actors[i % len(self.actors)].score.remote(c, fl)
-                   for i, (c, fl) in enumerate(zip(batch, floors))]
+        sent = [(self.actors[i % len(self.actors)], c, fl) for i, (c, fl) in enumerate(zip(batch, floors))]
+        futures = [a.score.remote(c, fl) for a, c, fl in sent]
         out = []
         for i, f in enumerate(futures):
             try:
                 out.append(_plain(self.ray.get(f)))
             except Exception as exc:  # noqa: BLE001 - Ray wraps the worker's exception
-                log.warning("ray worker failed on candidate %d (%s); retrying once", i, exc)
-                try:
-                    out.append(_plain(self.ray.get(self.actors[(i + 1) % len(self.actors)].score.remote(
-                        batch[i], floors[i]))))
-                except Exception as exc2:  # noqa: BLE001
-                    raise WorkerError(f"ray evaluation failed twice: {exc2}") from exc2
+                out.append(self._retry(sent[i], i, exc))
         return out
+
+    def _retry(self, sent: tuple, i: int, exc: Exception) -> float:
+        """A candidate whose worker failed: a dead worker (its node gone) leaves the pool and the candidate
+        goes to the next live one; any other failure is retried once elsewhere. Scores do not depend on
+        the worker, so the search goes on exactly as it would have."""
+        actor, candidate, floor = sent
+        dead = isinstance(exc, self.ray.exceptions.RayActorError)
+        log.warning("ray worker failed on candidate %d (%s); %s", i, str(exc).splitlines()[0][:200],
+                    "dropping it, retrying on another worker" if dead else "retrying once")
+        tries = len(self.actors) if dead else 1
+        for _ in range(tries):
+            if dead and actor in self.actors and len(self.actors) > 1:
+                self.actors.remove(actor)
+                self.placement["workers"] = len(self.actors)
+            others = [a for a in self.actors if a is not actor] or self.actors
+            actor = others[i % len(others)]
+            try:
+                return _plain(self.ray.get(actor.score.remote(candidate, floor)))
+            except Exception as exc2:  # noqa: BLE001
+                exc, dead = exc2, isinstance(exc2, self.ray.exceptions.RayActorError)
+        raise WorkerError(f"ray evaluation failed on every worker tried: {exc}") from exc
 
     def end_round(self) -> None:
         self.scorer.restore()
@@ -681,10 +788,13 @@ class BackendOptions(Options):
     workers: int = Field(1, ge=1, description="process / ray: evaluation workers")
     threads_per_worker: int = Field(1, ge=1, description="process / ray: intra-op threads pinned in each worker")
     ray_address: Optional[str] = Field(None, description="ray: join this cluster instead of starting a local one")
+    ray_runtime_env: Optional[dict] = Field(None, description="ray: runtime_env for ray.init, e.g. {'py_modules': "
+                                            "['mymodels.py']} when the model's class is not installed on the nodes")
 
 
 def make_backend(name: str, scorer: Any, workers: int = 1, threads: int = 1, address: Optional[str] = None,
-                 val_batches: Optional[list] = None, metric: Optional[Callable] = None):
+                 val_batches: Optional[list] = None, metric: Optional[Callable] = None,
+                 runtime_env: Optional[dict] = None):
     """The evaluation backend named ``name`` (see the module docstring)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -705,4 +815,4 @@ def make_backend(name: str, scorer: Any, workers: int = 1, threads: int = 1, add
         return BatchedBackend(scorer, val_batches, metric)
     if name == "process":
         return ProcessBackend(scorer, workers, threads)
-    return RayBackend(scorer, workers, threads, address)
+    return RayBackend(scorer, workers, threads, address, runtime_env)

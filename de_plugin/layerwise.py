@@ -178,7 +178,7 @@ class DELayerwise(IterativePruner):
                                  search_batches=search_batches)
         val = ctx.val_batches if search_batches is None else ctx.val_batches[:search_batches]
         self.backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address, val,
-                                    ctx.metric)
+                                    ctx.metric, runtime_env=o.ray_runtime_env)
 
     def _search_batches(self, ctx: Context) -> Optional[int]:
         """Multi-fidelity: how many of the first ``val_data`` batches score candidates during the search

@@ -340,8 +340,10 @@ class RoundRunner:
         self._bar.close()
         if self.checkpoint is not None:
             self._round_start()
+        placement = getattr(getattr(self.pruner, "backend", None), "placement", None)
         return Outcome(masks=self.state.masks, targets=list(self.ctx.targets), history=self.history,
-                       nfev=self.pruner.nfev, accuracy=self.loop["accuracy"], reference_accuracy=self.reference)
+                       nfev=self.pruner.nfev, accuracy=self.loop["accuracy"], reference_accuracy=self.reference,
+                       extra={"ray_workers": placement} if placement else {})
 
     def run(self, ctx: "Context") -> Outcome:
         """``start``, every step, ``finish``: the whole run (what :func:`de_plugin.prune` does)."""

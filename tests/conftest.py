@@ -1,7 +1,12 @@
 """Shared fixtures: a tiny MLP trained on scikit-learn's digits (real data, seconds to train)."""
 import copy
+import os
 
-import pytest
+# Ray 2.60 picks its auth mode once per process: the cluster test's `ray start` nodes and every local
+# ray.init() in this process must agree (token auth needs a shared token file on every node)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest  # noqa: E402
 import torch
 from torch import nn
 

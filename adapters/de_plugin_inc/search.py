@@ -41,7 +41,7 @@ from .patterns import inc_scorer
 
 log = logging.getLogger("de_plugin_inc")
 DE_KEYS = {"population", "generations", "max_evals", "strategy", "mutation", "recombination", "bound_handling",
-           "seed_baselines", "perturb", "backend", "workers", "threads_per_worker", "ray_address", "adaptation",
+           "seed_baselines", "perturb", "backend", "workers", "threads_per_worker", "ray_address", "ray_runtime_env", "adaptation",
            "stall"}
 GROUP_KEYS = {"groups": "layer", "group_offset": 0.05}  # the grouped search of de_layerwise (deep models)
 COARSE_KEYS = {"candidates", "adaptive_bn", "bn_batches", "score", "seed"}
@@ -92,8 +92,8 @@ def search_targets(scorer, modules: Dict[str, nn.Module], target: float, de_opti
     groups = resolve_groups(s["groups"], targets)
     space = GroupedSpace(base, [g for _, g in groups], s["group_offset"]) if groups else base
     options = SearchOptions(**{k: s[k] for k in DE_KEYS}, early_reject=False)
-    backend = make_backend(s["backend"], scorer, s["workers"],
-                           s["threads_per_worker"], s["ray_address"])
+    backend = make_backend(s["backend"], scorer, s["workers"], s["threads_per_worker"], s["ray_address"],
+                           runtime_env=s["ray_runtime_env"])
     try:
         with backend_round(backend) as scorer:
             seeds = [space.fit(np.full(len(names), 1.0 - target), keep, is_density=True)]
