@@ -13,11 +13,16 @@ All numbers are ratios measured in one run on the same machine:
 * early rejection: one DE round with ``early_reject`` off and on (budget and accuracy forms), the
   speed-up, whether the masks are the same, and how many trials were stopped early or skipped;
 * the share of a full de_layerwise run spent searching vs fine-tuning;
+* ``--parts sweep``: ``process`` and ``ray`` at ``--workers`` 1, 2, 4, ... (1 thread each) against
+  ``serial`` using every core's threads, on ``--sweep-candidates`` candidates (a large DE generation);
+  ``--ray-address`` runs the ray column on a cluster (``ray start --head``), ``--device cuda`` adds
+  ``batched`` on the GPU against ``serial`` on the GPU;
 * ``--coarse-models``: random_coarse's best-of-N scoring (adaptive BN on, 256 validation images
   per candidate as in benchmarks/coarse.py) on ``process`` / ``ray`` against ``serial``, and
   whether the candidate scores are bit-identical when serial also runs at 1 thread.
 
     python benchmarks/search.py --out benchmarks/results/search
+    python benchmarks/search.py --parts sweep --models lenet5 --workers 1 2 --out benchmarks/results/search_sweep
 """
 from __future__ import annotations
 
@@ -131,6 +136,58 @@ def run_model(name, args, data):
     return out
 
 
+def run_sweep(name, args, data):
+    """Per-candidate seconds of process / ray at each worker count against serial on all threads."""
+    import os
+
+    model = dense_model(name, data, args.dense_epochs[name], 0, args.data)
+    bs = args.val_batch
+    batches = [(data.x_val[i:i + bs], data.y_val[i:i + bs]) for i in range(0, args.val, bs)]
+    ev = evaluator_from_batches(batches, "accuracy")
+    targets = find_targets(model)
+    cands = candidates(targets, args.sweep_candidates, np.random.default_rng(0))
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    out = {"model": name, "cores": cores, "candidates": len(cands), "val_images": args.val,
+           "serial_s": per_candidate(make_backend("serial", MagnitudeScorer(model, targets, ev)), cands, args.repeats)}
+    torch.set_num_threads(1)
+    out["serial_1thread_s"] = per_candidate(make_backend("serial", MagnitudeScorer(model, targets, ev)), cands,
+                                            args.repeats)
+    torch.set_num_threads(cores)
+    for kind in ("process", "ray"):
+        for w in args.workers:
+            backend = make_backend(kind, MagnitudeScorer(model, targets, ev), workers=w, threads=1,
+                                   address=args.ray_address if kind == "ray" else None)
+            try:
+                out[f"{kind}_{w}_s"] = per_candidate(backend, cands, args.repeats)
+            finally:
+                backend.close()
+            log.info("%s %s x%d: %.4f s per candidate", name, kind, w, out[f"{kind}_{w}_s"])
+    if args.device != "cpu":
+        gpu = model.to(args.device)
+        gb = [(x.to(args.device), y.to(args.device)) for x, y in batches]
+        gev = evaluator_from_batches(gb, "accuracy")
+        out["gpu_serial_s"] = per_candidate(make_backend("serial", MagnitudeScorer(gpu, targets, gev)), cands, args.repeats)
+        b = make_backend("batched", MagnitudeScorer(gpu, targets, gev), val_batches=gb, metric=accuracy)
+        out["gpu_batched_s"] = per_candidate(b, cands, args.repeats)
+    return out
+
+
+def sweep_table(rows, workers):
+    head = f"{'model':9s} {'cores':>5s} {'serial s/cand':>13s} " + " ".join(
+        f"{k + ' x' + str(w):>11s}" for k in ("process", "ray") for w in workers)
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['model']:9s} {r['cores']:5d} {r['serial_s']:13.5f} " + " ".join(
+            f"{r['serial_s'] / r[f'{k}_{w}_s']:11.2f}" for k in ("process", "ray") for w in workers))
+        if "gpu_batched_s" in r:
+            lines.append(f"{'':9s} GPU: serial {r['gpu_serial_s']:.5f} s/cand, batched {r['gpu_batched_s']:.5f} s/cand "
+                         f"({r['gpu_serial_s'] / r['gpu_batched_s']:.2f}x)")
+    lines.append("process/ray xN = speed-up against serial using every core's threads, N workers of 1 thread each; "
+                 f"the ceiling for N <= {rows[0]['cores'] if rows else '?'} cores is N x (serial at all threads) / (serial at 1 thread)")
+    return "\n".join(lines)
+
+
 def run_reject(name, args, data):
     """The same DE round with early_reject off and on, alternated ``--reject-repeats`` times."""
     model = dense_model(name, data, args.dense_epochs[name], 0, args.data)
@@ -222,7 +279,11 @@ def table(rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", nargs="+", default=["backends", "reject", "coarse"],
-                    choices=["backends", "reject", "coarse"])
+                    choices=["backends", "reject", "coarse", "sweep"])
+    ap.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="sweep: worker counts (1 2 4 8 16)")
+    ap.add_argument("--sweep-candidates", type=int, default=64, help="sweep: candidates per timed batch")
+    ap.add_argument("--ray-address", default=None, help="sweep: run the ray column on this cluster")
+    ap.add_argument("--device", default="cpu", help="sweep: also time serial and batched on this device")
     ap.add_argument("--models", nargs="*", default=["lenet300", "lenet5"])
     ap.add_argument("--reject-repeats", type=int, default=3)
     ap.add_argument("--coarse-models", nargs="*", default=["vgg"], help="random_coarse scoring on the backends")
@@ -241,14 +302,15 @@ def main():
     rows = [run_model(m, args, data) for m in args.models] if "backends" in args.parts else []
     reject = [run_reject(m, args, data) for m in args.models] if "reject" in args.parts else []
     coarse = [run_coarse(m, args, data) for m in args.coarse_models] if "coarse" in args.parts else []
+    sweep = [run_sweep(m, args, data) for m in args.models] if "sweep" in args.parts else []
     text = "\n\n".join(([table(rows)] if rows else []) + ([reject_table(reject)] if reject else [])
-                        + ([coarse_table(coarse)] if coarse else []))
+                        + ([coarse_table(coarse)] if coarse else []) + ([sweep_table(sweep, args.workers)] if sweep else []))
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.txt").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "rows": rows,
-                                                        "reject": reject, "coarse": coarse}, indent=1))
+                                                        "reject": reject, "coarse": coarse, "sweep": sweep}, indent=1))
 
 
 if __name__ == "__main__":
