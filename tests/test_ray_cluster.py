@@ -135,6 +135,43 @@ def test_an_address_nobody_answers_at_fails_fast(tiny, evaluate):
     assert time.perf_counter() - t0 < 30
 
 
+class _CudaLooking:
+    """A scorer whose model says it is on CUDA (this machine has none): what RayBackend checks."""
+
+    class _P:
+        is_cuda = True
+
+    class _M:
+        def parameters(self):
+            return iter([_CudaLooking._P()])
+
+    model = _M()
+
+
+def test_cuda_on_a_cluster_without_gpus_is_refused(cluster):
+    from de_plugin.evaluation import make_backend
+
+    try:
+        with pytest.raises(ValueError, match="model is on CUDA but the Ray cluster has no GPU"):
+            make_backend("ray", _CudaLooking(), workers=1, address=cluster["address"])
+    finally:
+        ray.shutdown()
+
+
+def test_a_ray_version_mismatch_is_said_plainly(cluster, monkeypatch):
+    from de_plugin.evaluation import make_backend
+
+    def mismatch(*a, **k):
+        raise RuntimeError("Version mismatch: The cluster was started with:\n    Ray: 2.9.0\n    Python: 3.10.0\n"
+                           "This process on node 127.0.0.1 was started with:\n    Ray: 2.60.0")
+
+    ray.shutdown()
+    monkeypatch.setattr(ray, "init", mismatch)
+    with pytest.raises(RuntimeError, match=r"runs another Ray or Python version than this process .*Ray said: "
+                                           r"Version mismatch"):
+        make_backend("ray", _CudaLooking(), workers=1, address=cluster["address"])
+
+
 def raylet_of(node_dir: str) -> int:
     out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout
     pids = [int(line.split()[0]) for line in out.splitlines()
