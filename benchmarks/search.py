@@ -175,11 +175,12 @@ def run_sweep(name, args, data):
 
 def sweep_table(rows, workers):
     head = f"{'model':9s} {'cores':>5s} {'serial s/cand':>13s} " + " ".join(
-        f"{k + ' x' + str(w):>11s}" for k in ("process", "ray") for w in workers)
+        f"{k + ' x' + str(w):>11s}" for k in ("process", "ray") for w in workers) + f" {'ceiling x' + str(max(workers)):>11s}"
     lines = [head]
     for r in rows:
         lines.append(f"{r['model']:9s} {r['cores']:5d} {r['serial_s']:13.5f} " + " ".join(
-            f"{r['serial_s'] / r[f'{k}_{w}_s']:11.2f}" for k in ("process", "ray") for w in workers))
+            f"{r['serial_s'] / r[f'{k}_{w}_s']:11.2f}" for k in ("process", "ray") for w in workers)
+                     + f" {min(max(workers), r['cores']) * r['serial_s'] / r['serial_1thread_s']:11.2f}")
         if "gpu_batched_s" in r:
             lines.append(f"{'':9s} GPU: serial {r['gpu_serial_s']:.5f} s/cand, batched {r['gpu_batched_s']:.5f} s/cand "
                          f"({r['gpu_serial_s'] / r['gpu_batched_s']:.2f}x)")

@@ -79,9 +79,13 @@ def run_ours(model: torch.nn.Module, x: torch.Tensor, ratio: float) -> tuple[dic
     return row, masked, res.extra_masks
 
 
+CHILD_TIMEOUT = [None]  # seconds a child may run (--child-timeout); None: no limit
+
+
 def in_child(fn, *args, memory_gb: float = 8.0) -> dict:
     """``fn(*args)`` in a forked process under a memory limit: NNI's ModelSpeedup on MaxViT at 224x224 grew
-    past 22 GB and was OOM-killed with the benchmark; a child that runs out reports it as a row."""
+    past 22 GB and was OOM-killed with the benchmark; a child that runs out reports it as a row, and so does
+    one that runs past ``--child-timeout`` (NNI's shape inference on Swin ran for over 25 minutes)."""
     import multiprocessing as mp
     import resource
 
@@ -96,6 +100,10 @@ def in_child(fn, *args, memory_gb: float = 8.0) -> dict:
     proc = mp.get_context("fork").Process(target=target, args=(child,))
     proc.start()
     child.close()
+    if CHILD_TIMEOUT[0] is not None and not parent.poll(CHILD_TIMEOUT[0]):
+        proc.kill()
+        proc.join()
+        return {"ok": False, "error": f"timed out after {CHILD_TIMEOUT[0]:g} s"}
     try:
         out = parent.recv()
     except EOFError:
@@ -242,11 +250,13 @@ def main() -> None:
     ap.add_argument("--tp", action="store_true", help="also Torch-Pruning's MetaPruner (pip install torch-pruning)")
     ap.add_argument("--huge", action="store_true", help=f"include {sorted(HUGE)}")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--child-timeout", type=float, default=None, help="seconds for each NNI / Torch-Pruning child")
     ap.add_argument("--out", default="benchmarks/results/zoo")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out's results.json")
     ap.add_argument("--merge", nargs="*", default=[], help="re-make --out's table, taking the NNI and Torch-Pruning "
                                                            "columns from these runs' results.json")
     args = ap.parse_args()
+    CHILD_TIMEOUT[0] = args.child_timeout
     if args.merge:
         merged(Path(args.out), [Path(d) for d in args.merge], args)
         return
