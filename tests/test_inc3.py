@@ -177,3 +177,38 @@ def test_autotune_keeps_the_sparsest_config_within_tolerance(mlp, evaluate):
     best = autotune(mlp, tune, eval_fn=evaluate)
     assert best is not None and evaluate(best) >= dense * 0.95
     assert best.de_plugin_report["sparsity"] == pytest.approx(0.6, abs=2e-3)  # 97% costs more than 5%
+
+
+def test_de_channel_makes_the_model_smaller_under_the_macs_budget(resnet, images):
+    from de_plugin.adapter import count_macs
+
+    from de_plugin_inc import DEChannelConfig
+
+    ev = __import__("de_plugin.demo.training", fromlist=["make_evaluate"]).make_evaluate(images.xv, images.yv)
+    x = images.xv[:2]
+    dense = count_macs(resnet, x)
+    cfg = DEChannelConfig(macs=0.5, eval_fn=ev, train_data=images.batches[:4],
+                          channel_options={"population": 6, "generations": 2, "bn_batches": 2})
+    small = quantize(copy.deepcopy(resnet), cfg)  # INC's entry point: searched, then sliced
+    after = count_macs(small, x)
+    assert after["macs_dense"] <= 0.5 * dense["macs_dense"] and after["params_dense"] < dense["params_dense"]
+    assert small.de_plugin_report["macs_kept"] == pytest.approx(after["macs_dense"] / dense["macs_dense"])
+    assert ev(small) > 0.3  # a working (if untrained) smaller network
+
+
+def test_de_channel_then_static_int8(resnet, images):
+    from de_plugin_inc import DEChannelConfig
+
+    ev = __import__("de_plugin.demo.training", fromlist=["make_evaluate"]).make_evaluate(images.xv, images.yv)
+    before = state_of(resnet)
+    cfg = DEChannelConfig(params=0.5, eval_fn=ev, train_data=images.batches[:4],
+                          channel_options={"population": 6, "generations": 2, "bn_batches": 2})
+    q = prune_and_quantize(resnet, cfg, StaticQuantConfig(), example_inputs=(images.xv[:8],),
+                           calib_data=[b[0] for b in images.batches[:4]])
+    assert same_state(before, state_of(resnet))
+    assert q.de_plugin_report["params_kept"] <= 0.5 and "quantized" in q.de_plugin_report["eval"]
+    assert int_weights(q)  # the smaller model's convs and head are int8
+    with pytest.raises(TypeError, match="prune_and_quantize"):
+        cfg + StaticQuantConfig()
+    with pytest.raises(ValueError, match="exactly one budget"):
+        quantize(copy.deepcopy(resnet), DEChannelConfig(eval_fn=ev))

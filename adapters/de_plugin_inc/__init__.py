@@ -5,7 +5,9 @@
 config and algorithm registries, so ``quantize(model, DELayerwiseConfig(target_sparsity=0.9,
 eval_fn=evaluate))`` prunes and ``autotune`` tunes over it; :func:`prune_and_quantize` prunes then
 quantizes (PT2E static / dynamic int8, RTN weight-only) with the pruned zeros checked after
-quantization; :func:`save` / :func:`load` store the result as sparse int8.
+quantization; :func:`save` / :func:`load` store the result as sparse int8. :class:`DEChannelConfig`
+(``de_channel``: channel counts under a MACs / parameter / latency budget) makes the model physically
+smaller the same two ways.
 
 **INC 3.7** (``pip install 'de-plugin[inc-legacy]'``, the 2.x pruning API): ``import de_plugin_inc``
 registers ``pruning_type="de_layerwise"`` with INC's pruner registry, so
@@ -84,7 +86,8 @@ INC_AVAILABLE = ROUTE is not None
 
 _LEGACY = {"search_config": "de_plugin_inc.config", "search_layer_targets": "de_plugin_inc.search",
            "quantize": "de_plugin_inc.quantization", "int8_weights": "de_plugin_inc.quantization"}
-_CURRENT = {"DELayerwiseConfig": "de_plugin_inc.inc3", "prune_and_quantize": "de_plugin_inc.pt2e",
+_CURRENT = {"DELayerwiseConfig": "de_plugin_inc.inc3", "DEChannelConfig": "de_plugin_inc.channels3",
+            "prune_and_quantize": "de_plugin_inc.pt2e",
             "int_weights": "de_plugin_inc.pt2e", "zeros_kept": "de_plugin_inc.pt2e",
             "save": "de_plugin_inc.storage", "load": "de_plugin_inc.storage"}
 

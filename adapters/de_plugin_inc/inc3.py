@@ -162,12 +162,15 @@ def de_layerwise_entry(model: nn.Module, configs_mapping, mode: Mode = Mode.QUAN
 
 
 def _register_first() -> None:
-    """Quirk (INC 3.10): ``quantize`` runs the registered entries in registration order, and ours registers
-    after INC's quantizers; pruning must come before any quantizer, so it goes first. Idempotent."""
+    """Quirk (INC 3.10): ``quantize`` runs the registered entries in registration order, and ours register
+    after INC's quantizers; pruning must come before any quantizer, so ours go first. Idempotent."""
+    from .channels3 import DE_CHANNEL, de_channel_entry
+
+    ours = {DE_LAYERWISE: de_layerwise_entry, DE_CHANNEL: de_channel_entry}
     table = inc_utility.algos_mapping
-    rest = [(k, v) for k, v in table.items() if k != DE_LAYERWISE]
+    rest = [(k, v) for k, v in table.items() if k not in ours]
     table.clear()
-    table[DE_LAYERWISE] = de_layerwise_entry
+    table.update(ours)
     table.update(rest)
 
 

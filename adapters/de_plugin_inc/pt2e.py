@@ -27,6 +27,7 @@ from torch import nn
 
 from de_plugin.adapter import check_batches, check_score
 
+from .channels3 import DEChannelConfig, prune_channels
 from .inc3 import DELayerwiseConfig, prune_model
 
 log = logging.getLogger("de_plugin_inc")
@@ -52,7 +53,7 @@ def check_quant(quant: Any, calib_data: Optional[Iterable], example_inputs: Opti
     return "pt2e"
 
 
-def prune_and_quantize(model: nn.Module, pruning: DELayerwiseConfig, quant: Any,
+def prune_and_quantize(model: nn.Module, pruning: "DELayerwiseConfig | DEChannelConfig", quant: Any,
                        example_inputs: Optional[Tuple] = None, calib_data: Optional[Iterable] = None,
                        inplace: bool = False, dynamic_shapes: Any = "batch") -> nn.Module:
     """``de_layerwise`` then INC quantization; the quantized model, with ``.de_plugin_masks`` and
@@ -61,15 +62,20 @@ def prune_and_quantize(model: nn.Module, pruning: DELayerwiseConfig, quant: Any,
 
     ``dynamic_shapes="batch"`` exports with a free batch dimension (torch.export otherwise fixes every
     size to ``example_inputs``'); pass None for static shapes or torch.export's own specification."""
-    if not isinstance(pruning, DELayerwiseConfig):
-        raise TypeError(f"pruning must be a de_plugin_inc.DELayerwiseConfig, got {type(pruning).__name__}")
+    if not isinstance(pruning, (DELayerwiseConfig, DEChannelConfig)):
+        raise TypeError(f"pruning must be a de_plugin_inc.DELayerwiseConfig or DEChannelConfig, got "
+                        f"{type(pruning).__name__}")
     route = check_quant(quant, calib_data, example_inputs)
     batches = None if calib_data is None else check_batches(calib_data, "calib_data", pairs=False)
     pruning.check(model)  # before any work
     work = model if inplace else copy.deepcopy(model)
     work.eval()
     dense = check_score(pruning.eval_fn(work))
-    masks = prune_model(work, pruning)
+    if isinstance(pruning, DEChannelConfig):  # channels removed: nothing left at zero to check
+        masks = {}
+        prune_channels(work, pruning)
+    else:
+        masks = prune_model(work, pruning)
     report = dict(work.de_plugin_report)
     work.eval()
     report["eval"] = {"dense": dense, "pruned": check_score(pruning.eval_fn(work))}
