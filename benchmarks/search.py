@@ -92,13 +92,18 @@ def floor_ratio(model, batches, backend, cands, repeats):
     return statistics.median(ratios)
 
 
-def run_model(name, args, data):
+def setup(name, args, data, n):
+    """The dense model, its validation batches and evaluator, targets and ``n`` random candidates."""
     model = dense_model(name, data, args.dense_epochs[name], 0, args.data)
     bs = args.val_batch
     batches = [(data.x_val[i:i + bs], data.y_val[i:i + bs]) for i in range(0, args.val, bs)]
     ev = evaluator_from_batches(batches, "accuracy")
     targets = find_targets(model)
-    cands = candidates(targets, args.candidates, np.random.default_rng(0))
+    return model, batches, ev, targets, candidates(targets, n, np.random.default_rng(0))
+
+
+def run_model(name, args, data):
+    model, batches, ev, targets, cands = setup(name, args, data, args.candidates)
     out = {"model": name, "val_images": args.val, "candidates": len(cands)}
     torch.set_num_threads(1)
     out["serial_1thread_s"] = per_candidate(make_backend("serial", MagnitudeScorer(model, targets, ev)), cands, args.repeats)
@@ -140,12 +145,7 @@ def run_sweep(name, args, data):
     """Per-candidate seconds of process / ray at each worker count against serial on all threads."""
     import os
 
-    model = dense_model(name, data, args.dense_epochs[name], 0, args.data)
-    bs = args.val_batch
-    batches = [(data.x_val[i:i + bs], data.y_val[i:i + bs]) for i in range(0, args.val, bs)]
-    ev = evaluator_from_batches(batches, "accuracy")
-    targets = find_targets(model)
-    cands = candidates(targets, args.sweep_candidates, np.random.default_rng(0))
+    model, batches, ev, targets, cands = setup(name, args, data, args.sweep_candidates)
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     out = {"model": name, "cores": cores, "candidates": len(cands), "val_images": args.val,

@@ -17,11 +17,11 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from neural_compressor.common.base_config import register_config
 from neural_compressor.common.utils import Mode
-from neural_compressor.torch.quantization.config import TorchBaseConfig
 from torch import nn
 
 from de_plugin.adapter import capture_input, check_batches, check_score, count_macs, prune, slice_channels
 
+from .config3 import PruningConfig
 from .search import channel_settings
 
 log = logging.getLogger("de_plugin_inc")
@@ -29,7 +29,7 @@ DE_CHANNEL = "de_channel"
 
 
 @register_config(framework_name="torch", algo_name=DE_CHANNEL, priority=0)
-class DEChannelConfig(TorchBaseConfig):
+class DEChannelConfig(PruningConfig):
     """INC 3.x config of ``de_channel``: exactly one budget (``macs``, ``params`` or ``latency``, fractions
     of the dense model kept); ``channel_options`` takes the search's settings (population, generations,
     channel_choice, include_linear, bn_batches, backend...). A list for the budget makes it tunable."""
@@ -48,21 +48,9 @@ class DEChannelConfig(TorchBaseConfig):
         self.non_tunable_params = list(type(self).non_tunable_params)
         self._post_init()
 
-    def __add__(self, other):
-        raise TypeError("INC 3.x cannot compose DEChannelConfig with a quantization config; prune and quantize in one "
-                        "call instead: de_plugin_inc.prune_and_quantize(model, pruning=DEChannelConfig(...), "
-                        "quant=StaticQuantConfig(), example_inputs=..., calib_data=...)")
-
-    @classmethod
-    def register_supported_configs(cls) -> None:
-        cls.supported_configs = []
-
     @staticmethod
     def get_model_info(model: nn.Module, *args, **kwargs):
         return [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-    def to_config_mapping(self, config_list=None, model_info=None):
-        return {self.name: self}
 
     @classmethod
     def get_config_set_for_tuning(cls) -> "DEChannelConfig":

@@ -26,12 +26,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from neural_compressor.common.base_config import register_config
 from neural_compressor.common.utils import Mode
-from neural_compressor.torch.quantization.config import TorchBaseConfig
 from neural_compressor.torch.utils import utility as inc_utility
 from torch import nn
 
 from de_plugin.adapter import PatternScorer, check_fits, check_score, parse_pattern, pattern_mask
 
+from .config3 import PruningConfig
 from .search import de_settings, search_targets
 
 log = logging.getLogger("de_plugin_inc")
@@ -40,7 +40,7 @@ OP_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv
 
 
 @register_config(framework_name="torch", algo_name=DE_LAYERWISE, priority=0)
-class DELayerwiseConfig(TorchBaseConfig):
+class DELayerwiseConfig(PruningConfig):
     """INC 3.x config of ``de_layerwise``. A list for ``target_sparsity`` or ``pattern`` makes it
     tunable by INC's ``autotune`` (one trial per value, in the order given).
 
@@ -64,24 +64,9 @@ class DELayerwiseConfig(TorchBaseConfig):
         self.non_tunable_params = list(type(self).non_tunable_params)
         self._post_init()
 
-    def __add__(self, other):
-        # Quirk (INC 3.10): ComposableConfig.to_config_mapping iterates each config's get_model_info(), which is
-        # None for StaticQuantConfig / DynamicQuantConfig on the PT2E route ("'NoneType' object is not iterable"),
-        # and it maps only local (per-op) configs, so a global RTNConfig() in a composition quantizes nothing.
-        raise TypeError("INC 3.x cannot compose DELayerwiseConfig with a quantization config; prune and quantize in one "
-                        "call instead: de_plugin_inc.prune_and_quantize(model, pruning=DELayerwiseConfig(...), "
-                        "quant=StaticQuantConfig(), example_inputs=..., calib_data=...)")
-
-    @classmethod
-    def register_supported_configs(cls) -> None:
-        cls.supported_configs = []  # pruning has no per-operator quantization settings
-
     @staticmethod
     def get_model_info(model: nn.Module, *args, **kwargs) -> List[Tuple[str, str]]:
         return [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, tuple(OP_TYPES.values()))]
-
-    def to_config_mapping(self, config_list=None, model_info=None):
-        return {self.name: self}  # one search over all selected layers, as INC's PT2E configs map themselves
 
     @classmethod
     def get_config_set_for_tuning(cls) -> "DELayerwiseConfig":
