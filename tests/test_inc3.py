@@ -212,3 +212,15 @@ def test_de_channel_then_static_int8(resnet, images):
         cfg + StaticQuantConfig()
     with pytest.raises(ValueError, match="exactly one budget"):
         quantize(copy.deepcopy(resnet), DEChannelConfig(eval_fn=ev))
+
+
+@pytest.mark.parametrize("quant, value", [(StaticQuantConfig(w_dtype="int3"), "int3"),
+                                          (StaticQuantConfig(act_algo="foo"), "foo")], ids=["w_dtype", "act_algo"])
+def test_a_config_inc_rejects_is_said_before_the_search(mlp, example, calib, quant, value):
+    called = []
+    cfg = DELayerwiseConfig(target_sparsity=0.8, eval_fn=lambda m: called.append(1) or 0.5, de_options=DE)
+    before = state_of(mlp)
+    with pytest.raises(ValueError, match=rf"INC rejected INT8StaticQuantConfig .*the value '{value}' is not one INC "
+                                         r"knows.*nothing was pruned"):
+        prune_and_quantize(mlp, cfg, quant, example_inputs=example, calib_data=calib)
+    assert not called and same_state(before, state_of(mlp))  # no search ran; the model is as it was

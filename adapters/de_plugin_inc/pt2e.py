@@ -67,9 +67,12 @@ def prune_and_quantize(model: nn.Module, pruning: "DELayerwiseConfig | DEChannel
                         f"{type(pruning).__name__}")
     route = check_quant(quant, calib_data, example_inputs)
     batches = None if calib_data is None else check_batches(calib_data, "calib_data", pairs=False)
+    if dynamic_shapes == "batch":
+        dynamic_shapes = tuple({0: torch.export.Dim.AUTO} if torch.is_tensor(x) else None for x in example_inputs or ())
     pruning.check(model)  # before any work
     work = model if inplace else copy.deepcopy(model)
     work.eval()
+    try_quant(work, quant, route, example_inputs, (batches or [])[:1], dynamic_shapes)  # INC's verdict, before work
     dense = check_score(pruning.eval_fn(work))
     if isinstance(pruning, DEChannelConfig):  # channels removed: nothing left at zero to check
         masks = {}
@@ -79,21 +82,7 @@ def prune_and_quantize(model: nn.Module, pruning: "DELayerwiseConfig | DEChannel
     report = dict(work.de_plugin_report)
     work.eval()
     report["eval"] = {"dense": dense, "pruned": check_score(pruning.eval_fn(work))}
-    if route == "rtn":
-        q = quantize(work, quant, inplace=True)
-    else:
-        if dynamic_shapes == "batch":
-            dynamic_shapes = tuple({0: torch.export.Dim.AUTO} if torch.is_tensor(x) else None for x in example_inputs)
-        q = prepare(export(work, example_inputs, dynamic_shapes=dynamic_shapes), quant)
-        with torch.no_grad():
-            for b in batches or []:
-                q(*_inputs(b, len(example_inputs)))
-        q = convert(q)
-        # Quirk (INC 3.10 + torchao 0.18): a converted PT2E model raises NotImplementedError on .eval() / .train(),
-        # which every evaluation function calls; torchao's own switch makes them legal (eval mode is what runs)
-        from torchao.quantization.pt2e import allow_exported_model_train_eval
-
-        allow_exported_model_train_eval(q)
+    q = run_quant(work, quant, route, example_inputs, batches or [], dynamic_shapes, inplace=True)
     kept = zeros_kept(q, masks)
     bad = {n: f for n, f in kept.items() if f < 1.0}
     if bad:
@@ -102,6 +91,40 @@ def prune_and_quantize(model: nn.Module, pruning: "DELayerwiseConfig | DEChannel
     report["eval"]["quantized"] = check_score(pruning.eval_fn(q))
     q.de_plugin_masks, q.de_plugin_report = masks, report
     return q
+
+
+def run_quant(model: nn.Module, quant: Any, route: str, example_inputs, batches: list, dynamic_shapes,
+              inplace: bool) -> nn.Module:
+    """INC's own path: ``quantize`` (RTN), or export -> prepare -> calibrate on ``batches`` -> convert."""
+    if route == "rtn":
+        return quantize(model, quant, inplace=inplace)
+    q = prepare(export(model, example_inputs, dynamic_shapes=dynamic_shapes), quant)
+    with torch.no_grad():
+        for b in batches:
+            q(*_inputs(b, len(example_inputs)))
+    q = convert(q)
+    # Quirk (INC 3.10 + torchao 0.18): a converted PT2E model raises NotImplementedError on .eval() / .train(),
+    # which every evaluation function calls; torchao's own switch makes them legal (eval mode is what runs)
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+    allow_exported_model_train_eval(q)
+    return q
+
+
+def try_quant(model: nn.Module, quant: Any, route: str, example_inputs, batches: list, dynamic_shapes) -> None:
+    """Quantize the dense model once (on one calibration batch) before the search: a config INC rejects
+    fails here, in plain words, instead of after the search. Quirk (INC 3.10): INC checks no setting up
+    front; an unknown value surfaces deep in ``prepare`` / ``quantize`` as a bare ``KeyError: 'int3'``."""
+    try:
+        run_quant(model, copy.deepcopy(quant), route, example_inputs, batches, dynamic_shapes, inplace=False)
+    except Exception as exc:  # noqa: BLE001 - INC raises whatever its internals raise
+        defaults = type(quant)() if route == "rtn" else None
+        given = {k: getattr(quant, k) for k in quant.params_list if k != "white_list" and hasattr(quant, k)
+                 and (defaults is None or getattr(defaults, k, None) != getattr(quant, k))}
+        what = (f"the value {exc.args[0]!r} is not one INC knows" if isinstance(exc, KeyError) and exc.args
+                else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        raise ValueError(f"INC rejected {type(quant).__name__} while quantizing the dense model ({what}); settings: "
+                         f"{given}. Fix the quantization config; nothing was pruned") from exc
 
 
 def _inputs(batch: Any, n: int) -> tuple:
