@@ -118,13 +118,13 @@ def try_quant(model: nn.Module, quant: Any, route: str, example_inputs, batches:
     try:
         run_quant(model, copy.deepcopy(quant), route, example_inputs, batches, dynamic_shapes, inplace=False)
     except Exception as exc:  # noqa: BLE001 - INC raises whatever its internals raise
-        defaults = type(quant)() if route == "rtn" else None
+        defaults = type(quant)()
         given = {k: getattr(quant, k) for k in quant.params_list if k != "white_list" and hasattr(quant, k)
-                 and (defaults is None or getattr(defaults, k, None) != getattr(quant, k))}
+                 and getattr(defaults, k, None) != getattr(quant, k)}
         what = (f"the value {exc.args[0]!r} is not one INC knows" if isinstance(exc, KeyError) and exc.args
                 else f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-        raise ValueError(f"INC rejected {type(quant).__name__} while quantizing the dense model ({what}); settings: "
-                         f"{given}. Fix the quantization config; nothing was pruned") from exc
+        raise ValueError(f"INC rejected {type(quant).__name__} while quantizing the dense model ({what}); settings "
+                         f"other than INC's defaults: {given}. Fix the quantization config; nothing was pruned") from exc
 
 
 def _inputs(batch: Any, n: int) -> tuple:
