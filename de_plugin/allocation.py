@@ -197,12 +197,6 @@ def masks_from_counts(weights: list[torch.Tensor], counts: Sequence[int],
     """
     if ranks is not None:
         return [(r < int(k)).cpu() for r, k in zip(ranks, counts)]
-    out = []
-    for w, k in zip(weights, counts):
-        flat = w.detach().abs().reshape(-1)
-        m = torch.zeros(flat.numel(), dtype=torch.bool)
-        if k > 0:
-            order = torch.argsort(flat, descending=True, stable=True)
-            m[order[: int(k)]] = True
-        out.append(m.reshape(w.shape))
-    return out
+    from .evaluation import keep_mask  # a selection, not a sort: same masks, no int64 order per weight
+
+    return [keep_mask(w, int(k)).cpu() for w, k in zip(weights, counts)]

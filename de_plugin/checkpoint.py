@@ -17,7 +17,7 @@ import torch
 
 FORMAT = "de_plugin.search/1"
 #: options that may change between the killed run and the resumed one (how, not what, is computed)
-VOLATILE = {"checkpoint", "resume", "backend", "workers", "threads_per_worker", "ray_address", "ray_runtime_env", "device",
+VOLATILE = {"checkpoint", "resume", "backend", "workers", "threads_per_worker", "ray_address", "ray_runtime_env", "low_memory", "device",
             "time_limit"}
 
 

@@ -253,6 +253,31 @@ def magnitude_rank(w: torch.Tensor) -> torch.Tensor:
     return rank.view(w.shape)
 
 
+def keep_mask(w: torch.Tensor, k: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``magnitude_rank(w) < k`` without a sort or a rank tensor: the ``k`` largest magnitudes, ties
+    at the threshold kept by position (the stable descending order's tie-break), so the mask is the
+    same bit for bit. One selection (O(n)) instead of an O(n log n) sort, and no per-weight state:
+    how the low-memory search applies candidates."""
+    out = torch.empty(w.shape, dtype=torch.bool, device=w.device) if out is None else out
+    n, k = w.numel(), int(k)
+    if k <= 0 or k >= n:
+        return out.fill_(k >= n)
+    a = w.detach().abs().reshape(-1)
+    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
+        # numpy's introselect copies the values only (torch.kthvalue adds an int64 index per weight)
+        t = torch.tensor(np.partition(a.numpy(), n - k)[n - k], dtype=a.dtype)
+    else:
+        t = torch.kthvalue(a.float(), n - k + 1).values.to(a.dtype)
+    flat = out.view(-1)
+    torch.gt(a, t, out=flat)
+    need = k - int(flat.sum())
+    tied = a == t
+    if int(tied.sum()) != need:  # keep only the first `need` tied weights, as the stable order does
+        tied &= torch.cumsum(tied, 0, dtype=torch.int32) <= need
+    flat |= tied
+    return out
+
+
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -303,14 +328,33 @@ class BNState:
                     getattr(bn, k).copy_(v)
 
 
+#: ``low_memory=None`` turns the low-memory search on above this many searched weights (the int32
+#: ranks alone would hold 200 MB there)
+LOW_MEMORY_AUTO = 50_000_000
+
+
+def low_memory_for(option: Optional[bool], targets: Sequence[Target]) -> bool:
+    """Whether a search over ``targets`` runs in low-memory mode: the option, or by size when None."""
+    return bool(option) if option is not None else sum(t.numel for t in targets) > LOW_MEMORY_AUTO
+
+
 class MagnitudeScorer:
-    """Magnitude masks from keep-counts, applied in place to one model and scored."""
+    """Magnitude masks from keep-counts, applied in place to one model and scored.
+
+    Per searched weight it holds the round's fp32 snapshot and, unless ``low_memory``, an int32
+    magnitude rank (masks by one comparison). ``low_memory`` drops the ranks (masks by an O(n)
+    selection per changed layer, :func:`keep_mask`: the same masks) and takes the snapshot at the
+    first candidate rather than at the round's start, so the round's seeds (LAMP's scores) are not
+    held at the same time."""
 
     def __init__(self, model: nn.Module, targets: Sequence[Target], evaluate: Callable[[nn.Module], float],
                  batches: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None,
                  metric: Optional[Callable] = None, calib: Optional[Sequence[Any]] = None, bn_batches: int = 0,
-                 search_batches: Optional[int] = None):
+                 search_batches: Optional[int] = None, low_memory: bool = False):
         self.model, self.targets, self.evaluate = model, list(targets), evaluate
+        self.low_memory = low_memory
+        self._w0: Optional[list[torch.Tensor]] = None
+        self._ready = False
         # multi-fidelity: the search scores accuracy on the first ``search_batches`` batches only
         # (needs ``batches``); :meth:`score_full` gives the full score for the final re-scoring
         self.search_batches = search_batches
@@ -328,33 +372,47 @@ class MagnitudeScorer:
 
     def reset(self) -> None:
         """Take the model's current weights as this round's reference: a snapshot and each weight's
-        magnitude rank (built once per round, shared with the round's mask computation)."""
+        magnitude rank (built once per round, shared with the round's mask computation); in
+        low-memory mode no ranks, and the snapshot waits for the first candidate (:attr:`w0`)."""
         self.params = [get_param(self.model, t) for t in self.targets]
-        self.w0 = [p.detach().clone() for p in self.params]
-        self.rank = [magnitude_rank(w) for w in self.w0]
-        self._keep = torch.empty(max(w.numel() for w in self.w0), dtype=torch.bool, device=self.w0[0].device)
+        self._w0 = None if self.low_memory else [p.detach().clone() for p in self.params]
+        self.rank = None if self.low_memory else [magnitude_rank(w) for w in self._w0]
+        self._keep = torch.empty(max(p.numel() for p in self.params), dtype=torch.bool, device=self.params[0].device)
         self.applied: list[Optional[int]] = [None] * len(self.params)
         self.bn_state = BNState(self.model) if self.calib else None
+        self._ready = True
+
+    @property
+    def w0(self) -> list[torch.Tensor]:
+        """The round's weights (in low-memory mode taken at first use, before any mask is applied)."""
+        if not self._ready:
+            self.reset()
+        if self._w0 is None:
+            self._w0 = [p.detach().clone() for p in self.params]
+        return self._w0
 
     def apply(self, counts: Sequence[int]) -> None:
         """Keep the ``counts[l]`` largest weights of each layer: one vectorised pass per changed layer
-        (``rank < k``), exactly the first ``k`` of the stable descending magnitude order."""
-        if self.rank is None:
-            self.reset()
+        (``rank < k``, or :func:`keep_mask` in low-memory mode), exactly the first ``k`` of the stable
+        descending magnitude order."""
+        w0 = self.w0
         with torch.no_grad():
             for i, (p, k) in enumerate(zip(self.params, counts)):
                 k = int(k)
                 if self.applied[i] != k:
                     keep = self._keep[: p.numel()].view(p.shape)  # one bool buffer, reused by every layer
-                    torch.lt(self.rank[i], k, out=keep)
-                    torch.mul(self.w0[i], keep, out=p)
+                    if self.rank is None:
+                        keep_mask(w0[i], k, out=keep)
+                    else:
+                        torch.lt(self.rank[i], k, out=keep)
+                    torch.mul(w0[i], keep, out=p)
                     self.applied[i] = k
 
     def restore(self) -> None:
-        if self.rank is None:
+        if not self._ready:
             return
         with torch.no_grad():
-            for p, w in zip(self.params, self.w0):
+            for p, w in zip(self.params, self._w0 or []):
                 p.copy_(w)
         self.applied = [None] * len(self.params)
         if self.bn_state is not None:
@@ -471,9 +529,13 @@ class BatchedBackend(SerialBackend):
                 part = batch[start:start + self.chunk]
                 stacked = {}
                 with torch.no_grad():
-                    for li, (name, w0, rank) in enumerate(zip(names, s.w0, s.rank)):
-                        keep = torch.tensor([int(c[li]) for c in part], device=rank.device)
-                        mask = rank.unsqueeze(0) < keep.view(-1, *([1] * rank.dim()))
+                    for li, (name, w0) in enumerate(zip(names, s.w0)):
+                        if s.rank is None:  # low-memory mode: one selection per candidate and layer
+                            mask = torch.stack([keep_mask(w0, int(c[li])) for c in part])
+                        else:
+                            rank = s.rank[li]
+                            keep = torch.tensor([int(c[li]) for c in part], device=rank.device)
+                            mask = rank.unsqueeze(0) < keep.view(-1, *([1] * rank.dim()))
                         stacked[name] = torch.where(mask, w0.unsqueeze(0), torch.zeros((), dtype=w0.dtype))
                 with torch.inference_mode():
                     logits = self._forward(stacked)

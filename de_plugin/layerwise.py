@@ -32,7 +32,7 @@ from torch import nn
 from . import allocation
 from .allocator import Allocator, KeepSpace, SearchOptions, StdSpace, population_for
 from .de import DifferentialEvolution
-from .evaluation import MagnitudeScorer, backend_round, batch_norms, check_device, make_backend
+from .evaluation import MagnitudeScorer, backend_round, batch_norms, check_device, low_memory_for, make_backend
 from .grouping import NAMED, GroupedSpace, resolve_groups, search_dim
 from .metrics import accuracy
 from .targets import Target
@@ -56,6 +56,10 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
     sensitivity_scan: bool = Field(True, description="per-layer sensitivity scan in the first round (warm start)")
     scan_levels: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     device: Optional[str] = Field(None, description="move the working copy here (e.g. 'cuda')")
+    low_memory: Optional[bool] = Field(
+        None, description="hold ~5 bytes per searched weight instead of ~13: no magnitude ranks (masks by selection, "
+                          "the same masks, slower per candidate), prune(inplace=True)'s restore copy on disk; "
+                          "None: on above 50M searched weights")
     groups: Union[int, str, dict[str, Union[str, list[str]]]] = Field(
         "layer", description="one DE value per group of layers: 'layer' (none), 'stage', 'block', 'type', "
                              "an integer n (n runs of consecutive layers) or {name: [layer patterns]}")
@@ -175,7 +179,7 @@ class DELayerwise(IterativePruner):
         scorer = MagnitudeScorer(ctx.model, ctx.targets, ctx.evaluate,
                                  *((ctx.val_batches, ctx.metric) if o.early_reject or search_batches else (None, None)),
                                  calib=ctx.train_batches if self._adaptive_bn(ctx) else None, bn_batches=o.bn_batches,
-                                 search_batches=search_batches)
+                                 search_batches=search_batches, low_memory=low_memory_for(o.low_memory, ctx.targets))
         val = ctx.val_batches if search_batches is None else ctx.val_batches[:search_batches]
         self.backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address, val,
                                     ctx.metric, runtime_env=o.ray_runtime_env)

@@ -13,6 +13,8 @@ import inspect
 import logging
 import math
 import numbers
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
@@ -20,7 +22,7 @@ from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .evaluation import check_batches, check_score, evaluator_from_batches
+from .evaluation import check_batches, check_score, evaluator_from_batches, low_memory_for
 from .options import Options, validate_options
 from .registry import get_metric, get_pruner_class
 from .result import Outcome, PruningResult
@@ -94,6 +96,37 @@ def _check_fraction(label: str, value: Any) -> float:
     return float(value)
 
 
+class Undo:
+    """The user's weights as they were, put back if pruning in place fails. In memory, or with
+    ``spill`` in a temporary file: a second copy of a large model is what low memory avoids."""
+
+    def __init__(self, model: nn.Module, spill: bool):
+        self.path: Optional[str] = None
+        self.state: Optional[dict] = None
+        if spill:
+            fd, self.path = tempfile.mkstemp(prefix="de_plugin_undo_", suffix=".pt")
+            os.close(fd)
+            try:
+                torch.save(model.state_dict(), self.path)
+            except (OSError, RuntimeError) as exc:  # a full disk: keep the copy in memory instead
+                log.warning("cannot write the undo copy to %s (%s); keeping it in memory", self.path, exc)
+                self.close()
+        if self.path is None:
+            self.state = copy.deepcopy(model.state_dict())
+
+    def restore(self, model: nn.Module) -> None:
+        state = self.state if self.path is None else torch.load(self.path, mmap=True, weights_only=False)
+        model.load_state_dict(state)
+
+    def close(self) -> None:
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            self.path = None
+
+
 def prune(
     model: nn.Module,
     name: str,
@@ -146,7 +179,8 @@ def prune(
     pruner.check_targets(model, targets, train_batches, val_batches, metric_fn)
 
     work = model if inplace else copy.deepcopy(model)
-    snapshot = copy.deepcopy(model.state_dict()) if inplace else None
+    spill = low_memory_for(getattr(getattr(pruner, "options", None), "low_memory", False), targets)
+    snapshot = Undo(model, spill) if inplace else None
     ctx = Context(model=work, targets=targets, evaluate=evaluate, finetune=finetune, sparsity=sparsity,
                   max_accuracy_drop=max_accuracy_drop, seed=int(seed), progress=progress, train_batches=train_batches,
                   val_batches=val_batches, metric=metric_fn)
@@ -155,8 +189,11 @@ def prune(
         outcome = pruner.run(ctx)
     except BaseException:
         if snapshot is not None:  # never leave the user's model half-pruned
-            model.load_state_dict(snapshot)
+            snapshot.restore(model)
         raise
+    finally:
+        if snapshot is not None:
+            snapshot.close()
     return build_result(name, pruner, outcome, work, int(seed), time.perf_counter() - t0)
 
 

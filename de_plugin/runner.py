@@ -46,7 +46,7 @@ class State:
         self.ctx = ctx
         self.numels = np.array([t.numel for t in ctx.targets], dtype=np.int64)
         self.masks = {t.name: get_param(ctx.model, t).detach() != 0 for t in ctx.targets}
-        self.counts = np.array([int(self.masks[t.name].sum()) for t in ctx.targets], dtype=np.int64)
+        self.counts = np.array([int(torch.count_nonzero(self.masks[t.name])) for t in ctx.targets], dtype=np.int64)
         #: last non-zero value of every weight, only for random recovery with recovery_init="old"
         #: (a copy of every weight: not kept otherwise)
         self.keep_values = keep_values

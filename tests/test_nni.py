@@ -507,6 +507,34 @@ def test_random_coarse_speedup_removes_depthwise_channels_exactly(digits, evalua
     torch.testing.assert_close(small(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_random_coarse_speedup_of_mobilenetv2_has_the_predicted_parameter_count(digits):
+    """The whole MobileNetV2 (17 inverted residuals, depthwise convs, residual adds): after NNI's
+    speedup of random_coarse's masks the model has exactly the parameters the masks predict."""
+    from conftest import nni_evaluator
+    from de_plugin.demo.models import create_model
+    from de_plugin.demo.training import make_evaluate
+
+    class Images:
+        x_train, y_train = digits.x_train.reshape(-1, 1, 8, 8), digits.y_train
+        x_val, y_val = digits.x_val.reshape(-1, 1, 8, 8), digits.y_val
+
+    torch.manual_seed(0)
+    model = create_model("mobilenetv2", in_channels=1).eval()
+    ev = make_evaluate(Images.x_val, Images.y_val)
+    p = de_plugin_nni.create_pruner("random_coarse", model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}],
+                                    nni_evaluator(model, Images, ev), candidates=2, adaptive_bn=False,
+                                    finetune_epochs=0, progress=False)
+    _, masks = p.compress()
+    p.unwrap_model()
+    model.eval()
+    x = Images.x_val[:8]
+    expected = model(x)
+    small = copy.deepcopy(model)
+    de_plugin_nni.speedup(small, x[:2], masks)
+    assert sum(q.numel() for q in small.parameters()) == p.result["params"] < sum(q.numel() for q in model.parameters())
+    torch.testing.assert_close(small(x), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_grouped_search_on_a_58_layer_resnet(digits, evaluator_for):
     """A deep model through NNI: groups='stage' searches 5 values (+ offsets) for 58 layers, exact budget."""
     from de_plugin.demo.models import create_model

@@ -99,6 +99,20 @@ def test_de_layerwise_std_penalty(mlp, evaluate, finetune):
     check("de_layerwise_std_penalty", r.masks)
 
 
+@pytest.mark.parametrize("case,goal,opts", [
+    ("de_layerwise_budget", {"sparsity": 0.9}, {"seed": 3}),
+    ("de_layerwise_accuracy", {"max_accuracy_drop": 0.02}, {"seed": 1}),
+    ("de_layerwise_std_penalty", {"max_accuracy_drop": 0.03},
+     {"seed": 2, "parametrization": "std", "fitness": "penalty", "recovery": "random"})], ids=lambda v: str(v)[:24])
+def test_de_layerwise_low_memory_same_masks(mlp, evaluate, finetune, case, goal, opts):
+    """low_memory (no ranks: masks by selection, LAMP by its own sort, the snapshot taken lazily,
+    prune's undo copy on disk) changes what is held, not what is found."""
+    torch.manual_seed(0)
+    r = de_plugin.prune(mlp, "de_layerwise", evaluate=evaluate, finetune=finetune, progress=False, low_memory=True,
+                        inplace=True, **goal, **opts, **FAST)
+    check(case, r.masks)
+
+
 @pytest.fixture(scope="module")
 def small_resnet(digits):
     torch.manual_seed(0)

@@ -59,7 +59,8 @@ def test_ray_backend_gives_the_serial_masks(mlp, evaluate, finetune, one_thread)
     assert same_masks(masks_of(serial), masks_of(ray_r))
 
 
-def test_batched_backend_scores_like_serial(mlp, digits):
+@pytest.mark.parametrize("low_memory", [False, True], ids=["ranks", "low_memory"])
+def test_batched_backend_scores_like_serial(mlp, digits, low_memory):
     batches = [(digits.x_val[i:i + 100], digits.y_val[i:i + 100]) for i in range(0, 300, 100)]
     targets = find_targets(mlp)
     from de_plugin.metrics import accuracy
@@ -68,7 +69,8 @@ def test_batched_backend_scores_like_serial(mlp, digits):
     ev = evaluator_from_batches(batches, "accuracy")
     cands = [torch.tensor([t.numel // d for t in targets]).numpy() for d in (1, 2, 4, 10, 30)]
     serial = make_backend("serial", MagnitudeScorer(mlp, targets, ev))
-    batched = make_backend("batched", MagnitudeScorer(mlp, targets, ev), val_batches=batches, metric=accuracy)
+    batched = make_backend("batched", MagnitudeScorer(mlp, targets, ev, low_memory=low_memory), val_batches=batches,
+                           metric=accuracy)
     before = state_of(mlp)
     for b in (serial, batched):
         b.start_round()
@@ -299,16 +301,17 @@ def test_early_rejection_on_workers_gives_the_serial_masks(mlp, digits, finetune
     assert serial.history[0]["de"]["early_rejected"] + serial.history[0]["de"]["skipped"] > 0
 
 
-def test_incremental_mask_application_equals_a_fresh_one(mlp, evaluate):
+@pytest.mark.parametrize("low_memory", [False, True], ids=["ranks", "low_memory"])
+def test_incremental_mask_application_equals_a_fresh_one(mlp, evaluate, low_memory):
     targets = find_targets(mlp)
     before = state_of(mlp)
-    a = MagnitudeScorer(mlp, targets, evaluate)
+    a = MagnitudeScorer(mlp, targets, evaluate, low_memory=low_memory)
     sequence = [[t.numel // d for t in targets] for d in (2, 7, 3, 3, 1, 50, 2)]
     for counts in sequence:
         a.apply(counts)  # incremental from the previous candidate
         got = [p.detach().clone() for p in a.params]
         fresh = MagnitudeScorer(mlp, targets, evaluate)  # the round's weights, as a just-restored scorer sees them
-        fresh.w0, fresh.rank, fresh.params, fresh._keep = a.w0, a.rank, a.params, a._keep
+        fresh._w0, fresh.rank, fresh.params, fresh._keep, fresh._ready = a.w0, a.rank, a.params, a._keep, True
         fresh.restore()
         fresh.apply(counts)
         assert all(torch.equal(x, p) for x, p in zip(got, fresh.params))
