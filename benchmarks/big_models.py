@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -143,12 +144,19 @@ def measure(name: str, low_memory: bool = False) -> dict:
             "apply_over_forward": apply_s / forward, "nfev": r.nfev}
 
 
-def run_one(name: str, low_memory: bool, repeats: int) -> dict:
-    """The median-peak row of ``repeats`` fresh processes (peak RSS moves with the allocator's luck)."""
+#: glibc's default mmap threshold moves up as large blocks are freed, after which freed memory stays in
+#: the process: the peak then depends on the order of frees (runs of one config scatter by +-50%). A
+#: fixed threshold returns every block over 64 KiB when freed, so the peak follows what is allocated.
+MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def run_one(name: str, low_memory: bool, repeats: int, glibc_default: bool = False) -> dict:
+    """The median-peak row of ``repeats`` fresh processes."""
     rows = []
+    env = dict(os.environ, **({} if glibc_default else MEASURE_ENV))
     for _ in range(repeats):
         cmd = [sys.executable, __file__, "--one", name] + (["--low-memory"] if low_memory else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows.sort(key=lambda r: r["peak_extra_bytes_per_weight"])
     row = dict(rows[len(rows) // 2])
@@ -164,6 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--low-memory", action="store_true", help="only de_layerwise's low_memory=True (default: both modes)")
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per row; the median peak is reported")
+    ap.add_argument("--glibc-default", action="store_true", help="measure under glibc's default mmap threshold")
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.one, args.low_memory)))
@@ -171,7 +180,7 @@ def main(argv=None) -> int:
     bad = [m for m in args.models if m not in MODELS and not m.startswith("tv:")]
     if bad:
         ap.error(f"unknown model(s) {bad}: choose from {', '.join(MODELS)} or tv:<torchvision name>")
-    rows = [run_one(name, lm, args.repeats) for name in args.models for lm in ([True] if args.low_memory else [False, True])]
+    rows = [run_one(name, lm, args.repeats, args.glibc_default) for name in args.models for lm in ([True] if args.low_memory else [False, True])]
     head = f"{'model':16} {'mode':10} {'weights':>11} {'coverage':>8} {'peak B/w':>8} {'peak GiB':>8} {'sort s':>7} " \
            f"{'apply ms':>8} {'fwd ms':>8} {'apply/fwd':>9} {'search s':>8} {'run s':>6}"
     print(head)

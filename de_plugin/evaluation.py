@@ -232,6 +232,15 @@ class Backend(Protocol):
         """Stop workers."""
 
 
+def finish_round(scorer: Scorer) -> None:
+    """The round is over: the model holds its weights again and the scorer lets go of what it held
+    per weight for the round (the snapshot, the ranks), so fine-tuning does not carry them."""
+    scorer.restore()
+    release = getattr(scorer, "release", None)
+    if release is not None:
+        release()
+
+
 @contextmanager
 def backend_round(backend: Backend) -> Iterator[Scorer]:
     """One round on ``backend``: the model's weights are the round's inside, and again after."""
@@ -418,6 +427,10 @@ class MagnitudeScorer:
         if self.bn_state is not None:
             self.bn_state.restore()
 
+    def release(self) -> None:
+        """Drop the round's snapshot and ranks (taken again by the next :meth:`reset` or candidate)."""
+        self._w0, self.rank, self._ready = None, None, False
+
     def _prepare(self, counts: Sequence[int]) -> None:
         """The candidate's masks applied and, with adaptive BN, its BatchNorm statistics re-estimated."""
         self.apply(counts)
@@ -481,7 +494,7 @@ class SerialBackend:
             self.scorer.restore()
 
     def end_round(self) -> None:
-        self.scorer.restore()
+        finish_round(self.scorer)
 
     def close(self) -> None:
         pass
@@ -656,7 +669,8 @@ class ProcessBackend:
         return [_plain(v) for v in out]
 
     def end_round(self) -> None:
-        self.scorer.restore()
+        finish_round(self.scorer)
+        self.round_state = None  # a copy of the model: only needed to restart a worker mid-round
 
     def close(self) -> None:
         for conn, proc in self.workers:
@@ -834,7 +848,7 @@ class RayBackend:
         raise WorkerError(f"ray evaluation failed on every worker tried: {exc}") from exc
 
     def end_round(self) -> None:
-        self.scorer.restore()
+        finish_round(self.scorer)
 
     def close(self) -> None:
         for a in self.actors:

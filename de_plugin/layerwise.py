@@ -300,6 +300,7 @@ class DELayerwise(IterativePruner):
                 ) -> tuple[np.ndarray, float, dict[str, Any]]:
         """One round's search on the backend: a fresh solver (after the first round's scan) or the one
         saved mid-round when resuming; ``run`` drives it. Returns (counts, their score, DE record)."""
+        self._ranks = None  # the previous round's ranks go before this round's are built
         with backend_round(self.backend) as scorer:
             self._ranks = (round_index, scorer.rank)  # the round's weights, sorted once, shared by seeds and masks
             space = magnitude_space(scorer, state, self.options, self.groups)

@@ -1,6 +1,7 @@
 """de_layerwise on bigger models (issue 19): what the search holds per weight, attention weights as
 targets, the per-round sort done once, and the peak memory of a search on a mid-size model."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from de_plugin.runner import State
 from de_plugin.targets import find_targets
 
 ROOT = Path(__file__).resolve().parents[1]
+# the peak follows what is allocated, not glibc's heap policy (benchmarks/big_models.py MEASURE_ENV)
+MEASURE_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
 
 
 class TinyViT(nn.Module):
@@ -97,12 +100,12 @@ def test_one_sort_per_round(mlp, evaluate, finetune, monkeypatch):
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in kilobytes is Linux's")
 def test_peak_memory_per_weight_on_a_mid_size_model():
     """A one-round search on a 5.7M-weight VGG: peak RSS beyond the model and data, per weight
-    (about 55 bytes before issue 19, 17-30 with ranks since)."""
+    (about 55 bytes before issue 19; 19 now with ranks, measured with a fixed mmap threshold)."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "big_models.py"), "--one", "vgg_cifar"],
-                         capture_output=True, text=True, timeout=300, check=True)
+                         capture_output=True, text=True, timeout=300, check=True, env=MEASURE_ENV)
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["coverage"] == 1.0
-    assert row["peak_extra_bytes_per_weight"] <= 36, row
+    assert row["peak_extra_bytes_per_weight"] <= 24, row
 
 
 def test_lamp_from_ranks_gives_the_sorted_counts_ties_included():
@@ -172,9 +175,9 @@ def test_in_place_failure_restores_the_model_from_the_spilled_copy(mlp, evaluate
 @pytest.mark.skipif(sys.platform != "linux", reason="peak RSS from /proc")
 def test_low_memory_peak_per_weight_on_a_vit():
     """low_memory on a 4.7M-weight ViT: peak RSS beyond the model, its data and one forward, per
-    weight (about 18 with ranks, 2-6 without)."""
+    weight (15 with ranks, 7.2 without)."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "big_models.py"), "--one", "vit_small",
-                          "--low-memory"], capture_output=True, text=True, timeout=300, check=True)
+                          "--low-memory"], capture_output=True, text=True, timeout=300, check=True, env=MEASURE_ENV)
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["coverage"] == 1.0 and row["low_memory"]
-    assert row["peak_extra_bytes_per_weight"] <= 10, row
+    assert row["peak_extra_bytes_per_weight"] <= 9, row
