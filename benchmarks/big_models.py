@@ -119,7 +119,9 @@ def measure(name: str, low_memory: bool = False) -> dict:
     base = peak_rss()
     reset_peak()
     t0 = time.perf_counter()
-    r = de_plugin.prune(model, "de_layerwise", val_data=[(x, y)], sparsity=0.9, rounds=1, population=8, generations=2,
+    r = de_plugin.prune(model, "de_layerwise", val_data=[(x, y)], sparsity=0.9, rounds=1,
+                        # the huge models: the smallest population the 130-dim search allows, one generation
+                        population=8 if len(targets) <= 80 else -(-len(targets) // 10), generations=2 if n < 5e7 else 1,
                         sensitivity_scan=False, finetune_epochs=0, inplace=True, progress=False,
                         low_memory=low_memory)
     run_s = time.perf_counter() - t0

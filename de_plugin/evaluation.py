@@ -262,26 +262,32 @@ def magnitude_rank(w: torch.Tensor) -> torch.Tensor:
     return rank.view(w.shape)
 
 
-def keep_mask(w: torch.Tensor, k: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def keep_mask(w: torch.Tensor, k: int, out: Optional[torch.Tensor] = None,
+              scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``magnitude_rank(w) < k`` without a sort or a rank tensor: the ``k`` largest magnitudes, ties
     at the threshold kept by position (the stable descending order's tie-break), so the mask is the
     same bit for bit. One selection (O(n)) instead of an O(n log n) sort, and no per-weight state:
-    how the low-memory search applies candidates."""
+    how the low-memory search applies candidates. ``scratch`` (1-D, ``w``'s dtype, at least
+    ``2 * w.numel()`` long, reused across calls) spares two allocations per call, whose page
+    faults cost as much as the selection itself on large layers."""
     out = torch.empty(w.shape, dtype=torch.bool, device=w.device) if out is None else out
     n, k = w.numel(), int(k)
     if k <= 0 or k >= n:
         return out.fill_(k >= n)
-    a = w.detach().abs().reshape(-1)
+    if scratch is None or scratch.numel() < 2 * n or scratch.dtype != w.dtype or scratch.device != w.device:
+        scratch = torch.empty(2 * n, dtype=w.dtype, device=w.device)
+    a = torch.abs(w.detach().reshape(-1), out=scratch[:n])
     if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
-        # numpy's introselect copies the values only (torch.kthvalue adds an int64 index per weight)
-        t = torch.tensor(np.partition(a.numpy(), n - k)[n - k], dtype=a.dtype)
+        sel = scratch[n:2 * n].copy_(a).numpy()  # numpy's introselect, in place on the copy
+        sel.partition(n - k)
+        t = torch.tensor(sel[n - k], dtype=a.dtype)
     else:
         t = torch.kthvalue(a.float(), n - k + 1).values.to(a.dtype)
     flat = out.view(-1)
     torch.gt(a, t, out=flat)
-    need = k - int(flat.sum())
+    need = k - int(torch.count_nonzero(flat))
     tied = a == t
-    if int(tied.sum()) != need:  # keep only the first `need` tied weights, as the stable order does
+    if int(torch.count_nonzero(tied)) != need:  # keep only the first `need` tied weights, as the stable order does
         tied &= torch.cumsum(tied, 0, dtype=torch.int32) <= need
     flat |= tied
     return out
@@ -363,6 +369,7 @@ class MagnitudeScorer:
         self.model, self.targets, self.evaluate = model, list(targets), evaluate
         self.low_memory = low_memory
         self._w0: Optional[list[torch.Tensor]] = None
+        self._scratch: Optional[torch.Tensor] = None
         self._ready = False
         # multi-fidelity: the search scores accuracy on the first ``search_batches`` batches only
         # (needs ``batches``); :meth:`score_full` gives the full score for the final re-scoring
@@ -387,6 +394,11 @@ class MagnitudeScorer:
         self._w0 = None if self.low_memory else [p.detach().clone() for p in self.params]
         self.rank = None if self.low_memory else [magnitude_rank(w) for w in self._w0]
         self._keep = torch.empty(max(p.numel() for p in self.params), dtype=torch.bool, device=self.params[0].device)
+        # keep_mask's two work buffers (low-memory mode), 8 bytes per weight of the largest layer: held only
+        # when that layer is under a tenth of the searched weights (else they would weigh on the peak)
+        big = self._keep.numel()
+        self._scratch = torch.empty(2 * big, device=self.params[0].device, dtype=self.params[0].dtype) \
+            if self.low_memory and 10 * big < sum(p.numel() for p in self.params) else None
         self.applied: list[Optional[int]] = [None] * len(self.params)
         self.bn_state = BNState(self.model) if self.calib else None
         self._ready = True
@@ -411,7 +423,7 @@ class MagnitudeScorer:
                 if self.applied[i] != k:
                     keep = self._keep[: p.numel()].view(p.shape)  # one bool buffer, reused by every layer
                     if self.rank is None:
-                        keep_mask(w0[i], k, out=keep)
+                        keep_mask(w0[i], k, out=keep, scratch=self._scratch)
                     else:
                         torch.lt(self.rank[i], k, out=keep)
                     torch.mul(w0[i], keep, out=p)
@@ -429,7 +441,7 @@ class MagnitudeScorer:
 
     def release(self) -> None:
         """Drop the round's snapshot and ranks (taken again by the next :meth:`reset` or candidate)."""
-        self._w0, self.rank, self._ready = None, None, False
+        self._w0, self.rank, self._scratch, self._ready = None, None, None, False
 
     def _prepare(self, counts: Sequence[int]) -> None:
         """The candidate's masks applied and, with adaptive BN, its BatchNorm statistics re-estimated."""
