@@ -6,7 +6,7 @@ Used by the baseline pruners and to seed the DE population.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -134,7 +134,7 @@ def global_magnitude(weights: list[torch.Tensor], sparsity: float, ranks: Sequen
 def lamp_scores(w: torch.Tensor, rank: torch.Tensor | None = None) -> torch.Tensor:
     """LAMP (Lee et al. 2021): w_u^2 / sum of w_v^2 over the layer's weights at least as large.
 
-    ``rank`` (``evaluation.magnitude_rank(w)``, the search's) replaces the sort: weight j sits at
+    ``rank`` (``magnitude_rank(w)``, the search's) replaces the sort: weight j sits at
     ascending position ``n - 1 - rank[j]``. Tied weights may then swap scores with each other, which
     leaves the layer's multiset of scores, hence every top-k count, unchanged.
     """
@@ -189,14 +189,54 @@ ALLOCATIONS = {
 }
 
 
+def magnitude_rank(w: torch.Tensor) -> torch.Tensor:
+    """Each weight's position in its layer's magnitude order (0 = largest; ties by position, as a
+    stable descending sort), int32 and shaped like ``w``: keeping ``rank < k`` keeps exactly the
+    ``k`` weights ``masks_from_counts`` keeps, with 4 bytes per weight instead of an int64 order."""
+    flat = w.detach().abs().reshape(-1)
+    order = torch.argsort(flat, descending=True, stable=True)
+    rank = torch.empty(flat.numel(), dtype=torch.int32, device=w.device)
+    rank[order] = torch.arange(flat.numel(), dtype=torch.int32, device=w.device)
+    return rank.view(w.shape)
+
+
+def keep_mask(w: torch.Tensor, k: int, out: Optional[torch.Tensor] = None,
+              scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``magnitude_rank(w) < k`` without a sort or a rank tensor: the ``k`` largest magnitudes, ties
+    at the threshold kept by position (the stable descending order's tie-break), so the mask is the
+    same bit for bit. One selection (O(n)) instead of an O(n log n) sort, and no per-weight state:
+    how the low-memory search applies candidates. ``scratch`` (1-D, ``w``'s dtype, at least
+    ``2 * w.numel()`` long, reused across calls) spares two allocations per call, whose page
+    faults cost as much as the selection itself on large layers."""
+    out = torch.empty(w.shape, dtype=torch.bool, device=w.device) if out is None else out
+    n, k = w.numel(), int(k)
+    if k <= 0 or k >= n:
+        return out.fill_(k >= n)
+    if scratch is None or scratch.numel() < 2 * n or scratch.dtype != w.dtype or scratch.device != w.device:
+        scratch = torch.empty(2 * n, dtype=w.dtype, device=w.device)
+    a = torch.abs(w.detach().reshape(-1), out=scratch[:n])
+    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
+        sel = scratch[n:2 * n].copy_(a).numpy()  # numpy's introselect, in place on the copy
+        sel.partition(n - k)
+        t = torch.tensor(sel[n - k], dtype=a.dtype)
+    else:
+        t = torch.kthvalue(a.float(), n - k + 1).values.to(a.dtype)
+    flat = out.view(-1)
+    torch.gt(a, t, out=flat)
+    need = k - int(torch.count_nonzero(flat))
+    tied = a == t
+    if int(torch.count_nonzero(tied)) != need:  # keep only the first `need` tied weights, as the stable order does
+        tied &= torch.cumsum(tied, 0, dtype=torch.int32) <= need
+    flat |= tied
+    return out
+
+
 def masks_from_counts(weights: list[torch.Tensor], counts: Sequence[int],
                       ranks: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Keep the ``k`` largest-magnitude weights of each layer (stable tie-break by position).
 
-    ``ranks`` (``evaluation.magnitude_rank`` of these very weights, e.g. the search's) spare the sort.
+    ``ranks`` (:func:`magnitude_rank` of these very weights, e.g. the search's) spare the sort.
     """
     if ranks is not None:
         return [(r < int(k)).cpu() for r, k in zip(ranks, counts)]
-    from .evaluation import keep_mask  # a selection, not a sort: same masks, no int64 order per weight
-
     return [keep_mask(w, int(k)).cpu() for w, k in zip(weights, counts)]

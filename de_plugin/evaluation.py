@@ -49,6 +49,7 @@ from torch import nn
 
 from pydantic import Field
 
+from .allocation import keep_mask, magnitude_rank  # noqa: F401 - the scorer's mask math, re-exported
 from .metrics import accuracy
 from .options import Options
 from .registry import get_metric
@@ -249,48 +250,6 @@ def backend_round(backend: Backend) -> Iterator[Scorer]:
         yield backend.scorer
     finally:
         backend.end_round()
-
-
-def magnitude_rank(w: torch.Tensor) -> torch.Tensor:
-    """Each weight's position in its layer's magnitude order (0 = largest; ties by position, as a
-    stable descending sort), int32 and shaped like ``w``: keeping ``rank < k`` keeps exactly the
-    ``k`` weights ``masks_from_counts`` keeps, with 4 bytes per weight instead of an int64 order."""
-    flat = w.detach().abs().reshape(-1)
-    order = torch.argsort(flat, descending=True, stable=True)
-    rank = torch.empty(flat.numel(), dtype=torch.int32, device=w.device)
-    rank[order] = torch.arange(flat.numel(), dtype=torch.int32, device=w.device)
-    return rank.view(w.shape)
-
-
-def keep_mask(w: torch.Tensor, k: int, out: Optional[torch.Tensor] = None,
-              scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``magnitude_rank(w) < k`` without a sort or a rank tensor: the ``k`` largest magnitudes, ties
-    at the threshold kept by position (the stable descending order's tie-break), so the mask is the
-    same bit for bit. One selection (O(n)) instead of an O(n log n) sort, and no per-weight state:
-    how the low-memory search applies candidates. ``scratch`` (1-D, ``w``'s dtype, at least
-    ``2 * w.numel()`` long, reused across calls) spares two allocations per call, whose page
-    faults cost as much as the selection itself on large layers."""
-    out = torch.empty(w.shape, dtype=torch.bool, device=w.device) if out is None else out
-    n, k = w.numel(), int(k)
-    if k <= 0 or k >= n:
-        return out.fill_(k >= n)
-    if scratch is None or scratch.numel() < 2 * n or scratch.dtype != w.dtype or scratch.device != w.device:
-        scratch = torch.empty(2 * n, dtype=w.dtype, device=w.device)
-    a = torch.abs(w.detach().reshape(-1), out=scratch[:n])
-    if a.device.type == "cpu" and a.dtype in (torch.float32, torch.float64):
-        sel = scratch[n:2 * n].copy_(a).numpy()  # numpy's introselect, in place on the copy
-        sel.partition(n - k)
-        t = torch.tensor(sel[n - k], dtype=a.dtype)
-    else:
-        t = torch.kthvalue(a.float(), n - k + 1).values.to(a.dtype)
-    flat = out.view(-1)
-    torch.gt(a, t, out=flat)
-    need = k - int(torch.count_nonzero(flat))
-    tied = a == t
-    if int(torch.count_nonzero(tied)) != need:  # keep only the first `need` tied weights, as the stable order does
-        tied &= torch.cumsum(tied, 0, dtype=torch.int32) <= need
-    flat |= tied
-    return out
 
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
