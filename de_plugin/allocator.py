@@ -246,11 +246,13 @@ class Allocator:
         pbar.close()
 
     def maximise(self, solver: DifferentialEvolution, space: KeepSpace, keep: int, desc: str = "DE",
-                 rescore: Optional[Callable[[np.ndarray], float]] = None, top: int = 4) -> np.ndarray:
+                 rescore: Optional[Callable[[np.ndarray], float]] = None, top: int = 4,
+                 include: Sequence[np.ndarray] = ()) -> np.ndarray:
         """Budget form: the allocation keeping exactly ``keep`` weights with the best score.
 
-        ``rescore`` (multi-fidelity): the search scored on part of the data; the ``top`` best distinct
-        members of the last population are re-scored with it and the best of those returned (their
+        ``rescore`` (multi-fidelity): the search scored on part of the data, or with less work than
+        the final one; the ``top`` best distinct members of the last population, and every vector
+        of ``include`` (the seeds, say), are re-scored with it and the best of those returned (their
         scores in :attr:`rescored`)."""
         def evaluate_batch(xs, parents):
             counts = [space.project(x, keep) for x in xs]
@@ -263,20 +265,23 @@ class Allocator:
         if rescore is None:
             return space.project(solver.population[solver.best_index()], keep)
         return self._rescore([space.project(solver.population[i], keep) for i in np.argsort(solver.fun, kind="stable")],
-                             rescore, top)
+                             rescore, top, include)
 
-    def _rescore(self, ranked: list[np.ndarray], rescore: Callable[[np.ndarray], float], top: int) -> np.ndarray:
-        """The best of the ``top`` first distinct candidates of ``ranked`` by ``rescore`` (ties: the
-        search's order)."""
+    def _rescore(self, ranked: list[np.ndarray], rescore: Callable[[np.ndarray], float], top: int,
+                 include: Sequence[np.ndarray] = ()) -> np.ndarray:
+        """The best by ``rescore`` of the ``top`` first distinct candidates of ``ranked`` and of
+        ``include`` (ties: the search's order, then ``include``'s)."""
         picked: dict[tuple[int, ...], np.ndarray] = {}
         for c in ranked:
             picked.setdefault(tuple(int(v) for v in c), c)
             if len(picked) == top:
                 break
+        for c in include:
+            picked.setdefault(tuple(int(v) for v in c), c)
         for key, c in picked.items():
             self.rescored[key] = float(rescore(c))
         best = max(picked, key=lambda k: self.rescored[k])  # max keeps the first of equal scores
-        log.info("multi-fidelity: re-scored the %d best candidates on all the data: %s", len(picked),
+        log.info("re-scored the %d finalists: %s", len(picked),
                  ", ".join(f"{self.rescored[k]:.4f}" for k in picked))
         return picked[best]
 

@@ -34,7 +34,7 @@ from .channel_cost import ChannelCost, ChannelSpace
 from .coarse import (CoarseOptions, CoarseScorer, CoarseSpace, apply_and_retrain, calibration_batches, capture_input,
                      count_macs)
 from .de import DifferentialEvolution
-from .evaluation import backend_round, make_backend
+from .evaluation import backend_round, check_score, make_backend
 from .hookspecs import hookimpl
 from .latency import LatencyTable, measure as measure_latency
 from .pruner import Context, Pruner
@@ -62,6 +62,11 @@ class ChannelOptions(SearchOptions):
         "l1", description="which channels a group loses: smallest L1 norm, or the best of `candidates` random draws "
                           "at the searched counts (last round)")
     candidates: int = Field(20, ge=1, description="channel_choice='random': random draws scored")
+    finalists: int = Field(0, ge=0, description="short-term fine-tune re-ranking (NetAdapt): the `finalists` best "
+                           "distinct shapes of the search and its seeds (uniform, global L1) are each retrained for "
+                           "finalist_epochs on the model (restored after) and re-scored; the best then wins. Accuracy "
+                           "right after pruning favours shapes that retrain worse. 0: off; needs `finetune`")
+    finalist_epochs: int = Field(1, ge=1, description="epochs each finalist is retrained for before it is re-scored")
     include_linear: bool = Field(False, description="also search the hidden units of Linear layers (MLP blocks)")
     unresolved: Literal["raise", "skip"] = "raise"
     adaptive_bn: Optional[bool] = Field(None, description="re-estimate BatchNorm before scoring; None: if the model has BN")
@@ -134,6 +139,9 @@ class DEChannel(Pruner):
 
     def run(self, ctx: Context) -> Outcome:
         o: ChannelOptions = self.options  # type: ignore[assignment]
+        if o.finalists and ctx.finetune is None:
+            raise ValueError(f"finalists={o.finalists} re-ranks the search's best shapes after a short retraining, "
+                             "which needs a `finetune` callable: pass finetune=, or leave finalists=0")
         model = ctx.model
         example = _example(ctx)
         if example is None:
@@ -153,6 +161,7 @@ class DEChannel(Pruner):
         self.min_q = lo
         calib = calibration_batches(model, CoarseOptions(adaptive_bn=o.adaptive_bn), ctx.train_batches, ctx.val_batches)
         scorer = ChannelScorer(model, space, cost, ctx.score, calib, o.bn_batches)
+        self.calib = calib
         self.backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address,
                                     runtime_env=o.ray_runtime_env)
         try:
@@ -283,17 +292,39 @@ class DEChannel(Pruner):
         with backend_round(self.backend) as scorer:
             search = Allocator(self.backend, o, self.rng, progress=ctx.progress, on_generation=self._saver())
             saved, self._saved_search = self._saved_search, None
+            seeds = self._seeds(space, scorer, q_now, budget)
             if saved is not None:
                 search.load_state_dict(saved)
                 self.rng.bit_generator.state = saved["rng"]
                 solver = DifferentialEvolution.from_state(saved["solver"])
             else:
                 maxfun = None if o.max_evals is None else max(1, o.max_evals // o.rounds)
-                solver = search.solver(space, self._seeds(space, scorer, q_now, budget), maxfun)
+                solver = search.solver(space, seeds, maxfun)
             self._search_rng = self.rng.bit_generator.state
-            best = search.maximise(solver, space, budget, f"{self.name} round {i}")
+            short = self._short_finetune(ctx, o, i) if o.finalists else None
+            best = search.maximise(solver, space, budget, f"{self.name} round {i}", rescore=short, top=o.finalists,
+                                   include=seeds)
             score = search.score(best)
-        return best, score, search.info(solver)
+        info = search.info(solver)
+        if short is not None:
+            info["finalists"] = [{"q": list(k), "score_after_short_finetune": v, "search_score": search.cache.get(k)}
+                                 for k, v in search.rescored.items()]
+        return best, score, info
+
+    def _short_finetune(self, ctx: Context, o: ChannelOptions, i: int):
+        """Re-scorer of the finalists: prune the model to the shape, retrain it for ``finalist_epochs``
+        (the final retraining's seed, so every finalist sees the same batches), score, put the weights back."""
+        def rescore(q: np.ndarray) -> float:
+            saved = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+            masks = self.space.masks(self.backend.scorer.candidate(q))
+            try:
+                apply_and_retrain(ctx.model, self.space, masks, ctx.finetune,
+                                  _coarse(o).model_copy(update={"finetune_epochs": o.finalist_epochs}),
+                                  ctx.seed * 1000 + i, self.calib, None, self.name)
+                return check_score(ctx.score())
+            finally:
+                ctx.model.load_state_dict(saved)
+        return rescore
 
     def _seeds(self, space: ChannelSpace, scorer: ChannelScorer, q_now: np.ndarray, budget: float) -> list[np.ndarray]:
         """Uniform ratio, previous shape, global L1 normalised per group (at a few depths)."""

@@ -106,6 +106,35 @@ def test_a_killed_run_resumes_to_the_same_masks(resnet, images, ft, tmp_path):
     assert all(torch.equal(a.extra_masks[k], c.extra_masks[k]) for k in a.extra_masks)
 
 
+def test_finalists_are_reranked_after_a_short_retraining_from_the_same_weights(resnet, images, ft):
+    dense = {k: v.clone() for k, v in resnet.state_dict().items()}
+    calls = []
+
+    def recording(model, epochs):
+        calls.append((epochs, {k.replace("_orig", ""): v.clone() for k, v in model.state_dict().items()
+                               if v.dim() == 4 and not k.endswith("_mask")}))
+        ft(model, epochs)
+
+    r = run(resnet, images, recording, macs=0.5, rounds=1, finalists=2, finetune_epochs=2)
+    fin = r.history[0]["de"]["finalists"]
+    assert len({tuple(f["q"]) for f in fin}) == len(fin) >= 3  # two of the search's and at least the uniform seed
+    assert r.history[0]["q"] == max(fin, key=lambda f: f["score_after_short_finetune"])["q"]
+    assert r.extra["macs_kept"] <= 0.5
+    assert [e for e, _ in calls] == [1] * len(fin) + [2]  # one short retraining per finalist, then the final one
+    for _, state in calls:  # each starts from the dense weights (pruned), not from the last finalist's training
+        for k, w in state.items():
+            kept = w != 0
+            assert torch.equal(w[kept], dense[k][kept]), k
+
+
+def test_finalists_without_finetune_fail_before_any_work(resnet, images):
+    before = state_of(resnet)
+    with pytest.raises(ValueError, match="finalists=2.*finetune"):
+        de_plugin.prune(resnet, "de_channel", val_data=images.val, train_data=images.batches, macs=0.5, finalists=2,
+                        inplace=True, progress=False)
+    assert same_state(before, state_of(resnet))
+
+
 @pytest.mark.parametrize("kw,match", [
     ({}, "exactly one budget"),
     ({"macs": 0.5, "params": 0.5}, "exactly one budget"),
