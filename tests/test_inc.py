@@ -213,6 +213,16 @@ def test_de_channel_inc_needs_a_budget(digits, evaluate):
         train_with(cm, model, digits)
 
 
+def test_de_channel_inc_refuses_options_its_loop_owns(digits, evaluate):
+    model, _ = _resnet_and_batches(digits)
+    config = WeightPruningConfig([{"op_names": ["layer1.conv1"], "pruning_type": "de_channel", "eval_func": evaluate,
+                                   "channel_options": {"macs": 0.8, "finalists": 2}}],
+                                 target_sparsity=0.5, pattern="1xchannel", start_step=0, end_step=2)
+    with pytest.raises(ValueError, match=r"\['finalists'\].*INC's loop retrains"):
+        cm = prepare_compression(model, config)
+        train_with(cm, model, digits)
+
+
 def test_random_coarse_inc_wrong_pattern(digits, evaluate):
     model, _ = _resnet_and_batches(digits)
     config = WeightPruningConfig([{"op_names": ["layer1.conv1"], "pruning_type": "random_coarse", "eval_func": evaluate}],

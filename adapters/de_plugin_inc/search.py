@@ -146,8 +146,10 @@ def search_channels(model: nn.Module, layers: Dict[str, float], eval_func: Calla
     return {n: [bool(v) for v in keep[n]] for n in layers}
 
 
-#: ChannelOptions that make no sense inside INC's loop (INC schedules and retrains)
-CHANNEL_OWNED = {"rounds", "finetune_epochs", "checkpoint", "resume", "channel_choice", "candidates"}
+#: ChannelOptions that make no sense inside INC's loop (INC schedules and retrains; the search gets no
+#: finetune callable, so the finalists' short retraining cannot run either)
+CHANNEL_OWNED = {"rounds", "finetune_epochs", "checkpoint", "resume", "channel_choice", "candidates", "finalists",
+                 "finalist_epochs"}
 
 
 def channel_settings(options: Optional[Dict[str, Any]]) -> tuple[Dict[str, Any], int]:
