@@ -44,7 +44,8 @@ from de_plugin.demo.training import dense_model, make_evaluate, make_finetune  #
 from de_plugin.targets import find_targets  # noqa: E402
 
 LEVELS = [1 / 2, 1 / 3]  # MACs kept: 2x and 3x fewer
-METHODS = ["de_channel", "de_channel[finalists]", "de_channel[random]", "l1_uniform", "random_coarse", "nni_l1norm", "tp_uniform", "tp_global"]
+METHODS = ["de_channel", "de_channel[finalists]", "de_channel[random]", "l1_uniform", "random_coarse", "nni_l1norm",
+           "tp_uniform", "tp_global"]
 CONFIG = {"resnet20": {"dense_epochs": 6}, "mobilenetv2": {"dense_epochs": 4}}
 log = logging.getLogger("channel")
 
@@ -122,8 +123,7 @@ def run_ours(setup: Setup, method: str, level: float) -> dict:
     seconds = time.perf_counter() - t0
     small = r.model.eval()
     slice_channels(small, setup.example, r.extra_masks)
-    return measured(setup, small, ft.last if "search_steps" in extra else ft.steps,
-                    {"nfev": r.nfev, "search_seconds": seconds, **extra})
+    return measured(setup, small, ft.last, {"nfev": r.nfev, "search_seconds": seconds, **extra})
 
 
 def run_nni(setup: Setup, level: float) -> dict:

@@ -161,7 +161,6 @@ class DEChannel(Pruner):
         self.min_q = lo
         calib = calibration_batches(model, CoarseOptions(adaptive_bn=o.adaptive_bn), ctx.train_batches, ctx.val_batches)
         scorer = ChannelScorer(model, space, cost, ctx.score, calib, o.bn_batches)
-        self.calib = calib
         self.backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address,
                                     runtime_env=o.ray_runtime_env)
         try:
@@ -257,7 +256,7 @@ class DEChannel(Pruner):
                calib: Optional[list]) -> dict[str, Any]:
         i = st["round"]
         t0 = time.perf_counter()
-        q, score, de = self._search(ctx, o, st["q"], budget, i)
+        q, score, de = self._search(ctx, o, st["q"], budget, i, calib)
         if o.measure == "latency":
             space = ChannelSpace(self.cost, o.measure, np.minimum(self.min_q, st["q"]), st["q"], o.max_group_ratio)
             searched = q
@@ -287,12 +286,13 @@ class DEChannel(Pruner):
         return rec
 
     def _search(self, ctx: Context, o: ChannelOptions, q_now: np.ndarray, budget: float, i: int,
-                ) -> tuple[np.ndarray, float, dict[str, Any]]:
+                calib: Optional[list]) -> tuple[np.ndarray, float, dict[str, Any]]:
         space = ChannelSpace(self.cost, o.measure, np.minimum(self.min_q, q_now), q_now, o.max_group_ratio)
         with backend_round(self.backend) as scorer:
             search = Allocator(self.backend, o, self.rng, progress=ctx.progress, on_generation=self._saver())
             saved, self._saved_search = self._saved_search, None
-            seeds = self._seeds(space, scorer, q_now, budget)
+            # the seeds start the population, and are finalists too: a resumed search without finalists skips them
+            seeds = self._seeds(space, scorer, q_now, budget) if saved is None or o.finalists else []
             if saved is not None:
                 search.load_state_dict(saved)
                 self.rng.bit_generator.state = saved["rng"]
@@ -301,7 +301,7 @@ class DEChannel(Pruner):
                 maxfun = None if o.max_evals is None else max(1, o.max_evals // o.rounds)
                 solver = search.solver(space, seeds, maxfun)
             self._search_rng = self.rng.bit_generator.state
-            short = self._short_finetune(ctx, o, i) if o.finalists else None
+            short = self._short_finetune(ctx, o, i, calib) if o.finalists else None
             best = search.maximise(solver, space, budget, f"{self.name} round {i}", rescore=short, top=o.finalists,
                                    include=seeds)
             score = search.score(best)
@@ -311,16 +311,18 @@ class DEChannel(Pruner):
                                  for k, v in search.rescored.items()]
         return best, score, info
 
-    def _short_finetune(self, ctx: Context, o: ChannelOptions, i: int):
+    def _short_finetune(self, ctx: Context, o: ChannelOptions, i: int, calib: Optional[list]):
         """Re-scorer of the finalists: prune the model to the shape, retrain it for ``finalist_epochs``
-        (the final retraining's seed, so every finalist sees the same batches), score, put the weights back."""
+        (the final retraining's seed, so every finalist sees the same batches), score, put the weights back
+        (one copy of them serves every finalist)."""
+        saved = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+        short = _coarse(o).model_copy(update={"finetune_epochs": o.finalist_epochs})
+
         def rescore(q: np.ndarray) -> float:
-            saved = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
             masks = self.space.masks(self.backend.scorer.candidate(q))
             try:
-                apply_and_retrain(ctx.model, self.space, masks, ctx.finetune,
-                                  _coarse(o).model_copy(update={"finetune_epochs": o.finalist_epochs}),
-                                  ctx.seed * 1000 + i, self.calib, None, self.name)
+                apply_and_retrain(ctx.model, self.space, masks, ctx.finetune, short, ctx.seed * 1000 + i, calib, None,
+                                  self.name)
                 return check_score(ctx.score())
             finally:
                 ctx.model.load_state_dict(saved)
