@@ -287,13 +287,14 @@ def plot(results: dict, out: Path) -> None:
         ax.axhline(100 * np.mean([d["test"] for d in mres["dense"].values()]), color="k", ls=":", label="dense")
         ax.set(xlabel="MACs kept (fraction of dense)", ylabel="test accuracy (%)", title=f"{mname}: accuracy vs MACs")
         ax.legend(fontsize=7)
+        layers = []
         for lkey, rows in mres["levels"].items():
             de = rows.get("de_channel", {})
             if de:
                 shares = np.mean([v["kept_share"] for v in de.values()], axis=0)
                 bx.plot(shares, marker="o", label=f"MACs 1/{1 / float(lkey):.0f}")
                 layers = next(iter(de.values()))["group_layers"]
-        bx.set_xticks(range(len(layers)), layers, rotation=75, fontsize=6)
+        bx.set_xticks(range(len(layers)), layers, rotation=75, fontsize=6)  # no de_channel rows: an empty panel
         bx.set(ylabel="channels kept (share)", title="de_channel: channels kept per coupled group (seed mean)")
         bx.legend(fontsize=7)
         fig.tight_layout()
