@@ -296,7 +296,8 @@ def plot(results: dict, out: Path) -> None:
                 layers = next(iter(de.values()))["group_layers"]
         bx.set_xticks(range(len(layers)), layers, rotation=75, fontsize=6)  # no de_channel rows: an empty panel
         bx.set(ylabel="channels kept (share)", title="de_channel: channels kept per coupled group (seed mean)")
-        bx.legend(fontsize=7)
+        if layers:
+            bx.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"{mname}.png", dpi=120)
         plt.close(fig)

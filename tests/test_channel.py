@@ -106,6 +106,18 @@ def test_a_killed_run_resumes_to_the_same_masks(resnet, images, ft, tmp_path):
     assert all(torch.equal(a.extra_masks[k], c.extra_masks[k]) for k in a.extra_masks)
 
 
+def test_loss_fitness_scores_the_search_by_minus_the_cross_entropy(resnet, images, ft):
+    """metric="neg_loss" (BENCHMARKS: it retrains better than accuracy): the search's recorded score is the
+    pruned model's negative loss on val_data, not an accuracy."""
+    from de_plugin.evaluation import DeviceBatches, metric_on_batches
+    from de_plugin.metrics import neg_loss
+
+    r = run(resnet, images, ft, macs=0.5, rounds=1, finetune_epochs=0, metric="neg_loss")
+    score = r.history[0]["val_accuracy_before_finetune"]
+    assert score < 0 and r.extra["macs_kept"] <= 0.5
+    assert score == pytest.approx(metric_on_batches(r.model.eval(), DeviceBatches(images.val), neg_loss), abs=1e-4)
+
+
 def test_finalists_are_reranked_after_a_short_retraining_from_the_same_weights(resnet, images, ft):
     dense = {k: v.clone() for k, v in resnet.state_dict().items()}
     calls = []
