@@ -1,4 +1,4 @@
-"""de_channel search variants on ResNet-20 at 1/2 of the MACs: which fitness or bounds would make the
+"""de_channel search variants on ResNet-20 (or ``--model mobilenetv2``) at 1/2 of the MACs: which fitness or bounds would make the
 searched allocation retrain better than a uniform one?
 
 Same setup as ``channel.py`` (its ``Setup``: data, dense model, 500 search images, 2 retraining epochs),
@@ -61,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--variants", nargs="+", default=["narrow"])
+    ap.add_argument("--model", default="resnet20", choices=list(bench.CONFIG))
     ap.add_argument("--level", type=float, default=0.5, help="MACs kept")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/channel_variants/results.json")
@@ -74,7 +75,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     res = json.loads(out.read_text()) if out.exists() else {}
     for seed in cli.seeds:
-        setup = bench.Setup("resnet20", seed, data, args)
+        setup = bench.Setup(cli.model, seed, data, args)
         for variant in cli.variants:
             torch.manual_seed(seed)
             t0 = time.perf_counter()
@@ -85,7 +86,7 @@ def main() -> None:
             slice_channels(small, setup.example, r.extra_masks)
             row = {"test": setup.test(small), "kept": [round(g["kept"] / g["channels"], 2) for g in r.extra["groups"]],
                    "s": time.perf_counter() - t0, "score": r.history[-1].get("val_accuracy_before_finetune")}
-            res.setdefault(variant, {})[str(seed)] = row
+            res.setdefault(variant if cli.model == "resnet20" else f"{cli.model}:{variant}", {})[str(seed)] = row
             print(seed, variant, row, flush=True)
             out.write_text(json.dumps(res, indent=1))
 
