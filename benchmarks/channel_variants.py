@@ -29,15 +29,7 @@ import channel as bench  # noqa: E402
 import de_plugin  # noqa: E402
 from de_plugin.adapter import slice_channels  # noqa: E402
 from de_plugin.demo.data import load_idx_dataset  # noqa: E402
-
-
-def neg_loss(x: torch.Tensor, y: torch.Tensor):
-    """Minus the cross-entropy on fixed tensors: smoother than accuracy far below the dense model."""
-    def evaluate(model: torch.nn.Module) -> float:
-        model.eval()
-        with torch.no_grad():
-            return -float(torch.nn.functional.cross_entropy(model(x), y))
-    return evaluate
+from de_plugin.evaluation import evaluator_from_batches  # noqa: E402
 
 
 def variant_options(variant: str, setup: bench.Setup, data) -> dict:
@@ -49,7 +41,8 @@ def variant_options(variant: str, setup: bench.Setup, data) -> dict:
     if "narrow" in parts:
         opts["max_group_ratio"] = 0.5
     if "loss" in parts:
-        opts["evaluate"] = neg_loss(data.x_val[: setup.args.search_val], data.y_val[: setup.args.search_val])
+        n = setup.args.search_val  # the core's metric="neg_loss" path, on the same search images
+        opts["evaluate"] = evaluator_from_batches([(data.x_val[:n], data.y_val[:n])], "neg_loss")
     if "val2k" in parts:
         opts["evaluate"] = bench.make_evaluate(data.x_val, data.y_val)
     if "fin" in parts:
