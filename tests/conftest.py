@@ -10,6 +10,42 @@ import pytest  # noqa: E402
 import torch
 from torch import nn
 
+#: what CI installs: there a test skipped because one of these is missing is a failure, not a skip
+REQUIRED_IN_CI = ("nni", "pytorch_lightning", "tensorboard", "neural_compressor", "ray", "importlinter",
+                  "import-linter", "onnxruntime", "dataset-fashion-mnist")
+
+
+def _missing_in_ci(report) -> bool:
+    if os.environ.get("CI") != "true" or not report.skipped:
+        return False
+    reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+    return any(f"could not import '{m}'" in reason or f"{m} is not installed" in reason
+               or f"{m} not installed" in reason for m in REQUIRED_IN_CI)
+
+
+def _fail(report) -> None:
+    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+    report.outcome = "failed"
+    report.longrepr = f"CI=true: a dependency CI installs is missing, so this is a failure, not a skip: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A module skipped at import (``pytest.importorskip`` at module level) fails in CI."""
+    outcome = yield
+    report = outcome.get_result()
+    if _missing_in_ci(report):
+        _fail(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test skipped for a missing dependency fails in CI."""
+    outcome = yield
+    report = outcome.get_result()
+    if _missing_in_ci(report):
+        _fail(report)
+
 from de_plugin.demo.data import load_digits_dataset
 from de_plugin.demo.training import make_evaluate, make_finetune, train
 

@@ -174,15 +174,19 @@ def test_nni_legacy_config_keys_accepted(nni_pruner, mlp, digits, evaluate):
     assert 1 - kept / total == pytest.approx(0.7, abs=1e-3)
 
 
-def test_nni_speedup_raises_the_real_error(nni_pruner, digits):
-    """A speedup failure that is not a tracing failure surfaces as it is (no fx retry)."""
+def test_nni_speedup_refuses_masks_that_do_not_fit_before_any_work(nni_pruner, digits):
+    """A mask of the wrong shape, or for a module the model lacks, is said plainly before any tracing,
+    and the model is left as it was."""
     import de_plugin_nni
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))
-    bad = {"0": {"weight": torch.ones(3, 3)}}  # wrong shape: NNI's own error, not the tracer's
-    with pytest.raises(Exception) as info:
-        de_plugin_nni.speedup(model, digits.x_val[:2], bad)
-    assert "cannot trace" not in str(info.value)
+    before = state_of(model)
+    x = digits.x_val[:2].reshape(2, -1)
+    with pytest.raises(ValueError, match=r"the mask of 0\.weight has shape \(3, 3\), the tensor \(16, 64\)"):
+        de_plugin_nni.speedup(model, x, {"0": {"weight": torch.ones(3, 3)}})
+    with pytest.raises(ValueError, match=r"masks name module 'fc1', which the model does not have"):
+        de_plugin_nni.speedup(model, x, {"fc1": {"weight": torch.ones(16, 64)}})
+    assert same_state(before, state_of(model))
 
 
 # -------------------------------------------------------------------------------------- INC
@@ -262,7 +266,10 @@ def test_json_config_file_errors_say_yaml_needs_suffix(nni_pruner, tmp_path):
     path.write_text("pruner: level\n")
     with pytest.raises(ValueError, match="YAML files need the .yaml suffix"):
         de_plugin_nni.load_config(path)
-    assert json.loads(json.dumps({"ok": 1}))  # the module's json import is used
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"pruner": "level", "config_list": [{"op_types": ["Linear"], "sparse_ratio": 0.5}],
+                                "model": "lenet300"}))
+    assert de_plugin_nni.load_config(path).pruner == "level"  # the same config as JSON is read
 
 
 def test_nni_random_coarse_refuses_granularity_it_cannot_honour(nni_pruner, digits, evaluate):
@@ -305,8 +312,6 @@ def test_cli_checks_goal_and_options_before_any_data(capsys, monkeypatch):
 
 
 def test_nni_config_checked_before_data(nni_pruner, tmp_path, capsys, monkeypatch):
-    import de_plugin_nni.config as nni_config
-
     monkeypatch.setattr("de_plugin.demo.data.load_idx_dataset", lambda *a, **k: pytest.fail("data loaded first"))
     path = tmp_path / "c.yaml"
     path.write_text("pruner: de_layerwise\noptions: {populaton: 3}\nconfig_list:\n"
@@ -316,7 +321,9 @@ def test_nni_config_checked_before_data(nni_pruner, tmp_path, capsys, monkeypatc
     path.write_text("pruner: de_layerwise\nconfig_list:\n  - {op_types: [Linear], sparse_ratio: 95}\nmodel: lenet300\n")
     assert cli.main(["nni", str(path)]) == 2
     assert "sparse_ratio=95 must lie in [0, 1)" in capsys.readouterr().err
-    assert nni_config.precheck  # the checks live in one function
+    path.write_text("pruner: de_layerwise\nconfig_list:\n  - {op_types: [Linear], sparse_raito: 0.8}\nmodel: lenet300\n")
+    assert cli.main(["nni", str(path)]) == 2
+    assert "unknown key 'sparse_raito'; did you mean 'sparse_ratio'?" in capsys.readouterr().err
 
 
 def test_finetune_with_the_wrong_signature_refused_before_the_search(mlp, evaluate):

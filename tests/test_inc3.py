@@ -207,7 +207,9 @@ def test_de_channel_then_static_int8(resnet, images):
                            calib_data=[b[0] for b in images.batches[:4]])
     assert same_state(before, state_of(resnet))
     assert q.de_plugin_report["params_kept"] <= 0.5 and "quantized" in q.de_plugin_report["eval"]
-    assert int_weights(q)  # the smaller model's convs and head are int8
+    ints = int_weights(q)  # every conv and the head of the smaller model are int8
+    assert len(ints) == sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in resnet.modules())
+    assert all(qi.dtype == torch.int8 for qi, _ in ints.values())
     with pytest.raises(TypeError, match="prune_and_quantize"):
         cfg + StaticQuantConfig()
     with pytest.raises(ValueError, match="exactly one budget"):

@@ -85,13 +85,15 @@ def test_fused_with_qat_keeps_pruned_int_weights_zero(mlp, evaluator_for):
     model, calib = q.compress(max_steps=8, max_epochs=None)
     masks = p.get_masks()
     assert sparsity(masks) == pytest.approx(0.7, abs=1e-3)
-    q.unwrap_model()
-    for name, m in masks.items():
-        w = model.get_submodule(name).weight.detach()
+    for name, m in masks.items():  # the weight the fused wrapper computes with: masked, then fake-quantized
+        space = q._target_spaces[name]["weight"]
+        with torch.no_grad():
+            deq = q._module_wrappers[name].patch_helper("weight", space.target)
         scale, zp = calib[name]["weight"]["scale"], calib[name]["weight"]["zero_point"]
-        ints = torch.clamp(torch.round(w * m["weight"] / scale) + zp, -127, 127)
-        assert torch.all(ints[m["weight"] == 0] == 0), "pruned weights must be 0 in the int8 representation"
-        assert (ints[m["weight"] == 1] != 0).any()
+        ints = torch.round(deq / scale) + zp
+        assert torch.all(ints[m["weight"] == 0] == zp), "pruned weights must be the zero point in int8"
+        assert (ints[m["weight"] == 1] != zp).any()
+    q.unwrap_model()
 
 
 class Block(nn.Module):
@@ -117,6 +119,29 @@ class ResNetish(nn.Module):
     def forward(self, x):
         x = torch.relu(self.bn(self.stem(x)))
         return self.fc(self.block(x).mean((2, 3)))
+
+
+def test_auto_speedup_falls_back_when_modelspeedup_computes_something_else(digits, caplog):
+    """NNI 3.0's ModelSpeedup on element-wise masks removes nothing and leaves the values LevelPruner keeps
+    behind its masks: it runs, but its model is not the masked one. engine="auto" must see that and slice."""
+    import logging
+
+    from de_plugin_nni.tracing import masked_copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    pruner = LevelPruner(model, [{"op_names": ["0"], "sparse_ratio": 0.75}])
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    x = digits.x_val[:8].reshape(8, -1)
+    assert not torch.all(model[0].weight[masks["0"]["weight"] == 0] == 0)  # values kept behind the mask
+    expected = masked_copy(model, masks, x)(x)
+    nni_only = de_plugin_nni.speedup(copy.deepcopy(model), x, masks, engine="nni")
+    assert (nni_only(x) - expected).abs().max() > 1e-3  # the defect the check exists for
+    with caplog.at_level(logging.WARNING, logger="de_plugin_nni"):
+        de_plugin_nni.speedup(model, x, masks)
+    assert "differs from the masked model" in caplog.text
+    torch.testing.assert_close(model(x), expected)
 
 
 def test_speedup_output_equal_on_residual_bn_branch_model(digits):
@@ -271,6 +296,7 @@ def lightning_evaluator(digits):
             return self.net(x)
 
         def training_step(self, batch, _):
+            self.steps = getattr(self, "steps", 0) + 1
             return F.cross_entropy(self(batch[0]), batch[1])
 
         def test_step(self, batch, _):
@@ -302,8 +328,11 @@ def test_lightning_evaluator_trains_and_scores(digits, _trained):
     assert p.results[0].nfev > 0 and p.results[0].accuracy > 0.5
     p.unwrap_model()
     evaluator.bind_model(model)
+    before, model.steps = copy.deepcopy(model.net.state_dict()), 0
     evaluator.train(max_steps=3)  # the step-limited path NNI's schedulers use (patched for lightning 2.x)
     evaluator.unbind_model()
+    assert model.steps == 3, "the step limit must reach the fit loop"
+    assert any(not torch.equal(before[k], v) for k, v in model.net.state_dict().items()), "training ran"
 
 
 def _bn_stats(model):

@@ -132,7 +132,7 @@ def test_an_address_nobody_answers_at_fails_fast(tiny, evaluate):
     with pytest.raises(ConnectionError, match=r"no Ray cluster answered at ray_address='127.0.0.1:\d+'"):
         de_plugin.prune(tiny, "de_layerwise", evaluate=evaluate, sparsity=0.7, backend="ray",
                         ray_address=f"127.0.0.1:{free_port()}", **OPTS)
-    assert time.perf_counter() - t0 < 30
+    assert time.perf_counter() - t0 < 5  # what README promises
 
 
 class _CudaLooking:

@@ -1,9 +1,10 @@
 """Same seed -> the same masks, across refactors of the core and the adapters.
 
-The hashes below were recorded before the core-API restructuring (issue 11) and must not move:
-the runner, the allocator and the coarse search were reorganised, not changed. A hash that moves
-means a behaviour change; if it is intended, say so in the commit and record the new hash.
-Each case is small (seconds) and runs the public entry point a user calls.
+Each case runs the public entry point a user calls (seconds each) and compares a hash of the masks
+with the one recorded below. A hash that moves means a behaviour change; if it is intended, say so in
+the commit and record the new hash with ``python tests/record_mask_hashes.py`` (a separate script:
+these tests only ever assert). ``de_layerwise_deep_defaults`` runs a 22-layer ResNet-20 at the
+deep-model defaults (stall, population, search_images, adaptive BN), which the small cases are exempt from.
 """
 import copy
 import hashlib
@@ -20,20 +21,19 @@ from de_plugin.demo.training import make_finetune, train
 FAST = {"population": 8, "generations": 3, "rounds": 2, "finetune_epochs": 1, "scan_levels": [0.5, 0.8, 0.95]}
 NNI_DE = {"population": 6, "generations": 2, "rounds": 2, "finetune_epochs": 1, "scan_levels": [0.5, 0.8],
           "progress": False}
-RECORD = os.environ.get("DE_PLUGIN_RECORD_HASHES")  # set to print hashes instead of asserting them
 
 EXPECTED = {
     "de_layerwise_budget": "96b9012701e9d297",
     "de_layerwise_accuracy": "d9d2a39677793023",
     "de_layerwise_std_penalty": "43d8d37501912d38",
     "random_coarse": "3fc3f1ee458af9ab",
-    # changed on purpose (issue 12, defect 13): earlier entries' masks now hold while later entries fine-tune
     "nni_de_layerwise": "dd1f75d401975bfe",
     "nni_agp": "492a34699d4fff69",
     "nni_random_coarse": "82dbb6a09d78ee3e",
     "inc_search_config": "bedf4b7ea704c372",
     "inc_loop_targets": "9268340b6318f1d6",
     "inc_random_coarse": "26bf78c49a149747",
+    "de_layerwise_deep_defaults": "1d4e3991c03573d4",
 }
 
 
@@ -61,12 +61,12 @@ def digest(obj) -> str:
     return h.hexdigest()[:16]
 
 
-def check(case: str, obj) -> None:
-    got = digest(obj)
-    if RECORD:
-        print(f'    "{case}": "{got}",')
-        return
+def check_digest(case: str, got: str) -> None:
     assert got == EXPECTED[case], f"{case}: masks changed ({got} != {EXPECTED[case]})"
+
+
+def check(case: str, obj) -> None:
+    check_digest(case, digest(obj))
 
 
 @pytest.fixture(autouse=True)
@@ -111,6 +111,27 @@ def test_de_layerwise_low_memory_same_masks(mlp, evaluate, finetune, case, goal,
     r = de_plugin.prune(mlp, "de_layerwise", evaluate=evaluate, finetune=finetune, progress=False, low_memory=True,
                         inplace=True, **goal, **opts, **FAST)
     check(case, r.masks)
+
+
+def test_de_layerwise_deep_defaults(digits):
+    """22 searched layers: the deep-model defaults apply (stall=3, population max(20, d/2), search_images,
+    rescore_top, adaptive BN with train_data); only the run's length is cut."""
+    from de_plugin.demo.models import create_model
+
+    torch.manual_seed(0)
+    x = digits.x_train.reshape(-1, 1, 8, 8)
+    model = train(create_model("resnet20", in_channels=1), x[:512], digits.y_train[:512], epochs=1, lr=3e-3,
+                  batch_size=64, seed=0)
+    xv = digits.x_val.reshape(-1, 1, 8, 8)
+    val = [(xv[i:i + 100], digits.y_val[i:i + 100]) for i in range(0, 300, 100)]
+    batches = [(x[i:i + 64], digits.y_train[i:i + 64]) for i in range(0, 256, 64)]
+    ft = make_finetune(batches[0][0], batches[0][1], lr=1e-3, batch_size=64)
+    torch.manual_seed(0)
+    r = de_plugin.prune(model, "de_layerwise", val_data=val, metric="accuracy", finetune=ft, train_data=batches,
+                        sparsity=0.8, rounds=1, finetune_epochs=1, generations=6, search_images=100, seed=7,
+                        progress=False)
+    assert len(r.masks) == 22  # above 16 searched values: the deep defaults are in force
+    check("de_layerwise_deep_defaults", r.masks)
 
 
 @pytest.fixture(scope="module")
@@ -176,11 +197,7 @@ def test_nni_agp():
     out = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONHASHSEED": "0"})
     assert out.returncode == 0, out.stderr[-2000:]
-    got = out.stdout.strip().splitlines()[-1]
-    if RECORD:
-        print(f'    "nni_agp": "{got}",')
-        return
-    assert got == EXPECTED["nni_agp"], f"nni_agp: masks changed ({got} != {EXPECTED['nni_agp']})"
+    check_digest("nni_agp", out.stdout.strip().splitlines()[-1])
 
 
 def test_nni_random_coarse(small_resnet, digits):

@@ -9,6 +9,7 @@ error that names the entry and the key. Legacy keys NNI still accepts (``sparsit
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Dict, Iterable, List, Optional
 
 from nni.compression.base.config import default_config_schema, trans_legacy_config_list
@@ -37,7 +38,9 @@ def validated_entries(model: nn.Module, config_list: List[Dict], pruner: str, ex
     configs = trans_legacy_config_list([dict(c) for c in config_list])
     schema = default_config_schema("pruning")
     modules = dict(model.named_modules())
+    known = _schema_keys(schema)
     for i, cfg in enumerate(configs):
+        _check_keys(i, cfg, known)
         _check_ratios(i, cfg)  # before the schema: `sparse_ratio: 95` is a range error, not a key error
         try:
             schema.validate(cfg)
@@ -50,6 +53,24 @@ def validated_entries(model: nn.Module, config_list: List[Dict], pruner: str, ex
             if value is not None and not (key == "granularity" and value in ("default", "out_channel")):
                 raise ValueError(f"config_list entry {i}: {pruner} does not support {key}={value!r}: {why}")
     return configs
+
+
+def _schema_keys(schema: Any) -> List[str]:
+    """The keys NNI's config schema knows (``Or('op_types', 'op_names', ...)`` spelled out)."""
+    keys: List[str] = []
+    for k in schema._schema:
+        inner = getattr(k, "schema", k)
+        keys.extend(getattr(inner, "_args", None) or [inner])
+    return [k for k in keys if isinstance(k, str)]
+
+
+def _check_keys(i: int, cfg: Dict[str, Any], known: List[str]) -> None:
+    """An unknown key (``sparse_raito``) is a typo until shown otherwise: name the nearest known key."""
+    for key in cfg:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(known))}"
+            raise ValueError(f"config_list entry {i}: unknown key {key!r}{hint}")
 
 
 def _check_names(i: int, names: Iterable[str], modules: Dict[str, nn.Module]) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from de_plugin.adapter import slice_channels
+from de_plugin.adapter import channel_groups, slice_channels
 
 log = logging.getLogger("de_plugin_nni")
 _PATCHED = False
@@ -107,12 +107,14 @@ def speedup(model: nn.Module, dummy_input: Any, masks: dict, engine: str = "auto
 
     ``engine``: ``"nni"``, NNI's ``ModelSpeedup`` (errors raised as they are); ``"de_plugin"``, the core's
     slicing from the coupling groups (:func:`de_plugin.adapter.slice_channels`); ``"auto"`` (default),
-    ModelSpeedup on a copy, kept if it runs, else the core's slicing (NNI 3.0 raises EmptyLayerError on
+    ModelSpeedup on a copy, kept if it runs and computes what the masked model computes on
+    ``dummy_input`` (eval mode), else the core's slicing with a warning (NNI 3.0 raises EmptyLayerError on
     ConvNeXt's channels-last MLPs and runs out of memory on MaxViT: BENCHMARKS.md, the zoo table; which
     one ran is logged). The model is returned in eval mode (NNI leaves replaced BatchNorms in train mode).
     """
     if engine not in ("auto", "nni", "de_plugin"):
         raise ValueError(f"engine={engine!r}: use 'auto', 'nni' or 'de_plugin'")
+    _check_masks(model, masks)
     was_training = model.training
     model.eval()
     if engine == "de_plugin":
@@ -127,9 +129,26 @@ def speedup(model: nn.Module, dummy_input: Any, masks: dict, engine: str = "auto
     return model
 
 
+def _check_masks(model: nn.Module, masks: dict) -> None:
+    """Masks that name no module, or whose shape is not their tensor's, are refused before any work."""
+    modules = dict(model.named_modules())
+    for name, params in masks.items():
+        if name not in modules:
+            near = [n for n in modules if n.endswith(name.split(".")[-1])][:3]
+            raise ValueError(f"masks name module {name!r}, which the model does not have"
+                             + (f" (did you mean {near}?)" if near else "") +
+                             "; use the names of model.named_modules() (NNI's get_masks() keys)")
+        for pname, m in params.items():
+            t = getattr(modules[name], pname, None)
+            if isinstance(m, torch.Tensor) and isinstance(t, torch.Tensor) and m.shape != t.shape:
+                raise ValueError(f"the mask of {name}.{pname} has shape {tuple(m.shape)}, the tensor "
+                                 f"{tuple(t.shape)}: masks must have their tensor's shape")
+
+
 def _auto(model: nn.Module, dummy_input: Any, masks: dict, **kwargs: Any) -> None:
     """ModelSpeedup on a copy (it edits modules as it goes, so a failure part-way must not reach the
-    user's model); adopted if it runs, else the core's slicing on the model itself."""
+    user's model); adopted only if it runs and its outputs on ``dummy_input`` equal the masked
+    model's, else the core's slicing on the model itself."""
     trial = copy.deepcopy(model)
     try:
         _nni_speedup(trial, dummy_input, masks, **kwargs)
@@ -138,8 +157,108 @@ def _auto(model: nn.Module, dummy_input: Any, masks: dict, **kwargs: Any) -> Non
                     "instead", type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
         slice_channels(model, dummy_input, masks)
         return
+    expected = _outputs(masked_copy(model, masks, dummy_input), dummy_input)
+    diff = _max_difference(_outputs(trial, dummy_input), expected)
+    if diff is not None:
+        # Quirk (NNI 3.0): ModelSpeedup can run to the end and still compute something else than the
+        # masked model (a replaced module's constant folding, a mask it propagated too far)
+        log.warning("speedup: NNI's ModelSpeedup result differs from the masked model on the dummy input (%s); "
+                    "slicing the channels from the coupling groups instead", diff)
+        slice_channels(model, dummy_input, masks)
+        return
     model.__dict__.update(trial.__dict__)  # adopt the sped-up modules in place, as ModelSpeedup does
-    log.info("speedup: NNI's ModelSpeedup")
+    log.info("speedup: NNI's ModelSpeedup (outputs equal to the masked model's)")
+
+
+def masked_copy(model: nn.Module, masks: dict, dummy_input: Any = None) -> nn.Module:
+    """A copy of ``model`` in eval mode with every masked tensor multiplied by its mask: what a
+    speedup must compute (NNI's built-ins leave the values behind their masks after unwrapping).
+
+    With ``dummy_input``, a channel whose producers' weight rows are all masked is removed as a
+    speedup removes it: the BatchNorm affine terms over it are zeroed too (else the masked model
+    feeds BatchNorm's shift of a zero channel forward, which no smaller model computes). The
+    BatchNorms over a channel come from the core's coupling pass, on NNI's concrete trace where torch.fx
+    cannot trace the model; a model neither traces keeps them.
+    """
+    ref = copy.deepcopy(model).eval()
+    modules = dict(ref.named_modules())
+    with torch.no_grad():
+        for name, params in masks.items():
+            for pname, m in params.items():
+                t = getattr(modules.get(name), pname, None)
+                if isinstance(t, torch.Tensor) and isinstance(m, torch.Tensor) and t.shape == m.shape:
+                    t.mul_(m.to(t.dtype))
+        if dummy_input is not None:
+            _zero_removed_batchnorms(ref, modules, masks, dummy_input)
+    return ref
+
+
+def _zero_removed_batchnorms(ref: nn.Module, modules: dict, masks: dict, dummy_input: Any) -> None:
+    try:
+        groups = channel_groups(ref, dummy_input)
+    except Exception:  # noqa: BLE001 - torch.fx cannot trace it: NNI's concrete trace resolves data-dependent ifs
+        try:
+            groups = channel_groups(trace(ref, dummy_input), dummy_input)
+        except Exception as exc:  # noqa: BLE001 - the reference stays the plainly masked model
+            log.debug("speedup: no coupling groups for the reference (%s)", exc)
+            return
+    for g in groups:
+        rows = []
+        for p in g.producers:
+            m = masks.get(p, {}).get("weight")
+            if not isinstance(m, torch.Tensor):
+                break
+            rows.append(m.reshape(m.shape[0], -1).any(1))
+        else:
+            removed = ~torch.stack(rows).any(0) if rows else None
+            if removed is None or not removed.any():
+                continue
+            for bn, offset in g.batchnorms:
+                for pname in ("weight", "bias"):
+                    t = getattr(modules[bn], pname, None)
+                    if isinstance(t, torch.Tensor):
+                        t[offset:offset + len(removed)][removed] = 0
+
+
+def _outputs(model: nn.Module, dummy_input: Any) -> list[torch.Tensor]:
+    """The model's output tensors on ``dummy_input`` (NNI's convention: a tuple is unpacked, a dict
+    passed by keyword), flattened in order."""
+    model.eval()
+    with torch.no_grad():
+        if isinstance(dummy_input, dict):
+            out = model(**dummy_input)
+        elif isinstance(dummy_input, (tuple, list)):
+            out = model(*dummy_input)
+        else:
+            out = model(dummy_input)
+    flat: list[torch.Tensor] = []
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            flat.append(o.float())
+        elif isinstance(o, dict):
+            for k in sorted(o):
+                walk(o[k])
+        elif isinstance(o, (tuple, list)):
+            for v in o:
+                walk(v)
+
+    walk(out)
+    return flat
+
+
+def _max_difference(got: list[torch.Tensor], expected: list[torch.Tensor]) -> str | None:
+    """None when the outputs agree to float32 rounding (relative to the outputs' scale), else why not."""
+    if len(got) != len(expected):
+        return f"{len(got)} output tensors instead of {len(expected)}"
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if g.shape != e.shape:
+            return f"output {i} has shape {tuple(g.shape)} instead of {tuple(e.shape)}"
+        scale = float(e.abs().max()) if e.numel() else 0.0
+        err = float((g - e).abs().max()) if e.numel() else 0.0
+        if not err <= 1e-4 * (1.0 + scale):  # also catches NaN
+            return f"output {i}: max abs difference {err:.3g} at output scale {scale:.3g}"
+    return None
 
 
 def _nni_speedup(model: nn.Module, dummy_input: Any, masks: dict, **kwargs: Any) -> None:
