@@ -24,10 +24,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from . import allocation
 from .de import DifferentialEvolution
+from .progress import progress_bar
 from .evaluation import Backend, BackendOptions, Bound
 
 log = logging.getLogger("de_plugin")
@@ -231,7 +231,7 @@ class Allocator:
         )
 
     def _run(self, solver: DifferentialEvolution, evaluate_batch, desc: str) -> None:
-        pbar = tqdm(total=solver.maxiter + 1, desc=desc, leave=False, disable=None if self.progress else True)
+        pbar = progress_bar(total=solver.maxiter + 1, desc=desc, enabled=self.progress)
         while not solver.done:
             if self.deadline is not None and solver.history and time.perf_counter() > self.deadline:
                 log.info("time_limit reached: stopping the search at generation %d", solver.nit)

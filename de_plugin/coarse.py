@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 from torch import nn
-from tqdm.auto import tqdm
 
 from .coupling import ChannelGroup, CouplingError, channel_groups
 from .evaluation import (BackendOptions, BNState, batch_norms, DeviceBatches, check_score, make_backend, metric_on_batches,
                          recalibrate_bn)
 from .hookspecs import hookimpl
+from .progress import progress_bar
 from .pruner import Context, Pruner
 from .registry import get_metric
 from .result import Outcome
@@ -431,7 +431,7 @@ def best_of_n(model: nn.Module, space: CoarseSpace, score: Callable[[nn.Module],
     scores: list[float] = []
     try:
         backend.start_round()
-        with tqdm(total=n, desc=f"{desc} candidates", disable=True if not progress or n == 1 else None, leave=False) as bar:
+        with progress_bar(total=n, desc=f"{desc} candidates", enabled=bool(progress) and n > 1) as bar:
             for start in range(0, n, step):
                 scores += backend.evaluate(cands[start:start + step])
                 bar.update(min(step, n - start))

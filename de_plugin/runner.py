@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .progress import progress_bar
 from .recovery import finetune_round
 from .result import Outcome
 from .targets import get_param
@@ -161,7 +161,8 @@ class RoundRunner:
             self.load_state_dict(saved)
             log.info("%s: resuming from %s at round %d", self.pruner.name, self.checkpoint, saved["round"])
         total = len(self.loop["plan"]) if self.mode == "budget" else o.rounds
-        self._bar = tqdm(total=total, desc=f"{self.pruner.name} rounds", disable=True if not ctx.progress or self.mode == "scheduled" else None)
+        self._bar = progress_bar(total=total, desc=f"{self.pruner.name} rounds", leave=True,
+                                 enabled=bool(ctx.progress) and self.mode != "scheduled")
         self._bar.update(self.loop["next"] if self.mode == "budget" else self.loop["accepted"])
 
     def _check_budget(self) -> None:

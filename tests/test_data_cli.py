@@ -87,3 +87,15 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert rc == 2 and "dataset-fashion-mnist" in capsys.readouterr().err
     rc = cli.main(["list"])
     assert rc == 0 and "de_layerwise" in capsys.readouterr().out
+
+
+def test_dense_reference_is_the_same_whatever_the_process_drew_before(tmp_path, monkeypatch):
+    """Same seed, same weights: the initialisation is seeded too, not only the training."""
+    data = load_idx_dataset(FASHION_MNIST_DIR, val_size=100, train_limit=512, seed=0)
+    weights = []
+    for i, draw in enumerate((0, 1000)):
+        monkeypatch.setattr(demo_training, "CACHE", tmp_path / f"cache{i}")  # train, do not load
+        torch.rand(draw)  # other work in the process before the reference is trained
+        weights.append(demo_training.dense_model("lenet300", data, epochs=1, seed=3,
+                                                 data_dir=str(FASHION_MNIST_DIR)).state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

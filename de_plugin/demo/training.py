@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..evaluation import inference
 from .models import create_model
@@ -58,7 +58,7 @@ def make_finetune(
         for ep in range(epochs):
             perm = torch.randperm(len(y))
             it = range(0, len(y), batch_size)
-            for i in tqdm(it, desc=f"fine-tune epoch {ep + 1}/{epochs}", leave=False, disable=None if progress else True):
+            for i in progress_bar(it, desc=f"fine-tune epoch {ep + 1}/{epochs}", enabled=progress):
                 if max_steps is not None and finetune.steps >= max_steps:
                     return
                 idx = perm[i : i + batch_size]
@@ -87,9 +87,13 @@ def dense_model(name: str, data, epochs: int, seed: int, data_dir: str, lr: floa
                 **model_kwargs) -> torch.nn.Module:
     """Train the dense reference once and cache its weights outside the repository.
 
+    The same arguments give the same weights on the same machine and thread count (initialisation and
+    training are both seeded with ``seed``), whatever the process did before.
+
     ``model_kwargs`` go to ``create_model`` (e.g. ``in_channels=1`` for the deep models on
     Fashion-MNIST) and into the cache key, with the image size and ``lr``.
     """
+    torch.manual_seed(seed)  # the initial weights too: else they follow whatever drew random numbers before
     model = create_model(name, **model_kwargs)
     extra = "".join(f"_{k}{v}" for k, v in sorted(model_kwargs.items()))
     extra += ("" if data.x_train.shape[-1] == 28 else f"_px{data.x_train.shape[-1]}") + ("" if lr == 1e-3 else f"_lr{lr:g}")
