@@ -2,7 +2,7 @@
 
 One search for every caller: ``de_layerwise``'s rounds (magnitude masks, :class:`MagnitudeScorer`),
 the NNI pruner's scheduled re-allocations (through the round runner) and INC's pattern-aware search
-(INC's own pattern masks, the adapter's ``PatternScorer``). What differs between them is injected:
+(INC's own pattern masks, the core's :class:`de_plugin.patterns.PatternScorer`, which INC's adapter uses). What differs between them is injected:
 
 * the **scorer** behind a backend (:mod:`de_plugin.evaluation`) turns keep-counts into a score;
 * the **space** (:class:`KeepSpace`) maps DE vectors to keep-counts and back, and projects a

@@ -1,4 +1,4 @@
-"""Search-free baselines (ALGORITHMS.md section 3), run through the same loop as de_layerwise."""
+"""Search-free baselines (docs/ALGORITHMS.md section 4), run through the same loop as de_layerwise."""
 from __future__ import annotations
 
 from typing import Any

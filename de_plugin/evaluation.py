@@ -14,7 +14,8 @@ Backends (option ``backend=``, with ``workers=``):
 A scorer is any object of the :class:`Scorer` protocol (``model``, ``reset()`` to take the model's
 weights as the round's, ``score(candidate, floor)`` and ``restore()``): :class:`MagnitudeScorer`
 scores magnitude keep-counts (``de_layerwise``); ``de_plugin.coarse.CoarseScorer`` scores channel /
-kernel masks (``random_coarse``); the INC adapter's ``PatternScorer`` scores INC pattern masks.
+kernel masks (``random_coarse``); :class:`de_plugin.patterns.PatternScorer` scores INC-style pattern
+masks (used by the INC adapter).
 Every backend has the :class:`Backend` protocol. This module also owns evaluating a model on
 batches (:func:`inference`, :func:`metric_on_batches`, :class:`DeviceBatches`) and
 :func:`check_score`, the one place a user's score is checked.

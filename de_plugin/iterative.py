@@ -2,8 +2,10 @@
 
 ``de_layerwise`` and the search-free baselines (uniform, global magnitude, LAMP, ERK) are such
 pruners, and so are third-party ones (``tests/test_plugins.py``). Sharing the runner is what makes
-comparisons fair: every method gets the same sparsity schedule, the same fine-tune epochs per
-round and the same recovery; only the per-layer allocation differs.
+comparisons fair: every method gets the same sparsity schedule and fine-tune epochs per round, and,
+given the same ``recovery`` option, the same recovery; only the per-layer allocation differs. The
+defaults differ: ``de_layerwise`` recovers by ``splicing``, the baselines by ``none``, so a fair
+comparison sets ``recovery`` on both (the benchmarks do).
 """
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """``de_layerwise``: differential evolution over per-layer pruning thresholds (Wu et al. 2021).
 
 Each round, DE searches one value per prunable layer jointly; magnitude pruning is applied
-inside each layer; the loop in :mod:`de_plugin.iterative` then fine-tunes (with optional
-recovery) and moves to the next round. Why it beats one-shot allocation (ALGORITHMS.md §4):
-searching in small steps, each round re-allocating over the fine-tuned weights, with the
-population seeded by the baselines' allocations so DE can only improve on them.
+inside each layer; the round runner (:mod:`de_plugin.runner`) then fine-tunes (with recovery) and
+moves to the next round. The design (docs/ALGORITHMS.md, section 1): search in small steps, each round
+re-allocating over the fine-tuned weights, with the population seeded by the baselines' allocations,
+so the search starts from everything the heuristics give. How it compares with them after
+fine-tuning is measured, not assumed: BENCHMARKS.md.
 
 Parametrisations (``parametrization``):
 * ``ratio`` (default): ``x_l`` is layer l's sparsity;

@@ -249,7 +249,7 @@ def _accepts(fn: Callable, n: int) -> bool:
 def build_result(name: str, pruner: Pruner, outcome: Outcome, model: nn.Module, seed: int,
                  wall_time: float) -> PruningResult:
     """The user's result from a pruner's outcome: sparsity and per-layer figures over the outcome's
-    targets (section 0 of ALGORITHMS.md: weights of the pruned layers only)."""
+    targets (docs/ALGORITHMS.md section 0: weights of the pruned layers only)."""
     masks = outcome.masks
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())

@@ -1,4 +1,4 @@
-"""Fine-tuning with recovery of pruned connections (ALGORITHMS.md section 1).
+"""Fine-tuning with recovery of pruned connections (docs/ALGORITHMS.md section 1).
 
 A round's fine-tune runs the user's ``finetune(model, epochs)`` with masks attached. With a
 recovery mode, the first ``epochs - 1`` epochs train with some pruned connections allowed back:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .saving import export_onnx, load, save_model  # noqa: F401 - load: de_plugin.load
+from .saving import export_onnx, save_model
 
 
 @dataclass
@@ -59,7 +59,7 @@ class PruningResult:
 
     @property
     def compression(self) -> float:
-        """1 / (1 - sparsity) over the pruned layers' weights (ALGORITHMS.md section 0)."""
+        """1 / (1 - sparsity) over the pruned layers' weights (docs/ALGORITHMS.md, section 0)."""
         return float("inf") if self.sparsity >= 1.0 else 1.0 / (1.0 - self.sparsity)
 
     def summary(self) -> dict[str, Any]:

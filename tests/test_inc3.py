@@ -226,3 +226,29 @@ def test_a_config_inc_rejects_is_said_before_the_search(mlp, example, calib, qua
                                          r"knows.*nothing was pruned"):
         prune_and_quantize(mlp, cfg, quant, example_inputs=example, calib_data=calib)
     assert not called and same_state(before, state_of(mlp))  # no search ran; the model is as it was
+
+
+def test_inc3_chatter_is_dropped_and_real_warnings_pass():
+    """INC 3.10's per-step INFO lines, its CPU notices and torchao's CUDA-kernel load failures are dropped;
+    any other INC warning still reaches its handlers."""
+    import logging
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handlers = {name: Keep() for name in ("neural_compressor", "torchao")}
+    for name, h in handlers.items():
+        logging.getLogger(name).addHandler(h)
+    try:
+        inc, tao = logging.getLogger("neural_compressor"), logging.getLogger("torchao")
+        inc.info("Found 0 matches.")
+        inc.warning("Auto detect accelerator: CPU_Accelerator.")
+        tao.warning("Failed to load /x/torchao/_C_mxfp8.so: Could not load this library")
+        inc.warning("Tuning failed: the config is not supported")
+    finally:
+        for name, h in handlers.items():
+            logging.getLogger(name).removeHandler(h)
+    assert seen == ["Tuning failed: the config is not supported"]

@@ -75,6 +75,9 @@ if ROUTE is not None:
         if ROUTE == "legacy":
             from .pruner import PytorchDEChannelPruner, PytorchDELayerwisePruner, PytorchRandomCoarsePruner  # noqa: F401
         else:
+            from .quiet3 import quiet_inc3
+
+            quiet_inc3()  # before INC's first import: it warns as it loads
             from .inc3 import DELayerwiseConfig  # noqa: F401
     except ImportError as exc:
         # e.g. INC 3.10 without its PyTorch flavour: `neural_compressor.torch` fails on a missing dependency

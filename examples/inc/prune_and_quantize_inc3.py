@@ -12,9 +12,9 @@ import os
 import tempfile
 
 import torch
-from neural_compressor.torch.quantization import StaticQuantConfig
 
-import de_plugin_inc  # registers DELayerwiseConfig with INC 3.x
+import de_plugin_inc  # first: registers DELayerwiseConfig with INC 3.x and quiets INC's import-time chatter
+from neural_compressor.torch.quantization import StaticQuantConfig  # noqa: E402
 from de_plugin.demo.data import load_idx_dataset
 from de_plugin.demo.models import create_model
 from de_plugin.demo.training import make_evaluate, make_finetune, train
