@@ -22,7 +22,7 @@ from .demo.training import dense_model, make_evaluate, make_finetune
 from .plugins import load_plugins
 from .pruner import check_goal
 from .registry import create_pruner, get_pruner_class, list_pruners
-from .report import format_table, write_report
+from .report import check_out_dir, format_table, write_report
 
 #: the main job's options; ``--options`` adds to them (keys the chosen pruner has), it does not replace them
 RUN_DEFAULTS = {"rounds": 4, "finetune_epochs": 2}
@@ -54,6 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = run_options(args.pruner, options)
     create_pruner(args.pruner, **options)  # bad names, options and goals fail here, before any training
     check_goal(args.pruner, **goal)
+    check_out_dir(args.out, args.overwrite)
     data = load_data(args)
     t_dense = time.perf_counter()
     kwargs = {"in_channels": int(data.x_train.shape[1])} if args.model in DEEP_MODELS else {}
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--train-limit", type=int, default=None, help="use only this many training images (quick runs)")
     r.add_argument("--lr", type=float, default=5e-4, help="fine-tune learning rate (Adam)")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--out", default="runs/main")
+    r.add_argument("--out", default="runs/main", help="where to write the results (refused if it holds one)")
+    r.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     r.set_defaults(func=cmd_run)
     ls = sub.add_parser("list", help="list the available pruners")
     ls.set_defaults(func=lambda a: print("\n".join(list_pruners())) or 0)

@@ -12,6 +12,17 @@ from torch import nn
 from .result import PruningResult
 
 
+def check_out_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """The output folder of a command, refused before any work if it already holds a result (a
+    finished run is never overwritten silently)."""
+    out = Path(out)
+    previous = out / "result.json"
+    if previous.exists() and not overwrite:
+        raise ValueError(f"{previous} already holds a result: choose another folder with --out DIR, or pass "
+                         "--overwrite to replace it")
+    return out
+
+
 def storage_bytes(mask: torch.Tensor, value_bytes: int = 4, index_bytes: int = 4) -> dict[str, int]:
     """Bytes for one weight tensor: dense, bitmask + values, CSR (rows = output units)."""
     n = mask.numel()

@@ -336,3 +336,17 @@ def test_finetune_with_the_wrong_signature_refused_before_the_search(mlp, evalua
 def test_result_repr_is_short(mlp):
     r = de_plugin.prune(mlp, "uniform_magnitude", sparsity=0.5, progress=False, rounds=1, finetune_epochs=0)
     assert len(repr(r)) < 400 and "tensor(" not in repr(r)
+
+
+def test_a_finished_run_is_not_overwritten_silently(tmp_path, capsys, monkeypatch):
+    """`de-plugin run` / `de-plugin nni` refuse an --out that holds a result, before any work."""
+    monkeypatch.setattr("de_plugin.demo.data.load_idx_dataset", lambda *a, **k: pytest.fail("data loaded first"))
+    (tmp_path / "result.json").write_text('{"sparsity": 0.9}')
+    assert cli.main(["run", "--out", str(tmp_path)]) == 2
+    assert "already holds a result: choose another folder with --out DIR, or pass --overwrite" in capsys.readouterr().err
+    pytest.importorskip("nni")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pruner: level\nconfig_list:\n  - {op_types: [Linear], sparse_ratio: 0.5}\nmodel: lenet300\n")
+    assert cli.main(["nni", str(cfg), "--out", str(tmp_path)]) == 2
+    assert "already holds a result" in capsys.readouterr().err
+    assert (tmp_path / "result.json").read_text() == '{"sparsity": 0.9}'

@@ -83,14 +83,15 @@ def test_search_config_placement(mlp, evaluate, digits):
 
 
 @pytest.mark.parametrize("approach", ["static", "dynamic"])
-def test_int8_keeps_pruned_weights_zero(mlp, evaluate, digits, approach):
+def test_int8_keeps_pruned_weights_zero(mlp, evaluate, digits, approach, tmp_path):
     cfg = WeightPruningConfig([{"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": evaluate,
                                 "de_options": DE}], target_sparsity=0.6, pattern="1x1", start_step=0, end_step=0)
     cm = prepare_compression(mlp, cfg)
     train_with(cm, mlp, digits)
     masks = {n: mlp.get_submodule(n).weight != 0 for n in ("fc1", "fc2")}
     calib = DataLoader(TensorDataset(digits.x_train[:256], digits.y_train[:256]), batch_size=64)
-    q = de_plugin_inc.quantize(copy.deepcopy(mlp), approach, calib_dataloader=calib)
+    q = de_plugin_inc.quantize(copy.deepcopy(mlp), approach, calib_dataloader=calib, workspace=str(tmp_path))
+    assert (tmp_path / "nc_workspace").is_dir()  # INC's files go where asked, not into the checkout
     ints = de_plugin_inc.int8_weights(q)
     for n, m in masks.items():
         assert (~m).float().mean() >= 0.5

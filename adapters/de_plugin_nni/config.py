@@ -29,7 +29,7 @@ from nni.compression import TorchEvaluator
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from de_plugin.adapter import count_macs, measure_latency, validate_options
+from de_plugin.adapter import check_out_dir, count_macs, measure_latency, validate_options
 
 from .names import PRUNERS, SCHEDULERS, create_pruner, lookup
 from .quantize import QUANTIZERS, finetune, int8_storage, quantize
@@ -183,10 +183,13 @@ def precheck(cfg: CompressionConfig, model: nn.Module | None = None) -> None:
 
 
 def run_config(source, model: nn.Module | None = None, evaluator=None, test_evaluate=None,
-               out_dir: str | Path | None = None) -> Dict[str, Any]:
-    """Prune (and optionally speed up and quantize) as the config says; return and print a report."""
+               out_dir: str | Path | None = None, overwrite: bool = False) -> Dict[str, Any]:
+    """Prune (and optionally speed up and quantize) as the config says; return and print a report
+    (written to ``out_dir``/result.json, refused before any work if one is there and not ``overwrite``)."""
     cfg = load_config(source)
     precheck(cfg, model)
+    if out_dir is not None:
+        check_out_dir(out_dir, overwrite)
     data = None
     if model is None:
         from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset

@@ -15,7 +15,7 @@ def _run(args: argparse.Namespace) -> int:
     require_nni()
     from .config import run_config
 
-    run_config(args.config, out_dir=args.out)
+    run_config(args.config, out_dir=args.out, overwrite=args.overwrite)
     return 0
 
 
@@ -23,5 +23,6 @@ def _run(args: argparse.Namespace) -> int:
 def register_commands(subparsers):
     p = subparsers.add_parser("nni", help="run an NNI compression config (YAML or JSON) end to end")
     p.add_argument("config", help="path to the config file")
-    p.add_argument("--out", default="runs/nni", help="where to write the report")
+    p.add_argument("--out", default="runs/nni", help="where to write the report (refused if it holds one)")
+    p.add_argument("--overwrite", action="store_true", help="replace the report already in --out")
     p.set_defaults(func=_run)
