@@ -1,0 +1,131 @@
+"""Paired differences with 95% intervals from the benchmarks' results files: the numbers behind every
+"ahead / behind" in BENCHMARKS.md.
+
+A comparison is method A minus method B in test accuracy (pp), seed by seed on the same dense model,
+data and fine-tuning budget; the mean of those differences is reported with its two-sided 95%
+Student-t interval (n - 1 degrees of freedom). With one seed there is no interval: the row is an
+illustration. ``python benchmarks/paired.py`` prints the summary table of BENCHMARKS.md and writes it
+to ``benchmarks/results/summary.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from scipy import stats
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def paired(a: dict[str, float], b: dict[str, float]) -> dict[str, Any]:
+    """Mean of a[s] - b[s] over the seeds both have (in pp), its 95% t-interval and the per-seed values."""
+    seeds = sorted(set(a) & set(b), key=str)
+    diffs = [100.0 * (a[s] - b[s]) for s in seeds]
+    n = len(diffs)
+    mean = sum(diffs) / n if n else math.nan
+    if n < 2:
+        return {"n": n, "mean": mean, "low": None, "high": None, "diffs": diffs, "seeds": seeds}
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "low": mean - half, "high": mean + half, "diffs": diffs, "seeds": seeds}
+
+
+def ladder_tests(files: list[str], model: str, method: str, rung: float) -> dict[str, float]:
+    """Test accuracy per seed at a ladder rung (layerwise.py / deep.py results), over several files."""
+    out: dict[str, float] = {}
+    for f in files:
+        runs = json.loads((RESULTS / f / "results.json").read_text())["models"][model]["runs"]
+        for seed, rungs in runs.get(method, {}).items():
+            for r in rungs:
+                if abs(r["sparsity"] - rung) < 1e-6:
+                    out[seed] = r["test"]
+    return out
+
+
+def _within_files(files: list[str], model: str, a: str, b: str, rung: float) -> tuple[dict, dict]:
+    """Test accuracies of a and b per seed, paired only within a file (one run: one dense model a seed)."""
+    ta: dict[str, float] = {}
+    tb: dict[str, float] = {}
+    for f in files:
+        try:
+            fa, fb = ladder_tests([f], model, a, rung), ladder_tests([f], model, b, rung)
+        except (FileNotFoundError, KeyError):
+            continue
+        for seed in set(fa) & set(fb):
+            ta[seed], tb[seed] = fa[seed], fb[seed]
+    return ta, tb
+
+
+def level_tests(file: str, model: str, method: str, level: float) -> dict[str, float]:
+    """Test accuracy per seed at a MACs level (channel.py results)."""
+    levels = json.loads((RESULTS / file / "results.json").read_text())["models"][model]["levels"]
+    key = next(k for k in levels if abs(float(k) - level) < 1e-4)
+    return {s: v["test"] for s, v in levels[key].get(method, {}).items()}
+
+
+#: (claim, model, A, B, rung or level, how to read it): the comparisons the summary reports
+SAME_RECOVERY = ["lamp[splicing]", "erk[splicing]", "global_magnitude[splicing]"]
+LADDERS = [  # A against the best of B (the baseline with the highest mean test accuracy at that rung)
+    ("LeNet-300-100", ["lenet300_frameworks_final"], "lenet300", "de_layerwise", ["lamp + splicing"]),
+    ("LeNet-5", ["lenet5"], "lenet5", "de_layerwise", ["lamp[recovery=splicing]"]),
+    ("ResNet-20", ["deep", "deep_seed1"], "resnet20", "de_layerwise[defaults]", SAME_RECOVERY),
+    ("ViT", ["deep_vit"], "vit", "de_layerwise[defaults]", SAME_RECOVERY),
+    ("MobileNetV2", ["deep_mbv2"], "mobilenetv2", "de_layerwise[defaults]", SAME_RECOVERY),
+]
+CHANNELS = [
+    ("ResNet-20", "channel", "resnet20", "de_channel", "l1_uniform"),
+    ("ResNet-20", "channel", "resnet20", "de_channel", "tp_global"),
+    ("ResNet-20", "channel_variants", "resnet20", "de_channel[loss]", "l1_uniform"),
+    ("MobileNetV2", "channel_mbv2", "mobilenetv2", "de_channel", "l1_uniform"),
+    ("MobileNetV2", "channel_mbv2", "mobilenetv2", "de_channel", "tp_global"),
+]
+
+
+def fmt(p: dict[str, Any]) -> str:
+    if not p["n"]:
+        return "no paired seeds"
+    if p["low"] is None:
+        return f"{p['mean']:+.2f} (one seed: illustration)"
+    return f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}]"
+
+
+def rows(rungs: list[float], levels: list[float]) -> list[dict[str, Any]]:
+    out = []
+    for name, files, model, a, baselines in LADDERS:
+        for r in rungs:
+            best = None
+            for b in baselines:
+                p = paired(*_within_files(files, model, a, b, r))
+                if p["n"] and (best is None or p["mean"] < best[1]["mean"]):  # the strongest baseline
+                    best = (b, p)
+            if best is not None:
+                out.append({"model": name, "a": a, "b": best[0], "at": f"{r:.0%} sparse", **best[1]})
+    for name, file, model, a, b in CHANNELS:
+        for lv in levels:
+            try:
+                p = paired(level_tests(file, model, a, lv), level_tests(file, model, b, lv))
+            except (FileNotFoundError, KeyError, StopIteration):
+                continue
+            out.append({"model": name, "a": a, "b": b, "at": f"{lv:.2f} of the MACs", **p})
+    return [r for r in out if r["n"]]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rungs", type=float, nargs="*", default=[0.8, 0.9, 0.95])
+    ap.add_argument("--levels", type=float, nargs="*", default=[0.5, 1 / 3])
+    ap.add_argument("--out", default=str(RESULTS / "summary.json"))
+    args = ap.parse_args(argv)
+    table = rows(args.rungs, args.levels)
+    print("| model | A | B | at | seeds | A - B, test pp: mean [95% CI] |")
+    print("|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['model']} | `{r['a']}` | `{r['b']}` | {r['at']} | {r['n']} | {fmt(r)} |")
+    Path(args.out).write_text(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main()

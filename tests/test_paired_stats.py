@@ -1,0 +1,20 @@
+"""The statistics behind BENCHMARKS.md's claims: paired differences and their 95% t-intervals."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import paired  # noqa: E402
+
+
+def test_paired_difference_and_interval():
+    p = paired.paired({"0": 0.91, "1": 0.92, "2": 0.93}, {"0": 0.90, "1": 0.90, "2": 0.90, "3": 0.5})
+    assert p["n"] == 3 and p["diffs"] == pytest.approx([1.0, 2.0, 3.0])  # pp, seed 3 unpaired
+    half = 4.302652729911275 * 1.0 / 3 ** 0.5  # t(0.975, 2) * sd / sqrt(n)
+    assert (p["mean"], p["low"], p["high"]) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+
+
+def test_one_seed_has_no_interval():
+    p = paired.paired({"0": 0.8}, {"0": 0.7})
+    assert p["n"] == 1 and p["low"] is None and paired.fmt(p) == "+10.00 (one seed: illustration)"
