@@ -1,4 +1,4 @@
-"""Memory and per-round cost of ``de_layerwise`` on larger models (issue 19).
+"""Memory and per-round cost of ``de_layerwise`` on larger models.
 
 For each model: peak RSS of a one-round search beyond the model and its data (bytes per pruned
 weight, from ``ru_maxrss`` in a fresh process per model), the per-round setup (backend round start:

@@ -10,7 +10,7 @@ each rung they report (90% and 95%). The search works on a small validation subs
 for the table.
 
 ``--ablation`` runs the DE settings side by side (one round to 90% from the dense model, one
-fine-tune epoch, judged on validation accuracy): per-layer vs grouped by stage, jDE, adaptive BN. Cut down to fit a 2-core session (training subsets, short schedules, one seed by
+fine-tune epoch, judged on validation accuracy): per-layer vs grouped by stage, jDE, adaptive BN. Cut down to fit 2 CPU cores (training subsets, short schedules, one seed by
 default): see BENCHMARKS.md for what was run.
 
     python benchmarks/deep.py --models resnet20 vit --seeds 0 --out benchmarks/results/deep
@@ -53,7 +53,7 @@ ABLATION = {  # every setting gets train_data, so "default" scores with adaptive
     # the search scores 2 of 8 validation batches (the same 500 images as the others), the 4 finalists
     # are re-scored on all 2,000
     "fidelity=0.25": {"fidelity": 0.25, "val_data": True},
-    # the cost levers (issue 13: the search's share of a full run): fewer BN batches per candidate,
+    # the cost levers (the search's share of a full run): fewer BN batches per candidate,
     # no per-layer scan (the baseline seeds stand in), stop once the best stalls; and the loss fitness
     "bn_batches=2": {"bn_batches": 2},
     "sensitivity_scan=False": {"sensitivity_scan": False},
@@ -74,7 +74,7 @@ def methods_for(cfg: dict, chosen: list[str] | None, calib: list) -> dict:
                                                                   "sensitivity_scan": False})
     methods["de_layerwise[defaults,no scan,neg_loss]"] = ("de_layerwise", {
         "recovery": "splicing", "train_data": calib, "sensitivity_scan": False, "metric": "neg_loss"})
-    # the next cost levers / the stall's place at the hardest rung (issue 13): one setting changed from the defaults
+    # the next cost levers / the stall's place at the hardest rung: one setting changed from the defaults
     for key, value in (("bn_batches", 2), ("stall", 5), ("stall", 0)):
         methods[f"de_layerwise[defaults,{key}={value}]"] = ("de_layerwise", {
             "recovery": "splicing", "train_data": calib, key: value})

@@ -1,6 +1,6 @@
 """Measured latency of a model on this machine: what a deployer's budget is about.
 
-MACs and parameters are proxies; the issue that asked for channel pruning asked for real speed. A
+MACs and parameters are proxies; what a deployer budgets is time on their machine. A
 model's latency is the median of repeated timed forward passes (after warm-up runs, in inference
 mode, on the device and thread count the caller set), at a given batch size built by repeating the
 example input.

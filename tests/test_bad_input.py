@@ -1,4 +1,4 @@
-"""Bad input found by held-out checks (issue 12): each is a clear error, raised before any work,
+"""Bad input found by held-out checks: each is a clear error, raised before any work,
 naming the argument or key and what to do; the user's model and files are left untouched."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""de_layerwise on bigger models (issue 19): what the search holds per weight, attention weights as
+"""de_layerwise on bigger models: what the search holds per weight, attention weights as
 targets, the per-round sort done once, and the peak memory of a search on a mid-size model."""
 import json
 import os
@@ -100,7 +100,7 @@ def test_one_sort_per_round(mlp, evaluate, finetune, monkeypatch):
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in kilobytes is Linux's")
 def test_peak_memory_per_weight_on_a_mid_size_model():
     """A one-round search on a 5.7M-weight VGG: peak RSS beyond the model and data, per weight
-    (about 55 bytes before issue 19; 19 now with ranks, measured with a fixed mmap threshold)."""
+    (19 bytes with ranks, measured with a fixed mmap threshold)."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "big_models.py"), "--one", "vgg_cifar"],
                          capture_output=True, text=True, timeout=300, check=True, env=MEASURE_ENV)
     row = json.loads(out.stdout.strip().splitlines()[-1])

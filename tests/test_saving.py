@@ -1,4 +1,4 @@
-"""The pruned model saved whole and loaded back (issue 17): outputs bit-for-bit equal to the
+"""The pruned model saved whole and loaded back: outputs bit-for-bit equal to the
 pruned model, into a fresh model too, for the core, NNI and INC paths; masks-only says what it is."""
 import copy
 import os

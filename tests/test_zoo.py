@@ -20,7 +20,7 @@ import tvzoo  # noqa: E402
 
 models = tvzoo.import_torchvision()  # not installed: ImportError with the install command, never a skip
 
-#: one model per family the coupling must follow (ISSUE 18's root causes), with its input size
+#: one model per family the coupling must follow (each a case the coupling once got wrong), with its input size
 FAMILIES = {
     "resnet18": 64,              # residual adds
     "regnet_y_400mf": 64,        # grouped convs + squeeze-and-excite
