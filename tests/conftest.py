@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny MLP trained on scikit-learn's digits (real data, seconds to train)."""
 import copy
 import os
+import re
 
 # Ray 2.60 picks its auth mode once per process: the cluster test's `ray start` nodes and every local
 # ray.init() in this process must agree (token auth needs a shared token file on every node)
@@ -19,8 +20,8 @@ def _missing_in_ci(report) -> bool:
     if os.environ.get("CI") != "true" or not report.skipped:
         return False
     reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
-    return any(f"could not import '{m}'" in reason or f"{m} is not installed" in reason
-               or f"{m} not installed" in reason for m in REQUIRED_IN_CI)
+    return any(f"could not import '{m}'" in reason or re.search(rf"\b{re.escape(m)}\b.*not installed", reason)
+               for m in REQUIRED_IN_CI)
 
 
 def _fail(report) -> None:

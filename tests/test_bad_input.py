@@ -323,7 +323,7 @@ def test_nni_config_checked_before_data(nni_pruner, tmp_path, capsys, monkeypatc
     assert "sparse_ratio=95 must lie in [0, 1)" in capsys.readouterr().err
     path.write_text("pruner: de_layerwise\nconfig_list:\n  - {op_types: [Linear], sparse_raito: 0.8}\nmodel: lenet300\n")
     assert cli.main(["nni", str(path)]) == 2
-    assert "unknown key 'sparse_raito'; did you mean 'sparse_ratio'?" in capsys.readouterr().err
+    assert "unknown key 'sparse_raito', not valid for NNI; did you mean 'sparse_ratio'?" in capsys.readouterr().err
 
 
 def test_finetune_with_the_wrong_signature_refused_before_the_search(mlp, evaluate):

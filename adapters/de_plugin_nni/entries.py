@@ -40,7 +40,7 @@ def validated_entries(model: nn.Module, config_list: List[Dict], pruner: str, ex
     modules = dict(model.named_modules())
     known = _schema_keys(schema)
     for i, cfg in enumerate(configs):
-        _check_keys(i, cfg, known)
+        _check_keys(i, cfg, known, pruner)
         _check_ratios(i, cfg)  # before the schema: `sparse_ratio: 95` is a range error, not a key error
         try:
             schema.validate(cfg)
@@ -64,13 +64,16 @@ def _schema_keys(schema: Any) -> List[str]:
     return [k for k in keys if isinstance(k, str)]
 
 
-def _check_keys(i: int, cfg: Dict[str, Any], known: List[str]) -> None:
-    """An unknown key (``sparse_raito``) is a typo until shown otherwise: name the nearest known key."""
+def _check_keys(i: int, cfg: Dict[str, Any], known: List[str], pruner: str) -> None:
+    """An unknown key (``sparse_raito``) is a typo until shown otherwise: name the nearest known key,
+    or, for none near, say where pruner options go."""
     for key in cfg:
         if key not in known:
             near = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(known))}"
-            raise ValueError(f"config_list entry {i}: unknown key {key!r}{hint}")
+            hint = (f"did you mean {near[0]!r}?" if near else
+                    f"valid keys: {', '.join(sorted(known))} ({pruner} options go to the pruner's constructor, "
+                    "not into config_list)")
+            raise ValueError(f"config_list entry {i}: unknown key {key!r}, not valid for NNI; {hint}")
 
 
 def _check_names(i: int, names: Iterable[str], modules: Dict[str, nn.Module]) -> None:
