@@ -37,9 +37,12 @@ def load_data(args: argparse.Namespace):
                             size=32 if args.model in DEEP_MODELS else None)
 
 
-def run_options(pruner: str, given: dict) -> dict:
+def run_options(pruner: str, given: dict, accuracy_form: bool = False) -> dict:
+    """The main job's defaults under the user's options; the accuracy form keeps going until the drop is
+    used (no fixed round count) unless `rounds` is given."""
     fields = get_pruner_class(pruner).Options.model_fields
-    return {**{k: v for k, v in RUN_DEFAULTS.items() if k in fields}, **given}
+    defaults = {k: v for k, v in RUN_DEFAULTS.items() if k in fields and not (accuracy_form and k == "rounds")}
+    return {**defaults, **given}
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -51,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not isinstance(options, dict):
         raise ValueError(f"--options must be a JSON object of pruner options, e.g. '{{\"rounds\": 4}}', got {args.options!r}")
     goal = {"sparsity": args.sparsity} if args.max_accuracy_drop is None else {"max_accuracy_drop": args.max_accuracy_drop}
-    options = run_options(args.pruner, options)
+    options = run_options(args.pruner, options, accuracy_form=args.max_accuracy_drop is not None)
     create_pruner(args.pruner, **options)  # bad names, options and goals fail here, before any training
     check_goal(args.pruner, **goal)
     check_out_dir(args.out, args.overwrite)

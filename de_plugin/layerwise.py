@@ -170,7 +170,8 @@ class DELayerwise(IterativePruner):
         self._ranks: Optional[tuple[int, list]] = None  # (round, the round's magnitude ranks)
         self.sensitivity: dict[str, list[tuple[float, float]]] = {}
         self.deadline = None if o.time_limit is None else time.perf_counter() + o.time_limit
-        budget_rounds = o.rounds if ctx.sparsity is not None else o.rounds + o.patience
+        # max_evals is shared over the rounds planned: the schedule's, or for an open-ended accuracy form 10
+        budget_rounds = o.budget_rounds() if ctx.sparsity is not None else (o.rounds or 10) + o.patience
         self.scan_units = self._scan_units()
         scan_cost = len(self.scan_units) * len(o.scan_levels)
         pop = population_for(o.population, search_dim(self.groups, len(ctx.targets), o.group_offset))

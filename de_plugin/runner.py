@@ -160,7 +160,7 @@ class RoundRunner:
         if saved is not None:
             self.load_state_dict(saved)
             log.info("%s: resuming from %s at round %d", self.pruner.name, self.checkpoint, saved["round"])
-        total = len(self.loop["plan"]) if self.mode == "budget" else o.rounds
+        total = len(self.loop["plan"]) if self.mode == "budget" else o.rounds  # accuracy form: None unless set
         self._bar = progress_bar(total=total, desc=f"{self.pruner.name} rounds", leave=True,
                                  enabled=bool(ctx.progress) and self.mode != "scheduled")
         self._bar.update(self.loop["next"] if self.mode == "budget" else self.loop["accepted"])
@@ -182,7 +182,7 @@ class RoundRunner:
                              f"sparsity={ctx.sparsity}; ask for a higher sparsity")
 
     def _new_loop(self) -> dict[str, Any]:
-        plan = density_schedule(self.state.density, 1.0 - self.ctx.sparsity, self.pruner.options.rounds) \
+        plan = density_schedule(self.state.density, 1.0 - self.ctx.sparsity, self.pruner.options.budget_rounds()) \
             if self.mode == "budget" else []
         return {"plan": plan, "next": 0, "accepted": 0, "caution": 0, "reference": self.reference,
                 "accuracy": self.reference}
@@ -234,7 +234,7 @@ class RoundRunner:
         if self.mode == "budget":
             return loop["next"] >= len(loop["plan"])
         if self.mode == "accuracy":
-            return loop["accepted"] >= o.rounds or loop["caution"] >= o.patience
+            return loop["accepted"] >= o.accuracy_rounds() or loop["caution"] >= o.patience
         return False
 
     @property

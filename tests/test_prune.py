@@ -1,4 +1,5 @@
 """End-to-end behaviour of de_plugin.prune on a real (digits) model."""
+import copy
 import math
 
 import numpy as np
@@ -281,3 +282,17 @@ def test_val_data_instead_of_evaluate(mlp, digits):
     batches = [(digits.x_val[i : i + 100], digits.y_val[i : i + 100]) for i in range(0, 300, 100)]
     r = de_plugin.prune(mlp, "de_layerwise", val_data=batches, sparsity=0.8, progress=False, **FAST)
     assert 0.0 < r.accuracy <= 1.0 and r.sparsity == pytest.approx(0.8, abs=1e-3)
+
+
+def test_accuracy_form_uses_the_allowed_drop(mlp, evaluate, finetune):
+    """With rounds unset the accuracy form goes on until a sparser step breaks the limit `patience` times
+    in a row, instead of stopping after a fixed number of rounds with most of the drop unused."""
+    ref = evaluate(mlp)
+    r = de_plugin.prune(copy.deepcopy(mlp), "de_layerwise", evaluate=evaluate, finetune=finetune,
+                        max_accuracy_drop=0.02, seed=0, progress=False)
+    acc = evaluate(r.model)
+    assert ref - 0.02 - 1e-9 <= acc <= ref - 0.01, (ref, acc)  # within the drop, and most of it used
+    assert [h["accepted"] for h in r.history[-2:]] == [False, False]  # stopped on `patience` rejections
+    fixed = de_plugin.prune(copy.deepcopy(mlp), "de_layerwise", evaluate=evaluate, finetune=finetune,
+                            max_accuracy_drop=0.02, seed=0, progress=False, rounds=3)
+    assert r.sparsity > fixed.sparsity + 0.05, (r.sparsity, fixed.sparsity)
