@@ -423,6 +423,18 @@ class MagnitudeScorer:
         self._prepare(counts)
         return check_score(self.evaluate(self.model))
 
+    def score_holdout(self, counts: Sequence[int]) -> float:
+        """The candidate's accuracy on the validation batches the search did not score on (those after
+        the first ``search_batches``); all of them when the search scored on all."""
+        self._prepare(counts)
+        if self.batches is None or self.search_batches is None or self.search_batches >= len(self.batches):
+            return check_score(self.evaluate(self.model))
+        data, labels = self.batches.on(next(self.model.parameters()).device)
+        held = data[self.search_batches:]
+        with inference(self.model):
+            preds = torch.cat([self.model(x).argmax(1) for x, _ in held])
+        return float((preds == labels[len(labels) - len(preds):]).float().mean())
+
     def _bounded(self, floor: float, n_batches: Optional[int] = None) -> float:
         """Accuracy batch by batch (over the first ``n_batches``, all by default); stop once
         ``(correct so far + images left) / total < floor``. A candidate that is not rejected gets

@@ -81,7 +81,14 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
         None, gt=0.0, lt=1.0, description="multi-fidelity: share of the val_data batches (the first ones) that "
                                           "scores candidates during the search; the rescore_top best are then "
                                           "re-scored on all of val_data (budget form; needs val_data)")
-    rescore_top: int = Field(4, ge=1, description="multi-fidelity: finalists re-scored on all of val_data")
+    rescore_top: int = Field(4, ge=1, description="multi-fidelity: the search's best allocations that are finalists")
+    selection: str = Field(
+        "holdout", pattern="^(holdout|search)$",
+        description="how the round's allocation is chosen when the search scores part of val_data (search_images): "
+                    "'holdout', the rescore_top best of the search and every seed allocation (uniform, global, LAMP, "
+                    "ERK, the previous round's) scored on the validation images the search did not score on, the best "
+                    "wins, so the search cannot return less than the best seed there; 'search', the rescore_top best "
+                    "re-scored on all of val_data, seeds not among them")
     search_images: Optional[int] = Field(
         500, ge=1, description="multi-fidelity by size (budget form, fidelity unset): when val_data holds more "
                                 "images than this, the search scores candidates on its first batches holding "
@@ -280,20 +287,25 @@ class DELayerwise(IterativePruner):
         return out
 
     def _seed_counts(self, space: KeepSpace, state: State, keeps: list[int]) -> list[np.ndarray]:
+        return [c for _, c in self._named_seed_counts(space, state, keeps)]
+
+    def _named_seed_counts(self, space: KeepSpace, state: State, keeps: list[int]) -> list[tuple[str, np.ndarray]]:
+        """The allocations the population starts from, each with its source, distinct."""
         seeds = []
         weights = state.weights()
         for keep in keeps:
             if self.options.seed_baselines:
-                for rule in allocation.ALLOCATIONS.values():  # the round's ranks: LAMP needs no sort of its own
-                    seeds.append(space.fit(rule(weights, 1.0 - keep / state.total, self._ranks[1]), keep))
-            seeds.append(space.fit(state.counts, keep))  # previous round's shape, scaled
+                for name, rule in allocation.ALLOCATIONS.items():  # the round's ranks: LAMP needs no sort of its own
+                    seeds.append((name, space.fit(rule(weights, 1.0 - keep / state.total, self._ranks[1]), keep)))
+            seeds.append(("previous", space.fit(state.counts, keep)))  # previous round's shape, scaled
             if self.sensitivity:
                 base = self.reference if self.reference is not None else 1.0
                 for tol in (0.01, 0.03, 0.1):
-                    seeds.append(space.fit(self._sensitivity_densities(state, base, tol), keep, is_density=True))
-        uniq: dict[tuple, np.ndarray] = {}
-        for s in seeds:
-            uniq.setdefault(tuple(int(v) for v in s), s)
+                    seeds.append((f"scan{tol:g}", space.fit(self._sensitivity_densities(state, base, tol), keep,
+                                                           is_density=True)))
+        uniq: dict[tuple, tuple[str, np.ndarray]] = {}
+        for name, s in seeds:
+            uniq.setdefault(tuple(int(v) for v in s), (name, s))
         return list(uniq.values())
 
     # ---------------------------------------------------------------------- the search
@@ -321,9 +333,18 @@ class DELayerwise(IterativePruner):
             self._search_rng = self.rng.bit_generator.state  # as it stands once the solver exists
             best = run(search, solver, space)
             score = search.rescored.get(tuple(int(c) for c in best))
+            if score is not None and self.options.selection == "holdout":  # reported: all of val_data, as "search"
+                score = self._full_score(scorer, best)
             score = search.score(best) if score is None else score  # the full-data score when re-scored
         self.nfev += search.nfev
         return best, score, search.info(solver)
+
+    @staticmethod
+    def _full_score(scorer: MagnitudeScorer, counts: np.ndarray) -> float:
+        try:
+            return scorer.score_full(counts)
+        finally:
+            scorer.restore()
 
     def _saver(self, round_index: int):
         def save(search: Allocator, solver: DifferentialEvolution) -> None:
@@ -334,21 +355,39 @@ class DELayerwise(IterativePruner):
 
     def allocate(self, state: State, keep: int, round_index: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Budget form: maximise validation accuracy over allocations with exactly ``keep`` weights."""
-        best, acc, de = self._search(
-            state, round_index, lambda search, space: self._seed_counts(space, state, [keep]),
-            lambda search, solver, space: search.maximise(solver, space, keep, f"DE round {round_index}",
-                                                          self._rescorer(), self.options.rescore_top))
+        o, chosen = self.options, {}
+
+        def run(search: Allocator, solver: DifferentialEvolution, space: KeepSpace) -> np.ndarray:
+            seeds = self._named_seed_counts(space, state, [keep]) if o.selection == "holdout" else []
+            best = search.maximise(solver, space, keep, f"DE round {round_index}", self._rescorer(), o.rescore_top,
+                                   include=[c for _, c in seeds])
+            chosen["selection"] = self._selection_record(search, seeds, best)
+            return best
+
+        best, acc, de = self._search(state, round_index,
+                                     lambda search, space: self._seed_counts(space, state, [keep]), run)
+        if chosen.get("selection"):
+            de["selection"] = chosen["selection"]
         return best, {"de": de, "val_accuracy_before_finetune": acc}
 
+    @staticmethod
+    def _selection_record(search: Allocator, seeds: list[tuple[str, np.ndarray]], best: np.ndarray) -> list[dict]:
+        """Every finalist's source and selection score (history[i]["de"]["selection"]), the chosen one marked."""
+        names = {tuple(int(v) for v in c): n for n, c in seeds}
+        won = tuple(int(v) for v in best)
+        return [{"source": names.get(k, "search"), "score": v, "chosen": k == won} for k, v in search.rescored.items()]
+
     def _rescorer(self) -> Optional[Callable[[np.ndarray], float]]:
-        """Multi-fidelity: the full-data score of a candidate, computed here on the round's scorer."""
+        """Multi-fidelity: the selection score of a finalist, computed here on the round's scorer: on the
+        held-out validation images (``selection="holdout"``) or on all of them (``"search"``)."""
         if self.search_batches is None:
             return None
         scorer = self.backend.scorer
+        measure = scorer.score_holdout if self.options.selection == "holdout" else scorer.score_full
 
         def rescore(counts: np.ndarray) -> float:
             try:
-                return scorer.score_full(counts)
+                return measure(counts)
             finally:
                 scorer.restore()
         return rescore

@@ -296,3 +296,28 @@ def test_accuracy_form_uses_the_allowed_drop(mlp, evaluate, finetune):
     fixed = de_plugin.prune(copy.deepcopy(mlp), "de_layerwise", evaluate=evaluate, finetune=finetune,
                             max_accuracy_drop=0.02, seed=0, progress=False, rounds=3)
     assert r.sparsity > fixed.sparsity + 0.05, (r.sparsity, fixed.sparsity)
+
+
+def test_selection_cannot_lose_to_the_seeds_on_held_out_data(mlp, digits, finetune):
+    """The search scores the first 100 validation images, whose labels are shuffled (a fitness that
+    misleads on purpose); the selection scores the search's best and every seed allocation on the 200
+    images the search never saw: the chosen allocation is the best there, so no seed beats it."""
+    g = torch.Generator().manual_seed(0)
+    x, y = digits.x_val, digits.y_val.clone()
+    y[:100] = y[:100][torch.randperm(100, generator=g)]  # the search's images: wrong labels
+    val = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 300, 50)]
+    r = de_plugin.prune(mlp, "de_layerwise", val_data=val, metric="accuracy", finetune=finetune, sparsity=0.9,
+                        rounds=2, finetune_epochs=1, search_images=100, population=8, generations=3, seed=0,
+                        progress=False)
+    for h in r.history:
+        sel = h["de"]["selection"]
+        sources = {s["source"] for s in sel}
+        assert {"uniform_magnitude", "global_magnitude", "lamp", "erk"} <= sources, sources
+        chosen = [s for s in sel if s["chosen"]]
+        assert len(chosen) == 1 and chosen[0]["score"] == max(s["score"] for s in sel)
+        assert all(chosen[0]["score"] >= s["score"] for s in sel if s["source"] != "search")
+
+
+def test_an_unknown_selection_is_refused_before_any_work(mlp, evaluate):
+    with pytest.raises(ValueError, match="selection"):
+        de_plugin.prune(mlp, "de_layerwise", evaluate=evaluate, sparsity=0.5, selection="finetuned", progress=False)
