@@ -92,7 +92,7 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
     search_images: Optional[int] = Field(
         500, ge=1, description="multi-fidelity by size (budget form, fidelity unset): when val_data holds more "
                                 "images than this, the search scores candidates on its first batches holding "
-                                "this many and re-scores the rescore_top finalists on all; None: all of val_data")
+                                "this many, and `selection` picks among the finalists; None: all of val_data")
 
     @field_validator("groups")
     @classmethod
@@ -205,9 +205,11 @@ class DELayerwise(IterativePruner):
         for k, (_, y) in enumerate(vb[:-1], 1):
             seen += len(y)
             if seen >= o.search_images:
+                total = sum(len(b[1]) for b in vb)
                 log.info("%s: the search scores candidates on the first %d of %d validation images "
-                         "(search_images=%d), the %d finalists on all", self.name, seen,
-                         sum(len(b[1]) for b in vb), o.search_images, o.rescore_top)
+                         "(search_images=%d); its %d best and the seed allocations are then compared on %s",
+                         self.name, seen, total, o.search_images, o.rescore_top,
+                         f"the other {total - seen}" if o.selection == "holdout" else "all of them")
                 return k
         return None
 
