@@ -40,7 +40,14 @@ class SearchOptions(BackendOptions):
         None, ge=4, description="DE population size; None: max(20, dimension / 2), at most 64 (20 up to 40 layers)")
     generations: int = Field(20, ge=0, description="DE generations per round")
     max_evals: Optional[int] = Field(None, ge=1, description="total fitness evaluations over all rounds")
-    strategy: str = Field("rand1bin", pattern="^(rand1bin|best1bin|currenttobest1bin)$")
+    strategy: str = Field("rand1bin", pattern="^(rand1bin|best1bin|currenttobest1bin)$",
+                          description="DE's mutation strategy")
+    search_strategy: str = Field(
+        "de", pattern="^(de|random|evopress)$",
+        description="budget form: how the allocation is searched, at the same number of evaluations: 'de' "
+                    "(differential evolution), 'random' (the seeds, then uniform random allocations: the control), "
+                    "'evopress' ((1 + lambda) from the best seed, level-switch mutations that move sparsity between "
+                    "two layers; EvoPress, Sieberling et al. 2024). The accuracy form always searches with DE")
     adaptation: str = Field("none", pattern="^(none|jde)$",
                             description="'jde': self-adaptive F and CR per member (Brest et al. 2006)")
     # chosen by benchmarks/deep.py --ablation (ResNet-20): at depth DE rarely improves on its seeds within a
@@ -170,6 +177,7 @@ class Allocator:
         self.cache: dict[tuple[int, ...], float] = {}
         self.rescored: dict[tuple[int, ...], float] = {}  # multi-fidelity: full-data scores of the finalists
         self.nfev = self.rejected = self.skipped = self.images_saved = 0
+        self.searched: Optional[int] = None  # candidates a non-DE search_strategy drew (its record)
 
     # ------------------------------------------------------------------ scoring
     def score_many(self, batch: list[np.ndarray], floors: Optional[list[Optional[float]]] = None) -> list[float]:
@@ -261,11 +269,56 @@ class Allocator:
             f = [-a for a in self.score_many(counts, floors)]
             return f, None, (np.array([space.to_x(c) for c in counts]) if space.repairs else None)
 
-        self._run(solver, evaluate_batch, desc)
+        if self.options.search_strategy != "de":
+            ranked = self._other_search(solver, space, keep, desc)
+        else:
+            self._run(solver, evaluate_batch, desc)
+            ranked = [space.project(solver.population[i], keep) for i in np.argsort(solver.fun, kind="stable")]
         if rescore is None:
-            return space.project(solver.population[solver.best_index()], keep)
-        return self._rescore([space.project(solver.population[i], keep) for i in np.argsort(solver.fun, kind="stable")],
-                             rescore, top, include)
+            return ranked[0]
+        return self._rescore(ranked, rescore, top, include)
+
+    def _other_search(self, solver: DifferentialEvolution, space: KeepSpace, keep: int, desc: str) -> list[np.ndarray]:
+        """``search_strategy`` 'random' or 'evopress' at DE's evaluation budget (its initial population,
+        seeds included, then ``population`` candidates for each of ``generations``); candidates best first."""
+        budget = solver.popsize * (solver.maxiter + 1) if solver.maxfun is None else solver.maxfun
+        rng = np.random.default_rng(int(self.rng.integers(2**31)))
+        lo, hi = (np.array([b[i] for b in space.bounds], dtype=float) for i in (0, 1))
+        scored: dict[tuple[int, ...], tuple[float, np.ndarray]] = {}
+
+        def score(cands: list[np.ndarray]) -> None:
+            for c, v in zip(cands, self.score_many(cands)):
+                scored[tuple(int(t) for t in c)] = (float(v), c)
+
+        start = [space.project(x, keep) for x in solver.population]  # the seeds and their perturbations
+        score(start)
+        spent, lam = len(start), solver.popsize
+        pbar = progress_bar(total=max(0, budget - spent), desc=f"{desc} ({self.options.search_strategy})",
+                            enabled=self.progress)
+        while spent < budget:
+            n = min(lam, budget - spent)
+            if self.options.search_strategy == "random" or len(lo) < 2:
+                kids = [space.project(lo + rng.random(len(lo)) * (hi - lo), keep) for _ in range(n)]
+            else:
+                parent = max(scored.values(), key=lambda t: t[0])[1]  # (1 + lambda): the best so far
+                kids = [space.project(self._level_switch(space.to_x(parent), lo, hi, rng), keep) for _ in range(n)]
+            score(kids)
+            spent += n
+            pbar.update(n)
+        pbar.close()
+        self.searched = spent
+        return [c for _, c in sorted(scored.values(), key=lambda t: -t[0])]
+
+    @staticmethod
+    def _level_switch(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """EvoPress's mutation: one layer one to three levels (5% of its range each) sparser, another as
+        much denser; the projection onto the budget then keeps it exact."""
+        x = np.array(x, dtype=float)
+        i, j = rng.choice(len(x), 2, replace=False)
+        step = 0.05 * int(rng.integers(1, 4))
+        x[i] = min(hi[i], x[i] + step * (hi[i] - lo[i]))
+        x[j] = max(lo[j], x[j] - step * (hi[j] - lo[j]))
+        return x
 
     def _rescore(self, ranked: list[np.ndarray], rescore: Callable[[np.ndarray], float], top: int,
                  include: Sequence[np.ndarray] = ()) -> np.ndarray:
@@ -325,6 +378,9 @@ class Allocator:
     def info(self, solver: DifferentialEvolution) -> dict[str, Any]:
         """The search's record for the history."""
         r = solver.result()
+        if self.searched is not None:
+            return {"search_strategy": self.options.search_strategy, "nfev": self.nfev, "candidates": self.searched,
+                    "early_rejected": self.rejected, "skipped": self.skipped, "images_saved": self.images_saved}
         return {"nfev": r.nfev, "nit": r.nit, "best_fun": r.fun, "best_violation": r.violation,
                 "message": r.message, "history": [h["best_fun"] for h in r.history],
                 "early_rejected": self.rejected, "skipped": self.skipped, "images_saved": self.images_saved}

@@ -321,3 +321,24 @@ def test_selection_cannot_lose_to_the_seeds_on_held_out_data(mlp, digits, finetu
 def test_an_unknown_selection_is_refused_before_any_work(mlp, evaluate):
     with pytest.raises(ValueError, match="selection"):
         de_plugin.prune(mlp, "de_layerwise", evaluate=evaluate, sparsity=0.5, selection="finetuned", progress=False)
+
+
+@pytest.mark.parametrize("strategy", ["de", "random", "evopress"])
+def test_search_strategies_keep_the_budget_exactly_at_equal_evaluations(mlp, evaluate, strategy):
+    r = de_plugin.prune(mlp, "de_layerwise", evaluate=evaluate, sparsity=0.85, rounds=2, finetune_epochs=0,
+                        population=8, generations=3, sensitivity_scan=False, search_strategy=strategy, seed=0,
+                        progress=False)
+    kept = sum(int(m.sum()) for m in r.masks.values())
+    total = sum(m.numel() for m in r.masks.values())
+    assert kept == round(total * 0.15)  # the budget, exactly
+    for h in r.history:  # at most DE's evaluations: the initial population and 3 generations of 8
+        assert h["de"]["nfev"] <= 8 * 4
+        assert strategy == "de" or h["de"]["search_strategy"] == strategy
+
+
+def test_an_unknown_search_strategy_is_refused_before_any_work(mlp):
+    calls = []
+    with pytest.raises(ValueError, match="search_strategy"):
+        de_plugin.prune(mlp, "de_layerwise", evaluate=lambda m: calls.append(1) or 0.5, sparsity=0.5,
+                        search_strategy="cmaes", progress=False)
+    assert not calls
