@@ -44,6 +44,7 @@ from .registry import create_pruner, lookup
 from .report import check_out_dir
 from .result import PruningResult
 from .runner import RoundRecord, RoundRunner
+from .slicing import kept_channels
 from .slicing import speedup as slice_channels
 from .targets import Target, masks_attached
 
@@ -52,6 +53,6 @@ __all__ = [
     "Allocator", "KeepSpace", "DensitySpace", "GroupedSpace", "resolve_groups", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
     "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "check_batches", "validate_options",
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",
-    "channel_groups", "slice_channels", "check_out_dir", "ChannelOptions", "measure_latency", "BNState", "hookimpl", "lookup",
+    "channel_groups", "slice_channels", "kept_channels", "check_out_dir", "ChannelOptions", "measure_latency", "BNState", "hookimpl", "lookup",
     "PatternScorer", "parse_pattern", "pattern_mask", "check_fits", "as_matrix",
 ]

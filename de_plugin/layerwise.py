@@ -336,17 +336,10 @@ class DELayerwise(IterativePruner):
             best = run(search, solver, space)
             score = search.rescored.get(tuple(int(c) for c in best))
             if score is not None and self.options.selection == "holdout":  # reported: all of val_data, as "search"
-                score = self._full_score(scorer, best)
+                score = _restoring(scorer, scorer.score_full)(best)
             score = search.score(best) if score is None else score  # the full-data score when re-scored
         self.nfev += search.nfev
         return best, score, search.info(solver)
-
-    @staticmethod
-    def _full_score(scorer: MagnitudeScorer, counts: np.ndarray) -> float:
-        try:
-            return scorer.score_full(counts)
-        finally:
-            scorer.restore()
 
     def _saver(self, round_index: int):
         def save(search: Allocator, solver: DifferentialEvolution) -> None:
@@ -385,14 +378,7 @@ class DELayerwise(IterativePruner):
         if self.search_batches is None:
             return None
         scorer = self.backend.scorer
-        measure = scorer.score_holdout if self.options.selection == "holdout" else scorer.score_full
-
-        def rescore(counts: np.ndarray) -> float:
-            try:
-                return measure(counts)
-            finally:
-                scorer.restore()
-        return rescore
+        return _restoring(scorer, scorer.score_holdout if self.options.selection == "holdout" else scorer.score_full)
 
     def propose(self, state: State, round_index: int, caution: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Accuracy form: minimise kept weights s.t. accuracy >= reference - search_drop (Deb's rules)."""
@@ -419,6 +405,16 @@ class DELayerwise(IterativePruner):
         if self._infeasible:
             best = state.counts.copy()
         return best, {"de": de, "val_accuracy_before_finetune": acc, "search_drop": drop}
+
+
+def _restoring(scorer: MagnitudeScorer, measure: Callable[[np.ndarray], float]) -> Callable[[np.ndarray], float]:
+    """``measure`` of a candidate with the round's weights put back after it (the search's scorer is shared)."""
+    def score(counts: np.ndarray) -> float:
+        try:
+            return measure(counts)
+        finally:
+            scorer.restore()
+    return score
 
 
 @hookimpl

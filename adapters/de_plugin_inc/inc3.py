@@ -32,11 +32,9 @@ from torch import nn
 from de_plugin.adapter import PatternScorer, check_fits, check_score, parse_pattern, pattern_mask
 
 from .config3 import PruningConfig
-from .quiet3 import quiet_inc3
 from .search import de_settings, search_targets
 
 log = logging.getLogger("de_plugin_inc")
-quiet_inc3()
 DE_LAYERWISE = "de_layerwise"
 OP_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from de_plugin.adapter import channel_groups, slice_channels
+from de_plugin.adapter import channel_groups, kept_channels, slice_channels
 
 log = logging.getLogger("de_plugin_nni")
 _PATCHED = False
@@ -202,22 +202,20 @@ def _zero_removed_batchnorms(ref: nn.Module, modules: dict, masks: dict, dummy_i
         except Exception as exc:  # noqa: BLE001 - the reference stays the plainly masked model
             log.debug("speedup: no coupling groups for the reference (%s)", exc)
             return
+    flat = {f"{k}.{p}": m for k, v in masks.items() for p, m in v.items() if isinstance(m, torch.Tensor)}
     for g in groups:
-        rows = []
-        for p in g.producers:
-            m = masks.get(p, {}).get("weight")
-            if not isinstance(m, torch.Tensor):
-                break
-            rows.append(m.reshape(m.shape[0], -1).any(1))
-        else:
-            removed = ~torch.stack(rows).any(0) if rows else None
-            if removed is None or not removed.any():
-                continue
-            for bn, offset in g.batchnorms:
-                for pname in ("weight", "bias"):
-                    t = getattr(modules[bn], pname, None)
-                    if isinstance(t, torch.Tensor):
-                        t[offset:offset + len(removed)][removed] = 0
+        try:
+            keep = kept_channels(g, flat)  # the core's reading of a group's removed channels
+        except ValueError:  # every channel removed: nothing a speedup could keep either
+            continue
+        if keep is None:
+            continue
+        removed = torch.from_numpy(~keep)
+        for bn, offset in g.batchnorms:
+            for pname in ("weight", "bias"):
+                t = getattr(modules[bn], pname, None)
+                if isinstance(t, torch.Tensor):
+                    t[offset:offset + len(removed)][removed] = 0
 
 
 def _outputs(model: nn.Module, dummy_input: Any) -> list[torch.Tensor]:
