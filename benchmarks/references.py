@@ -1,0 +1,240 @@
+"""Converged dense references for the benchmarks: each model trained once, cached and shipped.
+
+Every pruning benchmark starts from one of these, so a "drop" is measured from a model that has
+finished learning, not from one still improving (an under-trained reference makes every pruned
+model look better than its parent and lets seed noise swamp the differences being measured).
+
+Data: Fashion-MNIST, all 60,000 training images: 55,000 to train on, 5,000 held out (seeded) as
+the validation split that searches and selections score on; the full 10,000-image test split is
+read only for the tables. The deep models see the images zero-padded to 32x32, LeNet-300-100 the
+flat 28x28 pixels.
+
+Recipe (per model, ``RECIPES``): SGD with Nesterov momentum (AdamW for the ViT), one-cycle
+schedule, weight decay, random 32x32 crops of the 4-pixel padded image and horizontal flips for
+the CNNs and the ViT. ``FINETUNE`` is the matching short fine-tune recipe the pruning benchmarks
+use (same optimiser family, lower learning rate, cosine to zero).
+
+Weights are looked up in ``benchmarks/references/`` (shipped with the repository, listed with
+their accuracies and a SHA-256 in ``manifest.json``), then in ``~/.cache/de_plugin/references``;
+``load_reference`` never trains silently (a ResNet-20 takes hours on 2 CPU cores), it says which
+command makes the file.
+
+    python benchmarks/references.py --models resnet20 mobilenetv2 vit lenet300 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset  # noqa: E402
+from de_plugin.demo.models import create_model  # noqa: E402
+
+log = logging.getLogger("references")
+SHIPPED = ROOT / "references"
+CACHE = Path(os.environ.get("DE_PLUGIN_CACHE", Path.home() / ".cache" / "de_plugin")) / "references"
+VAL_SIZE = 5000
+
+RECIPES = {
+    "resnet20": {"epochs": 30, "opt": "sgd", "lr": 0.2, "wd": 5e-4, "batch": 256, "augment": True, "size": 32},
+    "mobilenetv2": {"epochs": 30, "opt": "sgd", "lr": 0.2, "wd": 4e-5, "batch": 256, "augment": True, "size": 32},
+    "vit": {"epochs": 40, "opt": "adamw", "lr": 2e-3, "wd": 0.05, "batch": 256, "augment": True, "size": 32},
+    "lenet300": {"epochs": 30, "opt": "sgd", "lr": 0.1, "wd": 1e-4, "batch": 256, "augment": False, "size": None},
+}
+# the fine-tune the pruning benchmarks give every method: one optimiser per model family, cosine to zero
+FINETUNE = {
+    "resnet20": {"opt": "sgd", "lr": 0.01, "wd": 5e-4, "batch": 256, "augment": True},
+    "mobilenetv2": {"opt": "sgd", "lr": 0.01, "wd": 4e-5, "batch": 256, "augment": True},
+    "vit": {"opt": "adamw", "lr": 2e-4, "wd": 0.05, "batch": 256, "augment": True},
+    "lenet300": {"opt": "sgd", "lr": 0.01, "wd": 1e-4, "batch": 256, "augment": False},
+}
+
+
+def model_kwargs(name: str) -> dict:
+    return {} if name == "lenet300" else {"in_channels": 1}
+
+
+def load_data(name: str, device: str = "cpu"):
+    """The reference's splits (train 55,000 / val 5,000 / test 10,000), tensors on ``device``;
+    ``FASHION_MNIST`` (a folder of IDX files) overrides the Debian package's folder."""
+    size = RECIPES[name]["size"]
+    data = load_idx_dataset(os.environ.get("FASHION_MNIST", FASHION_MNIST_DIR), val_size=VAL_SIZE, size=size)
+    for key in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        t = getattr(data, key)
+        if name == "lenet300" and key.startswith("x"):
+            t = t.reshape(len(t), -1)
+        setattr(data, key, t.to(device))
+    return data
+
+
+def tag(name: str) -> str:
+    """File name: model, data, and a hash of everything that shapes the weights."""
+    key = json.dumps({"model": name, "kwargs": model_kwargs(name), "recipe": RECIPES[name], "val": VAL_SIZE,
+                      "data": "fashion-mnist"}, sort_keys=True)
+    return f"{name}_fashion-mnist_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Random ``pad``-pixel translations (crops of the zero-padded image) and horizontal flips, per image."""
+    b, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
+    ox = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]
+    out = xp[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    flip = torch.rand(b, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def optimiser(model: nn.Module, opt: str, lr: float, wd: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if opt == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
+
+def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, recipe: dict, seed: int,
+                schedule: str = "onecycle", masks: list | None = None, on_step=None) -> None:
+    """``steps`` gradient steps over shuffled epochs of (x, y); ``masks`` ([(parameter, bool mask)]) are
+    re-applied after every step so pruned weights stay zero; ``on_step(step)`` after each step."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    opt = optimiser(model, recipe["opt"], recipe["lr"], recipe["wd"])
+    if schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe["lr"], total_steps=steps, pct_start=0.15)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    dev_type = x.device.type
+    model.train()
+    step, bs = 0, recipe["batch"]
+    while step < steps:
+        perm = torch.randperm(len(y), generator=gen).to(x.device)
+        for i in range(0, len(y) - bs + 1, bs):
+            idx = perm[i : i + bs]
+            xb = augment(x[idx]) if recipe.get("augment") else x[idx]
+            with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=dev_type == "cuda"):
+                loss = F.cross_entropy(model(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if masks:
+                with torch.no_grad():
+                    for p, m in masks:
+                        p.mul_(m)
+            step += 1
+            if on_step is not None:
+                on_step(step)
+            if step >= steps:
+                break
+    model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2500) -> float:
+    model.eval()
+    hits = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
+    return hits / len(y)
+
+
+def train_reference(name: str, device: str, seed: int = 0) -> tuple[nn.Module, dict]:
+    recipe = RECIPES[name]
+    data = load_data(name, device)
+    torch.manual_seed(seed)
+    model = create_model(name, **model_kwargs(name)).to(device)
+    steps = max(1, int(recipe["epochs"] * (len(data.y_train) // recipe["batch"])))
+    t0 = time.perf_counter()
+    last = [t0]
+
+    def report(step: int) -> None:
+        if time.perf_counter() - last[0] > 30 or step == steps:
+            last[0] = time.perf_counter()
+            log.info("%s step %d/%d (%.0f s), val %.4f", name, step, steps, last[0] - t0,
+                     accuracy(model, data.x_val, data.y_val))
+            model.train()
+
+    train_steps(model, data.x_train, data.y_train, steps, recipe, seed, on_step=report)
+    info = {"model": name, "recipe": recipe, "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
+            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+            "val": accuracy(model, data.x_val, data.y_val), "test": accuracy(model, data.x_test, data.y_test),
+            "train_images": len(data.y_train), "val_images": len(data.y_val), "test_images": len(data.y_test)}
+    return model.cpu(), info
+
+
+def find_reference(name: str) -> Path | None:
+    for folder in (SHIPPED, CACHE):
+        path = folder / f"{tag(name)}.pt"
+        if path.exists():
+            return path
+    return None
+
+
+def load_reference(name: str) -> tuple[nn.Module, dict]:
+    """The converged reference and its manifest entry (accuracies, recipe); a clear error if absent."""
+    if name not in RECIPES:
+        raise ValueError(f"no reference recipe for {name!r}; known: {sorted(RECIPES)}")
+    path = find_reference(name)
+    if path is None:
+        raise FileNotFoundError(
+            f"no converged {name} reference ({tag(name)}.pt) in {SHIPPED} or {CACHE}: run "
+            f"`python benchmarks/references.py --models {name}` (add --device cuda where a GPU is present)")
+    manifest = json.loads((path.parent / "manifest.json").read_text()) if (path.parent / "manifest.json").exists() else {}
+    entry = manifest.get(name, {})
+    if entry.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{path} does not match the SHA-256 in its manifest.json (a damaged or replaced file): "
+                         f"delete it and run `python benchmarks/references.py --models {name}`")
+    model = create_model(name, **model_kwargs(name))
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval(), entry
+
+
+def save_reference(name: str, model: nn.Module, info: dict, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{tag(name)}.pt"
+    torch.save(model.state_dict(), path)
+    mpath = folder / "manifest.json"
+    manifest = json.loads(mpath.read_text()) if mpath.exists() else {}
+    manifest[name] = {**info, "file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    mpath.write_text(json.dumps(manifest, indent=1) + "\n")
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(CACHE), help=f"folder for the weights and manifest.json (default {CACHE}; "
+                                                       f"the shipped ones live in {SHIPPED})")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--epochs", type=float, default=None, help="override every recipe's epochs (a smoke run; the "
+                                                                "file name changes with it)")
+    args = ap.parse_args()
+    for name in args.models:
+        if args.epochs is not None:
+            RECIPES[name]["epochs"] = args.epochs
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True
+    print("| model | val | test (10,000) | steps | seconds | device |\n|---|---|---|---|---|---|")
+    for name in args.models:
+        model, info = train_reference(name, args.device)
+        save_reference(name, model, info, Path(args.out))
+        print(f"| {name} | {info['val']:.4f} | {info['test']:.4f} | {info['steps']} | {info['seconds']:.0f} | "
+              f"{info['device']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
