@@ -29,16 +29,17 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from . import checkpoint as ckpt
-from .allocator import Allocator, SearchOptions
+from .allocator import Allocator, SearchOptions, population_for
 from .channel_cost import ChannelCost, ChannelSpace
 from .coarse import (CoarseOptions, CoarseScorer, CoarseSpace, apply_and_retrain, calibration_batches, capture_input,
                      count_macs)
 from .de import DifferentialEvolution
-from .evaluation import backend_round, check_score, make_backend
+from .evaluation import backend_round, make_backend
 from .hookspecs import hookimpl
 from .latency import LatencyTable, measure as measure_latency
 from .pruner import Context, Pruner
 from .result import Outcome
+from .selection import RetrainedMeasure, check_finalists
 from .slicing import speedup as slice_channels
 from .targets import Target
 
@@ -137,17 +138,22 @@ class DEChannel(Pruner):
     goal = "ratios"
     goal_options = "its budget option (macs=0.5 or params=0.5: the fraction of the dense cost kept)"
 
-    def run(self, ctx: Context) -> Outcome:
+    def check_call(self, finetune, sparsity) -> None:
         o: ChannelOptions = self.options  # type: ignore[assignment]
-        if o.finalists and ctx.finetune is None:
+        if o.finalists and finetune is None:
             raise ValueError(f"finalists={o.finalists} re-ranks the search's best shapes after a short retraining, "
                              "which needs a `finetune` callable: pass finetune=, or leave finalists=0")
+
+    def run(self, ctx: Context) -> Outcome:
+        o: ChannelOptions = self.options  # type: ignore[assignment]
+        self.check_call(ctx.finetune, ctx.sparsity)
         model = ctx.model
         example = _example(ctx)
         if example is None:
             example, _ = capture_input(model, lambda: ctx.score(model))
         space, cost = channel_space(model, example, ctx.targets, o)
         self.space, self.cost, self.example = space, cost, example
+        check_finalists(o.finalists, population_for(o.population, len(cost.size)), "finalists")
         lo = np.ceil(cost.size * (1.0 - o.max_group_ratio) - 1e-9).astype(np.int64).clip(1)
         if o.measure == "latency":
             self._latency_table(model, lo)
@@ -309,24 +315,20 @@ class DEChannel(Pruner):
         if short is not None:
             info["finalists"] = [{"q": list(k), "score_after_short_finetune": v, "search_score": search.cache.get(k)}
                                  for k, v in search.rescored.items()]
+            info.update(short.cost())
         return best, score, info
 
     def _short_finetune(self, ctx: Context, o: ChannelOptions, i: int, calib: Optional[list]):
         """Re-scorer of the finalists: prune the model to the shape, retrain it for ``finalist_epochs``
         (the final retraining's seed, so every finalist sees the same batches), score, put the weights back
         (one copy of them serves every finalist)."""
-        saved = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
         short = _coarse(o).model_copy(update={"finetune_epochs": o.finalist_epochs})
 
-        def rescore(q: np.ndarray) -> float:
+        def retrain(q: np.ndarray) -> None:
             masks = self.space.masks(self.backend.scorer.candidate(q))
-            try:
-                apply_and_retrain(ctx.model, self.space, masks, ctx.finetune, short, ctx.seed * 1000 + i, calib, None,
-                                  self.name)
-                return check_score(ctx.score())
-            finally:
-                ctx.model.load_state_dict(saved)
-        return rescore
+            apply_and_retrain(ctx.model, self.space, masks, ctx.finetune, short, ctx.seed * 1000 + i, calib, None,
+                              self.name)
+        return RetrainedMeasure(ctx.model, retrain, ctx.score, o.finalist_epochs)
 
     def _seeds(self, space: ChannelSpace, scorer: ChannelScorer, q_now: np.ndarray, budget: float) -> list[np.ndarray]:
         """Uniform ratio, previous shape, global L1 normalised per group (at a few depths)."""

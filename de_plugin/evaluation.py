@@ -427,6 +427,10 @@ class MagnitudeScorer:
         """The candidate's accuracy on the validation batches the search did not score on (those after
         the first ``search_batches``); all of them when the search scored on all."""
         self._prepare(counts)
+        return self.holdout_now()
+
+    def holdout_now(self) -> float:
+        """The model's accuracy as it is now on the held-out validation batches (all when none are held out)."""
         if self.batches is None or self.search_batches is None or self.search_batches >= len(self.batches):
             return check_score(self.evaluate(self.model))
         data, labels = self.batches.on(next(self.model.parameters()).device)

@@ -40,6 +40,8 @@ from .targets import Target
 from .hookspecs import hookimpl
 from .iterative import IterativeOptions, IterativePruner, State
 from .pruner import Context
+from .recovery import finetune_round
+from .selection import RetrainedMeasure, check_finalists
 from .result import Outcome
 
 log = logging.getLogger("de_plugin")
@@ -83,12 +85,16 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
                                           "re-scored on all of val_data (budget form; needs val_data)")
     rescore_top: int = Field(4, ge=1, description="multi-fidelity: the search's best allocations that are finalists")
     selection: str = Field(
-        "holdout", pattern="^(holdout|search)$",
+        "holdout", pattern="^(holdout|search|finetune)$",
         description="how the round's allocation is chosen when the search scores part of val_data (search_images): "
                     "'holdout', the rescore_top best of the search and every seed allocation (uniform, global, LAMP, "
                     "ERK, the previous round's) scored on the validation images the search did not score on, the best "
-                    "wins, so the search cannot return less than the best seed there; 'search', the rescore_top best "
-                    "re-scored on all of val_data, seeds not among them")
+                    "wins, so the search cannot return less than the best seed there; 'finetune', the same finalists "
+                    "each retrained for finalist_epochs with `finetune` (weights restored after) and then scored on "
+                    "those images: the best predictor of accuracy after fine-tuning measured, at finalists x "
+                    "finalist_epochs extra epochs per round (needs finetune; budget form); 'search', the rescore_top "
+                    "best re-scored on all of val_data, seeds not among them")
+    finalist_epochs: int = Field(1, ge=1, description="selection='finetune': epochs each finalist is retrained for")
     search_images: Optional[int] = Field(
         500, ge=1, description="multi-fidelity by size (budget form, fidelity unset): when val_data holds more "
                                 "images than this, the search scores candidates on its first batches holding "
@@ -118,7 +124,8 @@ def check_search(o: LayerwiseOptions, model: nn.Module, targets: Sequence[Target
         raise ValueError("fidelity scores candidates on part of the validation batches: pass val_data=[(x, y), ...] "
                          "with at least 2 batches and metric='accuracy' (not evaluate=), or leave fidelity unset")
     groups = resolve_groups(o.groups, targets, model)
-    population_for(o.population, search_dim(groups, len(targets), o.group_offset))
+    pop = population_for(o.population, search_dim(groups, len(targets), o.group_offset))
+    check_finalists(o.rescore_top, pop, "rescore_top")
     has_bn = bool(batch_norms(model))
     if o.adaptive_bn:
         if not train_batches:
@@ -168,8 +175,15 @@ class DELayerwise(IterativePruner):
                       val_batches: Optional[list] = None, metric: Optional[Callable] = None) -> None:
         check_search(self.options, model, targets, train_batches, val_batches, metric)
 
+    def check_call(self, finetune: Optional[Callable], sparsity: Optional[float]) -> None:
+        if self.options.selection == "finetune" and (finetune is None or sparsity is None):
+            raise ValueError("selection='finetune' retrains each finalist of a budget-form search with your "
+                             "`finetune` callable before choosing: pass finetune= and sparsity=, or use "
+                             "selection='holdout' (the default)")
+
     def begin(self, ctx: Context, reference: Optional[float]) -> None:
         o = self.options
+        self.check_call(ctx.finetune, ctx.sparsity)
         self.groups = check_search(o, ctx.model, ctx.targets, ctx.train_batches, ctx.val_batches, ctx.metric)
         if o.device:
             ctx.model.to(o.device)
@@ -335,8 +349,8 @@ class DELayerwise(IterativePruner):
             self._search_rng = self.rng.bit_generator.state  # as it stands once the solver exists
             best = run(search, solver, space)
             score = search.rescored.get(tuple(int(c) for c in best))
-            if score is not None and self.options.selection == "holdout":  # reported: all of val_data, as "search"
-                score = _restoring(scorer, scorer.score_full)(best)
+            if score is not None and self.options.selection != "search":  # reported: all of val_data, before any
+                score = _restoring(scorer, scorer.score_full)(best)     # fine-tune, as "search" reports it
             score = search.score(best) if score is None else score  # the full-data score when re-scored
         self.nfev += search.nfev
         return best, score, search.info(solver)
@@ -353,16 +367,21 @@ class DELayerwise(IterativePruner):
         o, chosen = self.options, {}
 
         def run(search: Allocator, solver: DifferentialEvolution, space: KeepSpace) -> np.ndarray:
-            seeds = self._named_seed_counts(space, state, [keep]) if o.selection == "holdout" else []
-            best = search.maximise(solver, space, keep, f"DE round {round_index}", self._rescorer(), o.rescore_top,
+            seeds = self._named_seed_counts(space, state, [keep]) if o.selection != "search" else []
+            measure = self._rescorer()
+            best = search.maximise(solver, space, keep, f"DE round {round_index}", measure, o.rescore_top,
                                    include=[c for _, c in seeds])
             chosen["selection"] = self._selection_record(search, seeds, best)
+            if isinstance(measure, RetrainedMeasure):
+                chosen["selection_cost"] = measure.cost()
             return best
 
         best, acc, de = self._search(state, round_index,
                                      lambda search, space: self._seed_counts(space, state, [keep]), run)
         if chosen.get("selection"):
             de["selection"] = chosen["selection"]
+        if chosen.get("selection_cost"):
+            de.update(chosen["selection_cost"])
         return best, {"de": de, "val_accuracy_before_finetune": acc}
 
     @staticmethod
@@ -375,10 +394,26 @@ class DELayerwise(IterativePruner):
     def _rescorer(self) -> Optional[Callable[[np.ndarray], float]]:
         """Multi-fidelity: the selection score of a finalist, computed here on the round's scorer: on the
         held-out validation images (``selection="holdout"``) or on all of them (``"search"``)."""
+        scorer = self.backend.scorer
+        if self.options.selection == "finetune":
+            return self._short_finetune(scorer)
         if self.search_batches is None:
             return None
-        scorer = self.backend.scorer
         return _restoring(scorer, scorer.score_holdout if self.options.selection == "holdout" else scorer.score_full)
+
+    def _short_finetune(self, scorer: MagnitudeScorer) -> RetrainedMeasure:
+        """``selection='finetune'``: the finalist's magnitude masks on the round's weights, held through
+        ``finalist_epochs`` of the user's ``finetune`` (every finalist sees the same seed), then its
+        accuracy on the held-out validation images (all of val_data when the search scored on all)."""
+        ctx, o = self.ctx, self.options
+        scorer.restore()
+
+        def retrain(counts: np.ndarray) -> None:
+            finetune_round(ctx.model, ctx.targets, counts, ctx.finetune, o.finalist_epochs,
+                           torch_seed=ctx.seed * 1000 + 1, ranks=self.magnitude_ranks(self._ranks[0]))
+
+        measure = scorer.holdout_now if self.search_batches is not None else ctx.score
+        return RetrainedMeasure(ctx.model, retrain, measure, o.finalist_epochs)
 
     def propose(self, state: State, round_index: int, caution: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Accuracy form: minimise kept weights s.t. accuracy >= reference - search_drop (Deb's rules)."""

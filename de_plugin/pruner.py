@@ -81,6 +81,10 @@ class Pruner:
         """Raise ``ValueError`` for what is wrong with these options on this model, before any work
         (``prune`` calls it once the targets are known; the default has nothing to check)."""
 
+    def check_call(self, finetune: Optional[Callable], sparsity: Optional[float]) -> None:
+        """Raise ``ValueError`` for options that need a callable or goal the call lacks (``prune`` calls it
+        before any work; pruners whose adapters build the context themselves call it again from ``run``)."""
+
     def run(self, ctx: Context) -> Outcome:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -177,6 +181,7 @@ def prune(
     targets = find_targets(model, layers, layer_types, exclude)
     metric_fn = None if val_batches is None else (get_metric(metric) if isinstance(metric, str) else metric)
     pruner.check_targets(model, targets, train_batches, val_batches, metric_fn)
+    pruner.check_call(finetune, sparsity)
 
     work = model if inplace else copy.deepcopy(model)
     spill = low_memory_for(getattr(getattr(pruner, "options", None), "low_memory", False), targets)

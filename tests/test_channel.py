@@ -147,6 +147,14 @@ def test_finalists_without_finetune_fail_before_any_work(resnet, images):
     assert same_state(before, state_of(resnet))
 
 
+def test_finalists_beyond_the_population_are_refused_before_any_work(resnet, images, ft):
+    before = state_of(resnet)
+    with pytest.raises(ValueError, match="finalists=30.*population"):
+        de_plugin.prune(resnet, "de_channel", val_data=images.val, train_data=images.batches, finetune=ft,
+                        macs=0.5, finalists=30, population=8, inplace=True, progress=False)
+    assert same_state(before, state_of(resnet))
+
+
 @pytest.mark.parametrize("kw,match", [
     ({}, "exactly one budget"),
     ({"macs": 0.5, "params": 0.5}, "exactly one budget"),
