@@ -303,6 +303,18 @@ def plot(results: dict, out: Path) -> None:
         plt.close(fig)
 
 
+#: what may differ between runs that add cells to one results file (which cells), and what may not
+CELL_ARGS = {"models", "seeds", "methods", "levels", "latency_levels", "summary_only", "out", "threads"}
+
+
+def check_protocol(saved: dict, now: dict) -> None:
+    """Cells accumulate across runs only under the same protocol (data, fine-tune budget, search settings)."""
+    diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now) if k not in CELL_ARGS and saved.get(k) != now.get(k)}
+    if diff:
+        raise ValueError(f"the results file holds cells measured under other settings {diff}: give another --out, "
+                         "or the same settings to add cells to it")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["resnet20"], choices=list(CONFIG))
@@ -333,6 +345,7 @@ def main() -> None:
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"args": vars(args), "models": {}}
     if not args.summary_only:
+        check_protocol(results["args"], vars(args))
         data = load_idx_dataset(args.data, val_size=2000, train_limit=args.train_limit, seed=0, size=32)
         data.x_test, data.y_test = data.x_test[:5000], data.y_test[:5000]
         t_start = time.time()
@@ -342,6 +355,8 @@ def main() -> None:
                 setup = Setup(mname, seed, data, args)
                 mres["dense"][str(seed)] = measured(setup, copy.deepcopy(setup.dense), 0, {"nfev": 0, "search_seconds": 0})
                 for level in args.latency_levels:
+                    if str(seed) in mres.get("latency", {}).get(f"{level:.6f}", {}):
+                        continue
                     row = run_latency(setup, level)
                     mres.setdefault("latency", {}).setdefault(f"{level:.6f}", {})[str(seed)] = row
                     print(f"[{time.time() - t_start:6.0f}s] {mname} seed {seed} latency budget {level:.2f}: measured "
@@ -351,6 +366,8 @@ def main() -> None:
                 for level in args.levels:
                     rows = mres["levels"].setdefault(f"{level:.6f}", {})
                     for method in args.methods:
+                        if str(seed) in rows.get(method, {}):  # measured by an earlier run: resumed, not recomputed
+                            continue
                         row = run_one(setup, method, level)
                         rows.setdefault(method, {})[str(seed)] = row
                         print(f"[{time.time() - t_start:6.0f}s] {mname} seed {seed} MACs {level:.3f} {method:20s} "

@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layerwise as lw  # noqa: E402  (the ladder runners, shared with the LeNet benchmark)
+import references as refs  # noqa: E402
 
 import de_plugin  # noqa: E402
 from de_plugin.demo.data import load_idx_dataset  # noqa: E402
@@ -134,6 +135,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=None, help="only these rows (ladder methods or ablation settings)")
     ap.add_argument("--ablation", action="store_true", help="only the DE settings ablation (one rung)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reference", choices=["converged", "trained"], default="converged",
+                    help="start from the converged reference of benchmarks/references.py (55,000 training images, "
+                         "the full test set), or train a dense model per seed on --train-limit images")
     ap.add_argument("--out", default="benchmarks/results/deep")
     ap.add_argument("--summary-only", action="store_true", help="re-make the table and plot from --out's results.json")
     ap.add_argument("--merge", nargs="*", default=[], help="with --summary-only: add the rows (seeds, methods) of "
@@ -151,40 +155,63 @@ def main() -> None:
     lw.LADDER[:] = LADDER
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_idx_dataset(val_size=2000, train_limit=args.train_limit, test_limit=5000, size=32)
+    if args.reference == "converged":  # 55,000 / 5,000 / all 10,000 test images, as the references were trained
+        data = refs.load_data(args.models[0])
+    else:
+        data = load_idx_dataset(val_size=2000, train_limit=args.train_limit, test_limit=5000, size=32)
+    path = out / "results.json"
     results: dict = {"ladder": LADDER, "epochs_per_rung": args.epochs, "train_images": len(data.y_train),
-                     "models": {}, "ablation": {}}
+                     "reference": args.reference, "models": {}, "ablation": {}}
+    if path.exists():  # resume: cells (model, seed, method) already measured are kept, not recomputed
+        saved = json.loads(path.read_text())
+        for key in ("ladder", "epochs_per_rung", "train_images", "reference"):
+            if saved.get(key, "trained" if key == "reference" else None) != results[key]:
+                raise ValueError(f"{path} holds cells with {key}={saved.get(key)!r}, this run has {results[key]!r}: "
+                                 "give another --out, or the same settings to add cells to it")
+        results = saved
     t_start = time.time()
     for mname in args.models:
         cfg = CONFIG[mname]
         mres = results["models"].setdefault(mname, {"dense_test": {}, "runs": {}, "wall": {}})
-        for seed in args.seeds:
-            torch.manual_seed(seed)
-            dense = create_model(mname, in_channels=1)
-            train(dense, data.x_train, data.y_train, epochs=cfg["dense_epochs"], seed=seed)
+        for seed in map(str, args.seeds):
+            todo = [lab for lab in methods_for(cfg, args.methods, []) if seed not in mres["runs"].get(lab, {})]
+            if not todo and not args.ablation:
+                print(f"{mname} seed {seed}: every method already measured in {path}", flush=True)
+                continue
+            dense = dense_for(mname, cfg, data, int(seed), args.reference)
             dense_test = make_evaluate(data.x_test, data.y_test)(dense)
             mres["dense_test"][seed] = dense_test
             mres["forward_seconds"] = forward_seconds(dense, data.x_val[: cfg["search_val"]])
             print(f"[{time.time() - t_start:6.0f}s] {mname} seed {seed}: dense test {dense_test:.4f}", flush=True)
             calib = [data.x_train[i : i + 128] for i in range(0, 128 * 8, 128)]
             if args.ablation:
-                results["ablation"].setdefault(mname, {})[seed] = ablation(mname, dense, data, cfg, seed, args.epochs,
-                                                                            calib, args.methods)
+                results["ablation"].setdefault(mname, {})[seed] = ablation(mname, dense, data, cfg, int(seed),
+                                                                            args.epochs, calib, args.methods)
                 (out / "results.json").write_text(json.dumps(results, indent=1))
                 continue
-            for label, (method, opts) in methods_for(cfg, args.methods, calib).items():
+            for label, (method, opts) in methods_for(cfg, todo, calib).items():
                 t0 = time.time()
                 runner = lw.RUNNERS.get(method)
-                rows = runner(dense, data, cfg, seed, args.epochs, opts) if runner else \
-                    lw.run_method(method, dense, data, cfg, seed, args.epochs, opts)
+                rows = runner(dense, data, cfg, int(seed), args.epochs, opts) if runner else \
+                    lw.run_method(method, dense, data, cfg, int(seed), args.epochs, opts)
                 mres["runs"].setdefault(label, {})[seed] = rows
                 mres["wall"].setdefault(label, {})[seed] = time.time() - t0
                 done = [r for r in rows if r is not None]
                 print(f"[{time.time() - t_start:6.0f}s] {mname} seed {seed} {label:26s} "
                       + " ".join(f"{r['sparsity']:.2f}:{r['test']:.4f}" for r in done)
                       + f" ({time.time() - t0:.0f}s)", flush=True)
-                (out / "results.json").write_text(json.dumps(results, indent=1))
+                path.write_text(json.dumps(results, indent=1))
     summarize(results, out)
+
+
+def dense_for(mname: str, cfg: dict, data, seed: int, reference: str):
+    """The dense model a seed starts from: the converged reference (one for every seed; the seed then drives
+    the pruning and fine-tuning), or a model trained here for ``dense_epochs`` on the training subset."""
+    if reference == "converged":
+        return refs.load_reference(mname)[0]
+    torch.manual_seed(seed)
+    dense = create_model(mname, in_channels=1)
+    return train(dense, data.x_train, data.y_train, epochs=cfg["dense_epochs"], seed=seed)
 
 
 def merge(into: dict, other: dict) -> None:

@@ -110,7 +110,38 @@ def rows(rungs: list[float], levels: list[float]) -> list[dict[str, Any]]:
             except (FileNotFoundError, KeyError, StopIteration):
                 continue
             out.append({"model": name, "a": a, "b": b, "at": f"{lv:.2f} of the MACs", **p})
+    for name, folder, model, a, baselines in SELECTIONS:
+        for r in rungs:
+            best = None
+            for b in baselines:
+                p = paired(selection_tests(folder, model, a, r), selection_tests(folder, model, b, r))
+                if p["n"] and (best is None or p["mean"] < best[1]["mean"]):
+                    best = (b, p)
+            if best is not None:
+                out.append({"model": name, "a": a, "b": best[0], "at": f"{r:.0%} sparse, converged reference", **best[1]})
     return [r for r in out if r["n"]]
+
+
+#: selection.py studies (one round from a converged reference): (label, folder, model, A, baselines)
+SELECTIONS = [
+    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[finetune]", ["lamp", "global_magnitude"]),
+    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[holdout]", ["lamp", "global_magnitude"]),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[finetune]", ["lamp"]),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[holdout]", ["lamp"]),
+]
+
+
+def selection_tests(folder: str, model: str, method: str, rung: float) -> dict[str, float]:
+    """Test accuracy per seed from a selection.py cells file (empty when absent)."""
+    path = RESULTS / folder / "cells.json"
+    if not path.exists():
+        return {}
+    out = {}
+    for key, cell in json.loads(path.read_text())["cells"].items():
+        m, seed, meth, s = key.split("|")
+        if m == model and meth == method and abs(float(s) - rung) < 1e-9:
+            out[seed] = cell["test"]
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -24,17 +24,17 @@ NNI_DE = {"population": 6, "generations": 2, "rounds": 2, "finetune_epochs": 1, 
           "progress": False}
 
 EXPECTED = {
-    "de_layerwise_budget": "96b9012701e9d297",
+    "de_layerwise_budget": "622dab3e66ed18c8",
     "de_layerwise_accuracy": "d9d2a39677793023",
     "de_layerwise_std_penalty": "43d8d37501912d38",
     "random_coarse": "3fc3f1ee458af9ab",
-    "nni_de_layerwise": "dd1f75d401975bfe",
+    "nni_de_layerwise": "5342a9a653fa132b",
     "nni_agp": "492a34699d4fff69",
     "nni_random_coarse": "82dbb6a09d78ee3e",
     "inc_search_config": "bedf4b7ea704c372",
     "inc_loop_targets": "9268340b6318f1d6",
     "inc_random_coarse": "26bf78c49a149747",
-    "de_layerwise_deep_defaults": "3f5de8e319a899b6",
+    "de_layerwise_deep_defaults": "1d4e3991c03573d4",
 }
 
 

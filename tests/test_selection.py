@@ -19,10 +19,13 @@ def _misleading_val(digits):
     return [(x[i:i + 50], y[i:i + 50]) for i in range(0, 300, 50)]
 
 
-def test_finetune_selection_retrains_every_finalist_from_the_round_weights_and_picks_the_best(mlp, digits, finetune):
-    """Each finalist (the search's best and every seed) is retrained once for finalist_epochs from the round's
-    weights (the biases, which no mask touches, are the same at every finalist's start), scored on the images
-    the search did not see; the best wins, so no seed beats the choice on that measure; the cost is recorded."""
+def test_finetune_selection_retrains_the_finalists_from_the_round_weights_and_cannot_lose_to_the_best_seed(
+        mlp, digits, finetune):
+    """The search's best and every seed are scored on the images the search did not see (the search's own
+    images carry shuffled labels: a fitness that misleads on purpose); the `finalists` best of them (here 1: the
+    search's) and the best seed are each retrained once for finalist_epochs from the round's weights (the
+    biases, which no mask touches, are the same at every start) and scored again; the best wins, so the
+    best seed cannot beat the choice on that measure. The cost is recorded."""
     starts = []
 
     def recording(model, epochs):
@@ -31,24 +34,37 @@ def test_finetune_selection_retrains_every_finalist_from_the_round_weights_and_p
 
     r = de_plugin.prune(mlp, "de_layerwise", val_data=_misleading_val(digits), finetune=recording, sparsity=0.9,
                         rounds=1, finetune_epochs=2, search_images=100, population=8, generations=2, seed=0,
-                        selection="finetune", finalist_epochs=1, recovery="none", progress=False)
+                        finalists=1, recovery="none", progress=False)  # selection: 'finetune' (finetune given)
     de = r.history[0]["de"]
     sel = de["selection"]
     assert SEEDS <= {s["source"] for s in sel}
+    retrained = [s for s in sel if "score_after_short_finetune" in s]
+    assert len(retrained) == 2  # the best by the held-out score (the search's), and the best seed
+    best_seed = max((s for s in sel if s["source"] != "search"), key=lambda s: s["score"])
+    assert "score_after_short_finetune" in best_seed
     chosen = [s for s in sel if s["chosen"]]
-    assert len(chosen) == 1 and chosen[0]["score"] == max(s["score"] for s in sel)
-    assert de["finalists_retrained"] == len(sel) and de["finalist_epochs_total"] == len(sel)
-    assert de["selection_seconds"] > 0
-    assert [e for e, _ in starts] == [1] * len(sel) + [2]  # one short retraining per finalist, then the round's
+    assert len(chosen) == 1
+    assert chosen[0]["score_after_short_finetune"] == max(s["score_after_short_finetune"] for s in retrained)
+    assert de["finalists_retrained"] == 2 and de["finalist_epochs_total"] == 2 and de["selection_seconds"] > 0
+    assert [e for e, _ in starts] == [1, 1, 2]  # one short retraining per finalist, then the round's
     for _, b in starts:
         assert torch.equal(b, starts[0][1])  # restored after every finalist (and for the round's fine-tune)
     kept = sum(int(m.sum()) for m in r.masks.values())
     assert kept == round(sum(m.numel() for m in r.masks.values()) * 0.1)
 
 
+def test_without_finetune_the_selection_is_holdout(mlp, digits, evaluate):
+    r = de_plugin.prune(mlp, "de_layerwise", val_data=_misleading_val(digits), sparsity=0.9, rounds=1,
+                        search_images=100, population=8, generations=2, seed=0, progress=False)
+    sel = r.history[0]["de"]["selection"]
+    assert SEEDS <= {s["source"] for s in sel} and not any("score_after_short_finetune" in s for s in sel)
+    assert "finalists_retrained" not in r.history[0]["de"]
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"selection": "finetune"}, "selection='finetune'.*finetune"),
     ({"rescore_top": 9, "population": 8}, "rescore_top=9.*population"),
+    ({"finalists": 9, "population": 8}, "finalists=9.*population"),
 ])
 def test_layerwise_selection_bad_input_is_refused_before_any_work(mlp, kw, match):
     before, calls = state_of(mlp), []

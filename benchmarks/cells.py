@@ -1,0 +1,52 @@
+"""Results that accumulate cell by cell across runs: a study too long for one sitting resumes where it
+stopped, and a cell already measured is never recomputed.
+
+A cell is one (model, seed, method, ...) measurement; its key is the tuple joined with "|". The file
+holds the study's ``protocol`` (what every cell must share: fine-tune budget, data, rungs...) and the
+cells; a rerun with a different protocol is refused instead of mixing incomparable numbers. The file is
+written after every cell (through a temporary file and a rename, so an interrupted write never leaves a
+half file).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+
+class Cells:
+    def __init__(self, path: str | os.PathLike, protocol: dict[str, Any]):
+        self.path = Path(path)
+        self.protocol = json.loads(json.dumps(protocol))  # as it will read back from the file
+        data = json.loads(self.path.read_text()) if self.path.exists() else {"protocol": self.protocol, "cells": {}}
+        if data["protocol"] != self.protocol:
+            raise ValueError(f"{self.path} holds cells measured under another protocol ({data['protocol']}); "
+                             f"this run's is {self.protocol}: give another output folder, or the same settings")
+        self.cells: dict[str, Any] = data["cells"]
+        self.computed = 0
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        return "|".join(str(p) for p in parts)
+
+    def __contains__(self, parts: tuple) -> bool:
+        return self.key(*parts) in self.cells
+
+    def get(self, parts: tuple, default: Any = None) -> Any:
+        return self.cells.get(self.key(*parts), default)
+
+    def run(self, parts: tuple, compute: Callable[[], Any]) -> Any:
+        """The cell's stored value, or ``compute()``'s, stored at once."""
+        k = self.key(*parts)
+        if k not in self.cells:
+            self.cells[k] = json.loads(json.dumps(compute()))
+            self.computed += 1
+            self.save()
+        return self.cells[k]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"protocol": self.protocol, "cells": self.cells}, indent=1))
+        tmp.replace(self.path)

@@ -1,0 +1,25 @@
+"""benchmarks/cells.py: a resumed study does not recompute a measured cell and refuses a changed protocol."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from cells import Cells  # noqa: E402
+
+
+def test_a_resumed_cell_is_not_recomputed(tmp_path):
+    calls = []
+    first = Cells(tmp_path / "r.json", {"epochs": 1})
+    assert first.run(("resnet20", 0, "lamp", 0.9), lambda: calls.append(1) or {"test": 0.91}) == {"test": 0.91}
+    again = Cells(tmp_path / "r.json", {"epochs": 1})  # a new run over the same file
+    assert again.run(("resnet20", 0, "lamp", 0.9), lambda: calls.append(2) or {"test": 0.5}) == {"test": 0.91}
+    again.run(("resnet20", 1, "lamp", 0.9), lambda: calls.append(3) or {"test": 0.92})
+    assert calls == [1, 3] and again.computed == 1
+    assert ("resnet20", 1, "lamp", 0.9) in Cells(tmp_path / "r.json", {"epochs": 1})
+
+
+def test_another_protocol_is_refused(tmp_path):
+    Cells(tmp_path / "r.json", {"epochs": 1}).run(("m", 0), lambda: 1)
+    with pytest.raises(ValueError, match="another protocol"):
+        Cells(tmp_path / "r.json", {"epochs": 2})
