@@ -80,7 +80,8 @@ def table(cells: Cells, models: list[str], seeds: list[int], rungs: list[float])
                                                    for a in accs) + f" | {sum(walls) / max(1, len(walls)):.0f} |")
         lines.append("\nPaired (pp, mean [95% interval], seeds):\n")
         for a, b in (("de_layerwise[finetune]", "de_layerwise[holdout]"), ("de_layerwise[holdout]", "lamp"),
-                     ("de_layerwise[finetune]", "lamp"), ("de_layerwise[holdout]", "global_magnitude")):
+                     ("de_layerwise[finetune]", "lamp"), ("de_layerwise[holdout]", "global_magnitude"),
+                     ("de_layerwise[finetune]", "global_magnitude")):
             for s in rungs:
                 pa = {sd: c["test"] for sd, c in got[a][s].items() if c}
                 pb = {sd: c["test"] for sd, c in got[b][s].items() if c}
