@@ -84,9 +84,9 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
                                           "scores candidates during the search; the rescore_top best are then "
                                           "re-scored on all of val_data (budget form; needs val_data)")
     rescore_top: int = Field(4, ge=1, description="multi-fidelity: the search's best allocations that are finalists")
-    # chosen by benchmarks/fitness.py: over sampled allocations of four models, accuracy after a short
-    # fine-tune ranked them most like the final outcome (Spearman 0.81-0.96 in six of eight cells), the
-    # un-retrained scores least so where it mattered (ViT, MobileNetV2); benchmarks/selection.py measures the pick
+    # chosen by benchmarks/fitness.py: over sampled allocations of four models at 90% / 95%, accuracy after a
+    # short fine-tune ranked them most like the final outcome (Spearman 0.81-0.96 in six of eight cells); the
+    # un-retrained scores did worst on the ViT and MobileNetV2; benchmarks/selection.py measures the pick
     selection: Optional[str] = Field(
         None, pattern="^(holdout|search|finetune)$",
         description="how the round's allocation is chosen (budget form): 'holdout', the rescore_top best of the "

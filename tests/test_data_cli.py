@@ -83,7 +83,7 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert "unknown pruner 'de_layerwize'" in capsys.readouterr().err
     rc = cli.main(["run", "--options", '{"populaton": 3}', "--data", str(tmp_path)])
     assert rc == 2 and "did you mean 'population'" in capsys.readouterr().err
-    rc = cli.main(["run", "--data", str(tmp_path)])
+    rc = cli.main(["run", "--data", str(tmp_path), "--out", str(tmp_path / "out")])
     assert rc == 2 and "dataset-fashion-mnist" in capsys.readouterr().err
     rc = cli.main(["list"])
     assert rc == 0 and "de_layerwise" in capsys.readouterr().out
