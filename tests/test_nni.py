@@ -56,7 +56,7 @@ def test_each_entry_is_its_own_budget(mlp, evaluator_for):
     fresh = copy.deepcopy(mlp)
     _, level_masks = LevelPruner(fresh, exported).compress()
     for name in masks:
-        assert sparsity(level_masks, [name]) == pytest.approx(sparsity(masks, [name]), abs=2e-3)
+        assert torch.equal(level_masks[name]["weight"].sum(), masks[name]["weight"].sum()), name  # same count
 
 
 def test_agp_schedule_followed(mlp, evaluator_for):

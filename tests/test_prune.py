@@ -308,7 +308,7 @@ def test_selection_cannot_lose_to_the_seeds_on_held_out_data(mlp, digits, finetu
     val = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 300, 50)]
     r = de_plugin.prune(mlp, "de_layerwise", val_data=val, metric="accuracy", finetune=finetune, sparsity=0.9,
                         rounds=2, finetune_epochs=1, search_images=100, population=8, generations=3, seed=0,
-                        progress=False)
+                        selection="holdout", progress=False)
     for h in r.history:
         sel = h["de"]["selection"]
         sources = {s["source"] for s in sel}

@@ -276,6 +276,10 @@ def export_config_list(masks: Dict[str, Dict[str, torch.Tensor]]) -> List[Dict[s
         m = targets.get("weight")
         if m is None:
             continue
+        # NNI 3.0's LevelPruner prunes int(numel * sparse_ratio) weights (sparse_gen._ratio_mask): a ratio
+        # rounded below the exact one (float32 mean: 138/320 -> 0.43124998) pruned one weight fewer. The
+        # ratio is written a hair above pruned / numel, so NNI's floor lands on exactly the same count.
+        pruned = int(m.numel() - int(m.bool().sum()))
         out.append({"op_names": [module_name], "target_names": ["weight"],
-                    "sparse_ratio": float(1.0 - m.float().mean().item())})
+                    "sparse_ratio": min(1.0, (pruned + 1e-6) / m.numel()) if pruned else 0.0})
     return out
