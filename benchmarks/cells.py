@@ -15,14 +15,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def check_protocol(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Cells accumulate across runs only under the same protocol: refuse, naming what differs."""
+    diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+    if diff:
+        raise ValueError(f"{path} holds cells measured under another protocol (saved, this run: {diff}): "
+                         "give another output folder, or the same settings to add cells to it")
+
+
 class Cells:
     def __init__(self, path: str | os.PathLike, protocol: dict[str, Any]):
         self.path = Path(path)
         self.protocol = json.loads(json.dumps(protocol))  # as it will read back from the file
         data = json.loads(self.path.read_text()) if self.path.exists() else {"protocol": self.protocol, "cells": {}}
-        if data["protocol"] != self.protocol:
-            raise ValueError(f"{self.path} holds cells measured under another protocol ({data['protocol']}); "
-                             f"this run's is {self.protocol}: give another output folder, or the same settings")
+        check_protocol(self.path, data["protocol"], self.protocol)
         self.cells: dict[str, Any] = data["cells"]
         self.computed = 0
 

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tvzoo import SITE  # noqa: E402  (Torch-Pruning lives in .zoo-site, benchmarks only)
+from cells import check_protocol  # noqa: E402
 
 import de_plugin  # noqa: E402
 from de_plugin.adapter import measure_latency, slice_channels  # noqa: E402
@@ -303,16 +304,8 @@ def plot(results: dict, out: Path) -> None:
         plt.close(fig)
 
 
-#: what may differ between runs that add cells to one results file (which cells), and what may not
+#: what may differ between runs that add cells to one results file (which cells); the rest is the protocol
 CELL_ARGS = {"models", "seeds", "methods", "levels", "latency_levels", "summary_only", "out", "threads"}
-
-
-def check_protocol(saved: dict, now: dict) -> None:
-    """Cells accumulate across runs only under the same protocol (data, fine-tune budget, search settings)."""
-    diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now) if k not in CELL_ARGS and saved.get(k) != now.get(k)}
-    if diff:
-        raise ValueError(f"the results file holds cells measured under other settings {diff}: give another --out, "
-                         "or the same settings to add cells to it")
 
 
 def main() -> None:
@@ -345,7 +338,8 @@ def main() -> None:
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"args": vars(args), "models": {}}
     if not args.summary_only:
-        check_protocol(results["args"], vars(args))
+        cell_free = lambda d: {k: v for k, v in d.items() if k not in CELL_ARGS}  # noqa: E731
+        check_protocol(path, cell_free(results["args"]), cell_free(vars(args)))
         data = load_idx_dataset(args.data, val_size=2000, train_limit=args.train_limit, seed=0, size=32)
         data.x_test, data.y_test = data.x_test[:5000], data.y_test[:5000]
         t_start = time.time()

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layerwise as lw  # noqa: E402  (the ladder runners, shared with the LeNet benchmark)
 import references as refs  # noqa: E402
+from cells import check_protocol  # noqa: E402
 
 import de_plugin  # noqa: E402
 from de_plugin.demo.data import load_idx_dataset  # noqa: E402
@@ -168,10 +169,9 @@ def main() -> None:
                      "reference": args.reference, "models": {}, "ablation": {}}
     if path.exists():  # resume: cells (model, seed, method) already measured are kept, not recomputed
         saved = json.loads(path.read_text())
-        for key in ("ladder", "epochs_per_rung", "train_images", "reference"):
-            if saved.get(key, "trained" if key == "reference" else None) != results[key]:
-                raise ValueError(f"{path} holds cells with {key}={saved.get(key)!r}, this run has {results[key]!r}: "
-                                 "give another --out, or the same settings to add cells to it")
+        keys = ("ladder", "epochs_per_rung", "train_images", "reference")
+        check_protocol(path, {k: saved.get(k, "trained" if k == "reference" else None) for k in keys},
+                       {k: results[k] for k in keys})
         results = saved
     t_start = time.time()
     for mname in args.models:

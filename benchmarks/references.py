@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset  # noqa: E402
 from de_plugin.demo.models import create_model  # noqa: E402
+from de_plugin.demo.training import make_evaluate  # noqa: E402
 
 log = logging.getLogger("references")
 SHIPPED = ROOT / "references"
@@ -142,11 +143,9 @@ def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, 
     model.eval()
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 2500) -> float:
-    model.eval()
-    hits = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(y), batch))
-    return hits / len(y)
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy on fixed tensors (eval mode, no gradients): the demo's evaluator."""
+    return make_evaluate(x, y, batch_size=2500)(model)
 
 
 def train_reference(name: str, device: str, seed: int = 0) -> tuple[nn.Module, dict]:
