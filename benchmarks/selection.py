@@ -38,7 +38,17 @@ METHODS = {
     "global_magnitude": ("global_magnitude", {}),
     "de_layerwise[holdout]": ("de_layerwise", {"selection": "holdout"}),
     "de_layerwise[finetune]": ("de_layerwise", {"selection": "finetune", "finalist_epochs": 1}),
+    "erk": ("erk", {}),
+    # the search strategies at DE's number of evaluations, chosen the same way (the short fine-tune)
+    "de_layerwise[random]": ("de_layerwise", {"selection": "finetune", "finalist_epochs": 1,
+                                              "search_strategy": "random"}),
+    "de_layerwise[evopress]": ("de_layerwise", {"selection": "finetune", "finalist_epochs": 1,
+                                                "search_strategy": "evopress"}),
 }
+HEURISTICS = ["lamp", "global_magnitude", "erk"]
+#: (A, B) pairs reported besides each searched method against the best heuristic at the rung
+PAIRS = [("de_layerwise[finetune]", "de_layerwise[holdout]"), ("de_layerwise[finetune]", "de_layerwise[random]"),
+         ("de_layerwise[finetune]", "de_layerwise[evopress]"), ("de_layerwise[evopress]", "de_layerwise[random]")]
 
 
 def make_finetune(name: str, data, epoch_steps: int, seed: int):
@@ -73,21 +83,27 @@ def table(cells: Cells, models: list[str], seeds: list[int], rungs: list[float])
         lines.append(f"\n### {name}\n\n| method | " + " | ".join(f"test @{s:.0%}" for s in rungs) + " | wall s |")
         lines.append("|---|" + "---|" * (len(rungs) + 1))
         got = {m: {s: {sd: cells.get((name, sd, m, s)) for sd in seeds} for s in rungs} for m in METHODS}
-        for m in METHODS:
+        for m in [m for m in METHODS if any(c for s in rungs for c in got[m][s].values())]:
             accs = [[c["test"] for c in got[m][s].values() if c] for s in rungs]
             walls = [c["wall_seconds"] for s in rungs for c in got[m][s].values() if c]
             lines.append(f"| {m} | " + " | ".join(f"{100 * sum(a) / len(a):.2f} ({len(a)})" if a else "n/a"
                                                    for a in accs) + f" | {sum(walls) / max(1, len(walls)):.0f} |")
         lines.append("\nPaired (pp, mean [95% interval], seeds):\n")
-        for a, b in (("de_layerwise[finetune]", "de_layerwise[holdout]"), ("de_layerwise[holdout]", "lamp"),
-                     ("de_layerwise[finetune]", "lamp"), ("de_layerwise[holdout]", "global_magnitude"),
-                     ("de_layerwise[finetune]", "global_magnitude")):
-            for s in rungs:
-                pa = {sd: c["test"] for sd, c in got[a][s].items() if c}
-                pb = {sd: c["test"] for sd, c in got[b][s].items() if c}
-                if set(pa) & set(pb):
-                    lines.append(f"- {a} - {b} @{s:.0%}: {fmt(paired(pa, pb))}")
+        lines += [f"- {a} - {b} @{s:.0%}: {fmt(p)}" for a, b, s, p in comparisons(got, rungs)]
     return "\n".join(lines)
+
+
+def comparisons(got: dict, rungs: list[float]) -> list[tuple[str, str, float, dict]]:
+    """Each searched method against each heuristic, then ``PAIRS``; only pairs with common seeds."""
+    searched = [m for m in METHODS if m not in HEURISTICS]
+    out = []
+    for a, b in [(a, h) for a in searched for h in HEURISTICS] + PAIRS:
+        for s in rungs:
+            pa = {sd: c["test"] for sd, c in got[a][s].items() if c}
+            pb = {sd: c["test"] for sd, c in got[b][s].items() if c}
+            if set(pa) & set(pb):
+                out.append((a, b, s, paired(pa, pb)))
+    return out
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ Quick start::
 from .pruner import Pruner, prune
 from .registry import create_pruner, list_metrics, list_pruners, register_pruner
 from .result import PruningResult
+from .runner import IterativePruner
 from .saving import load, save_model
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "register_pruner",
     "list_metrics",
     "Pruner",
+    "IterativePruner",
     "PruningResult",
     "load",
     "save_model",

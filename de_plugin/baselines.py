@@ -7,7 +7,7 @@ import numpy as np
 
 from . import allocation
 from .hookspecs import hookimpl
-from .iterative import IterativePruner, State
+from .runner import IterativePruner, State
 
 
 class _AllocationPruner(IterativePruner):

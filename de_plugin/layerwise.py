@@ -38,7 +38,7 @@ from .grouping import NAMED, GroupedSpace, resolve_groups, search_dim
 from .metrics import accuracy
 from .targets import Target
 from .hookspecs import hookimpl
-from .iterative import IterativeOptions, IterativePruner, State
+from .runner import IterativeOptions, IterativePruner, State
 from .pruner import Context
 from .recovery import finetune_round
 from .selection import RetrainedMeasure, check_finalists

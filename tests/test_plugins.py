@@ -24,7 +24,7 @@ PLUGIN_CODE = textwrap.dedent(
     """Example third-party plugin: prunes a random subset of weights in each layer."""
     import numpy as np
     from de_plugin.hookspecs import hookimpl
-    from de_plugin.iterative import IterativePruner
+    from de_plugin import IterativePruner
 
 
     class RandomShare(IterativePruner):
