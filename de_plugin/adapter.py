@@ -6,7 +6,10 @@ without notice. The rule is checked by the test suite (import-linter contracts i
 ``.importlinter``): an adapter imports ``de_plugin.adapter`` (and ``de_plugin.hookspecs`` for its
 hook) only, its own framework, and never another adapter.
 
-* Whole runs: :func:`prune` (``de_plugin.prune``).
+* Whole runs: :func:`prune` (``de_plugin.prune``); the registry (:func:`list_pruners`,
+  :func:`get_pruner_class`) so a framework offers every registered pruner, third parties' included:
+  an :class:`IterativePruner` (per-layer keep-counts, weight masks) runs under any adapter's
+  weight-mask wrapper.
 * Rounds driven by the framework's schedule: :class:`Context` + :class:`RoundRunner` over a pruner
   from :func:`create_pruner` (``runner.start(ctx)``, ``runner.step(target_sparsity=...)``).
 * One allocation with the framework's own masks: :class:`Allocator` over a :class:`Scorer` of the
@@ -40,16 +43,16 @@ from .layerwise import LayerwiseOptions
 from .options import validate_options
 from .patterns import PatternScorer, as_matrix, check_fits, parse_pattern, pattern_mask
 from .pruner import Context, prune
-from .registry import create_pruner, lookup
+from .registry import create_pruner, get_pruner_class, list_pruners, lookup
 from .report import check_out_dir
 from .result import PruningResult
-from .runner import RoundRecord, RoundRunner
+from .runner import IterativePruner, RoundRecord, RoundRunner
 from .slicing import kept_channels
 from .slicing import speedup as slice_channels
 from .targets import Target, masks_attached
 
 __all__ = [
-    "prune", "PruningResult", "create_pruner", "Context", "RoundRunner", "RoundRecord", "Target", "masks_attached",
+    "prune", "PruningResult", "create_pruner", "list_pruners", "get_pruner_class", "IterativePruner", "Context", "RoundRunner", "RoundRecord", "Target", "masks_attached",
     "Allocator", "KeepSpace", "DensitySpace", "GroupedSpace", "resolve_groups", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
     "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "check_batches", "validate_options",
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",

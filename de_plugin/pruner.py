@@ -265,5 +265,5 @@ def build_result(name: str, pruner: Pruner, outcome: Outcome, model: nn.Module, 
         pruner=name, masks=masks, sparsity=1.0 - kept / total, layer_sparsity=per_layer,
         accuracy=outcome.accuracy, reference_accuracy=outcome.reference_accuracy, history=outcome.history,
         nfev=outcome.nfev, wall_time=wall_time, model=model, layers=layers, options=pruner.options.model_dump(),
-        seed=seed, extra=outcome.extra, extra_masks=outcome.extra_masks,
+        seed=seed, extra=outcome.extra, extra_masks=outcome.extra_masks, targets=list(outcome.targets),
     )

@@ -51,6 +51,8 @@ class PruningResult:
     extra: dict[str, Any] = field(default_factory=dict)
     #: masks of parameters beyond the reported weights (random_coarse: biases and BatchNorm terms)
     extra_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: the pruned weights as :class:`~de_plugin.targets.Target` objects (``layers`` is their display form)
+    targets: list[Any] = field(default_factory=list)
 
     def __repr__(self) -> str:  # the masks, model and history would print whole
         acc = "n/a" if self.accuracy is None else f"{self.accuracy:.4f}"

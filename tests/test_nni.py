@@ -10,6 +10,7 @@ from nni.compression.pruning import AGPPruner, L1NormPruner, LevelPruner
 from nni.compression.quantization import QATQuantizer
 from torch import nn
 
+import de_plugin
 import de_plugin_nni
 from conftest import nni_evaluator, same_state, state_of
 
@@ -181,8 +182,14 @@ def test_speedup_output_equal_on_residual_bn_branch_model(digits):
 
 def test_names_create_builtins_and_schedulers(mlp, evaluator_for):
     assert {"de_layerwise", "random_coarse", "de_channel", "level", "l1norm", "l2norm", "fpgm", "slim", "taylor", "movement", "linear",
-            "agp"} == set(de_plugin_nni.list_pruners())
+            "agp", "lamp", "erk", "global_magnitude", "uniform_magnitude"} == set(de_plugin_nni.list_pruners())
     cfg = [{"op_types": ["Linear"], "sparse_ratio": 0.5}]
+    # a core baseline from the registry, run by NNI like de_layerwise: the same allocation as the core's
+    m = copy.deepcopy(mlp)
+    _, masks = de_plugin_nni.create_pruner("lamp", m, cfg, evaluator_for(m), rounds=1, finetune_epochs=0).compress()
+    core = de_plugin.prune(copy.deepcopy(mlp), "lamp", sparsity=0.5, rounds=1, finetune_epochs=0, progress=False)
+    assert {n: int(v["weight"].sum()) for n, v in masks.items()} == \
+        {n.rsplit(".", 1)[0]: int(v.sum()) for n, v in core.masks.items()}
     for name in ["level", "l1norm", "l2norm", "fpgm"]:
         p = de_plugin_nni.create_pruner(name, copy.deepcopy(mlp), cfg)
         _, masks = p.compress()
@@ -250,6 +257,9 @@ def test_config_structured_pruner_with_speedup(evaluator_for, digits):
         ({"pruner": "de_layerwise", "config_list": [{"op_types": ["Linear"], "sparse_ratio": 0.5}],
           "quantizer": {"name": "int4", "config_list": []}}, "unknown quantizer 'int4'"),
         ({"pruner": "nope", "config_list": [{"op_types": ["Linear"], "sparse_ratio": 0.5}]}, "Available NNI pruners"),
+        # a core baseline's options are its own (LAMP has no population), checked before any work
+        ({"pruner": "lamp", "options": {"population": 8}, "config_list": [{"op_types": ["Linear"], "sparse_ratio": 0.5}]},
+         "lamp.*population"),
     ],
 )
 def test_config_errors(mlp, evaluator_for, cfg, match):

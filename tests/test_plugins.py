@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 PLUGIN_SETUP = textwrap.dedent(
     """
     [build-system]
@@ -59,7 +61,48 @@ CHECK = textwrap.dedent(
 )
 
 
-def test_installed_plugin_is_listed_and_used(tmp_path):
+# the plugin's pruner selected by name in an NNI config_list run, with an NNI TorchEvaluator
+CHECK_NNI = textwrap.dedent(
+    """
+    import json, nni, torch, torch.nn.functional as F
+    from nni.compression import TorchEvaluator
+    from sklearn.datasets import load_digits
+    from torch import nn
+    import de_plugin_nni
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+        for i in range(0, 1200, 64):
+            optimizers.zero_grad()
+            training_step((x[i:i + 64], y[i:i + 64]), model).backward()
+            optimizers.step()
+
+    def evaluate(model):
+        with torch.no_grad():
+            return float((model(x[1200:]).argmax(1) == y[1200:]).float().mean())
+
+    ev = TorchEvaluator(training_func, nni.trace(torch.optim.Adam)(model.parameters(), lr=1e-2),
+                        lambda b, m: F.cross_entropy(m(b[0]), b[1]), evaluating_func=evaluate, dummy_input=x[:2])
+    pruner = de_plugin_nni.create_pruner("example_random", model, [{"op_types": ["Linear"], "sparse_ratio": 0.75}],
+                                         ev, rounds=2, finetune_epochs=1)
+    _, masks = pruner.compress()
+    kept = sum(int(m["weight"].sum()) for m in masks.values())
+    total = sum(m["weight"].numel() for m in masks.values())
+    pruner.unwrap_model()
+    zero = all(bool((model.get_submodule(n).weight[m["weight"] == 0] == 0).all()) for n, m in masks.items())
+    print(json.dumps({"names": de_plugin_nni.list_pruners(), "sparsity": 1 - kept / total, "layers": sorted(masks),
+                      "masked_zero": zero, "info": pruner.results[0].history[-1].get("from_plugin")}))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def plugin_env(tmp_path_factory):
+    """The example plugin built and installed with pip into its own folder; the environment that sees it."""
+    tmp_path = tmp_path_factory.mktemp("plugin")
     src = tmp_path / "src"
     src.mkdir()
     (src / "pyproject.toml").write_text(PLUGIN_SETUP)
@@ -70,7 +113,11 @@ def test_installed_plugin_is_listed_and_used(tmp_path):
          "--target", str(site), str(src)],
         check=True,
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_installed_plugin_is_listed_and_used(plugin_env):
+    env = plugin_env
     out = subprocess.run([sys.executable, "-c", CHECK], env=env, check=True, capture_output=True, text=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert "example_random" in res["pruners"] and "de_layerwise" in res["pruners"]
@@ -81,3 +128,15 @@ def test_installed_plugin_is_listed_and_used(tmp_path):
     clean = subprocess.run([sys.executable, "-c", "import de_plugin; print(de_plugin.list_pruners())"],
                            check=True, capture_output=True, text=True)
     assert "example_random" not in clean.stdout
+
+
+def test_installed_plugin_is_an_nni_pruner(plugin_env):
+    """NNI's names come from the core registry: the plugin's pruner runs from an NNI config_list."""
+    pytest.importorskip("nni")
+    out = subprocess.run([sys.executable, "-c", CHECK_NNI], env=plugin_env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "example_random" in res["names"] and "level" in res["names"] and "lamp" in res["names"]
+    assert res["layers"] == ["0", "2"]
+    assert abs(res["sparsity"] - 0.75) < 1e-3
+    assert res["masked_zero"] and res["info"] is True

@@ -31,12 +31,11 @@ from torch import nn
 
 from de_plugin.adapter import check_out_dir, count_macs, measure_latency, validate_options
 
-from .names import PRUNERS, SCHEDULERS, create_pruner, lookup
+from .names import PRUNERS, SCHEDULERS, core_weight_pruner, create_pruner, get_pruner_class, lookup
 from .quantize import QUANTIZERS, finetune, int8_storage, quantize
 from .tracing import speedup as run_speedup
 
 log = logging.getLogger("de_plugin_nni")
-FINE_GRAINED = {"de_layerwise", "level"}
 
 
 class QuantizerSection(BaseModel):
@@ -149,7 +148,7 @@ def precheck(cfg: CompressionConfig, model: nn.Module | None = None) -> None:
     """What can be checked without data or training, checked first: the pruner's name, our pruners'
     options and every config_list entry (against an untrained copy of the demo model when the
     config names one)."""
-    from de_plugin.adapter import ChannelOptions, CoarseOptions, LayerwiseOptions
+    from de_plugin.adapter import ChannelOptions, CoarseOptions
 
     from .entries import validated_entries
 
@@ -161,11 +160,11 @@ def precheck(cfg: CompressionConfig, model: nn.Module | None = None) -> None:
 
         model = create_model(cfg.model)
     opts = {k: v for k, v in cfg.options.items() if k not in ("seed", "progress", "train_data")}
-    if cfg.pruner == "de_layerwise":
-        validate_options(LayerwiseOptions, cfg.pruner, opts)
+    if core_weight_pruner(cfg.pruner):
+        validate_options(get_pruner_class(cfg.pruner).Options, cfg.pruner, opts)
         from .pruner import parse_config_list
 
-        parse_config_list(model, cfg.config_list)
+        parse_config_list(model, cfg.config_list, cfg.pruner)
     elif cfg.pruner == "random_coarse":
         validate_options(CoarseOptions, cfg.pruner, opts)
         from .coarse import parse_coarse_config
@@ -214,9 +213,10 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
     if test_evaluate is not None:
         report["test_accuracy_dense"] = test_evaluate(model)
     options = dict(cfg.options)
-    if cfg.pruner == "de_layerwise":
+    weights = core_weight_pruner(cfg.pruner)
+    if weights:
         options.setdefault("progress", True)
-    if cfg.pruner in ("random_coarse", "de_layerwise", "de_channel") and data is not None:  # adaptive BN's training batches
+    if (weights or cfg.pruner in ("random_coarse", "de_channel")) and data is not None:  # adaptive BN's training batches
         bs = cfg.train.batch_size
         options.setdefault("train_data", [(data.x_train[i:i + bs], data.y_train[i:i + bs])
                                           for i in range(0, min(len(data.y_train), 100 * bs), bs)])
@@ -243,7 +243,7 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
     if test_evaluate is not None:
         report["test_accuracy_pruned"] = test_evaluate(model)
     if cfg.speedup:
-        if cfg.pruner in FINE_GRAINED:
+        if cfg.pruner == "level" or weights:
             report["speedup"] = "skipped: weight-level masks leave every layer's shape as it is (no speedup)"
         else:
             dummy = evaluator.get_dummy_input() if evaluator is not None else None

@@ -1,4 +1,7 @@
-"""``DELayerwisePruner``: the core's ``de_layerwise`` as an NNI 3.0 ``Pruner``.
+"""``DELayerwisePruner``: the core's ``de_layerwise`` as an NNI 3.0 ``Pruner``, and every other
+core pruner that allocates per-layer weight counts (the baselines ``lamp``, ``erk``,
+``global_magnitude``, ``uniform_magnitude`` and third parties' :class:`IterativePruner` plugins)
+through :func:`weight_pruner`, a subclass per name.
 
 NNI's own arguments: ``(model, config_list, evaluator, existed_wrappers=None, **de_options)``.
 Each config_list entry selects layers as NNI does (``op_types``, ``op_names``,
@@ -18,7 +21,7 @@ Two ways it runs, like NNI's built-ins:
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Literal
+from typing import Any, ClassVar, Dict, List, Literal
 
 import torch
 from nni.compression.base.compressor import Pruner
@@ -29,12 +32,12 @@ from torch import nn
 
 from de_plugin.adapter import (
     Context,
-    LayerwiseOptions,
     RoundRunner,
     Target,
     check_batches,
     check_score,
     create_pruner,
+    get_pruner_class,
     masks_attached,
     prune,
     validate_options,
@@ -65,12 +68,12 @@ def _score_of(metric: Any) -> float:
     return check_score(metric)
 
 
-def parse_config_list(model: nn.Module, config_list: List[Dict]) -> List[Dict[str, Any]]:
+def parse_config_list(model: nn.Module, config_list: List[Dict], pruner: str = "de_layerwise") -> List[Dict[str, Any]]:
     """Validate ``config_list`` with NNI's own schema and return one group per entry.
 
     Raises ValueError in plain words before NNI wraps anything.
     """
-    configs = validated_entries(model, config_list, "de_layerwise", "{'op_types': ['Linear'], 'sparse_ratio': 0.9}",
+    configs = validated_entries(model, config_list, pruner, "{'op_types': ['Linear'], 'sparse_ratio': 0.9}",
                                 UNSUPPORTED)
     groups, owner = [], {}
     for i, cfg in enumerate(configs):
@@ -109,7 +112,11 @@ def sync_into_wrappers(pruner: Pruner) -> None:
 
 
 class DELayerwisePruner(Pruner):
-    """Differential-evolution layer-wise magnitude pruning for NNI (name ``de_layerwise``)."""
+    """Differential-evolution layer-wise magnitude pruning for NNI (name ``de_layerwise``); with another
+    ``core_name`` (see :func:`weight_pruner`), any core pruner that allocates per-layer keep-counts."""
+
+    #: the core pruner this NNI pruner runs (an :class:`IterativePruner` by its registered name)
+    core_name: ClassVar[str] = "de_layerwise"
 
     def __init__(self, model: nn.Module, config_list: List[Dict], evaluator: Evaluator | None = None,
                  existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, seed: int = 0,
@@ -118,8 +125,8 @@ class DELayerwisePruner(Pruner):
             raise TypeError(f"evaluator must be an NNI Evaluator (TorchEvaluator or LightningEvaluator), "
                             f"got {type(evaluator).__name__}")
         patch_lightning_evaluator()
-        self.options = validate_options(LayerwiseOptions, "de_layerwise", de_options)
-        self.groups = parse_config_list(model, config_list)
+        self.options = validate_options(get_pruner_class(self.core_name).Options, self.core_name, de_options)
+        self.groups = parse_config_list(model, config_list, self.core_name)
         self.seed, self.progress = int(seed), bool(progress)
         # a few training batches: BatchNorm models score candidates after re-estimating BN (adaptive BN)
         self.train_data = None if train_data is None else check_batches(train_data, "train_data", pairs=False)
@@ -134,7 +141,8 @@ class DELayerwisePruner(Pruner):
     # ------------------------------------------------------------------ helpers
     def _require_evaluator(self) -> Evaluator:
         if self.evaluator is None:
-            raise ValueError("de_layerwise needs an NNI evaluator (its evaluate() is the search's fitness)")
+            raise ValueError(f"{self.core_name} needs an NNI evaluator (its evaluate() scores the rounds, its "
+                             "train() fine-tunes)")
         return self.evaluator
 
     def _evaluate(self, _model: nn.Module | None = None) -> float:
@@ -163,10 +171,10 @@ class DELayerwisePruner(Pruner):
 
     # ------------------------------------------------------------------ single compress
     def _single_compress(self, max_steps: int | None, max_epochs: int | None) -> None:
-        """The whole de_layerwise loop on the unwrapped model, then masks into NNI's wrappers."""
+        """The core pruner's whole loop on the unwrapped model, then masks into NNI's wrappers."""
         evaluator = self._require_evaluator()
         if max_steps is not None or max_epochs is not None:
-            raise ValueError("de_layerwise fine-tunes per round (option finetune_epochs); call compress() "
+            raise ValueError(f"{self.core_name} fine-tunes per round (option finetune_epochs); call compress() "
                              "without max_steps/max_epochs, or schedule it with AGPPruner/LinearPruner")
         self.unwrap_model()
         evaluator.bind_model(self.bound_model)
@@ -180,14 +188,14 @@ class DELayerwisePruner(Pruner):
         try:
             for g in self.groups:
                 res = prune(
-                    self.bound_model, "de_layerwise", evaluate=self._evaluate, finetune=finetune,
+                    self.bound_model, self.core_name, evaluate=self._evaluate, finetune=finetune,
                     sparsity=g["sparse_ratio"], layers=g["layers"], layer_types=["Linear", "Conv1d", "Conv2d", "Conv3d"],
                     inplace=True, seed=self.seed, progress=self.progress, train_data=self.train_data,
                     **self._group_options(g),
                 )
                 self.results.append(res)
                 masks.update(res.masks)
-                held += [Target(*row["name"].rsplit(".", 1), row["type"], tuple(row["shape"])) for row in res.layers]
+                held += res.targets
         finally:
             evaluator.unbind_model()
             sync_into_wrappers(self)
@@ -228,7 +236,7 @@ class DELayerwisePruner(Pruner):
                    for n, s in zip(g["layers"], spaces)]
         ctx = Context(model=self.bound_model, targets=targets, evaluate=self._evaluate, finetune=None, sparsity=None,
                       max_accuracy_drop=None, seed=self.seed, progress=False, train_batches=self.train_data)
-        runner = RoundRunner(create_pruner("de_layerwise", **self._group_options(g)))
+        runner = RoundRunner(create_pruner(self.core_name, **self._group_options(g)))
         runner.start(ctx)
         self._runners[g_i] = runner
         return runner
@@ -266,6 +274,20 @@ class DELayerwisePruner(Pruner):
     def _fuse_postprocess(self, evaluator: Evaluator) -> None:
         for runner in self._runners.values():
             runner.pruner.close()
+
+
+_WEIGHT_PRUNERS: Dict[str, type] = {"de_layerwise": DELayerwisePruner}
+
+
+def weight_pruner(name: str) -> type:
+    """The NNI pruner class that runs core pruner ``name`` (an :class:`IterativePruner`: per-layer
+    keep-counts, magnitude inside each layer), made once per name."""
+    if name not in _WEIGHT_PRUNERS:
+        cls = type(f"NNIPruner_{name}", (DELayerwisePruner,), {
+            "core_name": name, "__module__": __name__,
+            "__doc__": f"The core pruner {name!r} for NNI: same config_list, compress() and schedules as de_layerwise."})
+        _WEIGHT_PRUNERS[name] = cls
+    return _WEIGHT_PRUNERS[name]
 
 
 def export_config_list(masks: Dict[str, Dict[str, torch.Tensor]]) -> List[Dict[str, Any]]:
