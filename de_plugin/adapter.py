@@ -49,10 +49,10 @@ from .result import PruningResult
 from .runner import IterativePruner, RoundRecord, RoundRunner
 from .slicing import kept_channels
 from .slicing import speedup as slice_channels
-from .targets import Target, masks_attached
+from .targets import Target, apply_masks, masks_attached
 
 __all__ = [
-    "prune", "PruningResult", "create_pruner", "list_pruners", "get_pruner_class", "IterativePruner", "Context", "RoundRunner", "RoundRecord", "Target", "masks_attached",
+    "prune", "PruningResult", "create_pruner", "list_pruners", "get_pruner_class", "IterativePruner", "Context", "RoundRunner", "RoundRecord", "Target", "masks_attached", "apply_masks",
     "Allocator", "KeepSpace", "DensitySpace", "GroupedSpace", "resolve_groups", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
     "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "check_batches", "validate_options",
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",

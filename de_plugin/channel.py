@@ -41,7 +41,7 @@ from .pruner import Context, Pruner
 from .result import Outcome
 from .selection import RetrainedMeasure, check_finalists
 from .slicing import speedup as slice_channels
-from .targets import Target
+from .targets import Target, apply_masks
 
 log = logging.getLogger("de_plugin")
 
@@ -202,11 +202,7 @@ class DEChannel(Pruner):
         scorer = ChannelScorer(model, self.space, self.cost, lambda m: 0.0, None, 1)
         masks = self.space.masks(scorer.candidate(q))
         small = copy.deepcopy(model)
-        modules = dict(small.named_modules())
-        with torch.no_grad():
-            for n, m in masks.items():
-                mod, _, pname = n.rpartition(".")
-                getattr(modules[mod], pname).mul_(m.to(getattr(modules[mod], pname).dtype))
+        apply_masks(small, masks)
         slice_channels(small, self.example, masks, self.space.groups)
         return small
 

@@ -34,7 +34,7 @@ from .progress import progress_bar
 from .pruner import Context, Pruner
 from .registry import get_metric
 from .result import Outcome
-from .targets import Target, masks_attached
+from .targets import Target, apply_masks, masks_attached
 
 log = logging.getLogger("de_plugin")
 Masks = dict[str, torch.Tensor]  # "module.param" -> bool mask shaped like the parameter
@@ -326,9 +326,7 @@ class InPlaceMasks:
         self.bn = BNState(model)
 
     def apply(self, masks: Masks) -> None:
-        with torch.no_grad():
-            for n, m in masks.items():
-                self.space.param(n).mul_(m.to(self.space.param(n).dtype))
+        apply_masks(self.model, masks)
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -497,9 +495,7 @@ def apply_and_retrain(model: nn.Module, space: CoarseSpace, masks: Masks, finetu
 
     Returns the score before retraining (when ``score`` is given).
     """
-    with torch.no_grad():
-        for n, m in masks.items():
-            space.param(n).mul_(m.to(space.param(n).dtype))
+    apply_masks(model, masks)
     if calib:
         recalibrate_bn(model, calib, options.bn_batches)
     before = score(model) if score is not None else None

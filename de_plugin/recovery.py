@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .allocation import masks_from_counts
-from .targets import Target, get_param, masks_attached
+from .targets import Target, apply_masks, get_param, masks_attached
 
 Recovery = Literal["none", "random", "splicing"]
 
@@ -113,9 +113,7 @@ def finetune_round(
     stats = {"recovered": 0.0, "spliced": 0.0}
     splicing = recovery == "splicing" and finetune is not None and epochs >= 2
     if not splicing:  # DNS keeps pruned values behind the mask so they can be spliced back
-        with torch.no_grad():
-            for t, w in zip(targets, weights):
-                w.mul_(masks[t.name].to(w.dtype))
+        apply_masks(model, masks)
     if finetune is None or epochs <= 0:
         return masks, stats
     rng = rng or np.random.default_rng(0)
@@ -136,9 +134,7 @@ def finetune_round(
             stats["spliced"] = float(splicer.spliced)
         weights = [get_param(model, t) for t in targets]
         masks = {t.name: m for t, m in zip(targets, masks_from_counts(weights, counts))}
-        with torch.no_grad():
-            for t, w in zip(targets, weights):
-                w.mul_(masks[t.name].to(w.dtype))
+        apply_masks(model, masks)
         epochs = 1
     torch.manual_seed(torch_seed + 1)
     with masks_attached(model, targets, masks):

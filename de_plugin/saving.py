@@ -19,6 +19,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .targets import apply_masks
+
 log = logging.getLogger("de_plugin")
 MODEL_FORMAT = "de_plugin.pruned/2"
 MASKS_FORMAT = "de_plugin.masks/1"
@@ -99,9 +101,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         warnings.warn(f"{path} holds masks only: they are applied to the weights this model has, which gives the "
                       "pruned model only if these are the dense weights the masks came from (save with "
                       "PruningResult.save() to keep the pruned weights)", stacklevel=2)
-        params = dict(model.named_parameters())
-        for name, m in payload["masks"].items():
-            params[name].mul_(m.to(params[name].device, params[name].dtype))
+        apply_masks(model, payload["masks"])
     return model
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .coupling import ChannelGroup, channel_groups
+from .targets import apply_masks
 
 log = logging.getLogger("de_plugin")
 
@@ -165,12 +166,7 @@ def speedup(model: nn.Module, example_input: Any, masks: Mapping[str, Any],
         removed.append({"layers": g.producers, "channels": g.channels, "kept": int(keep.sum())})
     before = sum(p.numel() for p in model.parameters())
     # masks first (zeros of kernels inside kept channels), then the slicing
-    with torch.no_grad():
-        for name, m in flat.items():
-            mod, _, pname = name.rpartition(".")
-            t = getattr(modules[mod], pname, None)
-            if isinstance(t, torch.Tensor) and t.shape == m.shape:
-                t.mul_(m.to(t.dtype))
+    apply_masks(model, flat, strict=False)
     for name in set(plan.out) | set(plan.inp):
         _shrink_module(modules[name], plan.out.get(name), plan.inp.get(name))
     for (name, dim), keep in plan.params.items():

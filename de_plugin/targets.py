@@ -119,6 +119,30 @@ def get_param(model: nn.Module, t: Target) -> torch.Tensor:
     return orig if isinstance(orig, nn.Parameter) else getattr(mod, t.param_name)
 
 
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Zero the masked entries of ``model``'s tensors in place: the one place masks meet weights.
+
+    ``masks`` maps a tensor's dotted name (``"features.0.weight"``) to a 0/1 or bool tensor of its shape;
+    while a mask container is attached the live ``<name>_orig`` is masked (as :func:`get_param` reads it).
+    ``strict=False`` skips names the model lacks and shapes that differ (masks of a model before a
+    speedup changed it); otherwise those raise ``KeyError`` / ``ValueError``.
+    """
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, m in masks.items():
+            mod_name, _, pname = name.rpartition(".")
+            mod = modules.get(mod_name)
+            orig = getattr(mod, pname + "_orig", None) if mod is not None else None
+            t = orig if isinstance(orig, nn.Parameter) else getattr(mod, pname, None)
+            if not isinstance(t, torch.Tensor) or t.shape != m.shape:
+                if not strict:
+                    continue
+                if not isinstance(t, torch.Tensor):
+                    raise KeyError(f"the model has no tensor {name!r} to apply a mask to")
+                raise ValueError(f"mask of {name!r} has shape {tuple(m.shape)}, the tensor {tuple(t.shape)}")
+            t.mul_(m.to(t.device, t.dtype))
+
+
 def layer_sparsity(masks: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: 1.0 - float(m.sum()) / m.numel() for k, m in masks.items()}
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from de_plugin.targets import attach_masks, detach_masks, find_targets, masks_attached
+from de_plugin.targets import apply_masks, attach_masks, detach_masks, find_targets, masks_attached
 
 
 class Net(nn.Module):
@@ -78,3 +78,32 @@ def test_straight_through_gives_gradient_to_masked_weights():
     lin.weight_orig.grad = None
     lin(torch.ones(1, 4)).sum().backward()
     assert torch.all(lin.weight_orig.grad[~mask] == 0)
+
+
+def test_apply_masks_zeroes_exactly_the_masked_entries():
+    torch.manual_seed(0)
+    m = Net()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    masks = {"fc.weight": torch.rand(3, 6) > 0.5, "lstm.weight_hh_l0": torch.rand(24, 6) > 0.5}
+    apply_masks(m, masks)
+    for name, p in m.named_parameters():
+        mask = masks.get(name)
+        expected = before[name] if mask is None else before[name] * mask
+        assert torch.equal(p.detach(), expected), name
+    # while a mask container is attached, the live weight (fc.weight_orig) is what gets masked
+    targets = [t for t in find_targets(m) if t.name == "head.weight"]
+    keep = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    with masks_attached(m, targets, {"head.weight": torch.ones(2, 3)}):
+        apply_masks(m, {"head.weight": keep})
+    assert torch.equal(m.head.weight.detach() == 0, keep == 0)
+
+
+def test_apply_masks_refuses_unknown_names_and_shapes_unless_told():
+    m = Net()
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(KeyError, match="no tensor 'fc.wieght'"):
+        apply_masks(m, {"fc.wieght": torch.ones(3, 6)})
+    with pytest.raises(ValueError, match=r"shape \(6, 3\), the tensor \(3, 6\)"):
+        apply_masks(m, {"fc.weight": torch.zeros(6, 3)})
+    apply_masks(m, {"fc.wieght": torch.zeros(3, 6), "fc.weight": torch.zeros(6, 3)}, strict=False)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in state.items())

@@ -29,7 +29,7 @@ from neural_compressor.common.utils import Mode
 from neural_compressor.torch.utils import utility as inc_utility
 from torch import nn
 
-from de_plugin.adapter import PatternScorer, check_fits, check_score, parse_pattern, pattern_mask
+from de_plugin.adapter import PatternScorer, apply_masks, check_fits, check_score, parse_pattern, pattern_mask
 
 from .config3 import PruningConfig
 from .search import de_settings, search_targets
@@ -115,7 +115,7 @@ def prune_model(model: nn.Module, config: DELayerwiseConfig) -> Dict[str, torch.
     targets = search_targets(scorer, modules, float(config.target_sparsity), config.de_options,
                              min(config.max_sparsity_ratio_per_op, p.max_sparsity), config.min_sparsity_ratio_per_op)
     masks = {n: pattern_mask(m.weight, targets[n], p) for n, m in modules.items()}
-    apply_masks(modules, masks)
+    apply_masks(model, weight_masks(masks))
     if config.finetune_fn is not None:
         hooks = [m.weight.register_hook(lambda g, k=masks[n]: g * k.to(g.dtype)) for n, m in modules.items()]
         try:
@@ -123,7 +123,7 @@ def prune_model(model: nn.Module, config: DELayerwiseConfig) -> Dict[str, torch.
         finally:
             for h in hooks:
                 h.remove()
-        apply_masks(modules, masks)  # weight decay and momentum move masked weights; zero them again
+        apply_masks(model, weight_masks(masks))  # weight decay and momentum move masked weights; zero them again
     kept = sum(int(k.sum()) for k in masks.values())
     total = sum(k.numel() for k in masks.values())
     model.de_plugin_report = {"pattern": str(p), "sparsity": 1.0 - kept / total,
@@ -132,10 +132,9 @@ def prune_model(model: nn.Module, config: DELayerwiseConfig) -> Dict[str, torch.
     return masks
 
 
-def apply_masks(modules: Dict[str, nn.Module], masks: Dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for n, m in modules.items():
-            m.weight.mul_(masks[n].to(m.weight.dtype))
+def weight_masks(masks: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Keep-masks by module name (INC's keys) as masks of each module's weight (the core's keys)."""
+    return {f"{n}.weight": m for n, m in masks.items()}
 
 
 def de_layerwise_entry(model: nn.Module, configs_mapping, mode: Mode = Mode.QUANTIZE, *args, **kwargs) -> nn.Module:

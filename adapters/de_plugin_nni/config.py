@@ -29,10 +29,11 @@ from nni.compression import TorchEvaluator
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from de_plugin.adapter import check_out_dir, count_macs, measure_latency, validate_options
+from de_plugin.adapter import apply_masks, check_out_dir, count_macs, measure_latency, validate_options
 
 from .names import PRUNERS, SCHEDULERS, core_weight_pruner, create_pruner, get_pruner_class, lookup
 from .quantize import QUANTIZERS, finetune, int8_storage, quantize
+from .tracing import flat_masks
 from .tracing import speedup as run_speedup
 
 log = logging.getLogger("de_plugin_nni")
@@ -229,12 +230,7 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
         _, masks = pruner.compress()
     pruner.unwrap_model()
     masks = {k: dict(v) for k, v in masks.items()}
-    with torch.no_grad():  # masks into the weights: what NNI's wrappers applied in forward
-        for name, t in masks.items():
-            mod = model.get_submodule(name)
-            for target, m in t.items():
-                if m is not None and getattr(mod, target, None) is not None:
-                    getattr(mod, target).mul_(m)
+    apply_masks(model, flat_masks(masks), strict=False)  # into the weights: what NNI's wrappers applied in forward
     report["layers"] = _layer_table(masks)
     total = sum(r["params"] for r in report["layers"])
     report["sparsity"] = 1.0 - sum(r["kept"] for r in report["layers"]) / total

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from de_plugin.adapter import channel_groups, kept_channels, slice_channels
+from de_plugin.adapter import apply_masks, channel_groups, kept_channels, slice_channels
 
 log = logging.getLogger("de_plugin_nni")
 _PATCHED = False
@@ -170,6 +170,12 @@ def _auto(model: nn.Module, dummy_input: Any, masks: dict, **kwargs: Any) -> Non
     log.info("speedup: NNI's ModelSpeedup (outputs equal to the masked model's)")
 
 
+def flat_masks(masks: dict) -> dict:
+    """NNI's ``{module: {target: mask}}`` as the core's ``{"module.target": mask}`` (None masks dropped)."""
+    return {f"{name}.{target}": m for name, targets in masks.items() for target, m in targets.items()
+            if isinstance(m, torch.Tensor)}
+
+
 def masked_copy(model: nn.Module, masks: dict, dummy_input: Any = None) -> nn.Module:
     """A copy of ``model`` in eval mode with every masked tensor multiplied by its mask: what a
     speedup must compute (NNI's built-ins leave the values behind their masks after unwrapping).
@@ -182,13 +188,9 @@ def masked_copy(model: nn.Module, masks: dict, dummy_input: Any = None) -> nn.Mo
     """
     ref = copy.deepcopy(model).eval()
     modules = dict(ref.named_modules())
-    with torch.no_grad():
-        for name, params in masks.items():
-            for pname, m in params.items():
-                t = getattr(modules.get(name), pname, None)
-                if isinstance(t, torch.Tensor) and isinstance(m, torch.Tensor) and t.shape == m.shape:
-                    t.mul_(m.to(t.dtype))
-        if dummy_input is not None:
+    apply_masks(ref, flat_masks(masks), strict=False)
+    if dummy_input is not None:
+        with torch.no_grad():
             _zero_removed_batchnorms(ref, modules, masks, dummy_input)
     return ref
 
