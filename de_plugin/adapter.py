@@ -12,8 +12,8 @@ hook) only, its own framework, and never another adapter.
   weight-mask wrapper.
 * Rounds driven by the framework's schedule: :class:`Context` + :class:`RoundRunner` over a pruner
   from :func:`create_pruner` (``runner.start(ctx)``, ``runner.step(target_sparsity=...)``).
-* One allocation with the framework's own masks: :class:`Allocator` over a :class:`Scorer` of the
-  adapter's, on a backend from :func:`make_backend`, in a :class:`KeepSpace` / :class:`DensitySpace`
+* One allocation with the framework's own masks: :func:`start_search` (the one search set-up: an
+  :class:`Allocator` and its solver, fresh or resumed) over a :class:`Scorer` of the adapter's, on a backend from :func:`make_backend`, in a :class:`KeepSpace` / :class:`DensitySpace`
   (seen through :class:`GroupedSpace` and :func:`resolve_groups` for a grouped search).
 * Coarse (channel / kernel) masks: :class:`CoarseSpace` + :func:`coarse_search`, then
   :func:`apply_and_retrain`; searched channel counts (``de_channel``) as a whole run through
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from . import allocation
 from .allocation import masks_from_counts
-from .allocator import Allocator, DensitySpace, KeepSpace, SearchOptions
+from .allocator import Allocator, DensitySpace, KeepSpace, SearchOptions, search_state, start_search
 from .channel import ChannelOptions
 from .coarse import (
     CoarseOptions,
@@ -53,7 +53,7 @@ from .targets import Target, apply_masks, masks_attached
 
 __all__ = [
     "prune", "PruningResult", "create_pruner", "list_pruners", "get_pruner_class", "IterativePruner", "Context", "RoundRunner", "RoundRecord", "Target", "masks_attached", "apply_masks",
-    "Allocator", "KeepSpace", "DensitySpace", "GroupedSpace", "resolve_groups", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
+    "Allocator", "start_search", "search_state", "KeepSpace", "DensitySpace", "GroupedSpace", "resolve_groups", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
     "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "check_batches", "validate_options",
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",
     "channel_groups", "slice_channels", "kept_channels", "check_out_dir", "ChannelOptions", "measure_latency", "BNState", "hookimpl", "lookup",

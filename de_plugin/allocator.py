@@ -384,3 +384,29 @@ class Allocator:
         return {"nfev": r.nfev, "nit": r.nit, "best_fun": r.fun, "best_violation": r.violation,
                 "message": r.message, "history": [h["best_fun"] for h in r.history],
                 "early_rejected": self.rejected, "skipped": self.skipped, "images_saved": self.images_saved}
+
+
+def start_search(backend: Backend, options: SearchOptions, rng: np.random.Generator, space: KeepSpace,
+                 seeds: Sequence[np.ndarray] | Callable[[Allocator], Sequence[np.ndarray]], maxfun: Optional[int], *,
+                 saved: Optional[dict[str, Any]] = None, progress: bool = False, deadline: Optional[float] = None,
+                 on_generation: Optional[Callable[[Allocator, DifferentialEvolution], None]] = None,
+                 ) -> tuple[Allocator, DifferentialEvolution]:
+    """The one search set-up of every pruner and adapter: an :class:`Allocator` on ``backend`` and its
+    solver, either fresh from ``seeds`` (a list, or a callable given the allocator, called only for a
+    fresh start: it may score candidates first) or as a checkpoint left it (``saved``: a
+    :func:`search_state` dict; ``rng`` is put back to where it stood when that solver was made)."""
+    search = Allocator(backend, options, rng, progress=progress, deadline=deadline, on_generation=on_generation)
+    if saved is not None:
+        search.load_state_dict(saved)
+        rng.bit_generator.state = saved["rng"]
+        return search, DifferentialEvolution.from_state(saved["solver"])
+    start = seeds(search) if callable(seeds) else seeds
+    return search, search.solver(space, list(start), maxfun)
+
+
+def search_state(search: Allocator, solver: DifferentialEvolution, rng_state: dict[str, Any],
+                 **extra: Any) -> dict[str, Any]:
+    """What a checkpoint keeps of a running search (plain data; :func:`start_search`'s ``saved``):
+    the solver, the allocator's cache and counters, the RNG as it stood once the solver existed, and
+    the caller's ``extra``."""
+    return {"solver": solver.state_dict(), **search.state_dict(), "rng": rng_state, **extra}

@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from . import checkpoint as ckpt
-from .allocator import Allocator, SearchOptions, population_for
+from .allocator import Allocator, SearchOptions, population_for, search_state, start_search
 from .channel_cost import ChannelCost, ChannelSpace
 from .coarse import (CoarseOptions, CoarseScorer, CoarseSpace, apply_and_retrain, calibration_batches, capture_input,
                      count_macs)
@@ -291,17 +291,12 @@ class DEChannel(Pruner):
                 calib: Optional[list]) -> tuple[np.ndarray, float, dict[str, Any]]:
         space = ChannelSpace(self.cost, o.measure, np.minimum(self.min_q, q_now), q_now, o.max_group_ratio)
         with backend_round(self.backend) as scorer:
-            search = Allocator(self.backend, o, self.rng, progress=ctx.progress, on_generation=self._saver())
             saved, self._saved_search = self._saved_search, None
             # the seeds start the population, and are finalists too: a resumed search without finalists skips them
             seeds = self._seeds(space, scorer, q_now, budget) if saved is None or o.finalists else []
-            if saved is not None:
-                search.load_state_dict(saved)
-                self.rng.bit_generator.state = saved["rng"]
-                solver = DifferentialEvolution.from_state(saved["solver"])
-            else:
-                maxfun = None if o.max_evals is None else max(1, o.max_evals // o.rounds)
-                solver = search.solver(space, seeds, maxfun)
+            maxfun = None if o.max_evals is None else max(1, o.max_evals // o.rounds)
+            search, solver = start_search(self.backend, o, self.rng, space, seeds, maxfun, saved=saved,
+                                          progress=ctx.progress, on_generation=self._saver())
             self._search_rng = self.rng.bit_generator.state
             short = self._short_finetune(ctx, o, i, calib) if o.finalists else None
             best = search.maximise(solver, space, budget, f"{self.name} round {i}", rescore=short, top=o.finalists,
@@ -344,8 +339,8 @@ class DEChannel(Pruner):
     def _saver(self):
         def save(search: Allocator, solver: DifferentialEvolution) -> None:
             if self.options.checkpoint:
-                ckpt.save(self.options.checkpoint, {**self._snapshot, "search": {
-                    "solver": solver.state_dict(), **search.state_dict(), "rng": self._search_rng}})
+                ckpt.save(self.options.checkpoint, {**self._snapshot,
+                                                    "search": search_state(search, solver, self._search_rng)})
         return save
 
     def _best_random(self, q: np.ndarray) -> tuple[dict[str, torch.Tensor], float, list[float]]:

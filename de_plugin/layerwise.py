@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from . import allocation
-from .allocator import Allocator, KeepSpace, SearchOptions, StdSpace, population_for
+from .allocator import Allocator, KeepSpace, SearchOptions, StdSpace, population_for, search_state, start_search
 from .de import DifferentialEvolution
 from .evaluation import MagnitudeScorer, backend_round, batch_norms, check_device, low_memory_for, make_backend
 from .grouping import NAMED, GroupedSpace, resolve_groups, search_dim
@@ -343,17 +343,16 @@ class DELayerwise(IterativePruner):
             self._ranks = (round_index, scorer.rank)  # the round's weights, sorted once, shared by seeds and masks
             space = magnitude_space(scorer, state, self.options, self.groups)
             saved = self.checkpointer.resumed(round_index) if self.checkpointer is not None else None
-            search = Allocator(self.backend, self.options, self.rng, progress=self.ctx.progress,
-                               deadline=self.deadline, on_generation=self._saver(round_index))
             if saved is not None:
-                search.load_state_dict(saved)
                 self.sensitivity = saved["sensitivity"]
-                self.rng.bit_generator.state = saved["rng"]
-                solver = DifferentialEvolution.from_state(saved["solver"])
-            else:
-                if self.scan_units and not self.sensitivity:
+
+            def seeds(search: Allocator) -> list:
+                if self.scan_units and not self.sensitivity:  # the first round's sensitivity scan, then its seeds
                     self._scan(search, space, state)
-                solver = search.solver(space, make_seeds(search, space), self.evals_per_round)
+                return make_seeds(search, space)
+            search, solver = start_search(self.backend, self.options, self.rng, space, seeds, self.evals_per_round,
+                                          saved=saved, progress=self.ctx.progress, deadline=self.deadline,
+                                          on_generation=self._saver(round_index))
             self._search_rng = self.rng.bit_generator.state  # as it stands once the solver exists
             best = run(search, solver, space)
             score = search.rescored.get(tuple(int(c) for c in best))
@@ -366,8 +365,7 @@ class DELayerwise(IterativePruner):
     def _saver(self, round_index: int):
         def save(search: Allocator, solver: DifferentialEvolution) -> None:
             if self.checkpointer is not None:
-                self.checkpointer.save({"solver": solver.state_dict(), **search.state_dict(),
-                                        "rng": self._search_rng, "sensitivity": self.sensitivity})
+                self.checkpointer.save(search_state(search, solver, self._search_rng, sensitivity=self.sensitivity))
         return save
 
     def allocate(self, state: State, keep: int, round_index: int) -> tuple[np.ndarray, dict[str, Any]]:

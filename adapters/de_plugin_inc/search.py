@@ -16,7 +16,6 @@ import numpy as np
 from torch import nn
 
 from de_plugin.adapter import (
-    Allocator,
     ChannelOptions,
     CoarseOptions,
     CoarseSpace,
@@ -34,6 +33,7 @@ from de_plugin.adapter import (
     make_backend,
     prune,
     resolve_groups,
+    start_search,
     validate_options,
 )
 
@@ -101,8 +101,8 @@ def search_targets(scorer, modules: Dict[str, nn.Module], target: float, de_opti
                 for rule in allocation.ALLOCATIONS.values():
                     seeds.append(space.fit(rule([w.detach() for w in scorer.saved], target) / numels, keep,
                                            is_density=True))
-            search = Allocator(backend, options, np.random.default_rng(s["seed"]), progress=True)  # a bar on a TTY
-            solver = search.solver(space, seeds, s["max_evals"])
+            search, solver = start_search(backend, options, np.random.default_rng(s["seed"]), space, seeds,
+                                          s["max_evals"], progress=True)  # a bar on a TTY
             best = search.maximise(solver, space, keep)
     finally:
         backend.close()
