@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from typing import Any, Literal, Optional
 
@@ -28,17 +27,17 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from . import checkpoint as ckpt
 from .allocator import Allocator, SearchOptions, population_for, search_state, start_search
 from .channel_cost import ChannelCost, ChannelSpace
 from .coarse import (CoarseOptions, CoarseScorer, CoarseSpace, apply_and_retrain, calibration_batches, capture_input,
-                     count_macs)
+                     count_macs, structured_outcome)
 from .de import DifferentialEvolution
 from .evaluation import backend_round, make_backend
 from .hookspecs import hookimpl
 from .latency import LatencyTable, measure as measure_latency
 from .pruner import Context, Pruner
 from .result import Outcome
+from .runner import Checkpointer, RoundLoop, RoundRecord
 from .selection import RetrainedMeasure, check_finalists
 from .slicing import speedup as slice_channels
 from .targets import Target, apply_masks
@@ -133,6 +132,9 @@ class ChannelScorer(CoarseScorer):
 class DEChannel(Pruner):
     """DE over per-group channel counts under a MACs / parameter budget (``de_channel``)."""
 
+    #: set by the round loop: mid-round saving and resuming of a search; fitness evaluations so far
+    checkpointer: Optional[Checkpointer] = None
+    nfev: int = 0
     name = "de_channel"
     Options = ChannelOptions
     goal = "ratios"
@@ -144,7 +146,26 @@ class DEChannel(Pruner):
             raise ValueError(f"finalists={o.finalists} re-ranks the search's best shapes after a short retraining, "
                              "which needs a `finetune` callable: pass finetune=, or leave finalists=0")
 
+    def runner(self) -> "ChannelRounds":
+        """The round loop to step yourself: ``start(ctx)``, ``step()`` until ``done``, ``finish()``, then
+        :meth:`close` (what :meth:`run` does)."""
+        return ChannelRounds(self, self.options.checkpoint, self.options.resume)
+
     def run(self, ctx: Context) -> Outcome:
+        try:
+            return self.runner().run(ctx)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the evaluation backend (workers); called however the run ends."""
+        backend, self.backend = getattr(self, "backend", None), None
+        if backend is not None:
+            backend.close()
+
+    def setup(self, ctx: Context) -> None:
+        """Before the first round: the coupled channel groups, their cost (and latency table), the reachable
+        budget, calibration batches and the evaluation backend; every check before any search."""
         o: ChannelOptions = self.options  # type: ignore[assignment]
         self.check_call(ctx.finetune, ctx.sparsity)
         model = ctx.model
@@ -169,10 +190,7 @@ class DEChannel(Pruner):
         scorer = ChannelScorer(model, space, cost, ctx.score, calib, o.bn_batches)
         self.backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address,
                                     runtime_env=o.ray_runtime_env)
-        try:
-            return self._rounds(ctx, o, example, calib)
-        finally:
-            self.backend.close()
+        self.calib = calib
 
     def _latency_table(self, model: nn.Module, lo: np.ndarray) -> None:
         """Check that the model can be sliced, then time its layers (or read the cached table)."""
@@ -226,41 +244,15 @@ class DEChannel(Pruner):
         return best[0], best[1], [t[1] for t in tries]
 
     # ------------------------------------------------------------------ rounds
-    def _rounds(self, ctx: Context, o: ChannelOptions, example: Any, calib: Optional[list]) -> Outcome:
-        fp = ckpt.fingerprint(self.name, ctx, o.model_dump())
-        saved = ckpt.load(o.checkpoint, fp) if o.resume and o.checkpoint and os.path.exists(o.checkpoint) else None
-        self.rng = np.random.default_rng(ctx.seed)
-        if saved is None:
-            reference = ctx.score()
-            st = {"round": 0, "q": self.cost.size.copy(), "history": [], "nfev": 0, "reference": reference}
-        else:
-            ctx.model.load_state_dict(saved["model"])
-            st = saved["state"]
-            self.rng.bit_generator.state = saved["rng"]
-            log.info("%s: resuming from %s at round %d", self.name, o.checkpoint, st["round"])
-        dense = self.cost.dense(o.measure)
-        plan = [dense * o.budget ** ((i + 1) / o.rounds) for i in range(o.rounds)]
-        self._saved_search = saved.get("search") if saved is not None else None
-        while st["round"] < o.rounds:
-            self._snapshot = {"fingerprint": fp, "state": st, "rng": self.rng.bit_generator.state,
-                              "model": {k: v.detach().cpu().clone() for k, v in ctx.model.state_dict().items()}}
-            if o.checkpoint:
-                ckpt.save(o.checkpoint, self._snapshot)
-            st["history"].append(self._round(ctx, o, st, plan[st["round"]], calib))
-            st["q"] = np.array(st["history"][-1]["q"], dtype=np.int64)
-            st["round"] += 1
-        if o.checkpoint:
-            ckpt.save(o.checkpoint, {"fingerprint": fp, "state": st, "rng": self.rng.bit_generator.state,
-                                     "model": {k: v.detach().cpu().clone() for k, v in ctx.model.state_dict().items()}})
-        return self._outcome(ctx, st, example)
-
-    def _round(self, ctx: Context, o: ChannelOptions, st: dict[str, Any], budget: float,
-               calib: Optional[list]) -> dict[str, Any]:
-        i = st["round"]
+    def round(self, ctx: Context, i: int, budget: float, q_now: np.ndarray) -> dict[str, Any]:
+        """Round ``i``: search channel counts within ``budget`` (absolute cost) from the current ``q_now``, prune
+        to them (L1 channels), retrain; the round's record."""
+        o: ChannelOptions = self.options  # type: ignore[assignment]
+        calib = self.calib
         t0 = time.perf_counter()
-        q, score, de = self._search(ctx, o, st["q"], budget, i, calib)
+        q, score, de = self._search(ctx, o, q_now, budget, i, calib)
         if o.measure == "latency":
-            space = ChannelSpace(self.cost, o.measure, np.minimum(self.min_q, st["q"]), st["q"], o.max_group_ratio)
+            space = ChannelSpace(self.cost, o.measure, np.minimum(self.min_q, q_now), q_now, o.max_group_ratio)
             searched = q
             q, de["latency"], de["latency_measured"] = self._check_latency(ctx.model, q, budget / self.cost.dense(o.measure),
                                                                            space)
@@ -271,7 +263,7 @@ class DEChannel(Pruner):
         if o.channel_choice == "random" and i == o.rounds - 1:
             masks, score, de["random_scores"] = self._best_random(q)
         search_s = time.perf_counter() - t0
-        st["nfev"] += de["nfev"]
+        self.nfev += de["nfev"]
         apply_and_retrain(ctx.model, self.space, masks, ctx.finetune, _coarse(o), ctx.seed * 1000 + i, calib,
                           None, self.name)
         after = ctx.score()
@@ -291,7 +283,7 @@ class DEChannel(Pruner):
                 calib: Optional[list]) -> tuple[np.ndarray, float, dict[str, Any]]:
         space = ChannelSpace(self.cost, o.measure, np.minimum(self.min_q, q_now), q_now, o.max_group_ratio)
         with backend_round(self.backend) as scorer:
-            saved, self._saved_search = self._saved_search, None
+            saved = self.checkpointer.resumed(i) if self.checkpointer is not None else None
             # the seeds start the population, and are finalists too: a resumed search without finalists skips them
             seeds = self._seeds(space, scorer, q_now, budget) if saved is None or o.finalists else []
             maxfun = None if o.max_evals is None else max(1, o.max_evals // o.rounds)
@@ -338,9 +330,8 @@ class DEChannel(Pruner):
 
     def _saver(self):
         def save(search: Allocator, solver: DifferentialEvolution) -> None:
-            if self.options.checkpoint:
-                ckpt.save(self.options.checkpoint, {**self._snapshot,
-                                                    "search": search_state(search, solver, self._search_rng)})
+            if self.checkpointer is not None:
+                self.checkpointer.save(search_state(search, solver, self._search_rng))
         return save
 
     def _best_random(self, q: np.ndarray) -> tuple[dict[str, torch.Tensor], float, list[float]]:
@@ -353,26 +344,49 @@ class DEChannel(Pruner):
         return masks, float(scores[best]), [float(s) for s in scores]
 
     # ------------------------------------------------------------------ result
-    def _outcome(self, ctx: Context, st: dict[str, Any], example: Any) -> Outcome:
-        space, model = self.space, ctx.model
+    def outcome(self, ctx: Context, q: np.ndarray, history: list, reference: Optional[float]) -> Outcome:
+        """The run's outcome once the rounds reached ``q``: weight masks of the pruned layers, the channel
+        and bias masks beside them, MACs and parameters."""
+        space, model, example = self.space, ctx.model, self.example
         with backend_round(self.backend) as scorer:
-            masks = space.masks(scorer.candidate(st["q"]))  # the channels the rounds removed (zero norms now)
-        names = [t.name for t in ctx.targets if t.module_type in ("Conv2d", "Linear")]
-        names += [n for n in masks if n.endswith(".weight") and isinstance(space.modules[n[:-7]], (nn.Conv2d, nn.Linear))
-                  and n not in names]
-        weight_masks = {n: masks[n] if n in masks else torch.ones(space.param(n).shape, dtype=torch.bool) for n in names}
-        targets = [Target(*n.rpartition(".")[::2], type(space.modules[n[:-7]]).__name__, tuple(space.param(n).shape))
-                   for n in names]
+            masks = space.masks(scorer.candidate(q))  # the channels the rounds removed (zero norms now)
         macs = count_macs(model, example, masks)
         extra = {"measure": self.options.measure, "budget": self.options.budget,
                  "macs": macs["macs"], "macs_dense": macs["macs_dense"], "macs_kept": macs["macs"] / macs["macs_dense"],
                  "params": macs["params"], "params_dense": macs["params_dense"],
                  "params_kept": macs["params"] / macs["params_dense"], "layer_macs": macs["layer_macs"],
                  "groups": [{"layers": g.producers, "channels": g.channels, "kept": int(k)}
-                            for g, k in zip(space.groups, np.asarray(st["q"]) * self.cost.step)]}
-        return Outcome(masks=weight_masks, targets=targets, history=st["history"], nfev=st["nfev"],
-                       accuracy=st["history"][-1]["accuracy_after_finetune"], reference_accuracy=st["reference"],
-                       extra_masks=masks, extra=extra)
+                            for g, k in zip(space.groups, np.asarray(q) * self.cost.step)]}
+        return structured_outcome(ctx, space, masks, history, self.nfev, reference, extra)
+
+
+class ChannelRounds(RoundLoop):
+    """``de_channel``'s rounds through the shared loop (checkpoints, resume, ``step()``): the budget falls
+    geometrically to ``macs`` / ``params`` / ``latency`` over ``rounds`` steps; each step searches the
+    channel counts, prunes and retrains (:meth:`DEChannel.round`)."""
+
+    pruner: DEChannel
+
+    def _setup(self, ctx: Context) -> None:
+        self.pruner.setup(ctx)
+
+    def _new_loop(self) -> dict[str, Any]:
+        p = self.pruner
+        p.rng = self.rng  # the search draws from the loop's generator, so a checkpoint holds both
+        o: ChannelOptions = p.options  # type: ignore[assignment]
+        dense = p.cost.dense(o.measure)
+        return {"plan": [dense * o.budget ** ((i + 1) / o.rounds) for i in range(o.rounds)], "next": 0,
+                "q": [int(v) for v in p.cost.size], "reference": self.reference, "accuracy": self.reference}
+
+    def _step(self) -> RoundRecord:
+        i = self.loop["next"]
+        record = RoundRecord(self.pruner.round(self.ctx, i, self.loop["plan"][i], np.array(self.loop["q"], dtype=np.int64)))
+        self.loop.update(q=record["q"], accuracy=record["accuracy_after_finetune"], next=i + 1)
+        self._bar.update(1)
+        return record
+
+    def _outcome(self) -> Outcome:
+        return self.pruner.outcome(self.ctx, np.array(self.loop["q"], dtype=np.int64), self.history, self.reference)
 
 
 def channel_space(model: nn.Module, example: Any, targets: list[Target], o: ChannelOptions,

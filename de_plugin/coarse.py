@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Optional, Sequence
@@ -34,6 +35,7 @@ from .progress import progress_bar
 from .pruner import Context, Pruner
 from .registry import get_metric
 from .result import Outcome
+from .runner import RoundLoop, RoundRecord
 from .targets import Target, apply_masks, masks_attached
 
 log = logging.getLogger("de_plugin")
@@ -516,44 +518,61 @@ class RandomCoarse(Pruner):
     name = "random_coarse"
     Options = CoarseOptions
     goal = "ratios"
+    #: set by the round loop (one round here: nothing to resume within it); fitness evaluations
+    nfev: int = 0
+    checkpointer: Any = None
+
+    def runner(self) -> "CoarseRound":
+        """The (single-round) loop to step yourself, like every iterative pruner's."""
+        return CoarseRound(self)
 
     def run(self, ctx: Context) -> Outcome:
+        return self.runner().run(ctx)
+
+    def setup(self, ctx: Context) -> None:
+        """The model's input and dense score (one call of ``evaluate``), the coupled channel groups; every
+        check before the search."""
         o: CoarseOptions = self.options  # type: ignore[assignment]
-        model = ctx.model
-        example, reference = capture_input(model, lambda: ctx.score(model))
+        self.example, self.reference = capture_input(ctx.model, lambda: ctx.score(ctx.model))
         producers = [t.module_name for t in ctx.targets if t.module_type in ("Conv2d", "Linear")
                      and t.param_name == "weight"]
         if not any(t.module_type == "Conv2d" for t in ctx.targets) and not (o.linear_ratio > 0 or o.ratios):
             raise ValueError("random_coarse prunes Conv2d feature maps and kernels (and Linear hidden units with "
                              "linear_ratio > 0): the selection has no Conv2d layer (check `layers` / `layer_types` / "
                              "`exclude`)")
-        space = CoarseSpace(model, example, producers, o)
-        found = coarse_search(model, space, example, self._scorer(ctx, o), o, ctx.seed, train_batches=ctx.train_batches,
-                              val_batches=ctx.val_batches, progress=ctx.progress, desc=self.name)
-        masks, macs = found.masks, found.macs
-        before_ft = apply_and_retrain(model, space, masks, ctx.finetune, o, ctx.seed, found.calib, ctx.score, self.name)
+        self.space = CoarseSpace(ctx.model, self.example, producers, o)
+
+    def round(self, ctx: Context) -> dict[str, Any]:
+        """The one round: the best of ``candidates`` masks, applied, one retraining; its record."""
+        o: CoarseOptions = self.options  # type: ignore[assignment]
+        model, space, t0 = ctx.model, self.space, time.perf_counter()
+        self.found = found = coarse_search(model, space, self.example, self._scorer(ctx, o), o, ctx.seed,
+                                           train_batches=ctx.train_batches, val_batches=ctx.val_batches,
+                                           progress=ctx.progress, desc=self.name)
+        self.nfev = len(found.scores)
+        search_s = time.perf_counter() - t0
+        self.before_ft = apply_and_retrain(model, space, found.masks, ctx.finetune, o, ctx.seed, found.calib,
+                                           ctx.score, self.name)
         accuracy = ctx.score(model)
+        macs = found.macs
         log.info("%s: best of %d candidates val %.4f (reference %.4f), after retraining %.4f; MACs %.1f%% removed",
-                 self.name, len(found.scores), found.score, reference, accuracy,
+                 self.name, len(found.scores), found.score, self.reference, accuracy,
                  100 * (1 - macs["macs"] / macs["macs_dense"]))
-        # report every Conv2d/Linear weight the masks touch or the user selected (section 0: weights only)
-        names = [t.name for t in ctx.targets if t.module_type in ("Conv2d", "Linear")]
-        names += [n for n in masks if n.endswith(".weight") and isinstance(space.modules[n.rpartition(".")[0]],
-                                                                          (nn.Conv2d, nn.Linear)) and n not in names]
-        weight_masks = {n: masks[n] if n in masks else torch.ones(space.param(n).shape, dtype=torch.bool) for n in names}
-        targets = [Target(*n.rpartition(".")[::2], type(space.modules[n.rpartition(".")[0]]).__name__,
-                          tuple(space.param(n).shape)) for n in names]
+        return {"round": 0, "candidate_scores": found.scores, "val_accuracy_before_finetune": self.before_ft,
+                "accuracy_after_finetune": accuracy, "macs_removed": 1 - macs["macs"] / macs["macs_dense"],
+                "search_seconds": search_s, "finetune_seconds": time.perf_counter() - t0 - search_s}
+
+    def outcome(self, ctx: Context, history: list) -> Outcome:
+        """The masks of the one round, MACs and parameters, the candidates' scores."""
+        found, example, macs = self.found, self.example, self.found.macs
         extra = {
             "groups": found.groups, "candidate_scores": found.scores, "best_candidate_score": found.score,
-            "accuracy_before_retraining": before_ft, "adaptive_bn": found.calib is not None,
+            "accuracy_before_retraining": self.before_ft, "adaptive_bn": found.calib is not None,
             "macs": macs["macs"], "macs_dense": macs["macs_dense"], "macs_removed": 1 - macs["macs"] / macs["macs_dense"],
             "params": macs["params"], "params_dense": macs["params_dense"], "layer_macs": macs["layer_macs"],
             "example_input_shape": list(example.shape) if isinstance(example, torch.Tensor) else None,
         }
-        return Outcome(masks=weight_masks, targets=targets, history=[{"candidate": i, "score": v} for i, v in
-                                                                     enumerate(found.scores)],
-                       nfev=len(found.scores), accuracy=accuracy, reference_accuracy=reference, extra_masks=masks,
-                       extra=extra)
+        return structured_outcome(ctx, self.space, found.masks, history, len(found.scores), self.reference, extra)
 
     @staticmethod
     def _scorer(ctx: Context, o: CoarseOptions) -> Callable[[nn.Module], float]:
@@ -563,6 +582,46 @@ class RandomCoarse(Pruner):
             raise ValueError(f"score={o.score!r} computes the metric on validation batches: pass val_data=...")
         metric, batches = get_metric(o.score), DeviceBatches(ctx.val_batches)
         return lambda model: check_score(metric_on_batches(model, batches, metric))
+
+
+def structured_outcome(ctx: Context, space: CoarseSpace, masks: Masks, history: list, nfev: int,
+                       reference: Optional[float], extra: dict[str, Any]) -> Outcome:
+    """The outcome of a channel / kernel pruner (``random_coarse``, ``de_channel``): weight masks of every
+    Conv2d / Linear the masks touch or the user selected (what sparsity is counted over, docs/ALGORITHMS.md
+    section 0), every other mask (biases, BatchNorm terms) beside them."""
+    names = [t.name for t in ctx.targets if t.module_type in ("Conv2d", "Linear")]
+    names += [n for n in masks if n.endswith(".weight") and isinstance(space.modules[n.rpartition(".")[0]],
+                                                                      (nn.Conv2d, nn.Linear)) and n not in names]
+    weight_masks = {n: masks[n] if n in masks else torch.ones(space.param(n).shape, dtype=torch.bool) for n in names}
+    targets = [Target(*n.rpartition(".")[::2], type(space.modules[n.rpartition(".")[0]]).__name__,
+                      tuple(space.param(n).shape)) for n in names]
+    return Outcome(masks=weight_masks, targets=targets, history=history, nfev=nfev,
+                   accuracy=history[-1]["accuracy_after_finetune"], reference_accuracy=reference, extra_masks=masks,
+                   extra=extra)
+
+
+class CoarseRound(RoundLoop):
+    """``random_coarse``'s single round through the shared loop (``start`` / ``step`` / ``finish``)."""
+
+    pruner: RandomCoarse
+
+    def _setup(self, ctx: Context) -> None:
+        self.pruner.setup(ctx)
+
+    def _reference(self) -> Optional[float]:
+        return self.pruner.reference  # scored once, while the model's input was captured
+
+    def _new_loop(self) -> dict[str, Any]:
+        return {"plan": [None], "next": 0, "reference": self.reference, "accuracy": self.reference}
+
+    def _step(self) -> RoundRecord:
+        record = RoundRecord(self.pruner.round(self.ctx))
+        self.loop.update(next=1, accuracy=record["accuracy_after_finetune"])
+        self._bar.update(1)
+        return record
+
+    def _outcome(self) -> Outcome:
+        return self.pruner.outcome(self.ctx, self.history)
 
 
 class L1Filter(RandomCoarse):

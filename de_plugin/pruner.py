@@ -85,6 +85,14 @@ class Pruner:
         """Raise ``ValueError`` for options that need a callable or goal the call lacks (``prune`` calls it
         before any work; pruners whose adapters build the context themselves call it again from ``run``)."""
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The pruner's own state at a round boundary (RNGs, warm-start data), plain data; a round loop's
+        checkpoint holds it."""
+        return {}
+
+    def restore_checkpoint_state(self, data: dict[str, Any]) -> None:
+        """Inverse of :meth:`checkpoint_state`, called after the pruner's ``begin`` when resuming."""
+
     def run(self, ctx: Context) -> Outcome:  # pragma: no cover - abstract
         raise NotImplementedError
 

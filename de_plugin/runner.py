@@ -107,7 +107,7 @@ class Checkpointer:
     """The runner's side of mid-round saving, handed to the pruner: ``save(search_state)`` after a
     generation, ``resumed(round)`` the saved search state of that round (once)."""
 
-    def __init__(self, runner: "RoundRunner"):
+    def __init__(self, runner: "RoundLoop"):
         self._runner = runner
         self._resumed: Optional[tuple[int, dict[str, Any]]] = None
 
@@ -123,15 +123,18 @@ class Checkpointer:
         return None
 
 
-class RoundRunner:
-    """Drives an :class:`IterativePruner` one round at a time.
+class RoundLoop:
+    """What every iterative pruner's rounds share: ``start(ctx)``, ``step()`` until ``done``, ``finish()``;
+    the dense reference, the history, a checkpoint written at every round start (and by the pruner after
+    every search generation, through :class:`Checkpointer`) and ``resume``. Subclasses say what a round
+    is: :class:`RoundRunner` (per-layer keep-counts: ``de_layerwise``, the baselines, plugins) and
+    ``de_channel``'s channel rounds.
 
-    ``checkpoint``: a file the whole state is written to atomically at every round start (and by the
-    pruner after every search generation); ``resume=True`` continues from it, so a run killed at
-    any point ends with the masks an uninterrupted run gives.
+    ``checkpoint``: a file the whole state is written to atomically at every round start; ``resume=True``
+    continues from it, so a run killed at any point ends with the masks an uninterrupted run gives.
     """
 
-    def __init__(self, pruner: IterativePruner, checkpoint: Optional[str] = None, resume: bool = False):
+    def __init__(self, pruner: Pruner, checkpoint: Optional[str] = None, resume: bool = False):
         if resume and checkpoint is None:
             raise ValueError("resume=True needs checkpoint='path/to/search.ckpt' (the file to continue from)")
         self.pruner, self.checkpoint, self.resume = pruner, checkpoint, resume
@@ -139,38 +142,160 @@ class RoundRunner:
         self._snapshot: Optional[dict[str, Any]] = None
         self.history: list[dict[str, Any]] = []
 
+    # ------------------------------------------------------------------ what a subclass provides
+    def _setup(self, ctx: Context) -> None:
+        """Before anything is scored: the subclass's own state and every check that needs no evaluation."""
+
+    def _reference(self) -> Optional[float]:
+        """The dense model's score (not measured on resume: the checkpoint holds it)."""
+        return self.ctx.score() if self.ctx.evaluate is not None else None
+
+    def _begin(self) -> None:
+        """After the reference is known, before a resumed state is loaded (e.g. the pruner's ``begin``)."""
+
+    def _new_loop(self) -> dict[str, Any]:
+        """The loop's plain-data state: at least ``plan`` (the steps' goals) and ``next`` (the next step)."""
+        raise NotImplementedError
+
+    def _step(self) -> RoundRecord:
+        raise NotImplementedError
+
+    def _outcome(self) -> Outcome:
+        raise NotImplementedError
+
+    def _progress_total(self) -> tuple[Optional[int], int]:
+        """The progress bar's (total, done so far)."""
+        return len(self.loop["plan"]), self.loop["next"]
+
+    def _state(self) -> dict[str, Any]:
+        """The subclass's part of :meth:`state_dict`."""
+        return {}
+
+    def _load_state(self, data: dict[str, Any]) -> None:
+        """Inverse of :meth:`_state`."""
+
+    @property
+    def done(self) -> bool:
+        return self.loop["next"] >= len(self.loop["plan"])
+
     # ------------------------------------------------------------------ start
     def start(self, ctx: Context) -> None:
-        """Check the goal against the layer bounds, measure the reference (or resume), set up the pruner."""
+        """Check the goal, measure the reference (or resume), set up the pruner."""
         self.ctx, o = ctx, self.pruner.options
+        self._setup(ctx)
+        self._fingerprint = ckpt.fingerprint(self.pruner.name, ctx, o.model_dump())
+        saved = self._load()
+        self.reference = saved["loop"]["reference"] if saved is not None else self._reference()
+        if self.reference is not None:
+            log.info("%s: dense reference accuracy %.4f", self.pruner.name, self.reference)
+        self.pruner.nfev = 0
+        self.pruner.checkpointer = self.checkpointer
+        self._begin()
+        self.rng = np.random.default_rng(ctx.seed)
+        self.loop = self._new_loop()
+        if saved is not None:
+            self.load_state_dict(saved)
+            log.info("%s: resuming from %s at round %d", self.pruner.name, self.checkpoint, saved["round"])
+        total, so_far = self._progress_total()
+        self._bar = progress_bar(total=total, desc=f"{self.pruner.name} rounds", leave=True,
+                                 enabled=bool(ctx.progress) and total != 0)
+        self._bar.update(so_far)
+
+    def _load(self) -> Optional[dict[str, Any]]:
+        if not self.resume:
+            return None
+        if not os.path.exists(self.checkpoint):
+            log.info("no checkpoint at %s yet: starting a new search", self.checkpoint)
+            return None
+        return ckpt.load(self.checkpoint, self._fingerprint)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Where the run stands between rounds, as plain data (what a checkpoint holds)."""
+        return {
+            "fingerprint": self._fingerprint, "round": self.loop["next"], "history": copy.deepcopy(self.history),
+            "model": {k: v.detach().cpu().clone() for k, v in self.ctx.model.state_dict().items()},
+            "loop_rng": self.rng.bit_generator.state, "loop": dict(self.loop), "nfev": self.pruner.nfev,
+            "pruner": self.pruner.checkpoint_state(), **self._state(),
+        }
+
+    def load_state_dict(self, data: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict` (after :meth:`start` built the pruner)."""
+        self.ctx.model.load_state_dict(data["model"])
+        self._load_state(data)
+        self.history = data["history"]
+        self.rng.bit_generator.state = data["loop_rng"]
+        self.loop = dict(data["loop"])
+        self.pruner.nfev = data["nfev"]
+        self.pruner.restore_checkpoint_state(data["pruner"])
+        if "search" in data:
+            self.checkpointer._resumed = (data["round"], data["search"])
+
+    def _round_start(self) -> None:
+        """Remember (and save) where the run stands before the next round."""
+        self._snapshot = self.state_dict() if self.checkpoint is not None else None
+        if self._snapshot is not None:
+            ckpt.save(self.checkpoint, self._snapshot)
+
+    # ------------------------------------------------------------------ steps
+    def step(self) -> RoundRecord:
+        """One round of the run's own plan."""
+        if self.done:
+            raise RuntimeError("the run has finished: call finish()")
+        self._round_start()
+        record = self._step()
+        self.history.append(record)
+        return record
+
+    def finish(self) -> Outcome:
+        """The outcome; with a checkpoint, the finished state is saved so resuming returns it at once."""
+        self._bar.close()
+        if self.checkpoint is not None:
+            self._round_start()
+        return self._outcome()
+
+    def run(self, ctx: Context) -> Outcome:
+        """``start``, every step, ``finish``: the whole run (what :func:`de_plugin.prune` does)."""
+        self.start(ctx)
+        try:
+            while not self.done:
+                self.step()
+        except KeyboardInterrupt:
+            if self.checkpoint:
+                log.warning("interrupted: the search state is in %s; run again with resume=True to continue",
+                            self.checkpoint)
+            raise
+        return self.finish()
+
+
+class RoundRunner(RoundLoop):
+    """Drives an :class:`IterativePruner` one round at a time (per-layer keep-counts, magnitude masks,
+    fine-tuning with recovery) in the budget, accuracy or scheduled mode."""
+
+    pruner: "IterativePruner"
+
+    def _setup(self, ctx: Context) -> None:
+        o = self.pruner.options
         self.keep_values = o.recovery == "random" and o.recovery_init == "old"
         self.state = State(ctx, self.keep_values)
         self.mode = "budget" if ctx.sparsity is not None else "accuracy" if ctx.max_accuracy_drop is not None \
             else "scheduled"
         if self.mode == "budget":
             self._check_budget()
-        self._fingerprint = ckpt.fingerprint(self.pruner.name, ctx, o.model_dump())
-        saved = self._load()
-        self.reference = saved["loop"]["reference"] if saved is not None else (
-            ctx.score() if ctx.evaluate is not None else None)
-        if self.reference is not None:
-            log.info("%s: dense reference accuracy %.4f", self.pruner.name, self.reference)
+
+    def _begin(self) -> None:
         if self.mode == "accuracy" and self.reference > 1.0:
             raise ValueError(f"`evaluate` returned {self.reference} (above 1) while max_accuracy_drop="
-                             f"{ctx.max_accuracy_drop} is a fraction of accuracy (0.01 = 1 point): make `evaluate` "
+                             f"{self.ctx.max_accuracy_drop} is a fraction of accuracy (0.01 = 1 point): make `evaluate` "
                              f"return accuracy as a fraction (e.g. 0.88, not 88.0)")
-        self.pruner.nfev = 0
-        self.pruner.checkpointer = self.checkpointer
-        self.pruner.begin(ctx, self.reference)
-        self.rng = np.random.default_rng(ctx.seed)
-        self.loop = self._new_loop()
-        if saved is not None:
-            self.load_state_dict(saved)
-            log.info("%s: resuming from %s at round %d", self.pruner.name, self.checkpoint, saved["round"])
-        total = len(self.loop["plan"]) if self.mode == "budget" else o.rounds  # accuracy form: None unless set
-        self._bar = progress_bar(total=total, desc=f"{self.pruner.name} rounds", leave=True,
-                                 enabled=bool(ctx.progress) and self.mode != "scheduled")
-        self._bar.update(self.loop["next"] if self.mode == "budget" else self.loop["accepted"])
+        self.pruner.begin(self.ctx, self.reference)
+
+    def _progress_total(self) -> tuple[Optional[int], int]:
+        if self.mode == "scheduled":
+            return 0, 0
+        if self.mode == "budget":
+            return len(self.loop["plan"]), self.loop["next"]
+        return self.pruner.options.rounds, self.loop["accepted"]  # accuracy form: None unless set
 
     def _check_budget(self) -> None:
         """Everything wrong with a sparsity goal that needs no evaluation, raised first."""
@@ -194,45 +319,14 @@ class RoundRunner:
         return {"plan": plan, "next": 0, "accepted": 0, "caution": 0, "reference": self.reference,
                 "accuracy": self.reference}
 
-    def _load(self) -> Optional[dict[str, Any]]:
-        if not self.resume:
-            return None
-        if not os.path.exists(self.checkpoint):
-            log.info("no checkpoint at %s yet: starting a new search", self.checkpoint)
-            return None
-        return ckpt.load(self.checkpoint, self._fingerprint)
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """Where the run stands between rounds, as plain data (what a checkpoint holds)."""
+    def _state(self) -> dict[str, Any]:
         s = self.state
-        return {
-            "fingerprint": self._fingerprint, "round": self.loop["next"], "history": copy.deepcopy(self.history),
-            "model": {k: v.detach().cpu().clone() for k, v in self.ctx.model.state_dict().items()},
-            "counts": s.counts.copy(), "masks": {k: v.cpu().clone() for k, v in s.masks.items()},
-            "last_values": {k: v.cpu().clone() for k, v in s.last_values.items()},
-            "loop_rng": self.rng.bit_generator.state, "loop": dict(self.loop), "nfev": self.pruner.nfev,
-            "pruner": self.pruner.checkpoint_state(),
-        }
+        return {"counts": s.counts.copy(), "masks": {k: v.cpu().clone() for k, v in s.masks.items()},
+                "last_values": {k: v.cpu().clone() for k, v in s.last_values.items()}}
 
-    def load_state_dict(self, data: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict` (after :meth:`start` built the pruner)."""
-        self.ctx.model.load_state_dict(data["model"])
+    def _load_state(self, data: dict[str, Any]) -> None:
         self.state.counts, self.state.masks = data["counts"].copy(), dict(data["masks"])
         self.state.last_values = dict(data["last_values"])
-        self.history = data["history"]
-        self.rng.bit_generator.state = data["loop_rng"]
-        self.loop = dict(data["loop"])
-        self.pruner.nfev = data["nfev"]
-        self.pruner.restore_checkpoint_state(data["pruner"])
-        if "search" in data:
-            self.checkpointer._resumed = (data["round"], data["search"])
-
-    def _round_start(self) -> None:
-        """Remember (and save) where the run stands before the next round."""
-        self._snapshot = self.state_dict() if self.checkpoint is not None else None
-        if self._snapshot is not None:
-            ckpt.save(self.checkpoint, self._snapshot)
 
     # ------------------------------------------------------------------ steps
     @property
@@ -258,12 +352,10 @@ class RoundRunner:
         if self.mode == "scheduled":
             raise ValueError("this run has no goal of its own (no sparsity / max_accuracy_drop): "
                              "call step(target_sparsity=...)")
-        if self.done:
-            raise RuntimeError("the run has finished: call finish()")
-        self._round_start()
-        record = self._budget_step() if self.mode == "budget" else self._accuracy_step()
-        self.history.append(record)
-        return record
+        return super().step()
+
+    def _step(self) -> RoundRecord:
+        return self._budget_step() if self.mode == "budget" else self._accuracy_step()
 
     def _budget_step(self) -> RoundRecord:
         o, state, loop = self.pruner.options, self.state, self.loop
@@ -342,29 +434,11 @@ class RoundRunner:
                  record["sparsity"], "n/a" if acc is None else f"{acc:.4f}")
         return record
 
-    # ------------------------------------------------------------------ finish
-    def finish(self) -> Outcome:
-        """The outcome; with a checkpoint, the finished state is saved so resuming returns it at once."""
-        self._bar.close()
-        if self.checkpoint is not None:
-            self._round_start()
+    def _outcome(self) -> Outcome:
         placement = getattr(getattr(self.pruner, "backend", None), "placement", None)
         return Outcome(masks=self.state.masks, targets=list(self.ctx.targets), history=self.history,
                        nfev=self.pruner.nfev, accuracy=self.loop["accuracy"], reference_accuracy=self.reference,
                        extra={"ray_workers": placement} if placement else {})
-
-    def run(self, ctx: Context) -> Outcome:
-        """``start``, every step, ``finish``: the whole run (what :func:`de_plugin.prune` does)."""
-        self.start(ctx)
-        try:
-            while not self.done:
-                self.step()
-        except KeyboardInterrupt:
-            if self.checkpoint:
-                log.warning("interrupted: the search state is in %s; run again with resume=True to continue",
-                            self.checkpoint)
-            raise
-        return self.finish()
 
 
 BUDGET_ROUNDS = 3  # budget form, rounds=None
@@ -431,13 +505,6 @@ class IterativePruner(Pruner):
 
     def begin(self, ctx: Context, reference: Optional[float]) -> None:
         """Called once before the first round (e.g. to set up the search)."""
-
-    def checkpoint_state(self) -> dict[str, Any]:
-        """The pruner's own state at a round boundary (RNGs, warm-start data), plain data."""
-        return {}
-
-    def restore_checkpoint_state(self, data: dict[str, Any]) -> None:
-        """Inverse of :meth:`checkpoint_state`, called after :meth:`begin` when resuming."""
 
     def magnitude_ranks(self, round_index: int) -> Optional[list]:
         """The targets' magnitude ranks for this round's weights if the pruner built them (its

@@ -106,6 +106,34 @@ def test_a_killed_run_resumes_to_the_same_masks(resnet, images, ft, tmp_path):
     assert all(torch.equal(a.extra_masks[k], c.extra_masks[k]) for k in a.extra_masks)
 
 
+def test_de_channel_is_stepped_like_the_round_runner(resnet, images, ft):
+    """The user owns the loop (``runner.start / step / finish``), as with de_layerwise: the same rounds and
+    masks as ``prune``; a finished run refuses another step."""
+    from de_plugin.adapter import Context, check_batches, create_pruner
+    from de_plugin.evaluation import evaluator_from_batches
+
+    evaluate = evaluator_from_batches(images.val, "accuracy")
+    whole = de_plugin.prune(copy.deepcopy(resnet), "de_channel", evaluate=evaluate, train_data=images.batches,
+                            finetune=ft, macs=0.6, seed=1, **FAST)
+    model = copy.deepcopy(resnet)
+    pruner = create_pruner("de_channel", macs=0.6, **{k: v for k, v in FAST.items() if k != "progress"})
+    ctx = Context(model=model, targets=find_targets(model), evaluate=evaluate, finetune=ft, sparsity=None,
+                  max_accuracy_drop=None, seed=1, progress=False,
+                  train_batches=check_batches(images.batches, "train_data", pairs=False))
+    runner = pruner.runner()
+    runner.start(ctx)
+    records = []
+    while not runner.done:
+        records.append(runner.step())
+    out = runner.finish()
+    pruner.close()
+    assert len(records) == FAST["rounds"]
+    assert [r["q"] for r in records] == [h["q"] for h in whole.history]
+    assert all(torch.equal(out.extra_masks[k], whole.extra_masks[k]) for k in whole.extra_masks)
+    with pytest.raises(RuntimeError, match="finished"):
+        runner.step()
+
+
 def test_loss_fitness_scores_the_search_by_minus_the_cross_entropy(resnet, images, ft):
     """metric="neg_loss" (BENCHMARKS: it retrains better than accuracy): the search's recorded score is the
     pruned model's negative loss on val_data, not an accuracy."""

@@ -93,6 +93,28 @@ def test_unresolvable_coupling_names_the_op_and_leaves_model_untouched(images):
     assert [g["layers"] for g in r.extra["groups"]] == [["c2"]]
 
 
+def test_random_coarse_is_one_stepped_round(resnet, images, ev, ft):
+    """Through the shared round loop: one step (search, retrain), its record in the history, the masks of
+    ``prune``; a second step is refused."""
+    from de_plugin.adapter import Context, create_pruner
+    from de_plugin.targets import find_targets
+
+    opts = dict(feature_map_ratio=0.5, candidates=3, bn_batches=2)
+    whole = de_plugin.prune(copy.deepcopy(resnet), "random_coarse", evaluate=ev, finetune=ft, progress=False,
+                            train_data=images.batches, **opts)
+    model = copy.deepcopy(resnet)
+    runner = create_pruner("random_coarse", **opts).runner()
+    runner.start(Context(model=model, targets=find_targets(model), evaluate=ev, finetune=ft, sparsity=None,
+                         max_accuracy_drop=None, seed=0, progress=False, train_batches=list(images.batches)))
+    record = runner.step()
+    assert runner.done and record["candidate_scores"] == whole.extra["candidate_scores"]
+    with pytest.raises(RuntimeError, match="finished"):
+        runner.step()
+    out = runner.finish()
+    assert [h["round"] for h in whole.history] == [0] and out.accuracy == whole.accuracy
+    assert all(torch.equal(out.extra_masks[k], whole.extra_masks[k]) for k in whole.extra_masks)
+
+
 def test_masks_exact_coupled_and_zero_after_retraining(resnet, images, ev, ft):
     r = de_plugin.prune(resnet, "random_coarse", evaluate=ev, finetune=ft, train_data=images.batches,
                         feature_map_ratio=0.5, kernel_ratio=0.25, candidates=4, bn_batches=3, progress=False)
