@@ -96,7 +96,7 @@ def peak_rss() -> int:
 def measure(name: str, low_memory: bool = False) -> dict:
     """Run in a fresh process (``--one``): peak RSS is per process."""
     import de_plugin
-    from de_plugin.evaluation import MagnitudeScorer
+    from de_plugin.weights.magnitude import MagnitudeScorer
     from de_plugin.targets import find_targets
 
     torch.set_num_threads(2)

@@ -38,8 +38,8 @@ from cells import check_protocol  # noqa: E402
 
 import de_plugin  # noqa: E402
 from de_plugin.adapter import measure_latency, slice_channels  # noqa: E402
-from de_plugin.channel import ChannelOptions, channel_space  # noqa: E402
-from de_plugin.coarse import count_macs  # noqa: E402
+from de_plugin.channels.channel import ChannelOptions, channel_space  # noqa: E402
+from de_plugin.channels.coarse import count_macs  # noqa: E402
 from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset  # noqa: E402
 from de_plugin.demo.training import dense_model, make_evaluate, make_finetune  # noqa: E402
 from de_plugin.targets import find_targets  # noqa: E402

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from de_plugin.demo.training import dense_model
-from de_plugin.coarse import CoarseOptions, CoarseSpace, InPlaceMasks, apply_and_retrain, count_macs, recalibrate_bn
+from de_plugin.channels.coarse import (CoarseOptions, CoarseSpace, InPlaceMasks, apply_and_retrain, count_macs, recalibrate_bn)
 from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset
 from de_plugin.demo.training import make_evaluate, make_finetune
 

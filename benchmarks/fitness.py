@@ -45,8 +45,8 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import references as refs  # noqa: E402
 
-from de_plugin import allocation  # noqa: E402
-from de_plugin.allocator import Allocator, KeepSpace  # noqa: E402
+from de_plugin.weights import allocation  # noqa: E402
+from de_plugin.search.allocator import Allocator, KeepSpace  # noqa: E402
 from de_plugin.evaluation import BNState, batch_norms, recalibrate_bn  # noqa: E402
 from de_plugin.targets import find_targets, get_param  # noqa: E402
 

@@ -39,7 +39,8 @@ import torch
 import de_plugin
 from de_plugin.demo.training import dense_model
 from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset
-from de_plugin.evaluation import MagnitudeScorer, make_backend
+from de_plugin.weights.magnitude import MagnitudeScorer
+from de_plugin.evaluation import make_backend
 from de_plugin.metrics import accuracy
 from de_plugin.evaluation import evaluator_from_batches
 from de_plugin.targets import find_targets

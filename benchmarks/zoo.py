@@ -3,7 +3,7 @@
 For every torchvision classification model (random weights, 10 classes, small inputs) as a user would
 run it: ``de_plugin.prune(model, "random_coarse", feature_map_ratio=r, linear_ratio=r)`` (one candidate,
 no retraining: this measures the structure, not accuracy), then our speedup
-(:func:`de_plugin.slicing.speedup`) and, with ``--nni``, NNI's ``ModelSpeedup`` on the same masks; each
+(:func:`de_plugin.channels.slicing.speedup`) and, with ``--nni``, NNI's ``ModelSpeedup`` on the same masks; each
 sped-up model is compared with the masked one in eval mode (max |diff| relative to max |output|).
 ``--tp`` also runs Torch-Pruning's DepGraph pruner (MetaPruner, L1 magnitude, the same ratio, the
 classifier ignored) on the same model: whether it produces a smaller model that runs. Results: a
@@ -31,9 +31,9 @@ import tvzoo  # noqa: E402  (torchvision from .zoo-site, with the import shim)
 models = tvzoo.import_torchvision()
 
 import de_plugin  # noqa: E402
-from de_plugin.coarse import count_macs  # noqa: E402
-from de_plugin.coupling import CouplingError, channel_groups  # noqa: E402
-from de_plugin.slicing import speedup  # noqa: E402
+from de_plugin.channels.coarse import count_macs  # noqa: E402
+from de_plugin.channels.coupling import CouplingError, channel_groups  # noqa: E402
+from de_plugin.channels.slicing import speedup  # noqa: E402
 
 log = logging.getLogger("zoo")
 #: inputs the architectures need: ViTs a fixed 224, MaxViT its partition sizes, Inception V3 at least 75

@@ -9,7 +9,7 @@ Quick start::
 from .pruner import Pruner, prune
 from .registry import create_pruner, list_metrics, list_pruners, register_pruner
 from .result import PruningResult
-from .runner import IterativePruner
+from .weights.rounds import IterativePruner
 from .saving import load, save_model
 
 __all__ = [

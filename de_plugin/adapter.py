@@ -21,34 +21,27 @@ hook) only, its own framework, and never another adapter.
 """
 from __future__ import annotations
 
-from . import allocation
-from .allocation import masks_from_counts
-from .allocator import Allocator, DensitySpace, KeepSpace, SearchOptions, search_state, start_search
-from .channel import ChannelOptions
-from .coarse import (
-    CoarseOptions,
-    CoarseSearch,
-    CoarseSpace,
-    apply_and_retrain,
-    capture_input,
-    coarse_search,
-    count_macs,
-)
-from .coupling import channel_groups
-from .grouping import GroupedSpace, resolve_groups
+from .weights import allocation
+from .weights.allocation import masks_from_counts
+from .search.allocator import Allocator, DensitySpace, KeepSpace, SearchOptions, search_state, start_search
+from .channels.channel import ChannelOptions
+from .channels.coarse import (CoarseOptions, CoarseSearch, CoarseSpace, apply_and_retrain, capture_input, coarse_search, count_macs)
+from .channels.coupling import channel_groups
+from .search.grouping import GroupedSpace, resolve_groups
 from .evaluation import Backend, BackendOptions, BNState, Scorer, backend_round, check_batches, check_score, make_backend
 from .hookspecs import hookimpl
-from .latency import measure as measure_latency
-from .layerwise import LayerwiseOptions
+from .channels.latency import measure as measure_latency
+from .weights.layerwise import LayerwiseOptions
 from .options import validate_options
-from .patterns import PatternScorer, as_matrix, check_fits, parse_pattern, pattern_mask
+from .weights.patterns import PatternScorer, as_matrix, check_fits, parse_pattern, pattern_mask
 from .pruner import Context, prune
 from .registry import create_pruner, get_pruner_class, list_pruners, lookup
 from .report import check_out_dir
 from .result import PruningResult
-from .runner import IterativePruner, RoundRecord, RoundRunner
-from .slicing import kept_channels
-from .slicing import speedup as slice_channels
+from .weights.rounds import IterativePruner, RoundRunner
+from .runner import RoundRecord
+from .channels.slicing import kept_channels
+from .channels.slicing import speedup as slice_channels
 from .targets import Target, apply_masks, masks_attached
 
 __all__ = [

@@ -12,10 +12,10 @@ from . import hookspecs
 log = logging.getLogger(__name__)
 
 DEFAULT_PLUGINS = (
-    "de_plugin.layerwise",
-    "de_plugin.baselines",
-    "de_plugin.coarse",
-    "de_plugin.channel",
+    "de_plugin.weights.layerwise",
+    "de_plugin.weights.baselines",
+    "de_plugin.channels.coarse",
+    "de_plugin.channels.channel",
     "de_plugin.metrics",
 )
 

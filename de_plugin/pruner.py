@@ -93,6 +93,9 @@ class Pruner:
     def restore_checkpoint_state(self, data: dict[str, Any]) -> None:
         """Inverse of :meth:`checkpoint_state`, called after the pruner's ``begin`` when resuming."""
 
+    def close(self) -> None:
+        """Release what the run set up (evaluation workers); called however it ends."""
+
     def run(self, ctx: Context) -> Outcome:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -170,8 +173,31 @@ def prune(
     Remaining keyword ``options`` go to the pruner and are validated. The input model is copied
     unless ``inplace=True``.
     """
-    cls = get_pruner_class(name)
-    pruner = cls(**options)
+    pruner = get_pruner_class(name)(**options)
+    ctx = _checked_context(pruner, name, model, evaluate, finetune, sparsity, max_accuracy_drop, seed, val_data,
+                           train_data, metric, layers, layer_types, exclude, progress)
+    work = ctx.model = model if inplace else copy.deepcopy(model)
+    spill = low_memory_for(getattr(getattr(pruner, "options", None), "low_memory", False), ctx.targets)
+    snapshot = Undo(model, spill) if inplace else None
+    t0 = time.perf_counter()
+    try:
+        outcome = pruner.run(ctx)
+    except BaseException:
+        if snapshot is not None:  # never leave the user's model half-pruned
+            snapshot.restore(model)
+        raise
+    finally:
+        if snapshot is not None:
+            snapshot.close()
+    return build_result(name, pruner, outcome, work, ctx.seed, time.perf_counter() - t0)
+
+
+def _checked_context(pruner: Pruner, name: str, model: Any, evaluate: Any, finetune: Any, sparsity: Any,
+                     max_accuracy_drop: Any, seed: Any, val_data: Any, train_data: Any, metric: str | Callable,
+                     layers: Any, layer_types: Any, exclude: Any, progress: bool) -> Context:
+    """Everything about a :func:`prune` call checked, before any work; the context on the user's own model
+    (``prune`` swaps in the working copy)."""
+    cls = type(pruner)
     sparsity, max_accuracy_drop = _check_goal(cls, name, sparsity, max_accuracy_drop)
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -190,24 +216,9 @@ def prune(
     metric_fn = None if val_batches is None else (get_metric(metric) if isinstance(metric, str) else metric)
     pruner.check_targets(model, targets, train_batches, val_batches, metric_fn)
     pruner.check_call(finetune, sparsity)
-
-    work = model if inplace else copy.deepcopy(model)
-    spill = low_memory_for(getattr(getattr(pruner, "options", None), "low_memory", False), targets)
-    snapshot = Undo(model, spill) if inplace else None
-    ctx = Context(model=work, targets=targets, evaluate=evaluate, finetune=finetune, sparsity=sparsity,
-                  max_accuracy_drop=max_accuracy_drop, seed=int(seed), progress=progress, train_batches=train_batches,
-                  val_batches=val_batches, metric=metric_fn)
-    t0 = time.perf_counter()
-    try:
-        outcome = pruner.run(ctx)
-    except BaseException:
-        if snapshot is not None:  # never leave the user's model half-pruned
-            snapshot.restore(model)
-        raise
-    finally:
-        if snapshot is not None:
-            snapshot.close()
-    return build_result(name, pruner, outcome, work, int(seed), time.perf_counter() - t0)
+    return Context(model=model, targets=targets, evaluate=evaluate, finetune=finetune, sparsity=sparsity,
+                   max_accuracy_drop=max_accuracy_drop, seed=int(seed), progress=progress, train_batches=train_batches,
+                   val_batches=val_batches, metric=metric_fn)
 
 
 def check_goal(name: str, sparsity: Any = None, max_accuracy_drop: Any = None) -> None:

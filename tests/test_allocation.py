@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from de_plugin import allocation
+from de_plugin.search.budget import fit_budget
+from de_plugin.weights import allocation
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def test_erk_density_proportional_to_rule(weights):
 
 def test_fit_budget_keeps_shape_and_total():
     n = np.array([1000, 500, 100])
-    counts = allocation.fit_budget(np.array([0.2, 0.4, 0.8]), n, 300, np.array([1, 1, 1]))
+    counts = fit_budget(np.array([0.2, 0.4, 0.8]), n, 300, np.array([1, 1, 1]))
     assert counts.sum() == 300
     d = counts / n
     assert d[0] < d[1] < d[2]
@@ -58,7 +59,7 @@ def test_fit_budget_keeps_shape_and_total():
 
 def test_fit_budget_impossible_raises():
     with pytest.raises(ValueError, match="max_layer_sparsity"):
-        allocation.fit_budget(np.array([0.5, 0.5]), np.array([10, 10]), 5, np.array([5, 5]))
+        fit_budget(np.array([0.5, 0.5]), np.array([10, 10]), 5, np.array([5, 5]))
 
 
 def test_masks_from_counts_keep_largest():

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 import de_plugin
-from de_plugin.allocation import masks_from_counts
-from de_plugin.evaluation import MagnitudeScorer, magnitude_rank
-from de_plugin.runner import State
+from de_plugin.weights.allocation import masks_from_counts
+from de_plugin.weights.magnitude import MagnitudeScorer
+from de_plugin.weights.allocation import magnitude_rank
+from de_plugin.weights.rounds import State
 from de_plugin.targets import find_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def test_peak_memory_per_weight_on_a_mid_size_model():
 
 
 def test_lamp_from_ranks_gives_the_sorted_counts_ties_included():
-    from de_plugin import allocation
+    from de_plugin.weights import allocation
 
     g = torch.Generator().manual_seed(0)
     weights = [torch.randint(-3, 4, (40, 30), generator=g).float() / 4,  # many exact ties and zeros
@@ -120,7 +121,7 @@ def test_lamp_from_ranks_gives_the_sorted_counts_ties_included():
 
 
 def test_keep_mask_is_the_rank_mask_without_ranks_ties_included():
-    from de_plugin.evaluation import keep_mask
+    from de_plugin.weights.allocation import keep_mask
 
     g = torch.Generator().manual_seed(0)
     weights = [torch.randint(-3, 4, (40, 30), generator=g).float() / 4,  # many ties and exact zeros

@@ -8,9 +8,9 @@ import torch
 import de_plugin
 from conftest import same_state, state_of
 from de_plugin.adapter import slice_channels
-from de_plugin.channel import ChannelOptions, ChannelScorer, channel_space
-from de_plugin.channel_cost import ChannelSpace
-from de_plugin.coarse import count_macs
+from de_plugin.channels.channel import ChannelOptions, ChannelScorer, channel_space
+from de_plugin.channels.cost import ChannelSpace
+from de_plugin.channels.coarse import count_macs
 from de_plugin.demo.models import SmallResNet, create_model
 from de_plugin.demo.training import make_finetune
 from de_plugin.targets import find_targets
@@ -225,7 +225,7 @@ def test_latency_budget_is_checked_by_measuring_the_sliced_model(tmp_path):
 
 
 def test_latency_table_interpolates_and_is_monotone():
-    from de_plugin.latency import LatencyTable
+    from de_plugin.channels.latency import LatencyTable
 
     model = SmallResNet(widths=(8, 16, 16)).eval()
     table = LatencyTable(model, torch.randn(2, 1, 8, 8), {"layer1.conv1": (True, False)}, batch=8, cache=None,

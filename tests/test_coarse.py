@@ -7,8 +7,8 @@ from torch import nn
 
 import de_plugin
 from conftest import same_state, state_of
-from de_plugin.coarse import CoarseOptions, CoarseSpace, best_of_n, count_macs, recalibrate_bn
-from de_plugin.coupling import CouplingError, channel_groups
+from de_plugin.channels.coarse import CoarseOptions, CoarseSpace, best_of_n, count_macs, recalibrate_bn
+from de_plugin.channels.coupling import CouplingError, channel_groups
 from de_plugin.demo.models import LeNet5, SmallResNet
 from de_plugin.demo.training import make_evaluate, make_finetune
 
@@ -136,7 +136,7 @@ def test_masks_exact_coupled_and_zero_after_retraining(resnet, images, ev, ft):
     w = pm["layer2.conv1.weight"]
     alive = torch.outer(ch("layer2.bn1"), ch("stem.1"))
     assert int(w.flatten(2).any(2).sum()) == int(alive.sum()) - round(0.25 * int(alive.sum()))
-    assert r.extra["macs"] < r.extra["macs_dense"] and 0 < r.extra["macs_removed"] < 1
+    assert r.extra["macs"] < r.extra["macs_dense"] and 0 < r.extra["macs_kept"] < 1
     assert r.layer_sparsity["fc.weight"] == pytest.approx(0.5)  # fc consumes the last coupled group
 
 
@@ -247,7 +247,7 @@ def test_save_and_load_reapply_every_mask(resnet, images, ev, tmp_path):
     fresh = de_plugin.load(tmp_path / "m.pt", copy.deepcopy(resnet))
     for name, mask in r.extra_masks.items():
         assert not dict(fresh.named_parameters())[name][~mask].any()
-    assert "macs_removed" in r.to_json() and "random_coarse" in de_plugin.list_pruners() \
+    assert "macs_kept" in r.to_json() and "random_coarse" in de_plugin.list_pruners() \
         and "l1_filter" in de_plugin.list_pruners()
 
 

@@ -9,9 +9,9 @@ from torch import nn
 
 import de_plugin
 from conftest import same_state, state_of
-from de_plugin.coarse import CoarseOptions, CoarseSpace
-from de_plugin.coupling import CouplingError, channel_groups
-from de_plugin.slicing import speedup
+from de_plugin.channels.coarse import CoarseOptions, CoarseSpace
+from de_plugin.channels.coupling import CouplingError, channel_groups
+from de_plugin.channels.slicing import speedup
 
 
 def by_producers(groups):

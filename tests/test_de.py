@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import differential_evolution as scipy_de, rosen
 
-from de_plugin.de import DifferentialEvolution, better, differential_evolution
+from de_plugin.search.de import DifferentialEvolution, better, differential_evolution
 
 
 def hand_set(strategy, F=0.5, CR=0.9):

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import de_plugin
-from de_plugin.allocator import KeepSpace, population_for
-from de_plugin.de import DifferentialEvolution
+from de_plugin.search.allocator import KeepSpace, population_for
+from de_plugin.search.de import DifferentialEvolution
 from de_plugin.demo.data import load_cifar10, load_idx_dataset
 from de_plugin.demo.models import create_model
-from de_plugin.grouping import GroupedSpace, resolve_groups
+from de_plugin.search.grouping import GroupedSpace, resolve_groups
 from de_plugin.targets import find_targets, get_param
 
 

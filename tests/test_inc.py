@@ -185,7 +185,7 @@ def test_random_coarse_whole_filters_in_inc_loop(digits, evaluate, route):
 def test_de_channel_meets_its_macs_budget_in_inc_loop(digits, evaluate):
     import numpy as np
 
-    from de_plugin.channel import ChannelOptions, channel_space
+    from de_plugin.channels.channel import ChannelOptions, channel_space
     from de_plugin.targets import find_targets
 
     model, batches = _resnet_and_batches(digits)

@@ -12,7 +12,8 @@ import torch
 import de_plugin
 from conftest import same_state, state_of
 from de_plugin import checkpoint as ckpt
-from de_plugin.evaluation import MagnitudeScorer, WorkerError, make_backend
+from de_plugin.weights.magnitude import MagnitudeScorer
+from de_plugin.evaluation import WorkerError, make_backend
 from de_plugin.targets import find_targets
 
 SMALL = {"population": 6, "generations": 2, "rounds": 2, "finetune_epochs": 1, "scan_levels": [0.5, 0.8],

@@ -1,7 +1,5 @@
 """Choosing a round's allocation among finalists: the short fine-tune measure shared by de_layerwise and
-de_channel (de_plugin.selection), its cost record, and the bad input it refuses before any work."""
-import copy
-
+de_channel (de_plugin.search.selection), its cost record, and the bad input it refuses before any work."""
 import pytest
 import torch
 

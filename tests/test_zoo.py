@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import de_plugin
-from de_plugin.slicing import speedup
+from de_plugin.channels.slicing import speedup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import tvzoo  # noqa: E402

@@ -231,7 +231,7 @@ class RandomCoarsePruner(Pruner):
             self.result = {"reference": reference, "best_candidate_score": found.score, "candidate_scores": found.scores,
                            "before_retraining": before, "accuracy": score(model), "groups": found.groups,
                            "macs": macs["macs"], "macs_dense": macs["macs_dense"],
-                           "macs_removed": 1 - macs["macs"] / macs["macs_dense"], "params": macs["params"],
+                           "macs_kept": macs["macs"] / macs["macs_dense"], "params": macs["params"],
                            "params_dense": macs["params_dense"], "param_masks": masks,
                            "adaptive_bn_batches": len(found.calib or [])}
         finally:
@@ -247,8 +247,9 @@ class RandomCoarsePruner(Pruner):
                 b = masks.get(f"{name}.bias")
                 nni_masks[name]["bias"] = (b if b is not None else torch.ones_like(mod.bias, dtype=torch.bool)).float()
         self.update_masks(nni_masks)
-        log.info("random_coarse (NNI): best of %d val %.4f, after retraining %.4f, MACs %.1f%% removed",
-                 len(self.result["candidate_scores"]), self.result["best_candidate_score"], self.result["accuracy"], 100 * self.result["macs_removed"])
+        log.info("random_coarse (NNI): best of %d val %.4f, after retraining %.4f, MACs %.1f%% kept",
+                 len(self.result["candidate_scores"]), self.result["best_candidate_score"], self.result["accuracy"],
+                 100 * self.result["macs_kept"])
 
     def compress(self, max_steps: int | None = None, max_epochs: int | None = None):
         """``compress()`` with no arguments (NNI 3.0's ``Pruner.compress`` requires both)."""

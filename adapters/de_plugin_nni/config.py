@@ -192,27 +192,66 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
         check_out_dir(out_dir, overwrite)
     data = None
     if model is None:
-        from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset
-        from de_plugin.demo.models import DEEP_MODELS
-        from de_plugin.demo.training import dense_model, make_evaluate
-
-        folder = cfg.data or FASHION_MNIST_DIR
-        deep = cfg.model in DEEP_MODELS  # CIFAR-style models: 32x32 inputs, one channel here
-        data = load_idx_dataset(folder, val_size=cfg.train.val_size, train_limit=cfg.train.train_limit,
-                                seed=cfg.train.seed, size=32 if deep else None)
-        model = dense_model(cfg.model, data, cfg.train.epochs, cfg.train.seed, folder,
-                            **({"in_channels": 1} if deep else {}))
-        val_evaluate = make_evaluate(data.x_val, data.y_val)
-        test_evaluate = make_evaluate(data.x_test, data.y_test)
-        evaluator = torch_evaluator(model, data, cfg.train, cfg.train.finetune_lr, val_evaluate)
+        model, evaluator, test_evaluate, data = _demo(cfg)
     elif evaluator is None and (cfg.pruner != "level" or cfg.quantizer is not None):
         raise ValueError("give an NNI evaluator together with your model")
     metric = (lambda m: float(evaluator.evaluating_func(m))) if evaluator is not None else None
     report: Dict[str, Any] = {"pruner": cfg.pruner, "config_list": cfg.config_list}
+    _measure(report, "dense", model, metric, test_evaluate)
+    masks = _compress(cfg, model, evaluator, data)
+    report["layers"] = _layer_table(masks)
+    total = sum(r["params"] for r in report["layers"])
+    report["sparsity"] = 1.0 - sum(r["kept"] for r in report["layers"]) / total
+    _measure(report, "pruned", model, metric, test_evaluate)
+    if cfg.speedup:
+        report["speedup"] = _speedup(cfg, model, evaluator, masks)
+    if cfg.finetune_epochs:
+        if evaluator is None:
+            raise ValueError("finetune_epochs needs an evaluator")
+        finetune(model, evaluator, cfg.finetune_epochs)
+        _measure(report, "finetuned", model, metric, test_evaluate)
+    if cfg.quantizer is not None:
+        q = cfg.quantizer
+        qmodel, calib = quantize(model, q.name, q.config_list, evaluator, steps=q.steps,
+                                 quant_start_step=q.quant_start_step)
+        report["quantizer"] = q.name
+        report["storage"] = int8_storage(qmodel, calib)
+        _measure(report, "quantized", qmodel, metric, test_evaluate)
+    _print(report)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(json.dumps(report, indent=2, default=str))
+    report["model"] = model
+    return report
+
+
+def _demo(cfg: CompressionConfig) -> tuple:
+    """The config's demo model (``model: lenet300`` ...) trained on Fashion-MNIST (or ``data:``), with an NNI
+    evaluator over its validation split and a test-set evaluate: the CLI's main job, not a user's model."""
+    from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset
+    from de_plugin.demo.models import DEEP_MODELS
+    from de_plugin.demo.training import dense_model, make_evaluate
+
+    folder = cfg.data or FASHION_MNIST_DIR
+    deep = cfg.model in DEEP_MODELS  # CIFAR-style models: 32x32 inputs, one channel here
+    data = load_idx_dataset(folder, val_size=cfg.train.val_size, train_limit=cfg.train.train_limit,
+                            seed=cfg.train.seed, size=32 if deep else None)
+    model = dense_model(cfg.model, data, cfg.train.epochs, cfg.train.seed, folder, **({"in_channels": 1} if deep else {}))
+    evaluator = torch_evaluator(model, data, cfg.train, cfg.train.finetune_lr, make_evaluate(data.x_val, data.y_val))
+    return model, evaluator, make_evaluate(data.x_test, data.y_test), data
+
+
+def _measure(report: Dict[str, Any], when: str, model: nn.Module, metric, test_evaluate) -> None:
     if metric is not None:
-        report["val_accuracy_dense"] = metric(model)
+        report[f"val_accuracy_{when}"] = metric(model)
     if test_evaluate is not None:
-        report["test_accuracy_dense"] = test_evaluate(model)
+        report[f"test_accuracy_{when}"] = test_evaluate(model)
+
+
+def _compress(cfg: CompressionConfig, model: nn.Module, evaluator, data) -> Dict[str, Dict[str, Any]]:
+    """The config's pruner on ``model`` (NNI's compress, scheduled when it is a scheduler); the masks, also
+    applied to the weights (what NNI's wrappers applied in forward)."""
     options = dict(cfg.options)
     weights = core_weight_pruner(cfg.pruner)
     if weights:
@@ -230,48 +269,19 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
         _, masks = pruner.compress()
     pruner.unwrap_model()
     masks = {k: dict(v) for k, v in masks.items()}
-    apply_masks(model, flat_masks(masks), strict=False)  # into the weights: what NNI's wrappers applied in forward
-    report["layers"] = _layer_table(masks)
-    total = sum(r["params"] for r in report["layers"])
-    report["sparsity"] = 1.0 - sum(r["kept"] for r in report["layers"]) / total
-    if metric is not None:
-        report["val_accuracy_pruned"] = metric(model)
-    if test_evaluate is not None:
-        report["test_accuracy_pruned"] = test_evaluate(model)
-    if cfg.speedup:
-        if cfg.pruner == "level" or weights:
-            report["speedup"] = "skipped: weight-level masks leave every layer's shape as it is (no speedup)"
-        else:
-            dummy = evaluator.get_dummy_input() if evaluator is not None else None
-            before = _cost(model, dummy)
-            run_speedup(model, dummy, masks, engine=cfg.speedup_engine)
-            after = _cost(model, dummy)
-            report["speedup"] = {f"{k}_{when}": v for when, c in (("before", before), ("after", after)) for k, v in c.items()}
-    if cfg.finetune_epochs:
-        if evaluator is None:
-            raise ValueError("finetune_epochs needs an evaluator")
-        finetune(model, evaluator, cfg.finetune_epochs)
-        if metric is not None:
-            report["val_accuracy_finetuned"] = metric(model)
-        if test_evaluate is not None:
-            report["test_accuracy_finetuned"] = test_evaluate(model)
-    if cfg.quantizer is not None:
-        q = cfg.quantizer
-        qmodel, calib = quantize(model, q.name, q.config_list, evaluator, steps=q.steps,
-                                 quant_start_step=q.quant_start_step)
-        report["quantizer"] = q.name
-        report["storage"] = int8_storage(qmodel, calib)
-        if metric is not None:
-            report["val_accuracy_quantized"] = metric(qmodel)
-        if test_evaluate is not None:
-            report["test_accuracy_quantized"] = test_evaluate(qmodel)
-    _print(report)
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(json.dumps(report, indent=2, default=str))
-    report["model"] = model
-    return report
+    apply_masks(model, flat_masks(masks), strict=False)
+    return masks
+
+
+def _speedup(cfg: CompressionConfig, model: nn.Module, evaluator, masks) -> Any:
+    """The model made physically smaller (structured masks only); parameters, MACs and latency before / after."""
+    if cfg.pruner == "level" or core_weight_pruner(cfg.pruner):
+        return "skipped: weight-level masks leave every layer's shape as it is (no speedup)"
+    dummy = evaluator.get_dummy_input() if evaluator is not None else None
+    before = _cost(model, dummy)
+    run_speedup(model, dummy, masks, engine=cfg.speedup_engine)
+    after = _cost(model, dummy)
+    return {f"{k}_{when}": v for when, c in (("before", before), ("after", after)) for k, v in c.items()}
 
 
 def _cost(model: nn.Module, dummy: Any) -> Dict[str, Any]:

@@ -214,7 +214,7 @@ def test_ours_random_coarse_refuses_upstreams_grouped_conv(data, model_type):
     """random_coarse in place of L1NormPruner on upstream's conv entry: the core's coupling pass does
     not follow a grouped conv whose input and output widths differ (conv2: 16 -> 8, groups=4), so the
     search is refused before any work with the layers to exclude, and the model is left as it was."""
-    from de_plugin.coupling import CouplingError
+    from de_plugin.channels.coupling import CouplingError
     from nni.compression.utils import auto_set_denpendency_group_ids
 
     model, evaluator, cfg, dummy = create(model_type, data)

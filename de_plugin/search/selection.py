@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .evaluation import check_score
+from ..evaluation import check_score
 
 
 class RetrainedMeasure:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -69,6 +69,35 @@ class DEResult:
         return self.violation <= 0.0
 
 
+def _check_settings(b: np.ndarray, popsize: Any, strategy: str, mutation: float, recombination: float, maxiter: int,
+                    maxfun: Optional[int], bound_handling: str, init: str, adaptation: str, stall: int) -> None:
+    """Every solver setting checked before any work, each error saying what is valid."""
+    if b.ndim != 2 or b.shape[1] != 2 or b.shape[0] < 1:
+        raise ValueError(f"bounds must be a sequence of (low, high) pairs, got shape {b.shape}")
+    if not np.all(np.isfinite(b)) or np.any(b[:, 0] > b[:, 1]):
+        raise ValueError("every bound must be finite with low <= high")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    if bound_handling not in BOUND_HANDLING:
+        raise ValueError(f"unknown bound_handling {bound_handling!r}; choose one of {BOUND_HANDLING}")
+    if adaptation not in ADAPTATIONS:
+        raise ValueError(f"unknown adaptation {adaptation!r}; choose one of {ADAPTATIONS}")
+    if init not in ("latinhypercube", "random"):
+        raise ValueError("init must be 'latinhypercube' or 'random'")
+    if not isinstance(popsize, (int, np.integer)) or popsize < 4:
+        raise ValueError(f"popsize must be an integer >= 4 (DE needs 3 partners), got {popsize!r}")
+    if not 0.0 <= mutation <= 2.0:
+        raise ValueError(f"mutation (F) must lie in [0, 2], got {mutation}")
+    if not 0.0 <= recombination <= 1.0:
+        raise ValueError(f"recombination (CR) must lie in [0, 1], got {recombination}")
+    if maxiter < 0:
+        raise ValueError("maxiter must be >= 0")
+    if maxfun is not None and maxfun < 1:
+        raise ValueError("maxfun must be >= 1")
+    if stall < 0:
+        raise ValueError("stall must be >= 0 (0: never stop for lack of progress)")
+
+
 class DifferentialEvolution:
     """DE solver driven by ``ask()`` / ``tell(fun, violation)``.
 
@@ -98,31 +127,9 @@ class DifferentialEvolution:
         stall: int = 0,
     ) -> None:
         b = np.asarray(bounds, dtype=float)
-        if b.ndim != 2 or b.shape[1] != 2 or b.shape[0] < 1:
-            raise ValueError(f"bounds must be a sequence of (low, high) pairs, got shape {b.shape}")
-        if not np.all(np.isfinite(b)) or np.any(b[:, 0] > b[:, 1]):
-            raise ValueError("every bound must be finite with low <= high")
         strategy = _STRATEGY_ALIASES.get(strategy, strategy)
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
-        if bound_handling not in BOUND_HANDLING:
-            raise ValueError(f"unknown bound_handling {bound_handling!r}; choose one of {BOUND_HANDLING}")
-        if adaptation not in ADAPTATIONS:
-            raise ValueError(f"unknown adaptation {adaptation!r}; choose one of {ADAPTATIONS}")
-        if init not in ("latinhypercube", "random"):
-            raise ValueError("init must be 'latinhypercube' or 'random'")
-        if not isinstance(popsize, (int, np.integer)) or popsize < 4:
-            raise ValueError(f"popsize must be an integer >= 4 (DE needs 3 partners), got {popsize!r}")
-        if not 0.0 <= mutation <= 2.0:
-            raise ValueError(f"mutation (F) must lie in [0, 2], got {mutation}")
-        if not 0.0 <= recombination <= 1.0:
-            raise ValueError(f"recombination (CR) must lie in [0, 1], got {recombination}")
-        if maxiter < 0:
-            raise ValueError("maxiter must be >= 0")
-        if maxfun is not None and maxfun < 1:
-            raise ValueError("maxfun must be >= 1")
-        if stall < 0:
-            raise ValueError("stall must be >= 0 (0: never stop for lack of progress)")
+        _check_settings(b, popsize, strategy, mutation, recombination, maxiter, maxfun, bound_handling, init,
+                        adaptation, stall)
         self.lower, self.upper = b[:, 0].copy(), b[:, 1].copy()
         self.dim = b.shape[0]
         self.popsize = int(popsize)

@@ -1,9 +1,9 @@
 """``de_channel``: DE searches how many channels each coupled group keeps, under a MACs or
 parameter budget; the coarse machinery removes and scores them (our two methods combined).
 
-The decision vector holds one removed share per coupled channel group (:mod:`de_plugin.coupling`,
+The decision vector holds one removed share per coupled channel group (:mod:`de_plugin.channels.coupling`,
 the groups ``random_coarse`` prunes). Every DE vector is projected onto the budget
-(:class:`~de_plugin.channel_cost.ChannelSpace`: the allocation of that shape keeping the most
+(:class:`~de_plugin.channels.cost.ChannelSpace`: the allocation of that shape keeping the most
 without exceeding it), the channels within each group are the smallest by L1 norm of the group's
 filters (Li et al.), and the candidate is scored on validation data after adaptive BN, as
 ``random_coarse`` scores its masks. Rounds prune towards the budget geometrically with retraining
@@ -27,20 +27,19 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from .allocator import Allocator, SearchOptions, population_for, search_state, start_search
-from .channel_cost import ChannelCost, ChannelSpace
-from .coarse import (CoarseOptions, CoarseScorer, CoarseSpace, apply_and_retrain, calibration_batches, capture_input,
-                     count_macs, structured_outcome)
-from .de import DifferentialEvolution
-from .evaluation import backend_round, make_backend
-from .hookspecs import hookimpl
+from ..search.allocator import Allocator, SearchOptions, population_for, search_state, start_search
+from .cost import ChannelCost, ChannelSpace
+from .coarse import (CoarseOptions, CoarseScorer, CoarseSpace, apply_and_retrain, calibration_batches, capture_input, count_macs, structured_outcome)
+from ..search.de import DifferentialEvolution
+from ..evaluation import backend_round, make_backend
+from ..hookspecs import hookimpl
 from .latency import LatencyTable, measure as measure_latency
-from .pruner import Context, Pruner
-from .result import Outcome
-from .runner import Checkpointer, RoundLoop, RoundRecord
-from .selection import RetrainedMeasure, check_finalists
+from ..pruner import Context, Pruner
+from ..result import Outcome
+from ..runner import Checkpointer, RoundLoop, RoundRecord
+from ..search.selection import RetrainedMeasure, check_finalists
 from .slicing import speedup as slice_channels
-from .targets import Target, apply_masks
+from ..targets import Target, apply_masks
 
 log = logging.getLogger("de_plugin")
 

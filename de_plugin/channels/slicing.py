@@ -1,7 +1,7 @@
 """Physically remove masked channels: the framework-free speedup of ``random_coarse`` / ``l1_filter``.
 
 NNI's ``ModelSpeedup`` re-derives what to remove by propagating masks through its own trace, and on
-today's torch it cannot follow every graph the coupling pass (:mod:`de_plugin.coupling`) resolves
+today's torch it cannot follow every graph the coupling pass (:mod:`de_plugin.channels.coupling`) resolves
 (grouped convs, channels-last blocks, stochastic depth). Here the coupling groups say exactly which
 tensors carry each channel, so the speedup is a slicing of parameters: a removed channel is a row
 of its producers (Conv2d / Linear) and of every BatchNorm, depthwise or grouped conv and per-channel
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .coupling import ChannelGroup, channel_groups
-from .targets import apply_masks
+from ..targets import apply_masks
 
 log = logging.getLogger("de_plugin")
 
@@ -147,7 +147,7 @@ def speedup(model: nn.Module, example_input: Any, masks: Mapping[str, Any],
 
     ``masks``: ``{"module.param": bool mask}`` (``result.extra_masks`` of ``random_coarse``) or NNI's
     ``{module: {"weight": mask}}``. Weight-level zeros inside kept channels (``kernel_ratio``) stay
-    zeros in the smaller tensors. ``groups`` (from :func:`de_plugin.coupling.channel_groups`) saves a
+    zeros in the smaller tensors. ``groups`` (from :func:`de_plugin.channels.coupling.channel_groups`) saves a
     trace when the caller has them.
     """
     flat = _flat_masks(masks)

@@ -1,4 +1,4 @@
-"""Op tables of the coupling pass (:mod:`de_plugin.coupling`): which modules and functions keep the
+"""Op tables of the coupling pass (:mod:`de_plugin.channels.coupling`): which modules and functions keep the
 channel axis as it is, which combine operands element-wise, which move or merge axes."""
 from __future__ import annotations
 

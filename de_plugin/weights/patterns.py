@@ -162,7 +162,7 @@ class PatternScorer:
         return out
 
     def score(self, counts, floor=None) -> float:
-        from .evaluation import check_score
+        from ..evaluation import check_score
 
         with torch.no_grad():
             for (n, m), w, w0 in zip(self.masks(counts).items(), self.weights, self.saved):

@@ -34,15 +34,13 @@ candidate retried once elsewhere; a worker that dies is replaced once; then the 
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing as mp
-import numbers
 import os
 import re
 import socket
 import traceback
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Literal, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -50,11 +48,8 @@ from torch import nn
 
 from pydantic import Field
 
-from .allocation import keep_mask, magnitude_rank  # noqa: F401 - the scorer's mask math, re-exported
-from .metrics import accuracy
-from .options import Options
-from .registry import get_metric
-from .targets import Target, get_param
+from ..options import Options
+from .batches import Bound, check_score
 
 log = logging.getLogger("de_plugin")
 BACKENDS = ("serial", "batched", "process", "ray")
@@ -62,142 +57,6 @@ BACKENDS = ("serial", "batched", "process", "ray")
 
 class WorkerError(RuntimeError):
     """An evaluation worker failed; the message carries its traceback."""
-
-
-class Bound(float):
-    """Upper bound on the score of a candidate rejected early: it is below the candidate's floor, so
-    the candidate cannot win; callers must not cache it as the candidate's exact score.
-    ``images_left`` is how many validation images the rejection saved."""
-
-    def __new__(cls, value: float, images_left: int = 0) -> "Bound":
-        obj = super().__new__(cls, value)
-        obj.images_left = int(images_left)
-        return obj
-
-    def __reduce__(self):  # pickled across process / Ray workers with its count
-        return (Bound, (float(self), self.images_left))
-
-
-#: how far below its floor a candidate's upper bound must be before it is rejected; covers float32
-#: rounding of the metric (accuracy is a float32 mean), so a rejected candidate truly scores < floor
-REJECT_MARGIN = 1e-5
-
-
-def check_score(value: Any) -> float:
-    """The user's score as a finite float, or an error that says what came back."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`evaluate` must return a number (accuracy, higher is better), got {type(value).__name__}: {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"`evaluate` returned {value}; it must return a finite number (check the model and data)")
-    return value
-
-
-def check_device(name: str) -> torch.device:
-    """``torch.device(name)``, refused up front when this machine cannot use it."""
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device={name!r} is not a torch device ({exc}); use e.g. 'cpu' or 'cuda'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}, but torch has no CUDA on this machine (torch.cuda.is_available() is "
-                         "False); drop `device` or use 'cpu'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device={name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device={name!r}, but MPS is not available on this machine; drop `device` or use 'cpu'")
-    return dev
-
-
-def check_batches(data: Any, name: str, pairs: bool) -> list:
-    """``data`` as a list of batches, or an error naming ``name`` and the expected form. With
-    ``pairs`` every batch must be ``(inputs, targets)``; else a batch may also be an input tensor."""
-    form = "(inputs, targets) batches" if pairs else "batches ((inputs, targets) pairs or input tensors)"
-    if isinstance(data, torch.Tensor):
-        raise TypeError(f"`{name}` must be an iterable of {form}, e.g. a DataLoader or [(x, y), ...]; got one "
-                        f"tensor of shape {tuple(data.shape)}: wrap it as [(x, y)] or split it into batches")
-    try:
-        batches = list(data)
-    except TypeError:
-        raise TypeError(f"`{name}` must be an iterable of {form}, got {type(data).__name__}") from None
-    if not batches:
-        raise ValueError(f"`{name}` is empty")
-    for i, b in enumerate(batches):
-        ok = isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[0], torch.Tensor) if pairs else \
-            isinstance(b, torch.Tensor) or (isinstance(b, (tuple, list)) and b and isinstance(b[0], torch.Tensor))
-        if not ok:
-            raise TypeError(f"`{name}` must be an iterable of {form}; batch {i} is {type(b).__name__}"
-                            + (f" of length {len(b)}" if isinstance(b, (tuple, list)) else ""))
-    return [tuple(b) if isinstance(b, list) else b for b in batches]
-
-
-@contextmanager
-def inference(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no autograd for the block; the model's train/eval mode comes back afterwards,
-    also when the block raises (a user's model must not stay in eval mode after a failed score)."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield model
-    finally:
-        model.train(was)
-
-
-class DeviceBatches:
-    """Validation batches kept once per device: moved on first use there, then reused, so no
-    candidate pays a host-to-device copy (on CPU the batches are used as given)."""
-
-    def __init__(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]):
-        self.batches = list(batches)
-        self._moved: dict[str, tuple[list, torch.Tensor]] = {}
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def on(self, dev: torch.device) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """(batches, all labels concatenated) on ``dev``."""
-        key = str(dev)
-        if key not in self._moved:
-            pin = dev.type == "cuda"
-            moved = [(_move(x, dev, pin), _move(y, dev, pin)) for x, y in self.batches]
-            self._moved[key] = (moved, torch.cat([y for _, y in moved]))
-        return self._moved[key]
-
-
-def _move(t: Any, dev: torch.device, pin: bool) -> Any:
-    if not isinstance(t, torch.Tensor) or t.device == dev:
-        return t
-    return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(dev, non_blocking=pin)
-
-
-def metric_on_batches(model: nn.Module, batches: DeviceBatches, metric: Callable) -> float:
-    """``metric(outputs, labels)`` of ``model`` over the cached batches (on the model's device)."""
-    data, labels = batches.on(next(model.parameters()).device)
-    with inference(model):
-        if metric is accuracy:  # keep only each batch's predictions: the same value, less memory traffic
-            preds = torch.cat([model(x).argmax(1) for x, _ in data])
-            return float((preds == labels).float().mean())
-        out = torch.cat([model(x) for x, _ in data])
-    return metric(out, labels)
-
-
-def evaluator_from_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                           metric: str | Callable) -> Callable[[nn.Module], float]:
-    """Build ``evaluate(model)`` from validation batches and a metric; the batches are cached once
-    (per device) and the model is run under ``torch.inference_mode``."""
-    cached = DeviceBatches([(x, y) for x, y in batches])
-    if not len(cached):
-        raise ValueError("`val_data` is empty")
-    fn = get_metric(metric) if isinstance(metric, str) else metric
-
-    def evaluate(model: nn.Module) -> float:
-        return metric_on_batches(model, cached, fn)
-
-    evaluate.batches = cached  # the scorer's early rejection reads the same device copies
-    return evaluate
 
 
 class Scorer(Protocol):
@@ -253,216 +112,6 @@ def backend_round(backend: Backend) -> Iterator[Scorer]:
         backend.end_round()
 
 
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def batch_norms(model: nn.Module) -> list[nn.Module]:
-    """The model's BatchNorm layers (what adaptive BN re-estimates)."""
-    return [m for m in model.modules() if isinstance(m, BN_TYPES)]
-
-
-def recalibrate_bn(model: nn.Module, batches: Sequence[Any], num_batches: int) -> None:
-    """EagleEye's adaptive BN: reset BatchNorm statistics and re-estimate them (cumulative average)
-    from ``num_batches`` training batches, in train mode for BN only, without gradients."""
-    bns = batch_norms(model)
-    if not bns:
-        return
-    modes = {m: m.training for m in model.modules()}
-    momenta = [bn.momentum for bn in bns]
-    dev = next(model.parameters()).device
-    try:
-        model.eval()
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        with torch.no_grad():
-            for b in list(batches)[:num_batches]:
-                x = b[0] if isinstance(b, (tuple, list)) else b
-                model(x.to(dev))
-    finally:
-        for bn, mom in zip(bns, momenta):
-            bn.momentum = mom
-        for m, t in modes.items():
-            m.train(t)
-
-
-class BNState:
-    """The model's BatchNorm running statistics, saved once and put back after every candidate
-    scored with adaptive BN (the user's statistics are never left re-estimated)."""
-
-    def __init__(self, model: nn.Module):
-        self.bns = batch_norms(model)
-        self.saved = [{k: v.clone() for k, v in bn.state_dict().items() if not k.endswith(("weight", "bias"))}
-                      for bn in self.bns]
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for bn, saved in zip(self.bns, self.saved):
-                for k, v in saved.items():
-                    getattr(bn, k).copy_(v)
-
-
-#: ``low_memory=None`` turns the low-memory search on above this many searched weights (the int32
-#: ranks alone would hold 200 MB there)
-LOW_MEMORY_AUTO = 50_000_000
-
-
-def low_memory_for(option: Optional[bool], targets: Sequence[Target]) -> bool:
-    """Whether a search over ``targets`` runs in low-memory mode: the option, or by size when None."""
-    return bool(option) if option is not None else sum(t.numel for t in targets) > LOW_MEMORY_AUTO
-
-
-class MagnitudeScorer:
-    """Magnitude masks from keep-counts, applied in place to one model and scored.
-
-    Per searched weight it holds the round's fp32 snapshot and, unless ``low_memory``, an int32
-    magnitude rank (masks by one comparison). ``low_memory`` drops the ranks (masks by an O(n)
-    selection per changed layer, :func:`keep_mask`: the same masks) and takes the snapshot at the
-    first candidate rather than at the round's start, so the round's seeds (LAMP's scores) are not
-    held at the same time."""
-
-    def __init__(self, model: nn.Module, targets: Sequence[Target], evaluate: Callable[[nn.Module], float],
-                 batches: Optional[Sequence[tuple[torch.Tensor, torch.Tensor]]] = None,
-                 metric: Optional[Callable] = None, calib: Optional[Sequence[Any]] = None, bn_batches: int = 0,
-                 search_batches: Optional[int] = None, low_memory: bool = False):
-        self.model, self.targets, self.evaluate = model, list(targets), evaluate
-        self.low_memory = low_memory
-        self._w0: Optional[list[torch.Tensor]] = None
-        self._scratch: Optional[torch.Tensor] = None
-        self._ready = False
-        # multi-fidelity: the search scores accuracy on the first ``search_batches`` batches only
-        # (needs ``batches``); :meth:`score_full` gives the full score for the final re-scoring
-        self.search_batches = search_batches
-        # adaptive BN: re-estimate BatchNorm statistics on ``bn_batches`` of ``calib`` before scoring
-        self.calib = list(calib)[:bn_batches] if calib is not None and bn_batches > 0 else None
-        self.bn_state: Optional[BNState] = None
-        # early rejection needs a score that is a per-image sum: accuracy on the cached batches
-        # (``evaluate`` is then ``evaluator_from_batches(batches, accuracy)``, which this mirrors)
-        self.batches = None
-        if batches is not None and metric is accuracy and len(batches) > 1:
-            shared = getattr(evaluate, "batches", None)  # the evaluator's own (device) copies
-            self.batches = shared if isinstance(shared, DeviceBatches) else DeviceBatches(batches)
-        self.metric = metric
-        self.rank: Optional[list[torch.Tensor]] = None  # built by reset(), once per round
-
-    def reset(self) -> None:
-        """Take the model's current weights as this round's reference: a snapshot and each weight's
-        magnitude rank (built once per round, shared with the round's mask computation); in
-        low-memory mode no ranks, and the snapshot waits for the first candidate (:attr:`w0`)."""
-        self.params = [get_param(self.model, t) for t in self.targets]
-        self._w0 = None if self.low_memory else [p.detach().clone() for p in self.params]
-        self.rank = None if self.low_memory else [magnitude_rank(w) for w in self._w0]
-        self._keep = torch.empty(max(p.numel() for p in self.params), dtype=torch.bool, device=self.params[0].device)
-        # keep_mask's two work buffers (low-memory mode), 8 bytes per weight of the largest layer: held only
-        # when that layer is under a tenth of the searched weights (else they would weigh on the peak)
-        big = self._keep.numel()
-        self._scratch = torch.empty(2 * big, device=self.params[0].device, dtype=self.params[0].dtype) \
-            if self.low_memory and 10 * big < sum(p.numel() for p in self.params) else None
-        self.applied: list[Optional[int]] = [None] * len(self.params)
-        self.bn_state = BNState(self.model) if self.calib else None
-        self._ready = True
-
-    @property
-    def w0(self) -> list[torch.Tensor]:
-        """The round's weights (in low-memory mode taken at first use, before any mask is applied)."""
-        if not self._ready:
-            self.reset()
-        if self._w0 is None:
-            self._w0 = [p.detach().clone() for p in self.params]
-        return self._w0
-
-    def apply(self, counts: Sequence[int]) -> None:
-        """Keep the ``counts[l]`` largest weights of each layer: one vectorised pass per changed layer
-        (``rank < k``, or :func:`keep_mask` in low-memory mode), exactly the first ``k`` of the stable
-        descending magnitude order."""
-        w0 = self.w0
-        with torch.no_grad():
-            for i, (p, k) in enumerate(zip(self.params, counts)):
-                k = int(k)
-                if self.applied[i] != k:
-                    keep = self._keep[: p.numel()].view(p.shape)  # one bool buffer, reused by every layer
-                    if self.rank is None:
-                        keep_mask(w0[i], k, out=keep, scratch=self._scratch)
-                    else:
-                        torch.lt(self.rank[i], k, out=keep)
-                    torch.mul(w0[i], keep, out=p)
-                    self.applied[i] = k
-
-    def restore(self) -> None:
-        if not self._ready:
-            return
-        with torch.no_grad():
-            for p, w in zip(self.params, self._w0 or []):
-                p.copy_(w)
-        self.applied = [None] * len(self.params)
-        if self.bn_state is not None:
-            self.bn_state.restore()
-
-    def release(self) -> None:
-        """Drop the round's snapshot and ranks (taken again by the next :meth:`reset` or candidate)."""
-        self._w0, self.rank, self._scratch, self._ready = None, None, None, False
-
-    def _prepare(self, counts: Sequence[int]) -> None:
-        """The candidate's masks applied and, with adaptive BN, its BatchNorm statistics re-estimated."""
-        self.apply(counts)
-        if self.bn_state is not None:
-            recalibrate_bn(self.model, self.calib, len(self.calib))
-
-    def score(self, counts: Sequence[int], floor: Optional[float] = None) -> float:
-        """The candidate's score, or a :class:`Bound` below ``floor`` when it cannot reach it."""
-        self._prepare(counts)
-        if self.search_batches is not None and self.batches is not None:
-            return self._bounded(floor if floor is not None and np.isfinite(floor) else -math.inf, self.search_batches)
-        if floor is None or self.batches is None or not np.isfinite(floor):
-            return check_score(self.evaluate(self.model))
-        return self._bounded(floor)
-
-    def score_full(self, counts: Sequence[int]) -> float:
-        """The candidate's exact score on all of the validation data (the multi-fidelity re-score)."""
-        self._prepare(counts)
-        return check_score(self.evaluate(self.model))
-
-    def score_holdout(self, counts: Sequence[int]) -> float:
-        """The candidate's accuracy on the validation batches the search did not score on (those after
-        the first ``search_batches``); all of them when the search scored on all."""
-        self._prepare(counts)
-        return self.holdout_now()
-
-    def holdout_now(self) -> float:
-        """The model's accuracy as it is now on the held-out validation batches (all when none are held out)."""
-        if self.batches is None or self.search_batches is None or self.search_batches >= len(self.batches):
-            return check_score(self.evaluate(self.model))
-        data, labels = self.batches.on(next(self.model.parameters()).device)
-        held = data[self.search_batches:]
-        with inference(self.model):
-            preds = torch.cat([self.model(x).argmax(1) for x, _ in held])
-        return float((preds == labels[len(labels) - len(preds):]).float().mean())
-
-    def _bounded(self, floor: float, n_batches: Optional[int] = None) -> float:
-        """Accuracy batch by batch (over the first ``n_batches``, all by default); stop once
-        ``(correct so far + images left) / total < floor``. A candidate that is not rejected gets
-        exactly what ``evaluate`` computes on those batches (same predictions, the same float32 mean),
-        so serial, worker and rejecting runs stay bit-identical."""
-        model = self.model
-        data, labels = self.batches.on(next(model.parameters()).device)
-        if n_batches is not None:
-            data = data[:n_batches]
-            labels = labels[: sum(len(y) for _, y in data)]
-        total = len(labels)
-        preds, seen, correct = [], 0, 0
-        with inference(model):
-            for x, y in data:
-                pred = model(x).argmax(1)
-                preds.append(pred)
-                seen += len(y)
-                correct += int((pred == y).sum())
-                upper = (correct + total - seen) / total
-                if seen < total and upper < floor - REJECT_MARGIN:
-                    return Bound(upper, total - seen)
-        return check_score(float((torch.cat(preds) == labels).float().mean()))  # exactly metrics.accuracy
-
-
 # ---------------------------------------------------------------------------------------- serial
 class SerialBackend:
     name = "serial"
@@ -494,7 +143,7 @@ class BatchedBackend(SerialBackend):
 
     name = "batched"
 
-    def __init__(self, scorer: MagnitudeScorer, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], metric: Callable,
+    def __init__(self, scorer: "Scorer", batches: Sequence[tuple[torch.Tensor, torch.Tensor]], metric: Callable,
                  chunk: int = 8):
         super().__init__(scorer)
         self.xs = [b[0] for b in batches]
@@ -531,12 +180,7 @@ class BatchedBackend(SerialBackend):
                 stacked = {}
                 with torch.no_grad():
                     for li, (name, w0) in enumerate(zip(names, s.w0)):
-                        if s.rank is None:  # low-memory mode: one selection per candidate and layer
-                            mask = torch.stack([keep_mask(w0, int(c[li])) for c in part])
-                        else:
-                            rank = s.rank[li]
-                            keep = torch.tensor([int(c[li]) for c in part], device=rank.device)
-                            mask = rank.unsqueeze(0) < keep.view(-1, *([1] * rank.dim()))
+                        mask = s.stacked_masks(li, [int(c[li]) for c in part])
                         stacked[name] = torch.where(mask, w0.unsqueeze(0), torch.zeros((), dtype=w0.dtype))
                 with torch.inference_mode():
                     logits = self._forward(stacked)
@@ -867,7 +511,7 @@ def make_backend(name: str, scorer: Any, workers: int = 1, threads: int = 1, add
     if name == "serial":
         return SerialBackend(scorer)
     if name == "batched":
-        if not isinstance(scorer, MagnitudeScorer):
+        if not getattr(scorer, "batchable", False):  # the magnitude scorer's stacked masked weights
             raise ValueError(f"backend='batched' stacks magnitude-masked weights and is not available for "
                              f"{type(scorer).__name__}; use 'serial', 'process' or 'ray'")
         if not val_batches or metric is None:

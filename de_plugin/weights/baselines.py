@@ -5,9 +5,10 @@ from typing import Any
 
 import numpy as np
 
+from ..search.budget import fit_budget
 from . import allocation
-from .hookspecs import hookimpl
-from .runner import IterativePruner, State
+from ..hookspecs import hookimpl
+from .rounds import IterativePruner, State
 
 
 class _AllocationPruner(IterativePruner):
@@ -19,7 +20,7 @@ class _AllocationPruner(IterativePruner):
         lo = state.min_keep(self.options.max_layer_sparsity)
         hi = state.max_keep(self.options.min_layer_sparsity)
         if np.any(counts < lo) or np.any(counts > hi):  # respect the per-layer bounds like the DE does
-            counts = allocation.fit_budget(np.clip(counts, lo, hi) / state.numels, state.numels, keep, lo, upper=hi)
+            counts = fit_budget(np.clip(counts, lo, hi) / state.numels, state.numels, keep, lo, upper=hi)
         return counts, {}
 
 

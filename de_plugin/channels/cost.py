@@ -2,7 +2,7 @@
 
 ``de_channel`` scores thousands of per-group channel counts and projects every DE vector onto a
 MACs / parameter budget, which needs the cost of an allocation many times per candidate. A masked
-forward pass (:func:`de_plugin.coarse.count_macs`) would cost a model evaluation each time, so the
+forward pass (:func:`de_plugin.channels.coarse.count_macs`) would cost a model evaluation each time, so the
 cost is read off the coupling instead: removing ``r_g`` channels of group ``g`` removes ``r_g x m``
 rows or columns of every tensor that carries them (``m``: 1, a Linear consumer's ``H*W`` columns per
 channel, or ``1/groups`` for the in-group columns of a grouped conv). Every weight's alive entries
@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from torch import nn
 
-from .allocator import KeepSpace
+from ..search.allocator import KeepSpace
 from .coarse import CoarseSpace, count_macs
 
 Measure = Literal["macs", "params", "latency"]
@@ -142,12 +142,12 @@ class ChannelSpace(KeepSpace):
     def to_x(self, counts: np.ndarray) -> np.ndarray:
         return 1.0 - np.asarray(counts) / self.numels
 
-    def fit(self, counts_or_density: np.ndarray, keep: float, is_density: bool = False) -> np.ndarray:
+    def fit(self, counts_or_density: np.ndarray, budget: float, is_density: bool = False) -> np.ndarray:
         d = np.asarray(counts_or_density, dtype=float)
-        return self.project_density(d if is_density else d / self.numels, keep)
+        return self.project_density(d if is_density else d / self.numels, budget)
 
-    def project(self, x: np.ndarray, keep: float) -> np.ndarray:
-        return self.project_density(1.0 - np.asarray(x, dtype=float), keep)
+    def project(self, x: np.ndarray, budget: float) -> np.ndarray:
+        return self.project_density(1.0 - np.asarray(x, dtype=float), budget)
 
     def project_density(self, density: np.ndarray, budget: float) -> np.ndarray:
         """Unit counts shaped like ``density`` (kept share per group), as large as ``budget`` allows."""

@@ -23,7 +23,7 @@ import numpy as np
 from torch import nn
 
 from .allocator import KeepSpace
-from .targets import Target
+from ..targets import Target
 
 GroupSpec = Union[str, int, dict]
 NAMED = ("layer", "stage", "block", "type")

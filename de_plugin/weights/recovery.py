@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .allocation import masks_from_counts
-from .targets import Target, apply_masks, get_param, masks_attached
+from ..targets import Target, apply_masks, get_param, masks_attached
 
 Recovery = Literal["none", "random", "splicing"]
 

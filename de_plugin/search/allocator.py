@@ -2,7 +2,7 @@
 
 One search for every caller: ``de_layerwise``'s rounds (magnitude masks, :class:`MagnitudeScorer`),
 the NNI pruner's scheduled re-allocations (through the round runner) and INC's pattern-aware search
-(INC's own pattern masks, the core's :class:`de_plugin.patterns.PatternScorer`, which INC's adapter uses). What differs between them is injected:
+(INC's own pattern masks, the core's :class:`de_plugin.weights.patterns.PatternScorer`, which INC's adapter uses). What differs between them is injected:
 
 * the **scorer** behind a backend (:mod:`de_plugin.evaluation`) turns keep-counts into a score;
 * the **space** (:class:`KeepSpace`) maps DE vectors to keep-counts and back, and projects a
@@ -25,10 +25,10 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from pydantic import Field
 
-from . import allocation
+from .budget import fit_budget
 from .de import DifferentialEvolution
-from .progress import progress_bar
-from .evaluation import Backend, BackendOptions, Bound
+from ..progress import progress_bar
+from ..evaluation import Backend, BackendOptions, Bound
 
 log = logging.getLogger("de_plugin")
 
@@ -121,22 +121,22 @@ class KeepSpace:
     def to_x(self, counts: np.ndarray) -> np.ndarray:
         return 1.0 - counts / self.numels
 
-    def fit(self, counts_or_density: np.ndarray, keep: int, is_density: bool = False) -> np.ndarray:
-        """The allocation's shape (per-layer densities) scaled by one factor to keep exactly ``keep``."""
+    def fit(self, counts_or_density: np.ndarray, budget: int, is_density: bool = False) -> np.ndarray:
+        """The allocation's shape (per-layer densities) scaled by one factor to keep exactly ``budget`` weights."""
         d = counts_or_density if is_density else counts_or_density / self.numels
-        return allocation.fit_budget(d, self.numels, keep, self.min_keep, upper=self.max_keep)
+        return fit_budget(d, self.numels, budget, self.min_keep, upper=self.max_keep)
 
-    def project(self, x: np.ndarray, keep: int) -> np.ndarray:
-        """The keep-counts a DE vector stands for under the budget ``keep``."""
-        return self.fit(self.to_counts(x), keep)
+    def project(self, x: np.ndarray, budget: int) -> np.ndarray:
+        """The keep-counts a DE vector stands for, keeping exactly ``budget`` weights."""
+        return self.fit(self.to_counts(x), budget)
 
 
 class DensitySpace(KeepSpace):
     """``x_l`` is layer l's sparsity, projected onto the budget as a real density (no rounding
     first): INC's pattern-aware search, whose masks round to the pattern's blocks anyway."""
 
-    def project(self, x: np.ndarray, keep: int) -> np.ndarray:
-        return self.fit(1.0 - np.asarray(x), keep, is_density=True)
+    def project(self, x: np.ndarray, budget: int) -> np.ndarray:
+        return self.fit(1.0 - np.asarray(x), budget, is_density=True)
 
 
 class StdSpace(KeepSpace):
@@ -253,35 +253,36 @@ class Allocator:
             pbar.set_postfix(best=f"{solver.fun[solver.best_index()]:.4f}")
         pbar.close()
 
-    def maximise(self, solver: DifferentialEvolution, space: KeepSpace, keep: int, desc: str = "DE",
+    def maximise(self, solver: DifferentialEvolution, space: KeepSpace, budget: int, desc: str = "DE",
                  rescore: Optional[Callable[[np.ndarray], float]] = None, top: int = 4,
                  include: Sequence[np.ndarray] = ()) -> np.ndarray:
-        """Budget form: the allocation keeping exactly ``keep`` weights with the best score.
+        """Budget form: the allocation within ``budget`` with the best score (the space's budget: kept
+        weights for a :class:`KeepSpace`, a cost for de_channel's ``ChannelSpace``).
 
         ``rescore`` (multi-fidelity): the search scored on part of the data, or with less work than
         the final one; the ``top`` best distinct members of the last population, and every vector
         of ``include`` (the seeds, say), are re-scored with it and the best of those returned (their
         scores in :attr:`rescored`)."""
         def evaluate_batch(xs, parents):
-            counts = [space.project(x, keep) for x in xs]
+            counts = [space.project(x, budget) for x in xs]
             # a trial replaces its parent when -score <= parent's objective: it needs score >= -f_parent
             floors = None if parents is None else [-float(fp) for fp in parents[0][:len(counts)]]
             f = [-a for a in self.score_many(counts, floors)]
             return f, None, (np.array([space.to_x(c) for c in counts]) if space.repairs else None)
 
         if self.options.search_strategy != "de":
-            ranked = self._other_search(solver, space, keep, desc)
+            ranked = self._other_search(solver, space, budget, desc)
         else:
             self._run(solver, evaluate_batch, desc)
-            ranked = [space.project(solver.population[i], keep) for i in np.argsort(solver.fun, kind="stable")]
+            ranked = [space.project(solver.population[i], budget) for i in np.argsort(solver.fun, kind="stable")]
         if rescore is None:
             return ranked[0]
         return self._rescore(ranked, rescore, top, include)
 
-    def _other_search(self, solver: DifferentialEvolution, space: KeepSpace, keep: int, desc: str) -> list[np.ndarray]:
+    def _other_search(self, solver: DifferentialEvolution, space: KeepSpace, budget: int, desc: str) -> list[np.ndarray]:
         """``search_strategy`` 'random' or 'evopress' at DE's evaluation budget (its initial population,
         seeds included, then ``population`` candidates for each of ``generations``); candidates best first."""
-        budget = solver.popsize * (solver.maxiter + 1) if solver.maxfun is None else solver.maxfun
+        evals = solver.popsize * (solver.maxiter + 1) if solver.maxfun is None else solver.maxfun
         rng = np.random.default_rng(int(self.rng.integers(2**31)))
         lo, hi = (np.array([b[i] for b in space.bounds], dtype=float) for i in (0, 1))
         scored: dict[tuple[int, ...], tuple[float, np.ndarray]] = {}
@@ -290,18 +291,18 @@ class Allocator:
             for c, v in zip(cands, self.score_many(cands)):
                 scored[tuple(int(t) for t in c)] = (float(v), c)
 
-        start = [space.project(x, keep) for x in solver.population]  # the seeds and their perturbations
+        start = [space.project(x, budget) for x in solver.population]  # the seeds and their perturbations
         score(start)
         spent, lam = len(start), solver.popsize
-        pbar = progress_bar(total=max(0, budget - spent), desc=f"{desc} ({self.options.search_strategy})",
+        pbar = progress_bar(total=max(0, evals - spent), desc=f"{desc} ({self.options.search_strategy})",
                             enabled=self.progress)
-        while spent < budget:
-            n = min(lam, budget - spent)
+        while spent < evals:
+            n = min(lam, evals - spent)
             if self.options.search_strategy == "random" or len(lo) < 2:
-                kids = [space.project(lo + rng.random(len(lo)) * (hi - lo), keep) for _ in range(n)]
+                kids = [space.project(lo + rng.random(len(lo)) * (hi - lo), budget) for _ in range(n)]
             else:
                 parent = max(scored.values(), key=lambda t: t[0])[1]  # (1 + lambda): the best so far
-                kids = [space.project(self._level_switch(space.to_x(parent), lo, hi, rng), keep) for _ in range(n)]
+                kids = [space.project(self._level_switch(space.to_x(parent), lo, hi, rng), budget) for _ in range(n)]
             score(kids)
             spent += n
             pbar.update(n)

@@ -1,6 +1,6 @@
 """``random_coarse``: feature-map and kernel pruning by the best of N random masks (Anwar & Sung).
 
-A candidate removes, in every coupled channel group (:mod:`de_plugin.coupling`), a random set of
+A candidate removes, in every coupled channel group (:mod:`de_plugin.channels.coupling`), a random set of
 ``round(ratio * channels)`` feature maps, and in every selected conv a random ``kernel_ratio`` of
 the k x k kernels that are still alive. Each candidate is applied in place to one working copy,
 optionally has its BatchNorm statistics re-estimated on a few training batches (EagleEye's
@@ -28,15 +28,14 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from .coupling import ChannelGroup, CouplingError, channel_groups
-from .evaluation import (BackendOptions, BNState, batch_norms, DeviceBatches, check_score, make_backend, metric_on_batches,
-                         recalibrate_bn)
-from .hookspecs import hookimpl
-from .progress import progress_bar
-from .pruner import Context, Pruner
-from .registry import get_metric
-from .result import Outcome
-from .runner import RoundLoop, RoundRecord
-from .targets import Target, apply_masks, masks_attached
+from ..evaluation import (BackendOptions, BNState, batch_norms, DeviceBatches, check_score, make_backend, metric_on_batches, recalibrate_bn)
+from ..hookspecs import hookimpl
+from ..progress import progress_bar
+from ..pruner import Context, Pruner
+from ..registry import get_metric
+from ..result import Outcome
+from ..runner import RoundLoop, RoundRecord
+from ..targets import Target, apply_masks, masks_attached
 
 log = logging.getLogger("de_plugin")
 Masks = dict[str, torch.Tensor]  # "module.param" -> bool mask shaped like the parameter
@@ -559,7 +558,7 @@ class RandomCoarse(Pruner):
                  self.name, len(found.scores), found.score, self.reference, accuracy,
                  100 * (1 - macs["macs"] / macs["macs_dense"]))
         return {"round": 0, "candidate_scores": found.scores, "val_accuracy_before_finetune": self.before_ft,
-                "accuracy_after_finetune": accuracy, "macs_removed": 1 - macs["macs"] / macs["macs_dense"],
+                "accuracy_after_finetune": accuracy, "macs_kept": macs["macs"] / macs["macs_dense"],
                 "search_seconds": search_s, "finetune_seconds": time.perf_counter() - t0 - search_s}
 
     def outcome(self, ctx: Context, history: list) -> Outcome:
@@ -568,8 +567,9 @@ class RandomCoarse(Pruner):
         extra = {
             "groups": found.groups, "candidate_scores": found.scores, "best_candidate_score": found.score,
             "accuracy_before_retraining": self.before_ft, "adaptive_bn": found.calib is not None,
-            "macs": macs["macs"], "macs_dense": macs["macs_dense"], "macs_removed": 1 - macs["macs"] / macs["macs_dense"],
-            "params": macs["params"], "params_dense": macs["params_dense"], "layer_macs": macs["layer_macs"],
+            "macs": macs["macs"], "macs_dense": macs["macs_dense"], "macs_kept": macs["macs"] / macs["macs_dense"],
+            "params": macs["params"], "params_dense": macs["params_dense"],
+            "params_kept": macs["params"] / macs["params_dense"], "layer_macs": macs["layer_macs"],
             "example_input_shape": list(example.shape) if isinstance(example, torch.Tensor) else None,
         }
         return structured_outcome(ctx, self.space, found.masks, history, len(found.scores), self.reference, extra)

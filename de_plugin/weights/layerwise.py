@@ -31,18 +31,19 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from . import allocation
-from .allocator import Allocator, KeepSpace, SearchOptions, StdSpace, population_for, search_state, start_search
-from .de import DifferentialEvolution
-from .evaluation import MagnitudeScorer, backend_round, batch_norms, check_device, low_memory_for, make_backend
-from .grouping import NAMED, GroupedSpace, resolve_groups, search_dim
-from .metrics import accuracy
-from .targets import Target
-from .hookspecs import hookimpl
-from .runner import IterativeOptions, IterativePruner, State
-from .pruner import Context
+from ..search.allocator import Allocator, KeepSpace, SearchOptions, StdSpace, population_for, search_state, start_search
+from ..search.de import DifferentialEvolution
+from .magnitude import MagnitudeScorer
+from ..evaluation import backend_round, batch_norms, check_device, low_memory_for, make_backend
+from ..search.grouping import NAMED, GroupedSpace, resolve_groups, search_dim
+from ..metrics import accuracy
+from ..targets import Target
+from ..hookspecs import hookimpl
+from .rounds import IterativeOptions, IterativePruner, State
+from ..pruner import Context
 from .recovery import finetune_round
-from .selection import RetrainedMeasure, check_finalists
-from .result import Outcome
+from ..search.selection import RetrainedMeasure, check_finalists
+from ..result import Outcome
 
 log = logging.getLogger("de_plugin")
 
