@@ -26,6 +26,18 @@ def register_fitness_metrics():
 
 
 @hookspec
+def register_allocations():
+    """Return a dict ``name -> rule(weights, sparsity, ranks=None) -> keep-counts``: a per-layer allocation.
+
+    ``weights`` are the pruned layers' weight tensors, ``sparsity`` the overall fraction to prune; the rule
+    returns one integer keep-count per layer summing exactly to ``round(N * (1 - sparsity))`` (``ranks``,
+    when given, are each weight's magnitude rank, 0 = largest). Each rule seeds ``de_layerwise``'s search
+    (and INC's) beside the built-in ones and becomes a baseline pruner of its own name (magnitude inside
+    each layer, the same rounds and recovery as ``lamp`` or ``erk``).
+    """
+
+
+@hookspec
 def register_commands(subparsers):
     """Add sub-commands to the ``de-plugin`` command line (an ``argparse`` subparsers object).
 

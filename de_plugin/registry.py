@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 _PRUNERS: dict[str, type] = {}
 _METRICS: dict[str, Callable] = {}
+_ALLOCATIONS: dict[str, Callable] = {}
 _synced = False
 
 
@@ -30,6 +31,8 @@ def _sync() -> None:
 
     pm = load_plugins()
     _synced = True
+    for rules in pm.hook.register_allocations():  # first: the baselines' hook makes pruners of them
+        _ALLOCATIONS.update(rules or {})
     for classes in pm.hook.register_pruners():
         for cls in classes or ():
             register_pruner(cls)
@@ -61,6 +64,12 @@ def get_pruner_class(name: str) -> type:
 def create_pruner(name: str, **options: Any):
     """Instantiate a pruner by name; its options are validated before any work."""
     return get_pruner_class(name)(**options)
+
+
+def registered_allocations() -> dict[str, Callable]:
+    """The allocation rules plugins registered (``register_allocations``), by name, in registration order."""
+    _sync()
+    return dict(_ALLOCATIONS)
 
 
 def list_metrics() -> list[str]:

@@ -43,6 +43,22 @@ PLUGIN_CODE = textwrap.dedent(
         return [RandomShare]
 
 
+    def first_heavy(weights, sparsity, ranks=None):
+        """Twice the density in the first layer as in the others, the budget exact."""
+        n = np.array([w.numel() for w in weights])
+        keep = int(round(n.sum() * (1.0 - sparsity)))
+        d = np.ones(len(n))
+        d[0] = 2.0
+        counts = np.floor(d * n * keep / float((d * n).sum())).astype(np.int64)
+        counts[-1] += keep - counts.sum()
+        return counts
+
+
+    @hookimpl
+    def register_allocations():
+        return {"example_first_heavy": first_heavy}
+
+
     @hookimpl
     def register_fitness_metrics():
         return {"example_top2": lambda out, y: float((out.topk(2, 1).indices == y[:, None]).any(1).float().mean())}
@@ -55,8 +71,15 @@ CHECK = textwrap.dedent(
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     r = de_plugin.prune(m, "example_random", sparsity=0.75, progress=False)
+    # the plugin's allocation: a baseline pruner of its own name, and a seed of de_layerwise's search
+    a = de_plugin.prune(m, "example_first_heavy", sparsity=0.75, rounds=1, progress=False)
+    x, y = torch.randn(1000, 16), torch.randint(0, 4, (1000,))
+    d = de_plugin.prune(m, "de_layerwise", val_data=[(x[i:i + 250], y[i:i + 250]) for i in range(0, 1000, 250)],
+                        sparsity=0.75, rounds=1, population=6, generations=1, progress=False)
     print(json.dumps({"pruners": de_plugin.list_pruners(), "metrics": de_plugin.list_metrics(),
-                      "sparsity": r.sparsity, "info": r.history[-1].get("from_plugin")}))
+                      "sparsity": r.sparsity, "info": r.history[-1].get("from_plugin"),
+                      "first_heavy": [row["kept"] for row in a.layers],
+                      "seeds": sorted({s["source"] for s in d.history[0]["de"]["selection"]})}))
     """
 )
 
@@ -124,6 +147,8 @@ def test_installed_plugin_is_listed_and_used(plugin_env):
     assert "example_top2" in res["metrics"]
     assert abs(res["sparsity"] - 0.75) < 1e-3
     assert res["info"] is True
+    assert "example_first_heavy" in res["pruners"] and res["first_heavy"] == [142, 18]  # 2:1 densities of 512, 128
+    assert "example_first_heavy" in res["seeds"] and "lamp" in res["seeds"]
     # without the plugin on the path it is not listed
     clean = subprocess.run([sys.executable, "-c", "import de_plugin; print(de_plugin.list_pruners())"],
                            check=True, capture_output=True, text=True)

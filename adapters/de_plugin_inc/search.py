@@ -98,7 +98,7 @@ def search_targets(scorer, modules: Dict[str, nn.Module], target: float, de_opti
         with backend_round(backend) as scorer:
             seeds = [space.fit(np.full(len(names), 1.0 - target), keep, is_density=True)]
             if s["seed_baselines"]:
-                for rule in allocation.ALLOCATIONS.values():
+                for rule in allocation.rules().values():
                     seeds.append(space.fit(rule([w.detach() for w in scorer.saved], target) / numels, keep,
                                            is_density=True))
             search, solver = start_search(backend, options, np.random.default_rng(s["seed"]), space, seeds,

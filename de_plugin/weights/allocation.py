@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..registry import registered_allocations
 from ..search.budget import largest_remainder, total_keep
 
 
@@ -117,6 +118,11 @@ ALLOCATIONS = {
     "lamp": lamp,
     "erk": erk,
 }
+
+
+def rules() -> dict:
+    """Every allocation rule by name: the built-in ones, then those plugins registered."""
+    return {**ALLOCATIONS, **{k: v for k, v in registered_allocations().items() if k not in ALLOCATIONS}}
 
 
 def magnitude_rank(w: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import numpy as np
 from ..search.budget import fit_budget
 from . import allocation
 from ..hookspecs import hookimpl
+from ..registry import registered_allocations
 from .rounds import IterativePruner, State
 
 
@@ -52,6 +53,15 @@ class Erk(_AllocationPruner):
     rule = staticmethod(allocation.erk)
 
 
+def allocation_pruner(name: str, rule) -> type:
+    """A baseline pruner of a plugin's allocation rule (``register_allocations``): that allocation, magnitude
+    inside each layer, the same rounds as the built-in baselines."""
+    return type(f"Allocation_{name}", (_AllocationPruner,), {
+        "name": name, "rule": staticmethod(rule), "__module__": __name__,
+        "__doc__": f"The plugin allocation {name!r} as a baseline pruner."})
+
+
 @hookimpl
 def register_pruners():
-    return [UniformMagnitude, GlobalMagnitude, Lamp, Erk]
+    plugged = [allocation_pruner(n, r) for n, r in registered_allocations().items() if n not in allocation.ALLOCATIONS]
+    return [UniformMagnitude, GlobalMagnitude, Lamp, Erk, *plugged]

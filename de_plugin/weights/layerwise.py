@@ -320,7 +320,7 @@ class DELayerwise(IterativePruner):
         weights = state.weights()
         for keep in keeps:
             if self.options.seed_baselines:
-                for name, rule in allocation.ALLOCATIONS.items():  # the round's ranks: LAMP needs no sort of its own
+                for name, rule in allocation.rules().items():  # the round's ranks: LAMP needs no sort of its own
                     seeds.append((name, space.fit(rule(weights, 1.0 - keep / state.total, self._ranks[1]), keep)))
             seeds.append(("previous", space.fit(state.counts, keep)))  # previous round's shape, scaled
             if self.sensitivity:
