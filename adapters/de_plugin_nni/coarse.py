@@ -27,9 +27,10 @@ from de_plugin.adapter import (
     BNState,
     CoarseOptions,
     CoarseSpace,
-    apply_and_retrain,
+    Context,
+    Target,
     channel_groups,
-    coarse_search,
+    create_pruner,
     validate_options,
 )
 
@@ -217,22 +218,23 @@ class RandomCoarsePruner(Pruner):
         self.unwrap_model()
         model = self.bound_model
         evaluator.bind_model(model)
-        try:
-            dummy = evaluator.get_dummy_input()
-            space = CoarseSpace(model, dummy, sorted(self.ratios), self.options, self.couple)
-            score = lambda _m: _score_of(evaluator.evaluate())  # noqa: E731
-            found = coarse_search(model, space, dummy, score, self.options, self.seed, train_batches=self._calibration(),
-                                  progress=self.progress)
-            reference = score(model)  # the search left the model as it was
-            masks, own = found.masks, own_masks(space, found.best)
-            before = apply_and_retrain(model, space, masks, lambda _m, e: evaluator.train(max_epochs=e),
-                                       self.options, self.seed, found.calib, score)
-            macs = found.macs
-            self.result = {"reference": reference, "best_candidate_score": found.score, "candidate_scores": found.scores,
-                           "before_retraining": before, "accuracy": score(model), "groups": found.groups,
-                           "macs": macs["macs"], "macs_dense": macs["macs_dense"],
-                           "macs_kept": macs["macs"] / macs["macs_dense"], "params": macs["params"],
-                           "params_dense": macs["params_dense"], "param_masks": masks,
+        try:  # the core's random_coarse, stepped through its round loop on the unwrapped model
+            core = create_pruner("random_coarse", **{**self.options.model_dump(), "couple": self.couple})
+            modules = dict(model.named_modules())
+            targets = [Target(n, "weight", type(modules[n]).__name__, tuple(modules[n].weight.shape))
+                       for n in sorted(self.ratios)]
+            ctx = Context(model=model, targets=targets, evaluate=lambda _m: _score_of(evaluator.evaluate()),
+                          finetune=lambda _m, e: evaluator.train(max_epochs=e), sparsity=None, max_accuracy_drop=None,
+                          seed=self.seed, progress=self.progress, train_batches=self._calibration())
+            out = core.runner().run(ctx)
+            core.close()
+            found, masks, ex = core.found, out.extra_masks, out.extra
+            own = own_masks(core.space, found.best)
+            self.result = {"reference": out.reference_accuracy, "best_candidate_score": found.score,
+                           "candidate_scores": found.scores, "before_retraining": ex["accuracy_before_retraining"],
+                           "accuracy": out.accuracy, "groups": found.groups, "macs": ex["macs"],
+                           "macs_dense": ex["macs_dense"], "macs_kept": ex["macs_kept"], "params": ex["params"],
+                           "params_dense": ex["params_dense"], "param_masks": masks,
                            "adaptive_bn_batches": len(found.calib or [])}
         finally:
             evaluator.unbind_model()

@@ -64,6 +64,9 @@ class CoarseOptions(BackendOptions):
     bn_batches: int = Field(50, ge=1)
     finetune_epochs: int = Field(1, ge=0)
     criterion: Literal["random", "l1"] = "random"
+    #: layers whose output channels a framework declares coupled (NNI's ``dependency_group_id``): merged into
+    #: the groups the coupling pass finds
+    couple: Optional[list[list[str]]] = None
     #: candidates are independent: score them on local processes or Ray actors (no ``batched``:
     #: each candidate re-estimates BatchNorm statistics, which vmap cannot batch)
     backend: Literal["serial", "process", "ray"] = Field("serial", description="where candidates are scored")
@@ -539,7 +542,7 @@ class RandomCoarse(Pruner):
             raise ValueError("random_coarse prunes Conv2d feature maps and kernels (and Linear hidden units with "
                              "linear_ratio > 0): the selection has no Conv2d layer (check `layers` / `layer_types` / "
                              "`exclude`)")
-        self.space = CoarseSpace(ctx.model, self.example, producers, o)
+        self.space = CoarseSpace(ctx.model, self.example, producers, o, o.couple)
 
     def round(self, ctx: Context) -> dict[str, Any]:
         """The one round: the best of ``candidates`` masks, applied, one retraining; its record."""
