@@ -123,11 +123,16 @@ def rows(rungs: list[float], levels: list[float]) -> list[dict[str, Any]]:
 
 
 #: selection.py studies (one round from a converged reference): (label, folder, model, A, baselines)
+HEURISTICS = ["lamp", "global_magnitude", "erk"]
 SELECTIONS = [
-    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[finetune]", ["lamp", "global_magnitude"]),
-    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[holdout]", ["lamp", "global_magnitude"]),
-    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[finetune]", ["lamp"]),
-    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[holdout]", ["lamp"]),
+    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[finetune]", HEURISTICS),
+    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[holdout]", HEURISTICS),
+    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[random]", HEURISTICS),
+    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[evopress]", HEURISTICS),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[finetune]", HEURISTICS),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[holdout]", HEURISTICS),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[random]", HEURISTICS),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[evopress]", HEURISTICS),
 ]
 
 
