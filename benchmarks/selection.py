@@ -39,6 +39,9 @@ METHODS = {
     "de_layerwise[holdout]": ("de_layerwise", {"selection": "holdout"}),
     "de_layerwise[finetune]": ("de_layerwise", {"selection": "finetune", "finalist_epochs": 1}),
     "erk": ("erk", {}),
+    # the short fine-tune also given the four best seeds (one epoch each), not only the best one
+    "de_layerwise[finetune+seeds]": ("de_layerwise", {"selection": "finetune", "finalist_epochs": 1,
+                                                      "finalist_seeds": 4}),
     # the search strategies at DE's number of evaluations, chosen the same way (the short fine-tune)
     "de_layerwise[random]": ("de_layerwise", {"selection": "finetune", "finalist_epochs": 1,
                                               "search_strategy": "random"}),
@@ -47,7 +50,7 @@ METHODS = {
 }
 HEURISTICS = ["lamp", "global_magnitude", "erk"]
 #: (A, B) pairs reported besides each searched method against the best heuristic at the rung
-PAIRS = [("de_layerwise[finetune]", "de_layerwise[holdout]"), ("de_layerwise[finetune]", "de_layerwise[random]"),
+PAIRS = [("de_layerwise[finetune]", "de_layerwise[holdout]"), ("de_layerwise[finetune+seeds]", "de_layerwise[finetune]"), ("de_layerwise[finetune]", "de_layerwise[random]"),
          ("de_layerwise[finetune]", "de_layerwise[evopress]"), ("de_layerwise[evopress]", "de_layerwise[random]")]
 
 

@@ -76,3 +76,19 @@ def test_finetune_selection_needs_the_budget_form(mlp, evaluate, finetune):
     with pytest.raises(ValueError, match="budget-form"):
         de_plugin.prune(mlp, "de_layerwise", evaluate=evaluate, finetune=finetune, max_accuracy_drop=0.01,
                         selection="finetune", progress=False)
+
+
+def test_finalist_seeds_retrains_the_best_seeds_too(mlp, digits, finetune):
+    """finalist_seeds=3: the three best seeds by the held-out score are retrained besides the search's finalist,
+    so a heuristic ranked below another before fine-tuning can still be chosen after it."""
+    r = de_plugin.prune(mlp, "de_layerwise", val_data=_misleading_val(digits), finetune=finetune, sparsity=0.9,
+                        rounds=1, finetune_epochs=1, search_images=100, population=8, generations=2, seed=0,
+                        finalists=1, finalist_seeds=3, recovery="none", progress=False)
+    de = r.history[0]["de"]
+    seeds = sorted((s for s in de["selection"] if s["source"] != "search"), key=lambda s: -s["score"])
+    assert all("score_after_short_finetune" in s for s in seeds[:3])
+    assert all("score_after_short_finetune" not in s for s in seeds[3:])
+    retrained = [s for s in de["selection"] if "score_after_short_finetune" in s]
+    assert de["finalists_retrained"] == len(retrained) == 4  # the search's best and three seeds
+    chosen = next(s for s in de["selection"] if s["chosen"])
+    assert chosen["score_after_short_finetune"] == max(s["score_after_short_finetune"] for s in retrained)

@@ -101,6 +101,10 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
                     "`finetune` is given, else 'holdout'")
     finalists: int = Field(3, ge=1, description="selection='finetune': candidates retrained before the choice")
     finalist_epochs: int = Field(1, ge=1, description="selection='finetune': epochs each finalist is retrained for")
+    finalist_seeds: int = Field(1, ge=1, description="selection='finetune': the seed allocations (by the held-out "
+                                                     "score) retrained besides the search's finalists: 1, the best "
+                                                     "seed; more lets a heuristic that ranks lower before fine-tuning "
+                                                     "win after it (one more epoch each)")
     search_images: Optional[int] = Field(
         500, ge=1, description="multi-fidelity by size (budget form, fidelity unset): when val_data holds more "
                                 "images than this, the search scores candidates on its first batches holding "
@@ -412,8 +416,9 @@ class DELayerwise(IterativePruner):
 
     def _finetune_finalists(self, search: Allocator, seeds: list[np.ndarray],
                             ) -> tuple[np.ndarray, dict[tuple[int, ...], float], dict]:
-        """``selection='finetune'``: the ``finalists`` best by the held-out score, and the best seed when it is
-        not among them (so the choice cannot fall below it on the same measure), each with its magnitude masks
+        """``selection='finetune'``: the ``finalists`` best by the held-out score, and the ``finalist_seeds`` best
+        seeds not among them (so the choice cannot fall below the best seed on the same measure), each with its
+        magnitude masks
         on the round's weights held through ``finalist_epochs`` of the user's ``finetune`` (the same seed for
         every finalist), then scored on the held-out images again; the best wins (ties: the held-out order)."""
         ctx, o, scorer = self.ctx, self.options, self.backend.scorer
@@ -428,9 +433,9 @@ class DELayerwise(IterativePruner):
         ranked = sorted(search.rescored, key=lambda k: -search.rescored[k])  # stable: ties keep the order
         top = ranked[:o.finalists]
         keys = {tuple(int(v) for v in c) for c in seeds}
-        best_seed = next((k for k in ranked if k in keys), None)
-        if best_seed is not None and best_seed not in top:
-            top.append(best_seed)
+        for k in [k for k in ranked if k in keys][:o.finalist_seeds]:  # the best seeds, by the held-out score
+            if k not in top:
+                top.append(k)
         scores = {k: measure(np.array(k, dtype=np.int64)) for k in top}
         won = max(top, key=lambda k: scores[k])
         log.info("%s: finalists after a short fine-tune: %s", self.name, ", ".join(f"{v:.4f}" for v in scores.values()))
