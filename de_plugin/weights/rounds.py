@@ -113,7 +113,7 @@ class RoundRunner(RoundLoop):
         if self.mode == "scheduled":
             return 0, 0
         if self.mode == "budget":
-            return len(self.loop["plan"]), self.loop["next"]
+            return super()._progress_total()
         return self.pruner.options.rounds, self.loop["accepted"]  # accuracy form: None unless set
 
     def _check_budget(self) -> None:
