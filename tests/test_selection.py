@@ -92,3 +92,28 @@ def test_finalist_seeds_retrains_the_best_seeds_too(mlp, digits, finetune):
     assert de["finalists_retrained"] == len(retrained) == 4  # the search's best and three seeds
     chosen = next(s for s in de["selection"] if s["chosen"])
     assert chosen["score_after_short_finetune"] == max(s["score_after_short_finetune"] for s in retrained)
+
+
+def test_choose_keeps_the_best_seed_unless_the_search_beats_it_by_the_margin():
+    from de_plugin.search.selection import choose
+    scores = {(1,): 0.903, (2,): 0.900, (3,): 0.899}  # (1,) the search's, (2,) and (3,) seeds
+    seeds = {(2,), (3,)}
+    assert choose(scores, seeds) == (1,)  # margin 0: the plain best
+    assert choose(scores, seeds, 0.002) == (1,)  # ahead by 0.003 > 0.002
+    assert choose(scores, seeds, 0.005) == (2,)  # not ahead by more than 0.005: the best seed
+    assert choose({(1,): 0.5, (2,): 0.6}, {(2,)}, 0.005) == (2,)  # a seed that is best wins anyway
+    assert choose({(1,): 0.9}, set(), 0.5) == (1,)  # no seed among the finalists: the best
+
+
+def test_selection_margin_returns_the_best_retrained_seed_when_no_search_allocation_clears_it(mlp, digits, finetune):
+    """selection_margin=1 (no score can clear it): the chosen allocation is the best seed after the short
+    fine-tune, never the search's, even where the search's scored higher."""
+    r = de_plugin.prune(mlp, "de_layerwise", val_data=_misleading_val(digits), finetune=finetune, sparsity=0.9,
+                        rounds=1, finetune_epochs=1, search_images=100, population=8, generations=2, seed=0,
+                        finalists=2, finalist_seeds=2, selection_margin=1.0, recovery="none", progress=False)
+    sel = r.history[0]["de"]["selection"]
+    retrained = [s for s in sel if "score_after_short_finetune" in s]
+    chosen = next(s for s in sel if s["chosen"])
+    assert chosen["source"] != "search"
+    assert chosen["score_after_short_finetune"] == max(s["score_after_short_finetune"] for s in retrained
+                                                      if s["source"] != "search")

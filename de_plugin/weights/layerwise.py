@@ -42,7 +42,7 @@ from ..hookspecs import hookimpl
 from .rounds import IterativeOptions, IterativePruner, State
 from ..pruner import Context
 from .recovery import finetune_round
-from ..search.selection import RetrainedMeasure, check_finalists
+from ..search.selection import RetrainedMeasure, check_finalists, choose
 from ..result import Outcome
 
 log = logging.getLogger("de_plugin")
@@ -105,6 +105,11 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
                                                      "score) retrained besides the search's finalists: 1, the best "
                                                      "seed; more lets a heuristic that ranks lower before fine-tuning "
                                                      "win after it (one more epoch each)")
+    selection_margin: float = Field(0.0, ge=0.0, le=1.0,
+                                    description="selection='finetune': a search allocation replaces the best "
+                                                "retrained seed only when its score after the short fine-tune is "
+                                                "higher by more than this (score units: 0.005 = half a point of "
+                                                "accuracy); 0, the plain best")
     search_images: Optional[int] = Field(
         500, ge=1, description="multi-fidelity by size (budget form, fidelity unset): when val_data holds more "
                                 "images than this, the search scores candidates on its first batches holding "
@@ -437,7 +442,7 @@ class DELayerwise(IterativePruner):
             if k not in top:
                 top.append(k)
         scores = {k: measure(np.array(k, dtype=np.int64)) for k in top}
-        won = max(top, key=lambda k: scores[k])
+        won = choose(scores, keys, o.selection_margin)
         log.info("%s: finalists after a short fine-tune: %s", self.name, ", ".join(f"{v:.4f}" for v in scores.values()))
         return np.array(won, dtype=np.int64), scores, measure.cost()
 
