@@ -32,7 +32,7 @@ from .evaluation import Backend, BackendOptions, BNState, Scorer, backend_round,
 from .hookspecs import hookimpl
 from .channels.latency import measure as measure_latency
 from .weights.layerwise import LayerwiseOptions
-from .options import validate_options
+from .options import Options, options_from, validate_options
 from .weights.patterns import PatternScorer, as_matrix, check_fits, parse_pattern, pattern_mask
 from .pruner import Context, prune
 from .registry import create_pruner, get_pruner_class, list_pruners, lookup
@@ -47,7 +47,7 @@ from .targets import Target, apply_masks, masks_attached
 __all__ = [
     "prune", "PruningResult", "create_pruner", "list_pruners", "get_pruner_class", "IterativePruner", "Context", "RoundRunner", "RoundRecord", "Target", "masks_attached", "apply_masks",
     "Allocator", "start_search", "search_state", "KeepSpace", "DensitySpace", "GroupedSpace", "resolve_groups", "SearchOptions", "LayerwiseOptions", "allocation", "masks_from_counts",
-    "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "check_batches", "validate_options",
+    "Scorer", "Backend", "BackendOptions", "make_backend", "backend_round", "check_score", "check_batches", "validate_options", "options_from", "Options",
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",
     "channel_groups", "slice_channels", "kept_channels", "check_out_dir", "ChannelOptions", "measure_latency", "BNState", "hookimpl", "lookup",
     "PatternScorer", "parse_pattern", "pattern_mask", "check_fits", "as_matrix",

@@ -15,9 +15,16 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
-def validate_options(model_cls: type[Options], pruner_name: str, options: dict[str, Any],
+def validate_options(model_cls: type[Options], pruner_name: str, options: "dict[str, Any] | Options",
                      what: str = "options for pruner") -> Options:
-    """Build the options object or raise a ValueError that names each problem and the fix."""
+    """Build the options object or raise a ValueError that names each problem and the fix. An object of
+    ``model_cls`` is already valid (validation on assignment keeps it so) and is returned as it is: an
+    adapter that validated the user's options once passes that object on instead of a dump to re-check."""
+    if isinstance(options, model_cls):
+        return options
+    if isinstance(options, Options):
+        raise TypeError(f"options for pruner {pruner_name!r} must be {model_cls.__name__}, got "
+                        f"{type(options).__name__}")
     known = list(model_cls.model_fields)
     noun = "key" if "config" in what else "option"
     try:
@@ -37,3 +44,13 @@ def validate_options(model_cls: type[Options], pruner_name: str, options: dict[s
             f"invalid {what} {pruner_name!r}: " + "; ".join(lines)
             + (f". Valid keys: {', '.join(sorted(known))}" if unknown else "")
         ) from None
+
+
+def options_from(model_cls: type[Options], pruner_name: str, options: "Options | None",
+                 kwargs: dict[str, Any]) -> Options:
+    """A pruner's options given either as keywords (validated here) or as one ``model_cls`` object
+    (validated when it was built), never both: what every constructor that takes options accepts."""
+    if options is not None and kwargs:
+        raise TypeError(f"{pruner_name}: give the options either as one {model_cls.__name__} object or as "
+                        f"keywords ({', '.join(sorted(kwargs))}), not both")
+    return validate_options(model_cls, pruner_name, kwargs if options is None else options)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .evaluation import check_batches, check_score, evaluator_from_batches, low_memory_for
-from .options import Options, validate_options
+from .options import Options, options_from
 from .registry import get_metric, get_pruner_class
 from .result import Outcome, PruningResult
 from .targets import Target, find_targets, layer_sparsity
@@ -73,8 +73,9 @@ class Pruner:
     #: with goal "ratios": the options that say how much to prune, for the error on a `sparsity` goal
     goal_options: ClassVar[str] = "its ratio options (e.g. feature_map_ratio=0.5, kernel_ratio=0.3)"
 
-    def __init__(self, **options: Any) -> None:
-        self.options = validate_options(self.Options, self.name, options)
+    def __init__(self, options: Optional[Options] = None, **kwargs: Any) -> None:
+        """Options as keywords (validated here), or as an ``Options`` object validated already."""
+        self.options = options_from(self.Options, self.name, options, kwargs)
 
     def check_targets(self, model: nn.Module, targets: Sequence[Target], train_batches: Optional[list],
                       val_batches: Optional[list] = None, metric: Optional[Callable] = None) -> None:
@@ -144,7 +145,7 @@ class Undo:
 
 def prune(
     model: nn.Module,
-    name: str,
+    name: "str | Pruner",
     *,
     evaluate: Optional[Evaluate] = None,
     finetune: Optional[Finetune] = None,
@@ -170,10 +171,11 @@ def prune(
     and a ``metric`` name; ``train_data`` batches serve pruners that need training inputs (adaptive
     BatchNorm). Pruners with ``goal = "ratios"`` (``random_coarse``) take no ``sparsity`` /
     ``max_accuracy_drop``: their options say how much to prune. ``layers`` / ``layer_types`` / ``exclude`` select the pruned weights.
-    Remaining keyword ``options`` go to the pruner and are validated. The input model is copied
+    Remaining keyword ``options`` go to the pruner and are validated. ``name`` may instead be a pruner
+    created already (``create_pruner``), whose options were validated then. The input model is copied
     unless ``inplace=True``.
     """
-    pruner = get_pruner_class(name)(**options)
+    pruner, name = _pruner_for(name, options)
     ctx = _checked_context(pruner, name, model, evaluate, finetune, sparsity, max_accuracy_drop, seed, val_data,
                            train_data, metric, layers, layer_types, exclude, progress)
     work = ctx.model = model if inplace else copy.deepcopy(model)
@@ -190,6 +192,17 @@ def prune(
         if snapshot is not None:
             snapshot.close()
     return build_result(name, pruner, outcome, work, ctx.seed, time.perf_counter() - t0)
+
+
+def _pruner_for(name: "str | Pruner", options: dict[str, Any]) -> tuple[Pruner, str]:
+    if isinstance(name, Pruner):
+        if options:
+            raise TypeError(f"prune() got options {sorted(options)} for a pruner object: set them when creating "
+                            f"it (create_pruner({name.name!r}, ...)), or pass the pruner's name instead")
+        return name, name.name
+    if not isinstance(name, str):
+        raise TypeError(f"`name` must be a registered pruner's name or a Pruner, got {type(name).__name__}")
+    return get_pruner_class(name)(**options), name
 
 
 def _checked_context(pruner: Pruner, name: str, model: Any, evaluate: Any, finetune: Any, sparsity: Any,

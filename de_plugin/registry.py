@@ -61,9 +61,10 @@ def get_pruner_class(name: str) -> type:
     return lookup(_PRUNERS, name, "pruner")
 
 
-def create_pruner(name: str, **options: Any):
-    """Instantiate a pruner by name; its options are validated before any work."""
-    return get_pruner_class(name)(**options)
+def create_pruner(name: str, options: Any = None, /, **kwargs: Any):
+    """Instantiate a pruner by name; its options (keywords, or the pruner's ``Options`` object) are validated
+    before any work."""
+    return get_pruner_class(name)(options, **kwargs)
 
 
 def registered_allocations() -> dict[str, Callable]:

@@ -297,3 +297,21 @@ def test_core_patterns_equal_inc37_pattern_masks(pattern, ratio):
         inc = layer_mask(inc_pattern, name, score, ratio, ratio, torch.ones_like(w, dtype=torch.bool)).bool()
         ours = pattern_mask(w, ratio, pattern)
         assert torch.equal(inc, ours) and float((~ours).float().mean()) == ratio
+
+
+def test_de_options_are_validated_once_per_entry(mlp, evaluate, digits, monkeypatch):
+    """An entry's de_options are validated when INC builds the pruner (before any training) and that object
+    is what the search runs with: counted where pydantic builds the search options."""
+    from de_plugin.search.allocator import SearchOptions
+
+    built, init = [], SearchOptions.__init__
+    monkeypatch.setattr(SearchOptions, "__init__",  # the search's own options (not the grouping check's)
+                        lambda self, **d: (type(self) is SearchOptions and built.append(d)) or init(self, **d))
+    cfg = WeightPruningConfig([{"op_names": ["fc.*"], "pruning_type": "de_layerwise", "eval_func": evaluate,
+                                "de_options": {**DE, "population": 7}}], target_sparsity=0.8, pattern="1x1",
+                              start_step=0, end_step=0, pruning_frequency=1)
+    cm = prepare_compression(mlp, cfg)
+    assert len(built) == 1 and built[0]["population"] == 7
+    train_with(cm, mlp, digits)
+    assert the_pruner(cm).layer_targets is not None  # searched
+    assert len(built) == 1

@@ -252,3 +252,14 @@ def test_inc3_chatter_is_dropped_and_real_warnings_pass():
         for name, h in handlers.items():
             logging.getLogger(name).removeHandler(h)
     assert seen == ["Tuning failed: the config is not supported"]
+
+
+def test_de_options_are_validated_once_per_config(mlp, evaluate, monkeypatch):
+    from de_plugin.search.allocator import SearchOptions
+
+    built, init = [], SearchOptions.__init__
+    monkeypatch.setattr(SearchOptions, "__init__",  # the search's own options (not the grouping check's)
+                        lambda self, **d: (type(self) is SearchOptions and built.append(d)) or init(self, **d))
+    pruned = quantize(mlp, DELayerwiseConfig(target_sparsity=0.5, eval_fn=evaluate, de_options={**DE, "population": 7}))
+    assert pruned.de_plugin_report["sparsity"] == pytest.approx(0.5, abs=2e-3)
+    assert len(built) == 1 and built[0]["population"] == 7

@@ -638,3 +638,36 @@ def test_de_channel_nni_bad_input(evaluator_for):
     with pytest.raises(ValueError, match="selects no Conv2d"):
         de_plugin_nni.create_pruner("de_channel", model, [{"op_types": ["Linear"]}], ev, macs=0.5)
     assert same_state(before, state_of(model))
+
+
+def test_options_are_validated_once_from_config_to_core(mlp, evaluator_for, monkeypatch):
+    """A config's pruner options are validated once (before any work) and that object travels to the core
+    pruner: no dump and re-validation on the way. Counted where pydantic builds an options object."""
+    from de_plugin.weights.layerwise import LayerwiseOptions
+
+    built, init = [], LayerwiseOptions.__init__
+
+    def counting(self, **data):
+        built.append(sorted(data))
+        init(self, **data)
+
+    monkeypatch.setattr(LayerwiseOptions, "__init__", counting)
+    cfg = {"pruner": "de_layerwise", "options": {k: v for k, v in DE.items()},
+           "config_list": [{"op_types": ["Linear"], "sparse_ratio": 0.6, "max_sparse_ratio": 0.9}]}
+    report = de_plugin_nni.run_config(cfg, model=mlp, evaluator=evaluator_for(mlp))
+    assert report["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert len(built) == 1, built
+    assert max(1 - r["kept"] / r["params"] for r in report["layers"]) <= 0.9 + 1e-3  # the entry's bound reached it
+
+
+def test_core_prune_takes_a_created_pruner_and_refuses_options_twice(mlp, evaluate):
+    p = de_plugin.create_pruner("lamp")
+    r = de_plugin.prune(mlp, p, evaluate=evaluate, sparsity=0.5, progress=False)
+    assert r.pruner == "lamp" and r.sparsity == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(TypeError, match="create_pruner"):
+        de_plugin.prune(mlp, p, evaluate=evaluate, sparsity=0.5, rounds=2)
+    from de_plugin.weights.layerwise import LayerwiseOptions
+    with pytest.raises(TypeError, match="not both"):
+        de_plugin.create_pruner("de_layerwise", LayerwiseOptions(), rounds=2)
+    with pytest.raises(TypeError, match="must be LayerwiseOptions"):
+        de_plugin.create_pruner("de_layerwise", p.options)

@@ -10,14 +10,15 @@ from typing import Any, Callable, Dict, List
 from torch import nn
 
 from .patterns import filter_pattern
-from .search import de_settings, search_channels, search_layer_targets
+from .search import DESettings, de_settings, search_channels, search_layer_targets
 
 log = logging.getLogger("de_plugin_inc")
 SPECIAL_NAMES = ("gpt", "retrain")
 
 
-def validate_entry(info: Dict[str, Any], modules: Dict[str, nn.Module], need_eval: bool = True) -> None:
-    """Everything that can be wrong with a de_layerwise entry, raised before any training."""
+def validate_entry(info: Dict[str, Any], modules: Dict[str, nn.Module], need_eval: bool = True) -> DESettings:
+    """Everything that can be wrong with a de_layerwise entry, raised before any training; its ``de_options``
+    validated (the search takes that object)."""
     t = info.get("target_sparsity")
     if t is None or not 0.0 <= float(t) < 1.0:
         raise ValueError(f"target_sparsity must lie in [0, 1), got {t}")
@@ -28,13 +29,14 @@ def validate_entry(info: Dict[str, Any], modules: Dict[str, nn.Module], need_eva
                              "pruning config entry, or precomputed 'layer_targets' (see de_plugin_inc.search_config)")
         if not callable(ev):
             raise TypeError(f"eval_func must be callable as eval_func(model) -> float, got {type(ev).__name__}")
-    de_settings(info.get("de_options"))
+    settings = de_settings(info.get("de_options"))
     if not modules:
         raise ValueError(f"op_names {info.get('op_names')} match no {info.get('pruning_op_types')} layer of the model "
                          "for de_layerwise (INC also leaves out the last Linear, the classifier)")
     for name in modules:
         if any(s in name for s in SPECIAL_NAMES):
             log.warning("layer %r: INC routes module names containing %s specially and may skip it", name, SPECIAL_NAMES)
+    return settings
 
 
 def selected_modules(info: Dict[str, Any], model: nn.Module) -> Dict[str, nn.Module]:
@@ -45,11 +47,11 @@ def selected_modules(info: Dict[str, Any], model: nn.Module) -> Dict[str, nn.Mod
     return utils.parse_to_prune(dict(info), model)  # patched: gets its own exclusion list
 
 
-def check_entry(model: nn.Module, info: Dict[str, Any], need_eval: bool = True) -> Dict[str, nn.Module]:
-    """Validate one processed pruning config entry; return the modules it selects."""
+def check_entry(model: nn.Module, info: Dict[str, Any], need_eval: bool = True,
+                ) -> tuple[Dict[str, nn.Module], DESettings]:
+    """Validate one processed pruning config entry; return the modules it selects and its search settings."""
     modules = selected_modules(info, model)
-    validate_entry(info, modules, need_eval)
-    return modules
+    return modules, validate_entry(info, modules, need_eval)
 
 
 #: keys of a user's entry that only drive the search; the per-layer entries replace them
@@ -123,10 +125,11 @@ def _coarse_entries(work, info, entry, eval_func, train_data, coarse_options) ->
 def _de_entries(work, info, entry, eval_func, de_options) -> List[Dict[str, Any]]:
     from neural_compressor.compression.pruner.patterns import get_pattern
 
-    modules = check_entry(work, info, need_eval=False)
+    info["de_options"] = {**(info.get("de_options") or {}), **de_options}  # our processed copy, as below
+    modules, settings = check_entry(work, info, need_eval=False)
     info["criterion_type"] = "magnitude"  # our processed copy, INC's DotDict kept
     targets = search_layer_targets(modules, get_pattern(info, modules), info["target_sparsity"],
-                                   lambda: eval_func(work), {**(info.get("de_options") or {}), **de_options},
+                                   lambda: eval_func(work), settings,
                                    info["max_sparsity_ratio_per_op"], info["min_sparsity_ratio_per_op"])
     return [per_layer_entry(entry, info, name, pruning_type="magnitude", target_sparsity=ratio)
             for name, ratio in targets.items()]

@@ -32,7 +32,7 @@ from torch import nn
 from de_plugin.adapter import PatternScorer, apply_masks, check_fits, check_score, parse_pattern, pattern_mask
 
 from .config3 import PruningConfig
-from .search import de_settings, search_targets
+from .search import DESettings, de_settings, search_targets
 
 log = logging.getLogger("de_plugin_inc")
 DE_LAYERWISE = "de_layerwise"
@@ -72,8 +72,9 @@ class DELayerwiseConfig(PruningConfig):
     def get_config_set_for_tuning(cls) -> "DELayerwiseConfig":
         return cls(target_sparsity=[0.9, 0.8, 0.7, 0.5])
 
-    def check(self, model: nn.Module) -> Dict[str, nn.Module]:
-        """Everything wrong with this config for ``model``, raised before any work; the layers to prune."""
+    def check(self, model: nn.Module) -> tuple[Dict[str, nn.Module], DESettings]:
+        """Everything wrong with this config for ``model``, raised before any work; the layers to prune and
+        the search's settings (``de_options`` validated)."""
         if not callable(self.eval_fn):
             raise ValueError("DELayerwiseConfig needs eval_fn: a function model -> validation accuracy (higher is "
                              "better) that the search scores candidates with")
@@ -84,11 +85,11 @@ class DELayerwiseConfig(PruningConfig):
         if float(t) > p.max_sparsity:
             raise ValueError(f"pattern {p} prunes at most {p.max_sparsity:.0%} of a layer; target_sparsity {t} "
                              "cannot be reached with it")
-        de_settings(self.de_options)
+        settings = de_settings(self.de_options)
         modules = select_layers(model, self.op_names, self.excluded_op_names, self.op_types)
         for name, mod in modules.items():
             check_fits(p, name, mod.weight.shape)
-        return modules
+        return modules, settings
 
 
 def select_layers(model: nn.Module, op_names, excluded, op_types) -> Dict[str, nn.Module]:
@@ -109,10 +110,10 @@ def select_layers(model: nn.Module, op_names, excluded, op_types) -> Dict[str, n
 
 def prune_model(model: nn.Module, config: DELayerwiseConfig) -> Dict[str, torch.Tensor]:
     """Search, apply and (optionally) fine-tune under masks, in place; the keep-masks by module name."""
-    modules = config.check(model)
+    modules, settings = config.check(model)
     p = parse_pattern(config.pattern)
     scorer = PatternScorer(modules, lambda: check_score(config.eval_fn(model)), str(p))
-    targets = search_targets(scorer, modules, float(config.target_sparsity), config.de_options,
+    targets = search_targets(scorer, modules, float(config.target_sparsity), settings,
                              min(config.max_sparsity_ratio_per_op, p.max_sparsity), config.min_sparsity_ratio_per_op)
     masks = {n: pattern_mask(m.weight, targets[n], p) for n, m in modules.items()}
     apply_masks(model, weight_masks(masks))

@@ -219,7 +219,7 @@ class PytorchDELayerwisePruner(SearchedPruner):
 
     def __init__(self, config, modules):
         config["criterion_type"] = "magnitude"  # de_layerwise prunes by magnitude inside each layer
-        validate_entry(config, modules)
+        self.settings = validate_entry(config, modules)
         targets = config.get("layer_targets")
         super().__init__(config, modules)
         if targets is not None and set(targets) != set(modules):
@@ -231,7 +231,7 @@ class PytorchDELayerwisePruner(SearchedPruner):
         ref = self.config.get("model_ref")
         fn = (lambda: ev(ref.model)) if ref is not None else (lambda: ev())
         self.layer_targets = search_layer_targets(
-            self.modules, self.pattern, self.target_sparsity_ratio, fn, self.config.get("de_options"),
+            self.modules, self.pattern, self.target_sparsity_ratio, fn, self.settings,
             self.config["max_sparsity_ratio_per_op"], self.config["min_sparsity_ratio_per_op"])
         log.info("de_layerwise per-layer targets: %s", self.layer_targets)
 

@@ -10,6 +10,7 @@ user's ``eval_func(model)``. ``random_coarse``: the best of N random filter mask
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -47,8 +48,22 @@ GROUP_KEYS = {"groups": "layer", "group_offset": 0.05}  # the grouped search of 
 COARSE_KEYS = {"candidates", "adaptive_bn", "bn_batches", "score", "seed"}
 
 
-def de_settings(de_options: Dict[str, Any] | None) -> Dict[str, Any]:
-    """Validate ``de_options`` with the core's option model; keep the keys the INC search uses."""
+@dataclass(frozen=True)
+class DESettings:
+    """``de_options`` validated: the core's search options plus the grouped search's settings and the seed.
+    Built once per INC entry or config (before any work) and handed to the search as it is."""
+
+    search: SearchOptions
+    groups: Any
+    group_offset: float
+    seed: int
+
+
+def de_settings(de_options: "Dict[str, Any] | DESettings | None") -> DESettings:
+    """Validate ``de_options`` with the core's option models; keep the keys the INC search uses. Settings
+    validated already are returned as they are."""
+    if isinstance(de_options, DESettings):
+        return de_options
     if de_options is not None and not isinstance(de_options, dict):
         raise TypeError(f"de_options must be a dict of search options, e.g. {{'population': 8, 'generations': 5}}; "
                         f"got {type(de_options).__name__} {de_options!r}")
@@ -64,20 +79,22 @@ def de_settings(de_options: Dict[str, Any] | None) -> Dict[str, Any]:
                  else repr(k) for k in unused]
         raise ValueError(f"unknown de_options {', '.join(hints)}: inside INC only the search's options apply "
                          f"(INC's loop fine-tunes and schedules); valid: {sorted(DE_KEYS | set(GROUP_KEYS) | {'seed'})}")
-    o = validate_options(SearchOptions, "de_layerwise", opts)
-    return {**{k: getattr(o, k) for k in DE_KEYS}, **grouping, "seed": int(seed)}
+    # early rejection compares against a reference accuracy, which INC's search does not take
+    o = validate_options(SearchOptions, "de_layerwise", {**opts, "early_reject": False})
+    return DESettings(o, grouping["groups"], grouping["group_offset"], int(seed))
 
 
 def search_layer_targets(modules: Dict[str, nn.Module], pattern, target: float, eval_func: Callable[[], float],
-                         de_options: Dict[str, Any] | None, max_ratio: float, min_ratio: float = 0.0,
+                         de_options: "Dict[str, Any] | DESettings | None", max_ratio: float, min_ratio: float = 0.0,
                          ) -> Dict[str, float]:
     """Per-layer sparsities (same keys as ``modules``) maximising ``eval_func`` at overall ``target``,
     scored on INC 3.7's own pattern masks."""
     return search_targets(inc_scorer(modules, pattern, eval_func), modules, target, de_options, max_ratio, min_ratio)
 
 
-def search_targets(scorer, modules: Dict[str, nn.Module], target: float, de_options: Dict[str, Any] | None,
-                   max_ratio: float, min_ratio: float = 0.0) -> Dict[str, float]:
+def search_targets(scorer, modules: Dict[str, nn.Module], target: float,
+                   de_options: "Dict[str, Any] | DESettings | None", max_ratio: float, min_ratio: float = 0.0,
+                   ) -> Dict[str, float]:
     """The DE search over per-layer sparsities with ``scorer`` (a ``PatternScorer``): both INC routes."""
     s = de_settings(de_options)
     names = list(modules)
@@ -89,20 +106,20 @@ def search_targets(scorer, modules: Dict[str, nn.Module], target: float, de_opti
         raise ValueError(f"target_sparsity {target} cannot be met within max/min_sparsity_ratio_per_op")
     base = DensitySpace(numels, lo, hi, [(1.0 - h / n, 1.0 - l / n) for l, h, n in zip(lo, hi, numels)])
     targets = [Target(n, "weight", type(modules[n]).__name__, tuple(modules[n].weight.shape)) for n in names]
-    groups = resolve_groups(s["groups"], targets)
-    space = GroupedSpace(base, [g for _, g in groups], s["group_offset"]) if groups else base
-    options = SearchOptions(**{k: s[k] for k in DE_KEYS}, early_reject=False)
-    backend = make_backend(s["backend"], scorer, s["workers"], s["threads_per_worker"], s["ray_address"],
-                           runtime_env=s["ray_runtime_env"])
+    groups = resolve_groups(s.groups, targets)
+    space = GroupedSpace(base, [g for _, g in groups], s.group_offset) if groups else base
+    o = s.search
+    backend = make_backend(o.backend, scorer, o.workers, o.threads_per_worker, o.ray_address,
+                           runtime_env=o.ray_runtime_env)
     try:
         with backend_round(backend) as scorer:
             seeds = [space.fit(np.full(len(names), 1.0 - target), keep, is_density=True)]
-            if s["seed_baselines"]:
+            if o.seed_baselines:
                 for rule in allocation.rules().values():
                     seeds.append(space.fit(rule([w.detach() for w in scorer.saved], target) / numels, keep,
                                            is_density=True))
-            search, solver = start_search(backend, options, np.random.default_rng(s["seed"]), space, seeds,
-                                          s["max_evals"], progress=True)  # a bar on a TTY
+            search, solver = start_search(backend, o, np.random.default_rng(s.seed), space, seeds,
+                                          o.max_evals, progress=True)  # a bar on a TTY
             best = search.maximise(solver, space, keep)
     finally:
         backend.close()

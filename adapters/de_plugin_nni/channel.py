@@ -21,7 +21,7 @@ from nni.compression.base.wrapper import ModuleWrapper
 from nni.compression.utils.evaluator import Evaluator
 from torch import nn
 
-from de_plugin.adapter import ChannelOptions, channel_groups, prune, validate_options
+from de_plugin.adapter import ChannelOptions, channel_groups, create_pruner, options_from, prune
 
 from .coarse import RandomCoarsePruner
 from .entries import setting, validated_entries
@@ -67,9 +67,9 @@ class DEChannelPruner(RandomCoarsePruner):
 
     def __init__(self, model: nn.Module, config_list: List[Dict], evaluator: Evaluator | None = None,
                  existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, seed: int = 0, progress: bool = True,
-                 train_data: Optional[List[Any]] = None, **options: Any):
+                 train_data: Optional[List[Any]] = None, options: Optional[ChannelOptions] = None, **kwargs: Any):
         self._common(evaluator, seed, progress, train_data)
-        self.options = validate_options(ChannelOptions, "de_channel", options)
+        self.options = options_from(ChannelOptions, "de_channel", options, kwargs)
         self.layers = parse_channel_config(model, config_list, self.options.include_linear)
         dummy = evaluator.get_dummy_input()
         # depthwise and grouped convs over searched maps lose rows too, so they need wrappers
@@ -89,9 +89,9 @@ class DEChannelPruner(RandomCoarsePruner):
         evaluator.bind_model(model)
         try:
             calib = self._calibration()
-            r = prune(model, "de_channel", evaluate=lambda _m: _score_of(evaluator.evaluate()),
-                      finetune=lambda _m, e: evaluator.train(max_epochs=e), train_data=calib, layers=self.layers,
-                      inplace=True, seed=self.seed, progress=self.progress, **self.options.model_dump())
+            r = prune(model, create_pruner("de_channel", self.options),
+                      evaluate=lambda _m: _score_of(evaluator.evaluate()), finetune=lambda _m, e: evaluator.train(max_epochs=e), train_data=calib, layers=self.layers,
+                      inplace=True, seed=self.seed, progress=self.progress)
             self.result = {"reference": r.reference_accuracy, "accuracy": r.accuracy, "history": r.history,
                            "nfev": r.nfev, "param_masks": r.extra_masks, "adaptive_bn_batches": len(calib or []),
                            **{k: r.extra[k] for k in ("macs", "macs_dense", "macs_kept", "params", "params_dense",

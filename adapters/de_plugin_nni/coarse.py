@@ -31,7 +31,7 @@ from de_plugin.adapter import (
     Target,
     channel_groups,
     create_pruner,
-    validate_options,
+    options_from,
 )
 
 from .evaluators import patch_lightning_evaluator
@@ -168,13 +168,13 @@ class RandomCoarsePruner(Pruner):
 
     def __init__(self, model: nn.Module, config_list: List[Dict], evaluator: Evaluator | None = None,
                  existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, seed: int = 0, progress: bool = True,
-                 train_data: Optional[List[Any]] = None, **options: Any):
+                 train_data: Optional[List[Any]] = None, options: Optional[CoarseOptions] = None, **kwargs: Any):
         self._common(evaluator, seed, progress, train_data)
-        bad = CONFIG_OWNED & set(options)
+        bad = CONFIG_OWNED & (set(kwargs) | (options.model_fields_set if options is not None else set()))
         if bad:
             raise ValueError(f"{sorted(bad)}: in NNI the feature-map ratio of each layer is the config_list's "
                              f"sparse_ratio")
-        self.options = validate_options(CoarseOptions, "random_coarse", options)
+        self.options = options_from(CoarseOptions, "random_coarse", options, kwargs).model_copy()  # set below
         self.ratios, self.given_groups = parse_coarse_config(model, config_list)
         self.options.ratios = dict(self.ratios)
         self.options.feature_map_ratio = 0.0
@@ -219,7 +219,9 @@ class RandomCoarsePruner(Pruner):
         model = self.bound_model
         evaluator.bind_model(model)
         try:  # the core's random_coarse, stepped through its round loop on the unwrapped model
-            core = create_pruner("random_coarse", **{**self.options.model_dump(), "couple": self.couple})
+            opts = self.options.model_copy()
+            opts.couple = self.couple
+            core = create_pruner("random_coarse", opts)
             modules = dict(model.named_modules())
             targets = [Target(n, "weight", type(modules[n]).__name__, tuple(modules[n].weight.shape))
                        for n in sorted(self.ratios)]

@@ -145,10 +145,15 @@ def _layer_table(masks: Dict[str, Dict[str, torch.Tensor]]) -> List[Dict[str, An
     return rows
 
 
-def precheck(cfg: CompressionConfig, model: nn.Module | None = None) -> None:
+#: constructor keywords of our NNI pruners that are not pruner options
+PRUNER_KEYWORDS = ("seed", "progress", "train_data")
+
+
+def precheck(cfg: CompressionConfig, model: nn.Module | None = None) -> Any:
     """What can be checked without data or training, checked first: the pruner's name, our pruners'
     options and every config_list entry (against an untrained copy of the demo model when the
-    config names one)."""
+    config names one). Our pruners' options come back validated (the pruner is built from that object);
+    None for NNI's own pruners."""
     from de_plugin.adapter import ChannelOptions, CoarseOptions
 
     from .entries import validated_entries
@@ -160,26 +165,29 @@ def precheck(cfg: CompressionConfig, model: nn.Module | None = None) -> None:
         from de_plugin.demo.models import create_model
 
         model = create_model(cfg.model)
-    opts = {k: v for k, v in cfg.options.items() if k not in ("seed", "progress", "train_data")}
+    opts = {k: v for k, v in cfg.options.items() if k not in PRUNER_KEYWORDS}
     if core_weight_pruner(cfg.pruner):
-        validate_options(get_pruner_class(cfg.pruner).Options, cfg.pruner, opts)
+        o = validate_options(get_pruner_class(cfg.pruner).Options, cfg.pruner, opts)
         from .pruner import parse_config_list
 
         parse_config_list(model, cfg.config_list, cfg.pruner)
-    elif cfg.pruner == "random_coarse":
-        validate_options(CoarseOptions, cfg.pruner, opts)
+        return o
+    if cfg.pruner == "random_coarse":
+        o = validate_options(CoarseOptions, cfg.pruner, opts)
         from .coarse import parse_coarse_config
 
         parse_coarse_config(model, cfg.config_list)
-    elif cfg.pruner == "de_channel":
+        return o
+    if cfg.pruner == "de_channel":
         o = validate_options(ChannelOptions, cfg.pruner, opts)
         from .channel import parse_channel_config
 
         parse_channel_config(model, cfg.config_list, o.include_linear)
-    else:
-        if cfg.pruner in SCHEDULERS:
-            lookup(PRUNERS, cfg.options.get("pruner", "level"), "NNI pruner")
-        validated_entries(model, cfg.config_list, cfg.pruner, "{'op_types': ['Linear'], 'sparse_ratio': 0.5}")
+        return o
+    if cfg.pruner in SCHEDULERS:
+        lookup(PRUNERS, cfg.options.get("pruner", "level"), "NNI pruner")
+    validated_entries(model, cfg.config_list, cfg.pruner, "{'op_types': ['Linear'], 'sparse_ratio': 0.5}")
+    return None
 
 
 def run_config(source, model: nn.Module | None = None, evaluator=None, test_evaluate=None,
@@ -187,7 +195,7 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
     """Prune (and optionally speed up and quantize) as the config says; return and print a report
     (written to ``out_dir``/result.json, refused before any work if one is there and not ``overwrite``)."""
     cfg = load_config(source)
-    precheck(cfg, model)
+    options = precheck(cfg, model)
     if out_dir is not None:
         check_out_dir(out_dir, overwrite)
     data = None
@@ -198,7 +206,7 @@ def run_config(source, model: nn.Module | None = None, evaluator=None, test_eval
     metric = (lambda m: float(evaluator.evaluating_func(m))) if evaluator is not None else None
     report: Dict[str, Any] = {"pruner": cfg.pruner, "config_list": cfg.config_list}
     _measure(report, "dense", model, metric, test_evaluate)
-    masks = _compress(cfg, model, evaluator, data)
+    masks = _compress(cfg, model, evaluator, data, options)
     report["layers"] = _layer_table(masks)
     total = sum(r["params"] for r in report["layers"])
     report["sparsity"] = 1.0 - sum(r["kept"] for r in report["layers"]) / total
@@ -249,10 +257,15 @@ def _measure(report: Dict[str, Any], when: str, model: nn.Module, metric, test_e
         report[f"test_accuracy_{when}"] = test_evaluate(model)
 
 
-def _compress(cfg: CompressionConfig, model: nn.Module, evaluator, data) -> Dict[str, Dict[str, Any]]:
+def _compress(cfg: CompressionConfig, model: nn.Module, evaluator, data, validated: Any = None,
+              ) -> Dict[str, Dict[str, Any]]:
     """The config's pruner on ``model`` (NNI's compress, scheduled when it is a scheduler); the masks, also
-    applied to the weights (what NNI's wrappers applied in forward)."""
+    applied to the weights (what NNI's wrappers applied in forward). ``validated``: our pruner's options
+    as :func:`precheck` validated them, passed on as that object."""
     options = dict(cfg.options)
+    if validated is not None:
+        options = {k: v for k, v in options.items() if k in PRUNER_KEYWORDS}
+        options["options"] = validated
     weights = core_weight_pruner(cfg.pruner)
     if weights:
         options.setdefault("progress", True)

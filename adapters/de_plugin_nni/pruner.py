@@ -21,7 +21,7 @@ Two ways it runs, like NNI's built-ins:
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Dict, List, Literal
+from typing import Any, ClassVar, Dict, List, Literal, Optional
 
 import torch
 from nni.compression.base.compressor import Pruner
@@ -35,12 +35,12 @@ from de_plugin.adapter import (
     RoundRunner,
     Target,
     check_batches,
+    Options,
     check_score,
-    create_pruner,
     get_pruner_class,
     masks_attached,
+    options_from,
     prune,
-    validate_options,
 )
 
 from .entries import setting, validated_entries
@@ -120,12 +120,12 @@ class DELayerwisePruner(Pruner):
 
     def __init__(self, model: nn.Module, config_list: List[Dict], evaluator: Evaluator | None = None,
                  existed_wrappers: Dict[str, ModuleWrapper] | None = None, *, seed: int = 0,
-                 progress: bool = True, train_data: Any = None, **de_options: Any):
+                 progress: bool = True, train_data: Any = None, options: Optional[Options] = None, **de_options: Any):
         if evaluator is not None and not isinstance(evaluator, Evaluator):
             raise TypeError(f"evaluator must be an NNI Evaluator (TorchEvaluator or LightningEvaluator), "
                             f"got {type(evaluator).__name__}")
         patch_lightning_evaluator()
-        self.options = validate_options(get_pruner_class(self.core_name).Options, self.core_name, de_options)
+        self.options = options_from(get_pruner_class(self.core_name).Options, self.core_name, options, de_options)
         self.groups = parse_config_list(model, config_list, self.core_name)
         self.seed, self.progress = int(seed), bool(progress)
         # a few training batches: BatchNorm models score candidates after re-estimating BN (adaptive BN)
@@ -156,11 +156,13 @@ class DELayerwisePruner(Pruner):
             for m, mode in modes:
                 m.training = mode
 
-    def _group_options(self, g: Dict[str, Any]) -> dict:
-        opts = self.options.model_dump()
-        opts["max_layer_sparsity"] = g["max_sparse_ratio"]
-        opts["min_layer_sparsity"] = g["min_sparse_ratio"]
-        return opts
+    def _group_pruner(self, g: Dict[str, Any]) -> Any:
+        """The core pruner for one config entry: the options validated at construction, with the entry's
+        per-layer bounds assigned (each assignment is validated; nothing is re-validated from a dump)."""
+        opts = self.options.model_copy()
+        opts.max_layer_sparsity = g["max_sparse_ratio"]
+        opts.min_layer_sparsity = g["min_sparse_ratio"]
+        return get_pruner_class(self.core_name)(opts)
 
     def _masks_to_nni(self, masks: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
         out: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -188,10 +190,9 @@ class DELayerwisePruner(Pruner):
         try:
             for g in self.groups:
                 res = prune(
-                    self.bound_model, self.core_name, evaluate=self._evaluate, finetune=finetune,
+                    self.bound_model, self._group_pruner(g), evaluate=self._evaluate, finetune=finetune,
                     sparsity=g["sparse_ratio"], layers=g["layers"], layer_types=["Linear", "Conv1d", "Conv2d", "Conv3d"],
                     inplace=True, seed=self.seed, progress=self.progress, train_data=self.train_data,
-                    **self._group_options(g),
                 )
                 self.results.append(res)
                 masks.update(res.masks)
@@ -236,7 +237,7 @@ class DELayerwisePruner(Pruner):
                    for n, s in zip(g["layers"], spaces)]
         ctx = Context(model=self.bound_model, targets=targets, evaluate=self._evaluate, finetune=None, sparsity=None,
                       max_accuracy_drop=None, seed=self.seed, progress=False, train_batches=self.train_data)
-        runner = RoundRunner(create_pruner(self.core_name, **self._group_options(g)))
+        runner = RoundRunner(self._group_pruner(g))
         runner.start(ctx)
         self._runners[g_i] = runner
         return runner

@@ -633,10 +633,11 @@ class L1Filter(RandomCoarse):
 
     name = "l1_filter"
 
-    def __init__(self, **options: Any) -> None:
-        options.setdefault("criterion", "l1")
-        options.setdefault("adaptive_bn", False)
-        super().__init__(**options)
+    def __init__(self, options: Optional[CoarseOptions] = None, **kwargs: Any) -> None:
+        if options is None:  # the baseline's own defaults; an Options object given is taken as it is
+            kwargs.setdefault("criterion", "l1")
+            kwargs.setdefault("adaptive_bn", False)
+        super().__init__(options, **kwargs)
 
 
 @hookimpl
