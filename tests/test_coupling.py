@@ -178,8 +178,8 @@ def test_linear_hidden_units_are_pruned_only_when_asked():
         ("patch", "fc2"): 4, ("fc1",): 4}
 
 
-class Shuffled(nn.Module):
-    """A channel shuffle (ShuffleNet) the pass cannot follow, between two convs, then a prunable pair."""
+class Unfollowed(nn.Module):
+    """A cumulative sum across channels (an op the pass cannot follow) between two convs, then a prunable pair."""
 
     def __init__(self):
         super().__init__()
@@ -189,21 +189,90 @@ class Shuffled(nn.Module):
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
-        y = self.a(x)
-        n, ch, h, w = y.shape
-        y = y.view(n, 2, ch // 2, h, w).transpose(1, 2).reshape(n, ch, h, w)
+        y = torch.cumsum(self.a(x), dim=1)
         return self.fc(self.c(torch.relu(self.b(y))).mean((2, 3)))
 
 
 def test_unresolved_groups_are_named_in_one_error_or_skipped_on_request():
     x = torch.randn(2, 3, 8, 8)
-    model = Shuffled()
+    model = Unfollowed()
     before = state_of(model)
-    with pytest.raises(CouplingError, match=r"view.*exclude=\['a'\].*unresolved='skip'"):
+    with pytest.raises(CouplingError, match=r"cumsum.*exclude=\['a'\].*unresolved='skip'"):
         de_plugin.prune(model, "random_coarse", evaluate=score(x), feature_map_ratio=0.5, candidates=1,
                         inplace=True, progress=False)
     assert same_state(before, state_of(model))
-    r, small, y0, y1, _ = prune_and_speedup(Shuffled(), x, feature_map_ratio=0.5, unresolved="skip")
+    r, small, y0, y1, _ = prune_and_speedup(Unfollowed(), x, feature_map_ratio=0.5, unresolved="skip")
     assert [g["layers"] for g in r.extra["groups"]] == [["b"], ["c"]]  # a's maps are left as they are
     assert small.a.out_channels == 8 and small.b.out_channels == 4
     assert torch.allclose(y0, y1, atol=1e-5)
+
+
+class ShuffleBlocks(nn.Module):
+    """Two ShuffleNetV2 units (torchvision's code): split in halves, one half through 1x1 / depthwise / 1x1,
+    concatenated with the other, channel shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.units = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6), nn.ReLU(),
+                                                 nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.BatchNorm2d(6),
+                                                 nn.Conv2d(6, 4, 1), nn.ReLU()) for _ in range(2))
+        self.head = nn.Conv2d(8, 5, 1)
+        self.fc = nn.Linear(5, 2)
+
+    @staticmethod
+    def shuffle(x, groups=2):
+        n, c, h, w = x.size()
+        return x.view(n, groups, c // groups, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+
+    def forward(self, x):
+        y = self.stem(x)
+        for unit in self.units:
+            a, b = y.chunk(2, dim=1)
+            y = self.shuffle(torch.cat((a, unit(b)), dim=1))
+        return self.fc(torch.relu(self.head(y)).mean((2, 3)))
+
+
+def test_channel_shuffle_and_halves_lock_the_stream_and_the_branches_prune_by_default():
+    """ShuffleNetV2's split and shuffle: the channels that pass through them are locked, each with the reason
+    (a removal would have to be mirrored at aligned positions of every part), the branch-internal and head
+    channels prune by default (unresolved='raise') and the sliced model computes the same outputs."""
+    x = torch.randn(2, 3, 8, 8)
+    groups = by_producers(channel_groups(ShuffleBlocks().eval(), x))
+    assert not any(g.unresolved for g in groups.values())
+    assert "split along its channels by call_method chunk" in groups[("stem",)].locked
+    assert "divided into parts by call_method view" in groups[("units.0.5",)].locked
+    assert "divided into parts" in groups[("units.1.5",)].locked
+    free = sorted(k for k, g in groups.items() if not g.locked)
+    assert free == [("head",), ("units.0.0",), ("units.1.0",)]
+    r, small, y0, y1, info = prune_and_speedup(ShuffleBlocks(), x, feature_map_ratio=0.5)
+    assert small.units[0][0].out_channels == small.units[0][3].out_channels == 3 and small.head.out_channels == 3
+    assert small.stem.out_channels == 8
+    assert info["params_after"] < info["params_before"]
+    torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
+
+
+class SplitsAndJoins(nn.Module):
+    """Halves along a spatial axis added back (the channels are the same in both), and the model input
+    concatenated with a conv's maps along the channels (DenseNet-style, the input itself untracked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(11, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        top, bottom = self.a(x).chunk(2, dim=2)
+        y = torch.relu(torch.cat((top + bottom, x[:, :, :4]), dim=1))
+        return self.fc(self.b(y).mean((2, 3)))
+
+
+def test_a_split_along_another_axis_keeps_the_channels_and_untracked_channels_concatenated_stay():
+    x = torch.randn(2, 3, 8, 8)
+    groups = by_producers(channel_groups(SplitsAndJoins().eval(), x))
+    assert not groups[("a",)].locked and not groups[("a",)].unresolved
+    assert groups[("a",)].consumers == [("b", 0, 1)]  # the model input's 3 channels follow at columns 8-10
+    r, small, y0, y1, _ = prune_and_speedup(SplitsAndJoins(), x, feature_map_ratio=0.5)
+    assert small.a.out_channels == 4 and small.b.in_channels == 4 + 3
+    torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)

@@ -32,6 +32,8 @@ FAMILIES = {
     "vit_b_32": 224,             # patch conv reshaped into tokens, MultiheadAttention
     "densenet121": 64,           # concatenations
     "googlenet": 64,             # inception branches
+    "shufflenet_v2_x0_5": 64,    # halves (chunk) and channel shuffle: the stream locked, the branches pruned
+    "maxvit_t": 224,             # q / k / v chunk and heads: locked; MBConv, SE and MLPs pruned
 }
 
 

@@ -81,6 +81,13 @@ class _Ch:
         return _Ch(self.segs, axis, self.repeat)
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """What a ``chunk`` / ``split`` returns: the layout of each part (``getitem`` picks one)."""
+
+    parts: tuple[_Ch, ...]
+
+
 def _shape(node: Any) -> Optional[tuple[int, ...]]:
     meta = getattr(node, "meta", {}).get("tensor_meta") if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
@@ -137,6 +144,14 @@ class _Analysis:
         self.groups.append(ChannelGroup([producer], channels))
         return len(self.parent) - 1
 
+    def placeholder(self, channels: int, why: str) -> int:
+        """A group with no producer, locked: channels the pass knows the size of but must not prune (a part
+        of a split, an untracked tensor concatenated with tracked ones). Whatever it is unioned with is
+        locked too; on its own it is dropped from the result."""
+        self.parent.append(len(self.parent))
+        self.groups.append(ChannelGroup([], channels, locked=why))
+        return len(self.parent) - 1
+
     def find(self, g: int) -> int:
         while self.parent[g] != g:
             self.parent[g] = self.parent[self.parent[g]]
@@ -188,7 +203,9 @@ class _Analysis:
             target = f"{target} ({type(self.modules[node.target]).__name__})"
         return f"{node.op} {target} (node {node.name})"
 
-    def step(self, node: fx.Node, tracked: list[_Ch]) -> Optional[_Ch]:
+    def step(self, node: fx.Node, tracked: list[_Ch]) -> "Optional[_Ch | _Parts]":
+        if any(isinstance(t, _Parts) for t in tracked):
+            return self.pick(node, tracked)
         if node.op == "call_module":
             return self.module(node, self.modules[node.target], tracked)
         if node.op in ("call_function", "call_method"):
@@ -234,6 +251,8 @@ class _Analysis:
             return self.cat(node, tracked)
         if t in ops.RESHAPES:
             return self.reshape(node, ch)
+        if t in ops.SPLITS:
+            return self.split(node, ch)
         if t in ops.PERMUTES:
             return self.permute(node, ch)
         if t in ops.REDUCE:
@@ -375,6 +394,40 @@ class _Analysis:
             self.groups[g].params.append((name, dim, offset))
             offset += size
 
+    def split(self, node: fx.Node, ch: _Ch) -> Optional[_Parts]:
+        """chunk / split: along another axis every part carries the channels; along the channel axis the
+        input's groups are locked (the parts would need equal, aligned removals: ShuffleNetV2's halves, an
+        attention's q / k / v) and each part becomes a locked placeholder of its size."""
+        shape = _shape(node.args[0])
+        if shape is None:
+            self.problem(ch, self.describe(node))
+            return None
+        dim = _arg(node, 2, "dim", 0) % len(shape)
+        size, how = shape[dim], _arg(node, 1, "chunks" if node.target in (torch.chunk, "chunk") else "split_size")
+        if node.target in (torch.chunk, "chunk"):
+            step = -(-size // how)
+            sizes = [min(step, size - i) for i in range(0, size, step)]
+        else:
+            sizes = list(how) if isinstance(how, (list, tuple)) else [min(how, size - i) for i in range(0, size, how)]
+        if dim != ch.axis:
+            return _Parts((ch,) * len(sizes))
+        if ch.repeat != 1:
+            self.problem(ch, self.describe(node) + " of a flattened tensor")
+            return None
+        why = (f"split along its channels by {self.describe(node)}: the parts would need equal, aligned removals "
+               "(ShuffleNetV2's halves, an attention's q / k / v), which slicing does not follow")
+        self.lock(ch, why)
+        return _Parts(tuple(_Ch(((self.placeholder(n, why), n),), dim) for n in sizes))
+
+    def pick(self, node: fx.Node, tracked: list) -> Optional[_Ch]:
+        """``parts[i]`` of a split; any other use of the tuple is not followed."""
+        parts = next(t for t in tracked if isinstance(t, _Parts))
+        if node.target is operator.getitem and isinstance(node.args[1], int):
+            return parts.parts[node.args[1]]
+        for ch in parts.parts:
+            self.problem(ch, self.describe(node) + " of the parts of a split")
+        return None
+
     def cat(self, node: fx.Node, tracked: list[_Ch]) -> Optional[_Ch]:
         dim = _arg(node, 1, "dim", 0)
         shape = _shape(node)
@@ -384,6 +437,8 @@ class _Analysis:
             self.problem(first, self.describe(node))
             return None
         dim %= len(shape)
+        if len(tracked) != len(inputs) and dim == first.axis and all(c.axis == dim for c in tracked):
+            return self.cat_untracked(node, inputs, dim)
         if len(tracked) != len(inputs):
             # e.g. ViT's class token joined to the patch tokens: its channels would need slicing too. The
             # group cannot shrink, but stays tracked so later locks (LayerNorm) and unions still reach it
@@ -398,6 +453,22 @@ class _Analysis:
             return self.elementwise(node, tracked)
         self.problem(first, self.describe(node) + f" along dim {dim}")
         return None
+
+    def cat_untracked(self, node: fx.Node, inputs: list[fx.Node], dim: int) -> Optional[_Ch]:
+        """Concatenated along the channels with tensors the pass does not track (no tracked producer made
+        them): their channels stay as they are (a locked placeholder each), the tracked ones keep their
+        columns at their offsets."""
+        known = [self.info[n] for n in inputs if n in self.info]
+        sizes = [_shape(n) for n in inputs]
+        if any(c.repeat != 1 for c in known) or any(s is None or len(s) <= dim for s in sizes):
+            for c in known:
+                self.problem(c, self.describe(node) + " with untracked inputs")
+            return None
+        why = f"concatenated by {self.describe(node)} with channels the pass does not track"
+        segs: tuple = ()
+        for n, shape in zip(inputs, sizes):
+            segs += self.info[n].segs if n in self.info else ((self.placeholder(shape[dim], why), shape[dim]),)
+        return _Ch(segs, dim)
 
     def reshape(self, node: fx.Node, ch: _Ch) -> Optional[_Ch]:
         """view / reshape / flatten: the channel axis survives if the axes before it keep their product and
@@ -417,8 +488,26 @@ class _Analysis:
             if merged and out_shape[b] == size * merged and math.prod(in_shape[ch.axis + 1:]) % merged == 0 \
                     and self._merges(in_shape, ch.axis, merged):
                 return _Ch(ch.segs, b, ch.repeat * merged)
+            if ch.repeat == 1 and self._splits(out_shape[b:], size):
+                self.lock(ch, f"divided into parts by {self.describe(node)} ({list(in_shape)} -> {list(out_shape)}: "
+                              "a channel shuffle or attention heads): removals would have to keep every part "
+                              "equal and aligned, which slicing does not follow")
+                return None
         self.problem(ch, self.describe(node) + f" reshaping {list(in_shape)} to {list(out_shape)}")
         return None
+
+    @staticmethod
+    def _splits(after: tuple, size: int) -> bool:
+        """The leading axes of ``after`` (two or more, each > 1) multiply to ``size``: the channel axis is
+        divided into them."""
+        p = 1
+        for i, s in enumerate(after):
+            p *= s
+            if p == size:
+                return i >= 1 and after[0] > 1
+            if p > size:
+                return False
+        return False
 
     @staticmethod
     def _merges(in_shape: tuple, axis: int, merged: int) -> bool:
@@ -474,7 +563,7 @@ class _Analysis:
             if grp.block > 1:
                 c.block = _block(c, grp.block)
             c.locked = c.locked or grp.locked
-        return list(classes.values())
+        return [c for c in classes.values() if c.producers]  # placeholders alone are no group
 
 
 def channel_groups(model: nn.Module, example_input: Any,
@@ -492,7 +581,7 @@ def channel_groups(model: nn.Module, example_input: Any,
             analysis.run()
     finally:
         model.train(was)
-    ids = {g.producers[0]: i for i, g in enumerate(analysis.groups)}
+    ids = {g.producers[0]: i for i, g in enumerate(analysis.groups) if g.producers}
     for names in couple or ():
         names = [n for n in names if n in ids]
         for n in names[1:]:

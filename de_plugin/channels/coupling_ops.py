@@ -31,6 +31,8 @@ ELEMENTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, opera
                torch.add, torch.sub, torch.mul, torch.div, "add", "add_", "sub", "mul", "mul_", "div"}
 REDUCE = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
 RESHAPES = {torch.flatten, torch.reshape, "flatten", "view", "reshape"}
+#: ops that return a tuple of parts of their input along one axis
+SPLITS = {torch.chunk, torch.split, "chunk", "split"}
 PERMUTES = {torch.permute, "permute", torch.transpose, "transpose", torch.swapaxes, "swapaxes"}
 
 
