@@ -34,6 +34,7 @@ FAMILIES = {
     "googlenet": 64,             # inception branches
     "shufflenet_v2_x0_5": 64,    # halves (chunk) and channel shuffle: the stream locked, the branches pruned
     "maxvit_t": 224,             # q / k / v chunk and heads: locked; MBConv, SE and MLPs pruned
+    "swin_v2_t": 64,             # the per-head position-bias MLP's output: locked
 }
 
 

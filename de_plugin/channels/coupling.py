@@ -12,7 +12,9 @@ producers that meet in an elementwise op are unioned into one :class:`ChannelGro
 
 Some groups can never shrink without changing what the model computes, so they are *locked* with the
 reason: channels that reach the model's output, channels normalised together by LayerNorm /
-GroupNorm (the statistics would change), the output of a grouped conv fed by an untracked tensor.
+GroupNorm (the statistics would change), the output of a grouped conv fed by an untracked tensor,
+channels divided into parts that would each need equal, aligned removals (a ``chunk`` along the
+channels, a ``view`` that splits the channel axis: ShuffleNetV2's halves and shuffle, attention heads).
 Ops we cannot follow are named in ``unresolved`` so the user can exclude the layers that feed them;
 a locked group's unresolved ops do not matter (it is never pruned).
 """
@@ -245,6 +247,9 @@ class _Analysis:
         name = t if isinstance(t, str) else getattr(t, "__name__", "")
         if t in ops.SAME_FUNCTIONS or t in ops.SAME_METHODS or (not isinstance(t, str) and name in ops.SAME_NAMES):
             return ch
+        if not isinstance(t, str) and name in ops.LOCK_NAMES:
+            self.lock(ch, f"{ops.LOCK_NAMES[name]}, taken by {self.describe(node)}")
+            return None
         if t in ops.ELEMENTWISE:
             return self.elementwise(node, tracked)
         if t in (torch.cat, torch.concat):

@@ -27,6 +27,10 @@ SAME_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "c
 #: wrapped leaf functions known by name: torchvision.ops.stochastic_depth (registered with torch.fx.wrap;
 #: EfficientNet, ConvNeXt, Swin, MaxViT) scales whole samples, never mixes channels
 SAME_NAMES = {"stochastic_depth", "drop_path"}
+#: wrapped leaf functions whose input channels are something other than feature maps, so never pruned:
+#: Swin V2's continuous position bias (torchvision ``_get_relative_position_bias``) takes one channel per
+#: attention head from its MLP
+LOCK_NAMES = {"_get_relative_position_bias": "one bias per attention head"}
 ELEMENTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
                torch.add, torch.sub, torch.mul, torch.div, "add", "add_", "sub", "mul", "mul_", "div"}
 REDUCE = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
