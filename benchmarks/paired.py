@@ -133,6 +133,8 @@ SELECTIONS = [
     ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[holdout]", HEURISTICS),
     ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[random]", HEURISTICS),
     ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[evopress]", HEURISTICS),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[finetune+margin]", HEURISTICS),
+    ("ViT", "selection_vit", "vit", "de_layerwise[finetune]", HEURISTICS),
 ]
 
 
