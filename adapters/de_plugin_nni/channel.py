@@ -90,7 +90,8 @@ class DEChannelPruner(RandomCoarsePruner):
         try:
             calib = self._calibration()
             r = prune(model, create_pruner("de_channel", self.options),
-                      evaluate=lambda _m: _score_of(evaluator.evaluate()), finetune=lambda _m, e: evaluator.train(max_epochs=e), train_data=calib, layers=self.layers,
+                      evaluate=lambda _m: _score_of(evaluator.evaluate()),
+                      finetune=lambda _m, e: evaluator.train(max_epochs=e), train_data=calib, layers=self.layers,
                       inplace=True, seed=self.seed, progress=self.progress)
             self.result = {"reference": r.reference_accuracy, "accuracy": r.accuracy, "history": r.history,
                            "nfev": r.nfev, "param_masks": r.extra_masks, "adaptive_bn_batches": len(calib or []),

@@ -408,12 +408,10 @@ class _Analysis:
             self.problem(ch, self.describe(node))
             return None
         dim = _arg(node, 2, "dim", 0) % len(shape)
-        size, how = shape[dim], _arg(node, 1, "chunks" if node.target in (torch.chunk, "chunk") else "split_size")
-        if node.target in (torch.chunk, "chunk"):
-            step = -(-size // how)
-            sizes = [min(step, size - i) for i in range(0, size, step)]
-        else:
-            sizes = list(how) if isinstance(how, (list, tuple)) else [min(how, size - i) for i in range(0, size, how)]
+        chunk = node.target in (torch.chunk, "chunk")
+        how = _arg(node, 1, "chunks" if chunk else "split_size")
+        index = torch.arange(shape[dim])  # the parts' sizes as torch itself splits
+        sizes = [len(p) for p in (index.chunk(how) if chunk else index.split(how))]
         if dim != ch.axis:
             return _Parts((ch,) * len(sizes))
         if ch.repeat != 1:
