@@ -1,0 +1,80 @@
+"""Calibration tokens, checked once, and the input statistics every in-layer method needs.
+
+Calibration data is token batches: a ``LongTensor`` ``[batch, length]`` or a list of them (token ids,
+not text). One forward pass of the dense model over them records, per target layer, the inputs'
+second moment ``H = sum_t x_t x_t^T`` (SparseGPT's Hessian, kept only when asked) and the squared
+column norms ``diag(H)`` (Wanda's ``||X_j||^2``). All layers see the dense model's activations (one
+pass, not layer by layer as in the SparseGPT and Wanda papers' sequential variant).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .targets import LMLayer
+
+
+def check_tokens(data: Any, what: str = "calibration") -> list[torch.Tensor]:
+    """``data`` as a list of ``[batch, length]`` integer tensors, or a ValueError saying what it is instead."""
+    batches = [data] if isinstance(data, torch.Tensor) else data
+    if not isinstance(batches, (list, tuple)) or not batches:
+        raise ValueError(f"{what} must be token batches: a LongTensor [batch, length] of token ids or a non-empty "
+                         f"list of them, got {type(data).__name__}")
+    for i, b in enumerate(batches):
+        if not isinstance(b, torch.Tensor) or b.dtype not in (torch.int64, torch.int32) or b.dim() != 2:
+            got = (f"a {b.dtype} tensor of shape {tuple(b.shape)}" if isinstance(b, torch.Tensor)
+                   else type(b).__name__)
+            raise ValueError(f"{what} batch {i} must be an integer tensor [batch, length] of token ids, got {got}; "
+                             "tokenize text first (e.g. tokenizer(text, return_tensors='pt').input_ids)")
+        if b.shape[1] < 2:
+            raise ValueError(f"{what} batch {i} has length {b.shape[1]}: next-token fitness needs at least 2 tokens")
+    return [b.long() for b in batches]
+
+
+def logits_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token logits ``[batch, length, vocab]`` of a plain module or a ``transformers`` model."""
+    out = model(tokens)
+    out = getattr(out, "logits", out)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+class LayerStats:
+    """Per-layer input statistics from one pass over the calibration tokens."""
+
+    def __init__(self, norms_sq: list[torch.Tensor], hessians: list[torch.Tensor] | None, tokens: int):
+        self.norms_sq, self.hessians, self.tokens = norms_sq, hessians, tokens
+
+    def norms(self, i: int) -> torch.Tensor:
+        """Wanda's ``||X_j||_2`` for layer i's input columns."""
+        return self.norms_sq[i].sqrt()
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, layers: Sequence[LMLayer], batches: Sequence[torch.Tensor],
+                  hessians: bool = False) -> LayerStats:
+    """Run the dense model once over ``batches`` and record each layer's input statistics."""
+    norms = [torch.zeros(l.in_features, dtype=torch.float64) for l in layers]
+    hs = [torch.zeros(l.in_features, l.in_features, dtype=torch.float64) for l in layers] if hessians else None
+    count = [0]
+
+    def hook(i):
+        def record(_mod, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            norms[i] += (x * x).sum(0)
+            if hs is not None:
+                hs[i] += x.t() @ x
+        return record
+
+    handles = [l.module.register_forward_pre_hook(hook(i)) for i, l in enumerate(layers)]
+    try:
+        for b in batches:
+            logits_of(model, b)
+            count[0] += b.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return LayerStats([n.float() for n in norms], [h.float() for h in hs] if hs is not None else None, count[0])

@@ -1,0 +1,79 @@
+"""Each layer's pruned weights at any keep-count, prepared once so a candidate costs one forward pass.
+
+The search scores hundreds of allocations; re-running the in-layer method for each would cost more
+than the forward pass that scores it. As in EvoPress, what can be computed per layer once is:
+
+* magnitude and Wanda: the score order (one stable sort per layer, per row for Wanda); the mask at
+  any count is then a slice of it, identical to :func:`~de_plugin.lm.inlayer.prune_weight`'s.
+* SparseGPT, whose reconstructed weights depend on the level: weights at discrete sparsity levels
+  (``level_step`` apart), each computed the first time a candidate asks for it and kept. A candidate's
+  count is scored at the nearest level; the final model is pruned at the exact counts.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .calibration import LayerStats
+from .inlayer import layer_mask, prune_weight, row_mask, scores_for
+from .targets import LMLayer
+
+
+class LayerDatabase:
+    """Pruned ``[out, in]`` weights of ``layers`` by keep-count for one in-layer ``method``."""
+
+    def __init__(self, layers: Sequence[LMLayer], stats: LayerStats, method: str,
+                 nm: Optional[tuple[int, int]] = None, level_step: float = 0.05):
+        self.layers, self.stats, self.method, self.nm, self.level_step = list(layers), stats, method, nm, level_step
+        self.dense = [l.weight.detach().clone() for l in self.layers]
+        self.levels: dict[tuple[int, int], torch.Tensor] = {}
+        self.orders: list[Optional[torch.Tensor]] = [None] * len(self.layers)
+        self.scores: list[Optional[torch.Tensor]] = [None] * len(self.layers)
+
+    def _order(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.orders[i] is None:
+            s = scores_for(self.method, self.dense[i].float(), self.stats.norms(i))
+            self.scores[i] = s
+            self.orders[i] = (torch.argsort(s, dim=1, stable=True) if self.method == "wanda"
+                              else torch.argsort(s.flatten(), stable=True))
+        return self.scores[i], self.orders[i]
+
+    def level(self, i: int, keep: int) -> int:
+        """SparseGPT: the prune count of the level nearest to keeping ``keep`` weights."""
+        n = self.dense[i].numel()
+        step = max(1, round(self.level_step * n))
+        return min(n, int(round((n - int(keep)) / step)) * step)
+
+    def exact(self, i: int, keep: int) -> torch.Tensor:
+        """Layer i pruned directly at exactly ``keep`` weights (the final model's weights)."""
+        w = self.dense[i]
+        prune = w.numel() - int(keep)
+        h = self.stats.hessians[i] if self.stats.hessians is not None else None
+        return prune_weight(self.method, w, prune, norms=self.stats.norms(i), hessian=h, nm=self.nm)
+
+    def weight(self, i: int, keep: int) -> torch.Tensor:
+        """Layer i's weights for a candidate keeping ``keep`` (SparseGPT: at the nearest level)."""
+        w = self.dense[i]
+        if self.nm is not None:
+            if (i, -1) not in self.levels:
+                self.levels[(i, -1)] = self.exact(i, w.numel() // self.nm[1] * (self.nm[1] - self.nm[0]))
+            return self.levels[(i, -1)]
+        if self.method == "sparsegpt":
+            prune = self.level(i, keep)
+            if (i, prune) not in self.levels:
+                self.levels[(i, prune)] = self.exact(i, w.numel() - prune)
+            return self.levels[(i, prune)]
+        s, order = self._order(i)
+        prune = w.numel() - int(keep)
+        keep_mask = row_mask(s, prune, order) if self.method == "wanda" else layer_mask(s, prune, order)
+        return w * keep_mask.to(w.dtype)
+
+    def apply(self, counts: Sequence[int], exact: bool = False) -> None:
+        """Write every layer's weights for ``counts`` into the model (``exact``: the final pruning)."""
+        for i, (l, k) in enumerate(zip(self.layers, counts)):
+            l.set_weight(self.exact(i, int(k)) if exact and self.nm is None else self.weight(i, int(k)))
+
+    def restore(self) -> None:
+        for l, w in zip(self.layers, self.dense):
+            l.set_weight(w)

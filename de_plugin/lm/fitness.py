@@ -1,0 +1,49 @@
+"""What a candidate allocation scores, with no retraining: the pruned model's next-token
+distribution against the dense model's (EvoPress's fitness), or its perplexity.
+
+``KL = mean over calibration positions of sum_v p_dense(v) (log p_dense(v) - log p_pruned(v))``; the
+dense model's log-probabilities are computed once (``DenseReference``), so a candidate costs one
+forward pass. Perplexity is ``exp`` of the mean next-token negative log-likelihood (positions 1..T-1
+predicted from their prefixes).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibration import logits_of
+
+
+class DenseReference:
+    """The dense model's log-probabilities on ``batches`` (held in memory: batches x length x vocab floats)."""
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor]):
+        self.batches = list(batches)
+        self.logp = [F.log_softmax(logits_of(model, b).float(), dim=-1) for b in self.batches]
+
+    @torch.no_grad()
+    def kl(self, model: nn.Module, upto: int | None = None) -> float:
+        """Mean per-token KL(dense || model) over the first ``upto`` batches (all by default)."""
+        total, count = 0.0, 0
+        for b, lp in list(zip(self.batches, self.logp))[:upto]:
+            lq = F.log_softmax(logits_of(model, b).float(), dim=-1)
+            total += float((lp.exp() * (lp - lq)).sum())
+            count += lp.shape[0] * lp.shape[1]
+        return total / count
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
+    """exp(mean next-token NLL) of ``model`` on token batches."""
+    nll, count = 0.0, 0
+    for b in batches:
+        logits = logits_of(model, b).float()
+        nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
+                                     reduction="sum"))
+        count += b[:, 1:].numel()
+    return math.exp(nll / count)

@@ -1,0 +1,258 @@
+"""``prune_lm``: one-shot pruning of a causal language model with a searched per-layer sparsity.
+
+No fine-tuning follows, so the fitness the search scores (KL divergence of the pruned model's
+next-token distribution from the dense one's on calibration tokens) is the outcome itself. The search
+is the project's :class:`~de_plugin.search.allocator.Allocator` (``search_strategy``: differential
+evolution, EvoPress-style (1 + lambda) level switching, or random allocations, at equal evaluations)
+over per-layer (or per-block) sparsities projected onto the exact global budget, seeded with the
+uniform and OWL allocations. It scores on the first ``search_batches`` calibration batches; its
+``finalists`` best and both seeds are then re-scored on all of them and the best is kept, so the
+result is never worse than uniform or OWL on the calibration KL.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..evaluation import SerialBackend, backend_round
+from ..options import options_from
+from ..search.allocator import KeepSpace, SearchOptions, start_search
+from ..search.budget import fit_budget, total_keep
+from .allocations import owl_counts, uniform_counts
+from .calibration import check_tokens, collect_stats
+from .database import LayerDatabase
+from .fitness import DenseReference, perplexity
+from .inlayer import check_nm
+from .targets import LMLayer, decoder_layers
+
+log = logging.getLogger("de_plugin")
+
+
+class LMOptions(SearchOptions):
+    """``prune_lm``'s settings (the search's own are :class:`SearchOptions`')."""
+
+    method: Literal["magnitude", "wanda", "sparsegpt"] = Field("wanda", description="the mask inside each layer")
+    allocation: Literal["search", "uniform", "owl"] = Field(
+        "search", description="per-layer sparsities: searched, the same everywhere, or OWL's outlier-weighted rule")
+    granularity: Literal["layer", "block"] = Field(
+        "layer", description="search one sparsity per Linear layer, or one per decoder block")
+    span: float = Field(0.3, gt=0.0, le=1.0, description="how far a layer's sparsity may move from the target")
+    fitness: Literal["kl", "perplexity"] = Field("kl", description="what a candidate scores on calibration tokens")
+    search_batches: Optional[int] = Field(
+        None, ge=1, description="calibration batches the search scores on (None: half of them, at least one); the "
+                                "finalists are re-scored on all")
+    finalists: int = Field(4, ge=1, description="the search's best candidates re-scored on all calibration batches")
+    level_step: float = Field(0.05, gt=0.0, lt=0.5, description="sparsegpt: the database's level spacing")
+    owl_m: float = Field(5.0, gt=0.0, description="OWL: a score is an outlier above this multiple of the mean")
+    owl_lambda: float = Field(0.08, ge=0.0, lt=0.5, description="OWL: the largest density shift of a block")
+    generations: int = Field(10, ge=0, description="search generations")
+
+
+class BlockSpace(KeepSpace):
+    """One sparsity per decoder block, shared by its layers; the budget projection keeps the shape."""
+
+    repairs = False
+
+    def __init__(self, numels, min_keep, max_keep, bounds, block_of: np.ndarray):
+        super().__init__(numels, min_keep, max_keep, bounds)
+        self.block_of = np.asarray(block_of)
+
+    def to_counts(self, x: np.ndarray) -> np.ndarray:
+        d = 1.0 - np.asarray(x)[self.block_of]
+        return np.clip(np.round(d * self.numels).astype(np.int64), self.min_keep, self.max_keep)
+
+    def to_x(self, counts: np.ndarray) -> np.ndarray:
+        kept = np.bincount(self.block_of, weights=counts)
+        return 1.0 - kept / np.bincount(self.block_of, weights=self.numels)
+
+    def project(self, x: np.ndarray, budget: int) -> np.ndarray:
+        return self.fit(1.0 - np.asarray(x)[self.block_of], budget, is_density=True)
+
+
+@dataclass
+class LMPruningResult:
+    """What ``prune_lm`` did: the pruned model and the numbers that describe it."""
+
+    model: nn.Module
+    layers: list[str]
+    #: each layer's decoder block and size, and the weights it keeps, in ``layers`` order
+    blocks: list[int]
+    numels: list[int]
+    kept: list[int]
+    layer_sparsity: dict[str, float]
+    sparsity: float
+    method: str
+    allocation: str
+    #: the final model's fitness on all calibration batches (KL, or perplexity with fitness='perplexity')
+    fitness: float
+    #: the same measure for the seeds (uniform, OWL) on the same batches
+    seed_fitness: dict[str, float] = field(default_factory=dict)
+    evaluations: int = 0
+    seconds: float = 0.0
+    search: dict[str, Any] = field(default_factory=dict)
+
+    def block_sparsity(self) -> list[float]:
+        """One sparsity per decoder block (weights pruned / weights in its targets), in block order: the
+        per-layer list llm-compressor's SparseGPT / Wanda modifiers take as ``sparsity``."""
+        out = []
+        for b in sorted(set(self.blocks)):
+            idx = [i for i, x in enumerate(self.blocks) if x == b]
+            out.append(1.0 - sum(self.kept[i] for i in idx) / sum(self.numels[i] for i in idx))
+        return out
+
+    def table(self) -> str:
+        """A readable per-layer table."""
+        rows = [f"{'layer':<48} {'weights':>10} {'sparsity':>9}"]
+        rows += [f"{n:<48} {m:>10} {s:>9.3f}" for n, m, s in zip(self.layers, self.numels,
+                                                              self.layer_sparsity.values())]
+        rows.append(f"{'total':<48} {sum(self.numels):>10} {self.sparsity:>9.3f}")
+        return "\n".join(rows)
+
+
+def _check(model: nn.Module, calibration: Any, sparsity: Any) -> tuple[list[torch.Tensor], Optional[float],
+                                                                       Optional[tuple[int, int]], list[LMLayer]]:
+    """Everything wrong with the call, raised before any work."""
+    batches = check_tokens(calibration)
+    nm = None
+    if isinstance(sparsity, str):
+        try:
+            n, m = (int(v) for v in sparsity.split(":"))
+        except ValueError:
+            raise ValueError(f"sparsity {sparsity!r}: give a fraction in (0, 1) such as 0.7, or N:M such as '2:4'") from None
+        nm, sparsity = (n, m), None
+    elif isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 < float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must be a fraction in (0, 1) (0.7 prunes 70% of the decoder's Linear weights) "
+                         f"or N:M such as '2:4', got {sparsity!r}")
+    layers = decoder_layers(model)
+    for l in layers:
+        check_nm(nm, l.in_features, l.name)
+    return batches, (None if sparsity is None else float(sparsity)), nm, layers
+
+
+def _fitness(ref: DenseReference, kind: str):
+    """The score a candidate maximises on the first ``upto`` reference batches: -KL or -log perplexity."""
+    def score(model: nn.Module, upto: Optional[int] = None) -> float:
+        if kind == "kl":
+            return -ref.kl(model, upto)
+        return -math.log(perplexity(model, ref.batches[:upto]))
+    return score
+
+
+class LMScorer:
+    """The search's :class:`~de_plugin.evaluation.Scorer`: a candidate's counts written from the
+    database, scored on the search's calibration batches."""
+
+    def __init__(self, model: nn.Module, db: LayerDatabase, score, upto: int):
+        self.model, self.db, self.fn, self.upto = model, db, score, upto
+
+    def reset(self) -> None:
+        """The database holds the dense weights; nothing to take."""
+
+    def score(self, counts: Sequence[int], floor: Optional[float] = None) -> float:
+        self.db.apply(counts)
+        return self.fn(self.model, self.upto)
+
+    def restore(self) -> None:
+        self.db.restore()
+
+    def full(self, counts: Sequence[int]) -> float:
+        """The score on every calibration batch (the finalists' re-scoring)."""
+        try:
+            self.db.apply(counts)
+            return self.fn(self.model, None)
+        finally:
+            self.db.restore()
+
+
+def _space(layers: Sequence[LMLayer], sparsity: float, o: LMOptions) -> KeepSpace:
+    numels = np.array([l.numel for l in layers], dtype=np.int64)
+    lo, hi = max(0.0, sparsity - o.span), min(0.99, sparsity + o.span)
+    min_keep = np.floor(numels * (1.0 - hi)).astype(np.int64)
+    max_keep = np.ceil(numels * (1.0 - lo)).astype(np.int64)
+    if o.granularity == "block":
+        blocks = sorted({l.block for l in layers})
+        block_of = np.array([blocks.index(l.block) for l in layers])
+        return BlockSpace(numels, min_keep, max_keep, [(lo, hi)] * len(blocks), block_of)
+    return KeepSpace(numels, min_keep, max_keep, [(lo, hi)] * len(layers))
+
+
+def _search(model, layers, db, ref, seeds: dict[str, np.ndarray], sparsity: float, o: LMOptions, seed: int,
+            progress: bool) -> tuple[np.ndarray, dict[str, Any], int]:
+    """The searched counts, the search's record and its evaluations (finalists' re-scoring included)."""
+    upto = o.search_batches or max(1, len(ref.batches) // 2)
+    scorer = LMScorer(model, db, _fitness(ref, o.fitness), upto)
+    space = _space(layers, sparsity, o)
+    budget = total_keep(space.numels, sparsity)
+    backend = SerialBackend(scorer)
+    rng = np.random.default_rng(seed)
+    search, solver = start_search(backend, o, rng, space, list(seeds.values()), o.max_evals, progress=progress)
+    with backend_round(backend):
+        best = search.maximise(solver, space, budget, desc=f"{o.search_strategy} ({o.method})",
+                               rescore=scorer.full, top=o.finalists, include=list(seeds.values()))
+    info = search.info(solver)
+    info["finalists"] = len(search.rescored)
+    return best, info, search.nfev + len(search.rescored)
+
+
+def prune_lm(model: nn.Module, calibration: Any, sparsity: "float | str", options: Optional[LMOptions] = None, *,
+             seed: int = 0, inplace: bool = False, progress: bool = True, **kwargs: Any) -> LMPruningResult:
+    """Prune a causal language model's decoder Linear layers in one shot, no retraining.
+
+    ``calibration``: token batches (``[batch, length]`` ids); ``sparsity``: a fraction of the decoder's
+    Linear weights (per-layer sparsities chosen by ``allocation``) or ``"2:4"`` (N:M in every layer; no
+    allocation to choose). Options as keywords or one :class:`LMOptions`. The user's model is left as
+    it is unless ``inplace`` (a copy of a large model is what ``inplace`` avoids)."""
+    o = options_from(LMOptions, "prune_lm", options, kwargs)
+    batches, frac, nm, _ = _check(model, calibration, sparsity)
+    start = time.perf_counter()
+    work = model if inplace else copy.deepcopy(model)
+    layers = decoder_layers(work)
+    was_training = work.training
+    work.eval()
+    stats = collect_stats(work, layers, batches, hessians=o.method == "sparsegpt")
+    db = LayerDatabase(layers, stats, o.method, nm=nm, level_step=o.level_step)
+    ref = DenseReference(work, batches)
+    full = _fitness(ref, o.fitness)
+    numels = np.array([l.numel for l in layers], dtype=np.int64)
+    seeds, info, evals = {}, {}, 0
+    if nm is not None:
+        counts, name = numels // nm[1] * (nm[1] - nm[0]), f"{nm[0]}:{nm[1]}"
+    else:
+        seeds = {"uniform": uniform_counts(layers, frac),
+                 "owl": owl_counts(layers, stats, frac, o.owl_m, o.owl_lambda)}
+        name = o.allocation
+        if o.allocation == "search":
+            counts, info, evals = _search(work, layers, db, ref, seeds, frac, o, seed, progress)
+        else:
+            counts = seeds[o.allocation]
+    seed_fitness = {k: _score_counts(db, work, full, c) for k, c in seeds.items()}
+    db.apply(counts, exact=True)
+    value = full(work)
+    work.train(was_training)
+    kept = [int((l.weight != 0).sum()) for l in layers]
+    fitness = -value if o.fitness == "kl" else math.exp(-value)
+    seed_fitness = {k: (-v if o.fitness == "kl" else math.exp(-v)) for k, v in seed_fitness.items()}
+    result = LMPruningResult(
+        work, [l.name for l in layers], [l.block for l in layers], numels.tolist(), kept,
+        {l.name: 1.0 - k / l.numel for l, k in zip(layers, kept)}, 1.0 - sum(kept) / float(numels.sum()),
+        o.method, name, fitness, seed_fitness, evals, time.perf_counter() - start, info)
+    log.info("prune_lm: %s, %s inside layers, sparsity %.4f, %s %.4f (uniform %s)", name, o.method,
+             result.sparsity, o.fitness, fitness, f"{seed_fitness.get('uniform', float('nan')):.4f}")
+    return result
+
+
+def _score_counts(db: LayerDatabase, model: nn.Module, score, counts: np.ndarray) -> float:
+    try:
+        db.apply(counts, exact=True)
+        return score(model)
+    finally:
+        db.restore()
