@@ -11,6 +11,7 @@ from .registry import create_pruner, list_metrics, list_pruners, register_pruner
 from .result import PruningResult
 from .weights.rounds import IterativePruner
 from .saving import load, save_model
+from .lm import prune_lm
 
 __all__ = [
     "prune",
@@ -23,5 +24,6 @@ __all__ = [
     "PruningResult",
     "load",
     "save_model",
+    "prune_lm",
 ]
 __version__ = "0.1.0"

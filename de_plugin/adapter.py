@@ -18,6 +18,8 @@ hook) only, its own framework, and never another adapter.
 * Coarse (channel / kernel) masks: :class:`CoarseSpace` + :func:`coarse_search`, then
   :func:`apply_and_retrain`; searched channel counts (``de_channel``) as a whole run through
   :func:`prune` with :class:`ChannelOptions`; :func:`slice_channels` makes either physically smaller.
+* Causal language models: :func:`prune_lm` and its :class:`LMPruningResult` (per-layer sparsities to
+  hand to a framework's LLM pruning), :func:`decoder_layers` / :func:`find_blocks`, :func:`check_tokens`.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from .weights.layerwise import LayerwiseOptions
 from .options import Options, options_from, validate_options
 from .weights.patterns import PatternScorer, as_matrix, check_fits, parse_pattern, pattern_mask
 from .pruner import Context, prune
+from .lm import LMPruningResult, check_tokens, decoder_layers, find_blocks, prune_lm
 from .registry import create_pruner, get_pruner_class, list_pruners, lookup
 from .report import check_out_dir
 from .result import PruningResult
@@ -51,4 +54,5 @@ __all__ = [
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",
     "channel_groups", "slice_channels", "kept_channels", "check_out_dir", "ChannelOptions", "measure_latency", "BNState", "hookimpl", "lookup",
     "PatternScorer", "parse_pattern", "pattern_mask", "check_fits", "as_matrix",
+    "prune_lm", "LMPruningResult", "decoder_layers", "find_blocks", "check_tokens",
 ]

@@ -142,6 +142,9 @@ def test_the_database_gives_the_masks_of_pruning_directly(tiny, calib):
             direct = prune_weight(method, layers[i].weight.detach(), n - keep, norms=stats.norms(i),
                                   hessian=stats.hessians[i] if stats.hessians else None)
             assert torch.equal(db.weight(i, keep), direct)
+        if method == "sparsegpt":  # levels: multiples of level_step x numel, the nearest one
+            step = round(0.1 * layers[0].numel)
+            assert db.level(0, layers[0].numel - 3 * step - 2) == 3 * step
 
 
 # ------------------------------------------------------------------------------- allocation, search

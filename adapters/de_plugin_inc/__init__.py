@@ -88,6 +88,7 @@ if ROUTE is not None:
 INC_AVAILABLE = ROUTE is not None
 
 _LEGACY = {"search_config": "de_plugin_inc.config", "search_layer_targets": "de_plugin_inc.search",
+           "prune_with_inc": "de_plugin_inc.lm", "pruning_configs": "de_plugin_inc.lm",
            "quantize": "de_plugin_inc.quantization", "int8_weights": "de_plugin_inc.quantization"}
 _CURRENT = {"DELayerwiseConfig": "de_plugin_inc.inc3", "DEChannelConfig": "de_plugin_inc.channels3",
             "prune_and_quantize": "de_plugin_inc.pt2e",

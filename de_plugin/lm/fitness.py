@@ -47,3 +47,19 @@ def perplexity(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
                                      reduction="sum"))
         count += b[:, 1:].numel()
     return math.exp(nll / count)
+
+
+def kl_score(dense: nn.Module, batches: Sequence[torch.Tensor]):
+    """An ``evaluate(model) -> float`` for the generic pruners (``de_layerwise`` through ``prune``, NNI or
+    INC): ``exp(-KL)`` from ``dense``'s next-token distribution on ``batches``, in (0, 1], 1 when the
+    model predicts as the dense one does. ``dense`` is read once, here (its log-probabilities are kept)."""
+    ref = DenseReference(dense, batches)
+
+    def evaluate(model: nn.Module) -> float:
+        was = model.training
+        model.eval()
+        try:
+            return math.exp(-ref.kl(model))
+        finally:
+            model.train(was)
+    return evaluate

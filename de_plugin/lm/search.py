@@ -26,7 +26,7 @@ from torch import nn
 from ..evaluation import SerialBackend, backend_round
 from ..options import options_from
 from ..search.allocator import KeepSpace, SearchOptions, start_search
-from ..search.budget import fit_budget, total_keep
+from ..search.budget import total_keep
 from .allocations import owl_counts, uniform_counts
 from .calibration import check_tokens, collect_stats
 from .database import LayerDatabase

@@ -1,0 +1,152 @@
+"""One-shot pruning of a causal language model: searched per-layer sparsity against uniform and OWL.
+
+The dense model is :mod:`de_plugin.demo.lm`'s TinyGPT (4 blocks, d=128, byte-level) trained on the
+Python standard library's sources (``--steps``, cached); every 10th file is held out. For each seed, the
+calibration set is ``--calib-batches`` batches of 8 x 128 tokens drawn from the training files with
+that seed; perplexity and KL (from the dense model) are measured on ``--eval-batches`` consecutive
+held-out windows of 8 x 128 tokens. Allocations:
+
+* ``uniform``, ``owl``: no search;
+* ``evopress``: the (1 + lambda) level-switch search at DE's evaluations;
+* ``de``: differential evolution (the default search);
+* ``de/4``: DE given a quarter of those evaluations (``max_evals``).
+
+Each with ``magnitude`` / ``wanda`` / ``sparsegpt`` inside layers, at fractional sparsities and 2:4
+(N:M fixes every layer at 50%: no allocation to search). Ratios of held-out perplexity are paired over
+seeds (geometric mean and 95% t-interval of the log ratio). Cells accumulate in ``<out>/cells.json``.
+
+    python benchmarks/llm.py --sparsities 0.7 --methods wanda --seeds 0 1 2 --out benchmarks/results/llm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cells import Cells  # noqa: E402
+
+from de_plugin.demo.lm import dense_lm, stdlib_corpus, token_batches  # noqa: E402
+from de_plugin.lm import DenseReference, perplexity, prune_lm  # noqa: E402
+
+ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"},
+               "evopress": {"search_strategy": "evopress"}, "de": {}, "de/4": {"quarter": True}}
+
+
+def evaluations(dims: int, generations: int) -> int:
+    """DE's evaluations at its default population for ``dims`` searched values."""
+    pop = int(min(64, max(20, math.ceil(dims / 2))))
+    return pop * (generations + 1)
+
+
+def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, seed: int, args) -> dict:
+    opts = {k: v for k, v in ALLOCATIONS[alloc].items() if k != "quarter"}
+    if alloc in ("evopress", "de", "de/4"):
+        evals = evaluations(24, args.generations)
+        opts.update(generations=args.generations, search_batches=args.search_batches,
+                    max_evals=evals // 4 if alloc == "de/4" else evals)
+    start = time.perf_counter()
+    r = prune_lm(model, calib, sparsity, method=method, seed=seed, progress=False, **opts)
+    wall = time.perf_counter() - start
+    return {"ppl": perplexity(r.model, held), "kl": ref_held.kl(r.model), "calib_kl": r.fitness,
+            "seed_calib_kl": r.seed_fitness, "sparsity": r.sparsity, "evaluations": r.evaluations,
+            "wall_seconds": wall, "layer_sparsity": r.layer_sparsity}
+
+
+def ratio(a: dict, b: dict) -> dict:
+    """Geometric-mean ratio a / b over shared seeds with a 95% t-interval (log scale)."""
+    seeds = sorted(set(a) & set(b))
+    logs = [math.log(a[s] / b[s]) for s in seeds]
+    n = len(logs)
+    if n == 0:
+        return {"n": 0}
+    mean = sum(logs) / n
+    if n < 2:
+        return {"n": n, "ratio": math.exp(mean), "low": None, "high": None}
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1))
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    return {"n": n, "ratio": math.exp(mean), "low": math.exp(mean - half), "high": math.exp(mean + half)}
+
+
+def fmt(r: dict) -> str:
+    if not r.get("n"):
+        return "-"
+    if r["low"] is None:
+        return f"{r['ratio']:.3f}x (1 seed, illustration)"
+    return f"{r['ratio']:.3f}x [{r['low']:.3f}, {r['high']:.3f}] ({r['n']} seeds)"
+
+
+def table(cells: Cells, methods, rungs, allocs, seeds, dense_ppl: float) -> str:
+    lines = [f"dense held-out perplexity {dense_ppl:.3f}", "",
+             "| inside layers | sparsity | allocation | perplexity (mean) | KL held-out | evaluations | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    got = {}
+    for m in methods:
+        for s in rungs:
+            for a in (allocs if s != "2:4" else ["uniform"]):
+                cs = {sd: cells.get((m, s, a, sd)) for sd in seeds}
+                cs = {sd: c for sd, c in cs.items() if c}
+                if not cs:
+                    continue
+                got[(m, s, a)] = {sd: c["ppl"] for sd, c in cs.items()}
+                mean = lambda k: sum(c[k] for c in cs.values()) / len(cs)  # noqa: E731
+                lines.append(f"| {m} | {s} | {a} | {mean('ppl'):.3f} ({len(cs)} seeds) | {mean('kl'):.4f} | "
+                             f"{mean('evaluations'):.0f} | {mean('wall_seconds'):.0f} |")
+    lines += ["", "Held-out perplexity ratios, paired over seeds:", ""]
+    for m in methods:
+        for s in [r for r in rungs if r != "2:4"]:
+            for a, b in [("de", "owl"), ("de", "uniform"), ("de", "evopress"), ("de/4", "evopress"),
+                         ("evopress", "owl"), ("owl", "uniform")]:
+                if (m, s, a) in got and (m, s, b) in got:
+                    lines.append(f"- {m} @{s}: {a} / {b} = {fmt(ratio(got[(m, s, a)], got[(m, s, b)]))}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=3000, help="dense training steps (cached)")
+    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    ap.add_argument("--sparsities", nargs="+", default=["0.5", "0.6", "0.7", "2:4"])
+    ap.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS), choices=list(ALLOCATIONS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--calib-batches", type=int, default=16)
+    ap.add_argument("--search-batches", type=int, default=4)
+    ap.add_argument("--eval-batches", type=int, default=40)
+    ap.add_argument("--generations", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results/llm")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    corpus = stdlib_corpus()
+    model = dense_lm(steps=args.steps, seed=0, corpus=corpus)
+    held = token_batches(corpus.heldout, 8, 128, args.eval_batches, contiguous=True)
+    ref_held = DenseReference(model, held)
+    dense_ppl = perplexity(model, held)
+    out = Path(args.out)
+    cells = Cells(out / "cells.json", {"steps": args.steps, "calib_batches": args.calib_batches,
+                                       "search_batches": args.search_batches, "eval_batches": args.eval_batches,
+                                       "generations": args.generations, "dense_ppl": round(dense_ppl, 4)})
+    rungs = [s if s == "2:4" else float(s) for s in args.sparsities]
+    for seed in args.seeds:
+        calib = token_batches(corpus.train, 8, 128, args.calib_batches, seed=1000 + seed)
+        for s in rungs:
+            for m in args.methods:
+                for a in (args.allocations if s != "2:4" else ["uniform"]):
+                    logging.info("cell %s @%s %s seed %d", m, s, a, seed)
+                    cells.run((m, s, a, seed), lambda: run_cell(model, calib, held, ref_held, m, a, s, seed, args))
+    text = table(cells, args.methods, rungs, args.allocations, args.seeds, dense_ppl)
+    print(text)
+    (out / "table.md").write_text(text + "\n")
+    (out / "summary.json").write_text(json.dumps({"dense_ppl": dense_ppl, "cells": len(cells.cells)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
