@@ -7,9 +7,12 @@ that seed; perplexity and KL (from the dense model) are measured on ``--eval-bat
 held-out windows of 8 x 128 tokens. Allocations:
 
 * ``uniform``, ``owl``: no search;
-* ``evopress``: the (1 + lambda) level-switch search at DE's evaluations;
-* ``de``: differential evolution (the default search);
-* ``de/4``: DE given a quarter of those evaluations (``max_evals``).
+* ``search``: ``prune_lm``'s default search (EvoPress-style (1 + 8) level switching) at ``--evals``;
+* ``search/4``: the same at a quarter of the evaluations;
+* ``de``: differential evolution (population 20) and ``random`` (the control), at ``--evals``.
+
+An evaluation is one forward pass over the search's calibration batches (``--search-batches``); the
+finalists' re-scoring on all ``--calib-batches`` counts too, so every search reports a few more.
 
 Each with ``magnitude`` / ``wanda`` / ``sparsegpt`` inside layers, at fractional sparsities and 2:4
 (N:M fixes every layer at 50%: no allocation to search). Ratios of held-out perplexity are paired over
@@ -36,22 +39,19 @@ from cells import Cells  # noqa: E402
 from de_plugin.demo.lm import dense_lm, stdlib_corpus, token_batches  # noqa: E402
 from de_plugin.lm import DenseReference, perplexity, prune_lm  # noqa: E402
 
+#: every search at the same evaluations (``--evals``), ``search/4`` at a quarter of them
 ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"},
-               "evopress": {"search_strategy": "evopress"}, "de": {}, "de/4": {"quarter": True}}
-
-
-def evaluations(dims: int, generations: int) -> int:
-    """DE's evaluations at its default population for ``dims`` searched values."""
-    pop = int(min(64, max(20, math.ceil(dims / 2))))
-    return pop * (generations + 1)
+               "search": {}, "search/4": {"share": 0.25},
+               "de": {"search_strategy": "de", "population": None},
+               "random": {"search_strategy": "random", "population": None}}
+SEARCHES = ("search", "search/4", "de", "random")
 
 
 def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, seed: int, args) -> dict:
-    opts = {k: v for k, v in ALLOCATIONS[alloc].items() if k != "quarter"}
-    if alloc in ("evopress", "de", "de/4"):
-        evals = evaluations(24, args.generations)
-        opts.update(generations=args.generations, search_batches=args.search_batches,
-                    max_evals=evals // 4 if alloc == "de/4" else evals)
+    opts = {k: v for k, v in ALLOCATIONS[alloc].items() if k != "share"}
+    if alloc in SEARCHES:
+        share = ALLOCATIONS[alloc].get("share", 1.0)
+        opts.update(generations=1000, search_batches=args.search_batches, max_evals=int(args.evals * share))
     start = time.perf_counter()
     r = prune_lm(model, calib, sparsity, method=method, seed=seed, progress=False, **opts)
     wall = time.perf_counter() - start
@@ -102,8 +102,8 @@ def table(cells: Cells, methods, rungs, allocs, seeds, dense_ppl: float) -> str:
     lines += ["", "Held-out perplexity ratios, paired over seeds:", ""]
     for m in methods:
         for s in [r for r in rungs if r != "2:4"]:
-            for a, b in [("de", "owl"), ("de", "uniform"), ("de", "evopress"), ("de/4", "evopress"),
-                         ("evopress", "owl"), ("owl", "uniform")]:
+            for a, b in [("search", "owl"), ("search", "uniform"), ("search", "de"), ("search", "random"),
+                         ("search/4", "search"), ("search/4", "owl"), ("de", "owl"), ("owl", "uniform")]:
                 if (m, s, a) in got and (m, s, b) in got:
                     lines.append(f"- {m} @{s}: {a} / {b} = {fmt(ratio(got[(m, s, a)], got[(m, s, b)]))}")
     return "\n".join(lines)
@@ -119,7 +119,7 @@ def main(argv=None) -> None:
     ap.add_argument("--calib-batches", type=int, default=16)
     ap.add_argument("--search-batches", type=int, default=4)
     ap.add_argument("--eval-batches", type=int, default=40)
-    ap.add_argument("--generations", type=int, default=10)
+    ap.add_argument("--evals", type=int, default=208, help="search evaluations (the default search's 8 x 26)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/llm")
     args = ap.parse_args(argv)
@@ -133,7 +133,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     cells = Cells(out / "cells.json", {"steps": args.steps, "calib_batches": args.calib_batches,
                                        "search_batches": args.search_batches, "eval_batches": args.eval_batches,
-                                       "generations": args.generations, "dense_ppl": round(dense_ppl, 4)})
+                                       "evals": args.evals, "dense_ppl": round(dense_ppl, 4)})
     rungs = [s if s == "2:4" else float(s) for s in args.sparsities]
     for seed in args.seeds:
         calib = token_batches(corpus.train, 8, 128, args.calib_batches, seed=1000 + seed)

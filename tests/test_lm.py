@@ -177,6 +177,9 @@ def test_search_strategies_and_block_granularity(tiny, calib):
     for strategy in ("evopress", "random"):
         r = prune_lm(tiny, calib, 0.6, search_strategy=strategy, generations=2, progress=False)
         assert r.search["search_strategy"] == strategy and r.sparsity == pytest.approx(0.6, abs=1e-4)
+        assert r.search["candidates"] == 8 * 3  # lambda x (generations + 1), the evaluations DE would get
+    r = prune_lm(tiny, calib, 0.6, search_strategy="de", generations=2, progress=False)
+    assert r.search["nit"] == 2 and r.sparsity == pytest.approx(0.6, abs=1e-4)
     r = prune_lm(tiny, calib, 0.6, granularity="block", generations=2, progress=False)
     assert len(set(round(v, 2) for v in r.layer_sparsity.values())) <= 2  # one sparsity per block
     assert len(r.block_sparsity()) == 2

@@ -54,7 +54,15 @@ class LMOptions(SearchOptions):
     level_step: float = Field(0.05, gt=0.0, lt=0.5, description="sparsegpt: the database's level spacing")
     owl_m: float = Field(5.0, gt=0.0, description="OWL: a score is an outlier above this multiple of the mean")
     owl_lambda: float = Field(0.08, ge=0.0, lt=0.5, description="OWL: the largest density shift of a block")
-    generations: int = Field(10, ge=0, description="search generations")
+    # chosen by benchmarks/llm.py (TinyGPT, Wanda, 70%): at equal evaluations the (1 + lambda) level-switch
+    # search beat DE, and lambda = 8 beat lambda = 20 (more generations for the same evaluations)
+    search_strategy: str = Field(
+        "evopress", pattern="^(de|random|evopress)$",
+        description="'evopress': (1 + lambda) from the best so far, level-switch mutations (lambda = population); "
+                    "'de': differential evolution; 'random': the control; all at the same evaluations")
+    population: Optional[int] = Field(8, ge=4, description="offspring per generation (evopress) or DE's population")
+    generations: int = Field(25, ge=0, description="search generations (evaluations: population x (generations + 1))")
+    stall: Optional[int] = Field(0, ge=0, description="DE: stop after this many generations without improvement (0: never)")
 
 
 class BlockSpace(KeepSpace):
@@ -144,6 +152,7 @@ def _fitness(ref: DenseReference, kind: str):
         if kind == "kl":
             return -ref.kl(model, upto)
         return -math.log(perplexity(model, ref.batches[:upto]))
+    score.ref = ref
     return score
 
 
@@ -153,12 +162,23 @@ class LMScorer:
 
     def __init__(self, model: nn.Module, db: LayerDatabase, score, upto: int):
         self.model, self.db, self.fn, self.upto = model, db, score, upto
+        self.batches = 0  # calibration batches forwarded: the search's cost
+
+    def at(self, counts: Sequence[int], upto: Optional[int]) -> float:
+        """The score of ``counts`` on the first ``upto`` batches (all: None); the model is restored after."""
+        try:
+            self.db.apply(counts)
+            self.batches += upto or len(self.fn.ref.batches)
+            return self.fn(self.model, upto)
+        finally:
+            self.db.restore()
 
     def reset(self) -> None:
         """The database holds the dense weights; nothing to take."""
 
     def score(self, counts: Sequence[int], floor: Optional[float] = None) -> float:
         self.db.apply(counts)
+        self.batches += self.upto
         return self.fn(self.model, self.upto)
 
     def restore(self) -> None:
@@ -166,11 +186,7 @@ class LMScorer:
 
     def full(self, counts: Sequence[int]) -> float:
         """The score on every calibration batch (the finalists' re-scoring)."""
-        try:
-            self.db.apply(counts)
-            return self.fn(self.model, None)
-        finally:
-            self.db.restore()
+        return self.at(counts, None)
 
 
 def _space(layers: Sequence[LMLayer], sparsity: float, o: LMOptions) -> KeepSpace:
@@ -200,7 +216,8 @@ def _search(model, layers, db, ref, seeds: dict[str, np.ndarray], sparsity: floa
                                rescore=scorer.full, top=o.finalists, include=list(seeds.values()))
     info = search.info(solver)
     info["finalists"] = len(search.rescored)
-    return best, info, search.nfev + len(search.rescored)
+    info["batches_forwarded"] = scorer.batches
+    return best, info, int(math.ceil(scorer.batches / upto))
 
 
 def prune_lm(model: nn.Module, calibration: Any, sparsity: "float | str", options: Optional[LMOptions] = None, *,
@@ -256,3 +273,4 @@ def _score_counts(db: LayerDatabase, model: nn.Module, score, counts: np.ndarray
         return score(model)
     finally:
         db.restore()
+
