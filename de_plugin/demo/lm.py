@@ -73,7 +73,7 @@ def token_batches(stream: torch.Tensor, batch: int, length: int, count: int, see
 class Block(nn.Module):
     def __init__(self, d: int, heads: int, mlp: int):
         super().__init__()
-        self.heads = heads
+        self.heads, self.head_dim = heads, d // heads  # heads may shrink (width pruning), head_dim does not
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
         self.up_proj, self.down_proj = nn.Linear(d, mlp), nn.Linear(mlp, d)
@@ -81,10 +81,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         h = self.ln1(x)
-        q, k, v = (p(h).view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(h).view(b, t, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.o_proj(a.transpose(1, 2).reshape(b, t, d))
+        x = x + self.o_proj(a.transpose(1, 2).reshape(b, t, -1))
         return x + self.down_proj(F.gelu(self.up_proj(self.ln2(x))))
 
 

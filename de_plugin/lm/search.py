@@ -146,7 +146,7 @@ def _check(model: nn.Module, calibration: Any, sparsity: Any) -> tuple[list[torc
     return batches, (None if sparsity is None else float(sparsity)), nm, layers
 
 
-def _fitness(ref: DenseReference, kind: str):
+def fitness_fn(ref: DenseReference, kind: str):
     """The score a candidate maximises on the first ``upto`` reference batches: -KL or -log perplexity."""
     def score(model: nn.Module, upto: Optional[int] = None) -> float:
         if kind == "kl":
@@ -160,7 +160,7 @@ class LMScorer:
     """The search's :class:`~de_plugin.evaluation.Scorer`: a candidate's counts written from the
     database, scored on the search's calibration batches."""
 
-    def __init__(self, model: nn.Module, db: LayerDatabase, score, upto: int):
+    def __init__(self, model: nn.Module, db: Any, score, upto: int):
         self.model, self.db, self.fn, self.upto = model, db, score, upto
         self.batches = 0  # calibration batches forwarded: the search's cost
 
@@ -201,18 +201,18 @@ def _space(layers: Sequence[LMLayer], sparsity: float, o: LMOptions) -> KeepSpac
     return KeepSpace(numels, min_keep, max_keep, [(lo, hi)] * len(layers))
 
 
-def _search(model, layers, db, ref, seeds: dict[str, np.ndarray], sparsity: float, o: LMOptions, seed: int,
-            progress: bool) -> tuple[np.ndarray, dict[str, Any], int]:
-    """The searched counts, the search's record and its evaluations (finalists' re-scoring included)."""
+def search_counts(model: nn.Module, db, ref: DenseReference, space: KeepSpace, budget: int,
+                  seeds: dict[str, np.ndarray], o: "LMOptions", seed: int,
+                  progress: bool) -> tuple[np.ndarray, dict[str, Any], int]:
+    """The searched counts, the search's record and its evaluations (finalists' re-scoring included).
+    ``db`` writes a candidate's counts into the model (``apply``) and takes them out (``restore``)."""
     upto = o.search_batches or max(1, len(ref.batches) // 2)
-    scorer = LMScorer(model, db, _fitness(ref, o.fitness), upto)
-    space = _space(layers, sparsity, o)
-    budget = total_keep(space.numels, sparsity)
+    scorer = LMScorer(model, db, fitness_fn(ref, o.fitness), upto)
     backend = SerialBackend(scorer)
     rng = np.random.default_rng(seed)
     search, solver = start_search(backend, o, rng, space, list(seeds.values()), o.max_evals, progress=progress)
     with backend_round(backend):
-        best = search.maximise(solver, space, budget, desc=f"{o.search_strategy} ({o.method})",
+        best = search.maximise(solver, space, budget, desc=f"{o.search_strategy} ({getattr(o, 'method', 'width')})",
                                rescore=scorer.full, top=o.finalists, include=list(seeds.values()))
     info = search.info(solver)
     info["finalists"] = len(search.rescored)
@@ -238,7 +238,7 @@ def prune_lm(model: nn.Module, calibration: Any, sparsity: "float | str", option
     stats = collect_stats(work, layers, batches, hessians=o.method == "sparsegpt")
     db = LayerDatabase(layers, stats, o.method, nm=nm, level_step=o.level_step)
     ref = DenseReference(work, batches)
-    full = _fitness(ref, o.fitness)
+    full = fitness_fn(ref, o.fitness)
     numels = np.array([l.numel for l in layers], dtype=np.int64)
     seeds, info, evals = {}, {}, 0
     if nm is not None:
@@ -248,7 +248,9 @@ def prune_lm(model: nn.Module, calibration: Any, sparsity: "float | str", option
                  "owl": owl_counts(layers, stats, frac, o.owl_m, o.owl_lambda)}
         name = o.allocation
         if o.allocation == "search":
-            counts, info, evals = _search(work, layers, db, ref, seeds, frac, o, seed, progress)
+            space = _space(layers, frac, o)
+            counts, info, evals = search_counts(work, db, ref, space, total_keep(space.numels, frac), seeds, o,
+                                                seed, progress)
         else:
             counts = seeds[o.allocation]
     seed_fitness = {k: _score_counts(db, work, full, c) for k, c in seeds.items()}

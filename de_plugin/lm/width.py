@@ -1,0 +1,334 @@
+"""Structured width: attention heads and MLP hidden units kept per decoder block, searched under a
+parameter budget, then sliced away so the model is physically smaller.
+
+Per block, the prunable units are the attention heads (q / k / v output rows and o input columns of a
+head, together; not with grouped-query attention, whose heads share k / v: there only the MLP is pruned)
+and the MLP's hidden units (up / gate output rows and down input columns). Which units go inside a block
+follows a structured Wanda score from one pass over the calibration tokens: a hidden unit's
+``||X_j||_2 ||W_down[:, j]||_2``, a head's sum of the same over its o-projection columns. Dropping a unit
+is zeroing its column in ``down`` / ``o`` (what the search scores) and is then made real by slicing
+every layer of the group: the outputs are the same.
+
+How many units each block keeps is searched (the project's allocator; EvoPress-style by default) with
+the KL fitness, seeded with uniform width (every block keeps the same share of heads and hidden units)
+and with the MLP-only allocation (all heads kept); ``allocation="uniform"`` is the baseline itself.
+The budget is the decoder Linear layers' parameters (weights and biases), met to within one hidden unit.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..options import options_from
+from ..search.allocator import KeepSpace, SearchOptions
+from ..search.budget import fit_budget
+from .calibration import check_tokens, collect_stats
+from .fitness import DenseReference
+from .search import fitness_fn, search_counts
+from .targets import LMLayer, find_blocks
+
+log = logging.getLogger("de_plugin")
+Q, K, V, O = ("q_proj",), ("k_proj",), ("v_proj",), ("o_proj", "out_proj")
+MLP_IN, MLP_OUT = ("up_proj", "gate_proj", "fc1"), ("down_proj", "fc2")
+
+
+def _params(m: nn.Linear) -> int:
+    return m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+
+
+@dataclass
+class WidthBlock:
+    """One decoder block's prunable groups (module paths relative to the model)."""
+
+    index: int
+    attn: dict[str, str]  # q, k, v, o -> module path ({} when heads are not pruned)
+    mlp_in: list[str]
+    mlp_out: str
+    heads: int
+    head_dim: int
+    units: int
+    head_cost: int = 0
+    unit_cost: int = 0
+
+
+def _find(block: nn.Module, prefix: str, names: tuple[str, ...]) -> Optional[str]:
+    for n, m in block.named_modules():
+        if isinstance(m, nn.Linear) and n.split(".")[-1] in names:
+            return f"{prefix}.{n}"
+    return None
+
+
+def width_blocks(model: nn.Module) -> list[WidthBlock]:
+    """Each decoder block's heads and hidden units; ValueError when the blocks lack a recognisable MLP."""
+    prefix, blocks = find_blocks(model)
+    mods = dict(model.named_modules())
+    out = []
+    for i, block in enumerate(blocks):
+        pre = f"{prefix}.{i}" if prefix else str(i)
+        ins = [p for p in (_find(block, pre, (n,)) for n in MLP_IN) if p]
+        down = _find(block, pre, MLP_OUT)
+        if not ins or down is None:
+            raise ValueError(f"block {pre} has no MLP of nn.Linear layers named up_proj / gate_proj / fc1 and "
+                             "down_proj / fc2: width pruning knows Llama-, OPT- and TinyGPT-style blocks; for other "
+                             "models prune unstructured (prune_lm)")
+        attn = {k: _find(block, pre, names) for k, names in zip("qkvo", (Q, K, V, O))}
+        q = mods[attn["q"]] if attn["q"] else None
+        parent = mods[attn["q"].rsplit(".", 1)[0]] if q is not None else None
+        hd = getattr(parent, "head_dim", None) or getattr(block, "head_dim", None)
+        mha = (q is not None and all(attn.values()) and hd and mods[attn["k"]].out_features == q.out_features
+               and q.out_features % hd == 0)
+        wb = WidthBlock(i, attn if mha else {}, ins, down, q.out_features // hd if mha else 0, int(hd or 0),
+                        mods[down].in_features)
+        _costs(wb, mods)
+        out.append(wb)
+    return out
+
+
+def _costs(wb: WidthBlock, mods: dict[str, nn.Module]) -> None:
+    d_unit = sum(mods[p].in_features + (1 if mods[p].bias is not None else 0) for p in wb.mlp_in)
+    wb.unit_cost = d_unit + mods[wb.mlp_out].out_features
+    if wb.heads:
+        qkv = [mods[wb.attn[k]] for k in "qkv"]
+        wb.head_cost = wb.head_dim * (sum(m.in_features + (1 if m.bias is not None else 0) for m in qkv)
+                                      + mods[wb.attn["o"]].out_features)
+
+
+def decoder_params(model: nn.Module) -> int:
+    """Parameters of the decoder blocks' Linear layers (what the width budget counts)."""
+    _, blocks = find_blocks(model)
+    return sum(_params(m) for b in blocks for m in b.modules() if isinstance(m, nn.Linear))
+
+
+class WidthMasks:
+    """Candidates (heads kept per block, then hidden units kept per block) written into the model as zeroed
+    ``o`` / ``down`` columns, the lowest-scoring units first; ``restore`` puts the dense weights back."""
+
+    def __init__(self, model: nn.Module, blocks: list[WidthBlock], norms: dict[str, torch.Tensor]):
+        self.mods, self.blocks = dict(model.named_modules()), blocks
+        self.dense = {p: self.mods[p].weight.detach().clone() for b in blocks
+                      for p in ([b.mlp_out] + ([b.attn["o"]] if b.heads else []))}
+        self.unit_order, self.head_order = [], []
+        for b in blocks:
+            w = self.dense[b.mlp_out].float()
+            self.unit_order.append(torch.argsort(norms[b.mlp_out] * w.norm(dim=0), descending=True, stable=True))
+            if b.heads:
+                s = norms[b.attn["o"]] * self.dense[b.attn["o"]].float().norm(dim=0)
+                self.head_order.append(torch.argsort(s.view(b.heads, b.head_dim).sum(1), descending=True, stable=True))
+            else:
+                self.head_order.append(None)
+
+    def kept(self, counts) -> list[tuple[Optional[torch.Tensor], torch.Tensor]]:
+        """Per block: the kept head indices (None: all) and kept hidden-unit indices, both sorted."""
+        nb, heads = len(self.blocks), [b for b in self.blocks if b.heads]
+        out, hi = [], 0
+        for i, b in enumerate(self.blocks):
+            h = None
+            if b.heads:
+                h = torch.sort(self.head_order[i][:int(counts[hi])]).values
+                hi += 1
+            out.append((h, torch.sort(self.unit_order[i][:int(counts[len(heads) + i])]).values))
+        assert len(out) == nb
+        return out
+
+    def apply(self, counts, exact: bool = False) -> None:
+        with torch.no_grad():
+            for b, (h, u) in zip(self.blocks, self.kept(counts)):
+                w = self.dense[b.mlp_out]
+                keep = torch.zeros(w.shape[1], dtype=torch.bool)
+                keep[u] = True
+                self.mods[b.mlp_out].weight.copy_(w * keep.to(w.dtype))
+                if h is not None:
+                    wo = self.dense[b.attn["o"]]
+                    keep = torch.zeros(b.heads, dtype=torch.bool)
+                    keep[h] = True
+                    self.mods[b.attn["o"]].weight.copy_(wo * keep.repeat_interleave(b.head_dim).to(wo.dtype))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, w in self.dense.items():
+                self.mods[p].weight.copy_(w)
+
+
+class WidthSpace(KeepSpace):
+    """x: the kept share of each block's heads (blocks with prunable heads), then of its hidden units; a
+    vector's counts meet the parameter budget by scaling the hidden units (heads fewer where they must)."""
+
+    def __init__(self, blocks: list[WidthBlock], fixed: int, low: float):
+        self.blocks, self.fixed = blocks, fixed
+        self.hb = [b for b in blocks if b.heads]
+        numels = np.array([b.heads for b in self.hb] + [b.units for b in blocks], dtype=np.int64)
+        super().__init__(numels, np.ones(len(numels), dtype=np.int64), numels, [(low, 1.0)] * len(numels))
+        self.unit_cost = np.array([b.unit_cost for b in blocks])
+
+    def to_counts(self, x: np.ndarray) -> np.ndarray:
+        return np.clip(np.round(np.asarray(x) * self.numels).astype(np.int64), 1, self.numels)
+
+    def to_x(self, counts: np.ndarray) -> np.ndarray:
+        return np.asarray(counts) / self.numels
+
+    def project(self, x: np.ndarray, budget: int) -> np.ndarray:
+        c = self.to_counts(x)
+        nh = len(self.hb)
+        heads = c[:nh].copy()
+        units_n = self.numels[nh:]
+        while True:
+            left = budget - self.fixed - sum(int(h) * b.head_cost for h, b in zip(heads, self.hb))
+            total_units = int(left // self.unit_cost.mean())
+            if total_units >= len(units_n) or not (heads > 1).any():
+                break
+            heads[int(np.argmax(heads))] -= 1  # the heads alone exceed the budget: fewer heads
+        total_units = int(min(max(total_units, len(units_n)), units_n.sum()))
+        units = fit_budget(np.asarray(x, dtype=float)[nh:], units_n, total_units, np.ones(len(units_n), dtype=np.int64))
+        return np.concatenate([heads, units])
+
+    def params(self, counts: np.ndarray) -> int:
+        nh = len(self.hb)
+        return int(self.fixed + sum(int(h) * b.head_cost for h, b in zip(counts[:nh], self.hb))
+                   + sum(int(u) * b.unit_cost for u, b in zip(counts[nh:], self.blocks)))
+
+
+def _sliced(m: nn.Linear, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None) -> nn.Linear:
+    w = m.weight.detach()
+    w = w[rows] if rows is not None else w
+    w = w[:, cols] if cols is not None else w
+    new = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if m.bias is not None:
+            new.bias.copy_(m.bias.detach()[rows] if rows is not None else m.bias.detach())
+    return new
+
+
+def slice_width(model: nn.Module, blocks: list[WidthBlock], kept) -> None:
+    """Replace each block's layers by smaller ones keeping only ``kept`` heads / hidden units."""
+    mods = dict(model.named_modules())
+
+    def put(path: str, new: nn.Module) -> None:
+        parent, _, name = path.rpartition(".")
+        setattr(mods[parent] if parent else model, name, new)
+
+    for b, (h, u) in zip(blocks, kept):
+        for p in b.mlp_in:
+            put(p, _sliced(mods[p], rows=u))
+        put(b.mlp_out, _sliced(mods[b.mlp_out], cols=u))
+        if h is not None:
+            idx = (h[:, None] * b.head_dim + torch.arange(b.head_dim)[None, :]).flatten()
+            for k in "qkv":
+                put(b.attn[k], _sliced(mods[b.attn[k]], rows=idx))
+            put(b.attn["o"], _sliced(mods[b.attn["o"]], cols=idx))
+            owner = mods[b.attn["q"].rsplit(".", 1)[0]]
+            for holder in (owner, mods[b.mlp_out.rsplit(".", 1)[0]]):
+                if hasattr(holder, "heads"):  # TinyGPT counts its heads; transformers' views infer them
+                    holder.heads = len(h)
+
+
+class WidthOptions(SearchOptions):
+    """``prune_width``'s settings (the search's own are :class:`SearchOptions`')."""
+
+    allocation: Literal["search", "uniform"] = Field("search", description="searched per-block widths, or uniform")
+    heads: bool = Field(True, description="prune attention heads too (never with grouped-query attention)")
+    min_share: float = Field(0.05, gt=0.0, le=1.0, description="the least share of a block's heads / units kept")
+    fitness: Literal["kl", "perplexity"] = "kl"
+    search_batches: Optional[int] = Field(None, ge=1, description="calibration batches the search scores on")
+    finalists: int = Field(4, ge=1)
+    search_strategy: str = Field("evopress", pattern="^(de|random|evopress)$")
+    population: Optional[int] = Field(8, ge=4)
+    generations: int = Field(25, ge=0)
+    stall: Optional[int] = Field(0, ge=0)
+
+
+@dataclass
+class WidthResult:
+    """What ``prune_width`` did; ``model`` is physically smaller."""
+
+    model: nn.Module
+    heads: list[int]  # kept per block (the original count where heads were not pruned)
+    units: list[int]  # hidden units kept per block
+    params_before: int
+    params_after: int
+    allocation: str
+    fitness: float
+    seed_fitness: dict[str, float] = field(default_factory=dict)
+    evaluations: int = 0
+    seconds: float = 0.0
+    search: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def removed(self) -> float:
+        return 1.0 - self.params_after / self.params_before
+
+
+def _check_ratio(ratio: Any) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
+        raise ValueError(f"params must be the share of the decoder's Linear parameters to remove, in (0, 1) "
+                         f"(0.3 removes 30%), got {ratio!r}")
+    return float(ratio)
+
+
+def _seeds(space: WidthSpace, ratio: float, budget: int, heads: bool) -> dict[str, np.ndarray]:
+    nh = len(space.hb)
+    uniform = np.full(len(space.numels), 1.0 - ratio)
+    out = {"uniform": space.project(uniform, budget)}
+    if heads and nh:
+        out["mlp_only"] = space.project(np.concatenate([np.ones(nh), uniform[nh:]]), budget)
+    return out
+
+
+def prune_width(model: nn.Module, calibration: Any, params: float, options: Optional[WidthOptions] = None, *,
+                seed: int = 0, inplace: bool = False, progress: bool = True, **kwargs: Any) -> WidthResult:
+    """Remove the share ``params`` of the decoder's Linear parameters as whole heads and hidden units,
+    the width of each block searched (or uniform); returns the sliced, smaller model."""
+    o = options_from(WidthOptions, "prune_width", options, kwargs)
+    batches, ratio = check_tokens(calibration), _check_ratio(params)
+    width_blocks(model)  # refuses an unknown block layout before any work
+    start = time.perf_counter()
+    work = model if inplace else copy.deepcopy(model)
+    was = work.training
+    work.eval()
+    blocks = width_blocks(work)
+    if not o.heads:
+        for b in blocks:
+            b.attn, b.heads = {}, 0
+    mods = dict(work.named_modules())
+    probes = [LMLayer(p, mods[p], b.index, False) for b in blocks for p in [b.mlp_out] + ([b.attn["o"]] if b.heads else [])]
+    stats = collect_stats(work, probes, batches)
+    masks = WidthMasks(work, blocks, {l.name: stats.norms(i) for i, l in enumerate(probes)})
+    before = decoder_params(work)
+    fixed = before - sum(b.heads * b.head_cost + b.units * b.unit_cost for b in blocks)
+    space = WidthSpace(blocks, fixed, o.min_share)
+    budget = int(round(before * (1.0 - ratio)))
+    seeds = _seeds(space, ratio, budget, o.heads)
+    ref = DenseReference(work, batches)
+    full = fitness_fn(ref, o.fitness)
+    info, evals = {}, 0
+    if o.allocation == "search":
+        counts, info, evals = search_counts(work, masks, ref, space, budget, seeds, o, seed, progress)
+    else:
+        counts = seeds["uniform"]
+    seed_fitness = {}
+    for k, c in seeds.items():
+        masks.apply(c)
+        seed_fitness[k] = full(work)
+        masks.restore()
+    masks.apply(counts)
+    value = full(work)
+    masks.restore()
+    kept = masks.kept(counts)
+    slice_width(work, blocks, kept)
+    work.train(was)
+    sign = (lambda v: -v) if o.fitness == "kl" else (lambda v: math.exp(-v))
+    result = WidthResult(work, [len(h) if h is not None else b.heads for b, (h, _) in zip(blocks, kept)],
+                         [len(u) for _, u in kept], before, decoder_params(work), o.allocation, sign(value),
+                         {k: sign(v) for k, v in seed_fitness.items()}, evals, time.perf_counter() - start, info)
+    log.info("prune_width: %s, %.1f%% of the decoder's parameters removed, %s %.4f (uniform %.4f)", o.allocation,
+             100 * result.removed, o.fitness, result.fitness, result.seed_fitness["uniform"])
+    return result

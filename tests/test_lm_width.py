@@ -1,0 +1,81 @@
+"""Structured width of decoders (de_plugin.lm.width): heads and hidden units per block, sliced away."""
+import copy
+
+import pytest
+import torch
+
+from de_plugin.demo.lm import TinyGPT
+from de_plugin.lm import DenseReference
+from de_plugin.lm.width import WidthMasks, decoder_params, prune_width, width_blocks
+
+
+@pytest.fixture()
+def model():
+    torch.manual_seed(0)
+    return TinyGPT(d=32, layers=2, heads=4, context=32).eval()
+
+
+@pytest.fixture()
+def calib():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (4, 32), generator=g) for _ in range(4)]
+
+
+def test_slicing_gives_the_outputs_of_the_masked_model(model, calib):
+    blocks = width_blocks(model)
+    norms = {b.mlp_out: torch.rand(b.units) for b in blocks} | {b.attn["o"]: torch.rand(32) for b in blocks}
+    masked = copy.deepcopy(model)
+    masks = WidthMasks(masked, width_blocks(masked), norms)
+    counts = [3, 2, 70, 90]  # heads of block 0, 1; hidden units of block 0, 1
+    masks.apply(counts)
+    from de_plugin.lm.width import slice_width
+    sliced = copy.deepcopy(model)
+    slice_width(sliced, width_blocks(sliced), WidthMasks(sliced, width_blocks(sliced), norms).kept(counts))
+    assert sliced.blocks[0].q_proj.out_features == 24 and sliced.blocks[1].heads == 2
+    assert sliced.blocks[1].down_proj.in_features == 90
+    assert torch.allclose(masked(calib[0]), sliced(calib[0]), atol=1e-5)
+
+
+def test_the_parameter_budget_holds_to_one_hidden_unit(model, calib):
+    for allocation in ("uniform", "search"):
+        r = prune_width(model, calib, 0.3, allocation=allocation, generations=2, progress=False)
+        assert r.params_before == decoder_params(model)
+        assert r.params_after == decoder_params(r.model)
+        assert abs(r.params_after - 0.7 * r.params_before) <= width_blocks(model)[0].unit_cost
+    u = prune_width(model, calib, 0.3, allocation="uniform", progress=False)
+    assert len(set(u.heads)) == 1 and max(u.units) - min(u.units) <= 1
+
+
+def test_search_is_never_worse_than_uniform_width_and_model_untouched(model, calib):
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    r = prune_width(model, calib, 0.3, generations=3, progress=False)
+    assert r.fitness <= min(r.seed_fitness.values()) + 1e-9
+    assert r.fitness == pytest.approx(DenseReference(model, calib).kl(r.model), rel=1e-4)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_llama_heads_and_grouped_query_attention(calib):
+    transformers = pytest.importorskip("transformers")
+    for kv, pruned_heads in ((2, True), (1, False)):
+        torch.manual_seed(0)
+        llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=kv, max_position_embeddings=32)).eval()
+        assert bool(width_blocks(llama)[0].heads) == pruned_heads  # grouped-query attention: MLP only
+        r = prune_width(llama, calib, 0.3, generations=1, progress=False)
+        assert r.fitness == pytest.approx(DenseReference(llama, calib).kl(r.model), rel=1e-3)
+        assert r.removed == pytest.approx(0.3, abs=0.01)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, "0.3"])
+def test_a_ratio_outside_zero_one_is_refused(model, calib, ratio):
+    with pytest.raises(ValueError, match="share of the decoder"):
+        prune_width(model, calib, ratio, progress=False)
+
+
+def test_blocks_without_a_known_mlp_are_refused(calib):
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=256, n_positions=32, n_embd=32,
+                                                                n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="has no MLP of nn.Linear layers"):
+        prune_width(gpt2, calib, 0.3, progress=False)
