@@ -44,6 +44,8 @@ def test_the_parameter_budget_holds_to_one_hidden_unit(model, calib):
         assert abs(r.params_after - 0.7 * r.params_before) <= width_blocks(model)[0].unit_cost
     u = prune_width(model, calib, 0.3, allocation="uniform", progress=False)
     assert len(set(u.heads)) == 1 and max(u.units) - min(u.units) <= 1
+    mlp = prune_width(model, calib, 0.3, heads=False, generations=1, progress=False)
+    assert mlp.heads == [4, 4] and mlp.removed == pytest.approx(0.3, abs=0.01)
 
 
 def test_search_is_never_worse_than_uniform_width_and_model_untouched(model, calib):
@@ -61,7 +63,7 @@ def test_llama_heads_and_grouped_query_attention(calib):
         llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=kv, max_position_embeddings=32)).eval()
-        assert bool(width_blocks(llama)[0].heads) == pruned_heads  # grouped-query attention: MLP only
+        assert bool(width_blocks(llama)[0].attn) == pruned_heads  # grouped-query attention: MLP only
         r = prune_width(llama, calib, 0.3, generations=1, progress=False)
         assert r.fitness == pytest.approx(DenseReference(llama, calib).kl(r.model), rel=1e-3)
         assert r.removed == pytest.approx(0.3, abs=0.01)

@@ -51,9 +51,9 @@ class WidthBlock:
 
     index: int
     attn: dict[str, str]  # q, k, v, o -> module path ({} when heads are not pruned)
+    heads: int  # the block's attention heads (0: unknown)
     mlp_in: list[str]
     mlp_out: str
-    heads: int
     head_dim: int
     units: int
     head_cost: int = 0
@@ -86,8 +86,8 @@ def width_blocks(model: nn.Module) -> list[WidthBlock]:
         hd = getattr(parent, "head_dim", None) or getattr(block, "head_dim", None)
         mha = (q is not None and all(attn.values()) and hd and mods[attn["k"]].out_features == q.out_features
                and q.out_features % hd == 0)
-        wb = WidthBlock(i, attn if mha else {}, ins, down, q.out_features // hd if mha else 0, int(hd or 0),
-                        mods[down].in_features)
+        heads = q.out_features // hd if q is not None and hd else 0
+        wb = WidthBlock(i, attn if mha else {}, int(heads), ins, down, int(hd or 0), mods[down].in_features)
         _costs(wb, mods)
         out.append(wb)
     return out
@@ -96,7 +96,7 @@ def width_blocks(model: nn.Module) -> list[WidthBlock]:
 def _costs(wb: WidthBlock, mods: dict[str, nn.Module]) -> None:
     d_unit = sum(mods[p].in_features + (1 if mods[p].bias is not None else 0) for p in wb.mlp_in)
     wb.unit_cost = d_unit + mods[wb.mlp_out].out_features
-    if wb.heads:
+    if wb.attn:
         qkv = [mods[wb.attn[k]] for k in "qkv"]
         wb.head_cost = wb.head_dim * (sum(m.in_features + (1 if m.bias is not None else 0) for m in qkv)
                                       + mods[wb.attn["o"]].out_features)
@@ -115,12 +115,12 @@ class WidthMasks:
     def __init__(self, model: nn.Module, blocks: list[WidthBlock], norms: dict[str, torch.Tensor]):
         self.mods, self.blocks = dict(model.named_modules()), blocks
         self.dense = {p: self.mods[p].weight.detach().clone() for b in blocks
-                      for p in ([b.mlp_out] + ([b.attn["o"]] if b.heads else []))}
+                      for p in ([b.mlp_out] + ([b.attn["o"]] if b.attn else []))}
         self.unit_order, self.head_order = [], []
         for b in blocks:
             w = self.dense[b.mlp_out].float()
             self.unit_order.append(torch.argsort(norms[b.mlp_out] * w.norm(dim=0), descending=True, stable=True))
-            if b.heads:
+            if b.attn:
                 s = norms[b.attn["o"]] * self.dense[b.attn["o"]].float().norm(dim=0)
                 self.head_order.append(torch.argsort(s.view(b.heads, b.head_dim).sum(1), descending=True, stable=True))
             else:
@@ -128,11 +128,11 @@ class WidthMasks:
 
     def kept(self, counts) -> list[tuple[Optional[torch.Tensor], torch.Tensor]]:
         """Per block: the kept head indices (None: all) and kept hidden-unit indices, both sorted."""
-        nb, heads = len(self.blocks), [b for b in self.blocks if b.heads]
+        nb, heads = len(self.blocks), [b for b in self.blocks if b.attn]
         out, hi = [], 0
         for i, b in enumerate(self.blocks):
             h = None
-            if b.heads:
+            if b.attn:
                 h = torch.sort(self.head_order[i][:int(counts[hi])]).values
                 hi += 1
             out.append((h, torch.sort(self.unit_order[i][:int(counts[len(heads) + i])]).values))
@@ -164,7 +164,7 @@ class WidthSpace(KeepSpace):
 
     def __init__(self, blocks: list[WidthBlock], fixed: int, low: float):
         self.blocks, self.fixed = blocks, fixed
-        self.hb = [b for b in blocks if b.heads]
+        self.hb = [b for b in blocks if b.attn]
         numels = np.array([b.heads for b in self.hb] + [b.units for b in blocks], dtype=np.int64)
         super().__init__(numels, np.ones(len(numels), dtype=np.int64), numels, [(low, 1.0)] * len(numels))
         self.unit_cost = np.array([b.unit_cost for b in blocks])
@@ -297,13 +297,13 @@ def prune_width(model: nn.Module, calibration: Any, params: float, options: Opti
     blocks = width_blocks(work)
     if not o.heads:
         for b in blocks:
-            b.attn, b.heads = {}, 0
+            b.attn, b.head_cost = {}, 0
     mods = dict(work.named_modules())
-    probes = [LMLayer(p, mods[p], b.index, False) for b in blocks for p in [b.mlp_out] + ([b.attn["o"]] if b.heads else [])]
+    probes = [LMLayer(p, mods[p], b.index, False) for b in blocks for p in [b.mlp_out] + ([b.attn["o"]] if b.attn else [])]
     stats = collect_stats(work, probes, batches)
     masks = WidthMasks(work, blocks, {l.name: stats.norms(i) for i, l in enumerate(probes)})
     before = decoder_params(work)
-    fixed = before - sum(b.heads * b.head_cost + b.units * b.unit_cost for b in blocks)
+    fixed = before - sum(b.heads * b.head_cost * bool(b.attn) + b.units * b.unit_cost for b in blocks)
     space = WidthSpace(blocks, fixed, o.min_share)
     budget = int(round(before * (1.0 - ratio)))
     seeds = _seeds(space, ratio, budget, o.heads)
