@@ -14,6 +14,9 @@ held-out windows of 8 x 128 tokens. Allocations:
 An evaluation is one forward pass over the search's calibration batches (``--search-batches``); the
 finalists' re-scoring on all ``--calib-batches`` counts too, so every search reports a few more.
 
+``--widths``: heads and hidden units removed per block (``prune_width``), uniform width against the
+searched one, at those shares of the decoder's Linear parameters.
+
 Each with ``magnitude`` / ``wanda`` / ``sparsegpt`` inside layers, at fractional sparsities and 2:4
 (N:M fixes every layer at 50%: no allocation to search). Ratios of held-out perplexity are paired over
 seeds (geometric mean and 95% t-interval of the log ratio). Cells accumulate in ``<out>/cells.json``.
@@ -38,6 +41,7 @@ from cells import Cells  # noqa: E402
 
 from de_plugin.demo.lm import dense_lm, stdlib_corpus, token_batches  # noqa: E402
 from de_plugin.lm import DenseReference, perplexity, prune_lm  # noqa: E402
+from de_plugin.lm.width import prune_width  # noqa: E402
 
 #: every search at the same evaluations (``--evals``), ``search/4`` at a quarter of them
 ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"},
@@ -58,6 +62,37 @@ def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, se
     return {"ppl": perplexity(r.model, held), "kl": ref_held.kl(r.model), "calib_kl": r.fitness,
             "seed_calib_kl": r.seed_fitness, "sparsity": r.sparsity, "evaluations": r.evaluations,
             "wall_seconds": wall, "layer_sparsity": r.layer_sparsity}
+
+
+def run_width(model, calib, held, ref_held, alloc: str, share: float, seed: int, args) -> dict:
+    opts = {} if alloc == "uniform" else {"max_evals": args.evals, "generations": 1000,
+                                          "search_batches": args.search_batches}
+    start = time.perf_counter()
+    r = prune_width(model, calib, share, allocation=alloc, seed=seed, progress=False, **opts)
+    wall = time.perf_counter() - start
+    return {"ppl": perplexity(r.model, held), "kl": ref_held.kl(r.model), "calib_kl": r.fitness,
+            "seed_calib_kl": r.seed_fitness, "removed": r.removed, "heads": r.heads, "units": r.units,
+            "evaluations": r.evaluations, "wall_seconds": wall}
+
+
+def width_table(cells: Cells, shares, seeds) -> str:
+    lines = ["| parameters removed | allocation | perplexity (mean) | KL held-out | heads kept per block "
+             "(seed 0) | hidden units kept per block (seed 0) | wall s |", "|---|---|---|---|---|---|---|"]
+    got = {}
+    for r in shares:
+        for a in ("uniform", "search"):
+            cs = {sd: cells.get(("width", r, a, sd)) for sd in seeds}
+            cs = {sd: c for sd, c in cs.items() if c}
+            if not cs:
+                continue
+            got[(r, a)] = {sd: c["ppl"] for sd, c in cs.items()}
+            first = cs[min(cs)]
+            mean = lambda k: sum(c[k] for c in cs.values()) / len(cs)  # noqa: E731
+            lines.append(f"| {mean('removed'):.1%} | {a} | {mean('ppl'):.3f} ({len(cs)} seeds) | {mean('kl'):.4f} | "
+                         f"{first['heads']} | {first['units']} | {mean('wall_seconds'):.0f} |")
+    lines += [""] + [f"- width @{r}: search / uniform = {fmt(ratio(got[(r, 'search')], got[(r, 'uniform')]))}"
+                     for r in shares if (r, "search") in got and (r, "uniform") in got]
+    return "\n".join(lines)
 
 
 def ratio(a: dict, b: dict) -> dict:
@@ -113,7 +148,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3000, help="dense training steps (cached)")
     ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
-    ap.add_argument("--sparsities", nargs="+", default=["0.5", "0.6", "0.7", "2:4"])
+    ap.add_argument("--sparsities", nargs="*", default=["0.5", "0.6", "0.7", "2:4"])
+    ap.add_argument("--widths", nargs="*", type=float, default=[], help="shares of parameters removed by width")
     ap.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS), choices=list(ALLOCATIONS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--calib-batches", type=int, default=16)
@@ -142,7 +178,13 @@ def main(argv=None) -> None:
                 for a in (args.allocations if s != "2:4" else ["uniform"]):
                     logging.info("cell %s @%s %s seed %d", m, s, a, seed)
                     cells.run((m, s, a, seed), lambda: run_cell(model, calib, held, ref_held, m, a, s, seed, args))
+        for r in args.widths:
+            for a in ("uniform", "search"):
+                logging.info("cell width %s %s seed %d", r, a, seed)
+                cells.run(("width", r, a, seed), lambda: run_width(model, calib, held, ref_held, a, r, seed, args))
     text = table(cells, args.methods, rungs, args.allocations, args.seeds, dense_ppl)
+    if args.widths:
+        text += "\n\nWidth (heads and hidden units):\n\n" + width_table(cells, args.widths, args.seeds)
     print(text)
     (out / "table.md").write_text(text + "\n")
     (out / "summary.json").write_text(json.dumps({"dense_ppl": dense_ppl, "cells": len(cells.cells)}, indent=1))
