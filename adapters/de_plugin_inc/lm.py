@@ -14,6 +14,7 @@ have no pruning API: there, use ``prune_lm``'s model itself.
 """
 from __future__ import annotations
 
+import logging
 import re
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence, Union
@@ -47,6 +48,14 @@ def pruning_configs(allocation: Allocation, pruning_type: str = "sparse_gpt", pa
         out.append({"op_names": [f"^{re.escape(name)}$"], "target_sparsity": s, "pattern": pattern,
                     "pruning_type": pruning_type})
     return out
+
+
+class _QuietSparseGPT(logging.Filter):
+    """Quirk (INC 3.7.1): the SparseGPT pass warns "sparse_gpt pruner fixed the weights, Please DO NOT train"
+    once per pruned layer (dozens of lines for one call that trains nothing). Drop that line only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pruner fixed the weights" not in record.getMessage()
 
 
 @contextmanager
@@ -90,6 +99,9 @@ def prune_with_inc(model: nn.Module, allocation: Allocation, calibration: Any, *
         raise ValueError(f"the allocation names layers this model's decoder does not have: {missing[:3]}; "
                          "pass the result of prune_lm on this model (or its architecture)")
     config = WeightPruningConfig(pruning_configs(allocation, pruning_type))
+    inc_log = logging.getLogger("neural_compressor")
+    if not any(isinstance(f, _QuietSparseGPT) for f in inc_log.filters):
+        inc_log.addFilter(_QuietSparseGPT())
     with _inc_ready(model), torch.no_grad():
         prepare_pruning(model, config, dataloader=list(batches), device=device)
     return model

@@ -212,7 +212,7 @@ def search_counts(model: nn.Module, db, ref: DenseReference, space: KeepSpace, b
     rng = np.random.default_rng(seed)
     search, solver = start_search(backend, o, rng, space, list(seeds.values()), o.max_evals, progress=progress)
     with backend_round(backend):
-        best = search.maximise(solver, space, budget, desc=f"{o.search_strategy} ({getattr(o, 'method', 'width')})",
+        best = search.maximise(solver, space, budget, desc=f"search ({getattr(o, 'method', 'width')})",
                                rescore=scorer.full, top=o.finalists, include=list(seeds.values()))
     info = search.info(solver)
     info["finalists"] = len(search.rescored)
