@@ -95,6 +95,29 @@ def width_table(cells: Cells, shares, seeds) -> str:
     return "\n".join(lines)
 
 
+def plot(cells: Cells, methods, rungs, allocs, seeds, dense_ppl: float, path: Path) -> None:
+    """Mean held-out perplexity against sparsity, one panel per in-layer method, one line per allocation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fracs = [r for r in rungs if r != "2:4"]
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], methods):
+        for a in allocs:
+            pts = [(r, [cells.get((m, r, a, sd)) for sd in seeds]) for r in fracs]
+            pts = [(r, [c["ppl"] for c in cs if c]) for r, cs in pts]
+            pts = [(r, sum(v) / len(v)) for r, v in pts if v]
+            if pts:
+                ax.plot([r for r, _ in pts], [v for _, v in pts], marker="o", label=a)
+        ax.axhline(dense_ppl, color="grey", ls=":", label="dense")
+        ax.set(title=f"{m} inside layers", xlabel="sparsity", ylabel="held-out perplexity")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def ratio(a: dict, b: dict) -> dict:
     """Geometric-mean ratio a / b over shared seeds with a 95% t-interval (log scale)."""
     seeds = sorted(set(a) & set(b))
@@ -187,6 +210,8 @@ def main(argv=None) -> None:
         text += "\n\nWidth (heads and hidden units):\n\n" + width_table(cells, args.widths, args.seeds)
     print(text)
     (out / "table.md").write_text(text + "\n")
+    if any(r != "2:4" for r in rungs):
+        plot(cells, args.methods, rungs, args.allocations, args.seeds, dense_ppl, out / "perplexity.png")
     (out / "summary.json").write_text(json.dumps({"dense_ppl": dense_ppl, "cells": len(cells.cells)}, indent=1))
 
 
