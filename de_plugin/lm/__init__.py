@@ -10,11 +10,11 @@ from .calibration import LayerStats, check_tokens, collect_stats, logits_of
 from .database import LayerDatabase
 from .fitness import DenseReference, kl_score, perplexity
 from .inlayer import METHODS, layer_mask, nm_mask, prune_weight, row_mask, sparsegpt
-from .search import LMOptions, LMPruningResult, prune_lm
+from .search import LMOptions, LMPruningResult, OneShotOptions, prune_lm
 from .targets import LMLayer, decoder_layers, find_blocks
 
 __all__ = [
     "owl_counts", "owl_densities", "uniform_counts", "LayerStats", "check_tokens", "collect_stats", "logits_of",
     "LayerDatabase", "DenseReference", "kl_score", "perplexity", "METHODS", "layer_mask", "nm_mask", "prune_weight", "row_mask",
-    "sparsegpt", "LMOptions", "LMPruningResult", "prune_lm", "LMLayer", "decoder_layers", "find_blocks",
+    "sparsegpt", "LMOptions", "LMPruningResult", "OneShotOptions", "prune_lm", "LMLayer", "decoder_layers", "find_blocks",
 ]

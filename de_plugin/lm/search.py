@@ -37,23 +37,14 @@ from .targets import LMLayer, decoder_layers
 log = logging.getLogger("de_plugin")
 
 
-class LMOptions(SearchOptions):
-    """``prune_lm``'s settings (the search's own are :class:`SearchOptions`')."""
+class OneShotOptions(SearchOptions):
+    """The search settings ``prune_lm`` and ``prune_width`` share (the allocator's own are :class:`SearchOptions`')."""
 
-    method: Literal["magnitude", "wanda", "sparsegpt"] = Field("wanda", description="the mask inside each layer")
-    allocation: Literal["search", "uniform", "owl"] = Field(
-        "search", description="per-layer sparsities: searched, the same everywhere, or OWL's outlier-weighted rule")
-    granularity: Literal["layer", "block"] = Field(
-        "layer", description="search one sparsity per Linear layer, or one per decoder block")
-    span: float = Field(0.3, gt=0.0, le=1.0, description="how far a layer's sparsity may move from the target")
     fitness: Literal["kl", "perplexity"] = Field("kl", description="what a candidate scores on calibration tokens")
     search_batches: Optional[int] = Field(
         None, ge=1, description="calibration batches the search scores on (None: half of them, at least one); the "
                                 "finalists are re-scored on all")
     finalists: int = Field(4, ge=1, description="the search's best candidates re-scored on all calibration batches")
-    level_step: float = Field(0.05, gt=0.0, lt=0.5, description="sparsegpt: the database's level spacing")
-    owl_m: float = Field(5.0, gt=0.0, description="OWL: a score is an outlier above this multiple of the mean")
-    owl_lambda: float = Field(0.08, ge=0.0, lt=0.5, description="OWL: the largest density shift of a block")
     # chosen by benchmarks/llm.py (TinyGPT, Wanda, 70%): at equal evaluations the (1 + lambda) level-switch
     # search beat DE, and lambda = 8 beat lambda = 20 (more generations for the same evaluations)
     search_strategy: str = Field(
@@ -63,6 +54,20 @@ class LMOptions(SearchOptions):
     population: Optional[int] = Field(8, ge=4, description="offspring per generation (evopress) or DE's population")
     generations: int = Field(25, ge=0, description="search generations (evaluations: population x (generations + 1))")
     stall: Optional[int] = Field(0, ge=0, description="DE: stop after this many generations without improvement (0: never)")
+
+
+class LMOptions(OneShotOptions):
+    """``prune_lm``'s settings."""
+
+    method: Literal["magnitude", "wanda", "sparsegpt"] = Field("wanda", description="the mask inside each layer")
+    allocation: Literal["search", "uniform", "owl"] = Field(
+        "search", description="per-layer sparsities: searched, the same everywhere, or OWL's outlier-weighted rule")
+    granularity: Literal["layer", "block"] = Field(
+        "layer", description="search one sparsity per Linear layer, or one per decoder block")
+    span: float = Field(0.3, gt=0.0, le=1.0, description="how far a layer's sparsity may move from the target")
+    level_step: float = Field(0.05, gt=0.0, lt=0.5, description="sparsegpt: the database's level spacing")
+    owl_m: float = Field(5.0, gt=0.0, description="OWL: a score is an outlier above this multiple of the mean")
+    owl_lambda: float = Field(0.08, ge=0.0, lt=0.5, description="OWL: the largest density shift of a block")
 
 
 class BlockSpace(KeepSpace):

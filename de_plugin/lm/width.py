@@ -29,11 +29,11 @@ from pydantic import Field
 from torch import nn
 
 from ..options import options_from
-from ..search.allocator import KeepSpace, SearchOptions
+from ..search.allocator import KeepSpace
 from ..search.budget import fit_budget
 from .calibration import check_tokens, collect_stats
 from .fitness import DenseReference
-from .search import fitness_fn, search_counts
+from .search import OneShotOptions, fitness_fn, search_counts
 from .targets import LMLayer, find_blocks
 
 log = logging.getLogger("de_plugin")
@@ -231,19 +231,12 @@ def slice_width(model: nn.Module, blocks: list[WidthBlock], kept) -> None:
                     holder.heads = len(h)
 
 
-class WidthOptions(SearchOptions):
-    """``prune_width``'s settings (the search's own are :class:`SearchOptions`')."""
+class WidthOptions(OneShotOptions):
+    """``prune_width``'s settings (the search's are :class:`~de_plugin.lm.search.OneShotOptions`')."""
 
     allocation: Literal["search", "uniform"] = Field("search", description="searched per-block widths, or uniform")
     heads: bool = Field(True, description="prune attention heads too (never with grouped-query attention)")
     min_share: float = Field(0.05, gt=0.0, le=1.0, description="the least share of a block's heads / units kept")
-    fitness: Literal["kl", "perplexity"] = "kl"
-    search_batches: Optional[int] = Field(None, ge=1, description="calibration batches the search scores on")
-    finalists: int = Field(4, ge=1)
-    search_strategy: str = Field("evopress", pattern="^(de|random|evopress)$")
-    population: Optional[int] = Field(8, ge=4)
-    generations: int = Field(25, ge=0)
-    stall: Optional[int] = Field(0, ge=0)
 
 
 @dataclass
