@@ -19,20 +19,21 @@ from .calibration import logits_of
 
 
 class DenseReference:
-    """The dense model's log-probabilities on ``batches`` (held in memory: batches x length x vocab floats)."""
+    """The dense model's log-probabilities on ``batches`` (held in memory, with the probabilities: 2 x batches x length x vocab floats)."""
 
     @torch.no_grad()
     def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor]):
         self.batches = list(batches)
         self.logp = [F.log_softmax(logits_of(model, b).float(), dim=-1) for b in self.batches]
+        self.p = [lp.exp() for lp in self.logp]  # every candidate's KL needs them: computed once
 
     @torch.no_grad()
     def kl(self, model: nn.Module, upto: int | None = None) -> float:
         """Mean per-token KL(dense || model) over the first ``upto`` batches (all by default)."""
         total, count = 0.0, 0
-        for b, lp in list(zip(self.batches, self.logp))[:upto]:
+        for b, lp, p in list(zip(self.batches, self.logp, self.p))[:upto]:
             lq = F.log_softmax(logits_of(model, b).float(), dim=-1)
-            total += float((lp.exp() * (lp - lq)).sum())
+            total += float((p * (lp - lq)).sum())
             count += lp.shape[0] * lp.shape[1]
         return total / count
 

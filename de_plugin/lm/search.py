@@ -92,10 +92,24 @@ class BlockSpace(KeepSpace):
 
 
 @dataclass
-class LMPruningResult:
-    """What ``prune_lm`` did: the pruned model and the numbers that describe it."""
+class OneShotResult:
+    """What a one-shot call did: the pruned model, how its allocation was chosen and what it scores."""
 
     model: nn.Module
+    allocation: str
+    #: the final model's fitness on all calibration batches (KL, or perplexity with fitness='perplexity')
+    fitness: float
+    #: the same measure for the seeds (uniform, OWL / MLP-only) on the same batches
+    seed_fitness: dict[str, float] = field(default_factory=dict, kw_only=True)
+    evaluations: int = field(default=0, kw_only=True)
+    seconds: float = field(default=0.0, kw_only=True)
+    search: dict[str, Any] = field(default_factory=dict, kw_only=True)
+
+
+@dataclass
+class LMPruningResult(OneShotResult):
+    """What ``prune_lm`` did: the pruned model and the numbers that describe it."""
+
     layers: list[str]
     #: each layer's decoder block and size, and the weights it keeps, in ``layers`` order
     blocks: list[int]
@@ -104,14 +118,6 @@ class LMPruningResult:
     layer_sparsity: dict[str, float]
     sparsity: float
     method: str
-    allocation: str
-    #: the final model's fitness on all calibration batches (KL, or perplexity with fitness='perplexity')
-    fitness: float
-    #: the same measure for the seeds (uniform, OWL) on the same batches
-    seed_fitness: dict[str, float] = field(default_factory=dict)
-    evaluations: int = 0
-    seconds: float = 0.0
-    search: dict[str, Any] = field(default_factory=dict)
 
     def block_sparsity(self) -> list[float]:
         """One sparsity per decoder block (weights pruned / weights in its targets), in block order: the
@@ -258,23 +264,31 @@ def prune_lm(model: nn.Module, calibration: Any, sparsity: "float | str", option
                                                 seed, progress)
         else:
             counts = seeds[o.allocation]
-    seed_fitness = {k: _score_counts(db, work, full, c) for k, c in seeds.items()}
+    seed_fitness = {k: score_counts(db, work, full, c) for k, c in seeds.items()}
     db.apply(counts, exact=True)
     value = full(work)
     work.train(was_training)
     kept = [int((l.weight != 0).sum()) for l in layers]
-    fitness = -value if o.fitness == "kl" else math.exp(-value)
-    seed_fitness = {k: (-v if o.fitness == "kl" else math.exp(-v)) for k, v in seed_fitness.items()}
+    fitness = reported(value, o.fitness)
+    seed_fitness = {k: reported(v, o.fitness) for k, v in seed_fitness.items()}
     result = LMPruningResult(
-        work, [l.name for l in layers], [l.block for l in layers], numels.tolist(), kept,
-        {l.name: 1.0 - k / l.numel for l, k in zip(layers, kept)}, 1.0 - sum(kept) / float(numels.sum()),
-        o.method, name, fitness, seed_fitness, evals, time.perf_counter() - start, info)
+        model=work, allocation=name, fitness=fitness, seed_fitness=seed_fitness, evaluations=evals,
+        seconds=time.perf_counter() - start, search=info, layers=[l.name for l in layers],
+        blocks=[l.block for l in layers], numels=numels.tolist(), kept=kept,
+        layer_sparsity={l.name: 1.0 - k / l.numel for l, k in zip(layers, kept)},
+        sparsity=1.0 - sum(kept) / float(numels.sum()), method=o.method)
     log.info("prune_lm: %s, %s inside layers, sparsity %.4f, %s %.4f (uniform %s)", name, o.method,
              result.sparsity, o.fitness, fitness, f"{seed_fitness.get('uniform', float('nan')):.4f}")
     return result
 
 
-def _score_counts(db: LayerDatabase, model: nn.Module, score, counts: np.ndarray) -> float:
+def reported(value: float, kind: str) -> float:
+    """A search score (maximised) as the user reads it: KL, or perplexity."""
+    return -value if kind == "kl" else math.exp(-value)
+
+
+def score_counts(db: Any, model: nn.Module, score, counts: np.ndarray) -> float:
+    """``score(model)`` with ``counts`` written in by ``db`` (exactly), the dense weights back after."""
     try:
         db.apply(counts, exact=True)
         return score(model)

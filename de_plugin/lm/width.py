@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import numpy as np
@@ -33,7 +32,7 @@ from ..search.allocator import KeepSpace
 from ..search.budget import fit_budget
 from .calibration import check_tokens, collect_stats
 from .fitness import DenseReference
-from .search import OneShotOptions, fitness_fn, search_counts
+from .search import OneShotOptions, OneShotResult, fitness_fn, reported, score_counts, search_counts
 from .targets import LMLayer, find_blocks
 
 log = logging.getLogger("de_plugin")
@@ -240,20 +239,13 @@ class WidthOptions(OneShotOptions):
 
 
 @dataclass
-class WidthResult:
+class WidthResult(OneShotResult):
     """What ``prune_width`` did; ``model`` is physically smaller."""
 
-    model: nn.Module
     heads: list[int]  # kept per block (the original count where heads were not pruned)
     units: list[int]  # hidden units kept per block
     params_before: int
     params_after: int
-    allocation: str
-    fitness: float
-    seed_fitness: dict[str, float] = field(default_factory=dict)
-    evaluations: int = 0
-    seconds: float = 0.0
-    search: dict[str, Any] = field(default_factory=dict)
 
     @property
     def removed(self) -> float:
@@ -307,21 +299,15 @@ def prune_width(model: nn.Module, calibration: Any, params: float, options: Opti
         counts, info, evals = search_counts(work, masks, ref, space, budget, seeds, o, seed, progress)
     else:
         counts = seeds["uniform"]
-    seed_fitness = {}
-    for k, c in seeds.items():
-        masks.apply(c)
-        seed_fitness[k] = full(work)
-        masks.restore()
-    masks.apply(counts)
-    value = full(work)
-    masks.restore()
+    seed_fitness = {k: reported(score_counts(masks, work, full, c), o.fitness) for k, c in seeds.items()}
+    value = reported(score_counts(masks, work, full, counts), o.fitness)
     kept = masks.kept(counts)
     slice_width(work, blocks, kept)
     work.train(was)
-    sign = (lambda v: -v) if o.fitness == "kl" else (lambda v: math.exp(-v))
-    result = WidthResult(work, [len(h) if h is not None else b.heads for b, (h, _) in zip(blocks, kept)],
-                         [len(u) for _, u in kept], before, decoder_params(work), o.allocation, sign(value),
-                         {k: sign(v) for k, v in seed_fitness.items()}, evals, time.perf_counter() - start, info)
+    result = WidthResult(model=work, allocation=o.allocation, fitness=value, seed_fitness=seed_fitness,
+                         evaluations=evals, seconds=time.perf_counter() - start, search=info,
+                         heads=[len(h) if h is not None else b.heads for b, (h, _) in zip(blocks, kept)],
+                         units=[len(u) for _, u in kept], params_before=before, params_after=decoder_params(work))
     log.info("prune_width: %s, %.1f%% of the decoder's parameters removed, %s %.4f (uniform %.4f)", o.allocation,
              100 * result.removed, o.fitness, result.fitness, result.seed_fitness["uniform"])
     return result
