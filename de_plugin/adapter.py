@@ -19,7 +19,8 @@ hook) only, its own framework, and never another adapter.
   :func:`apply_and_retrain`; searched channel counts (``de_channel``) as a whole run through
   :func:`prune` with :class:`ChannelOptions`; :func:`slice_channels` makes either physically smaller.
 * Causal language models: :func:`prune_lm` and its :class:`LMPruningResult` (per-layer sparsities to
-  hand to a framework's LLM pruning), :func:`decoder_layers` / :func:`find_blocks`, :func:`check_tokens`.
+  hand to a framework's LLM pruning), :func:`decoder_layers` / :func:`find_blocks`, :func:`check_tokens`,
+  :func:`undone_on_error` (weights put back when pruning in place fails).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from .options import Options, options_from, validate_options
 from .weights.patterns import PatternScorer, as_matrix, check_fits, parse_pattern, pattern_mask
 from .pruner import Context, prune
 from .lm import LMPruningResult, check_tokens, decoder_layers, find_blocks, prune_lm
+from .lm.search import undone_on_error
 from .registry import create_pruner, get_pruner_class, list_pruners, lookup
 from .report import check_out_dir
 from .result import PruningResult
@@ -54,5 +56,5 @@ __all__ = [
     "CoarseOptions", "CoarseSpace", "CoarseSearch", "coarse_search", "apply_and_retrain", "capture_input", "count_macs",
     "channel_groups", "slice_channels", "kept_channels", "check_out_dir", "ChannelOptions", "measure_latency", "BNState", "hookimpl", "lookup",
     "PatternScorer", "parse_pattern", "pattern_mask", "check_fits", "as_matrix",
-    "prune_lm", "LMPruningResult", "decoder_layers", "find_blocks", "check_tokens",
+    "prune_lm", "LMPruningResult", "decoder_layers", "find_blocks", "check_tokens", "undone_on_error",
 ]

@@ -60,3 +60,20 @@ def test_an_allocation_for_another_model_is_refused_untouched(setup):
         prune_with_inc(model, {"blocks.0.q_proj": 0.5}, "text")
     assert same_state(state_of(model), saved)
     assert de_plugin_inc.ROUTE == "legacy"
+
+
+def test_a_failing_inc_pass_leaves_the_weights_as_they_were(setup, monkeypatch):
+    import neural_compressor.compression.pruner as inc_pruner
+
+    model, calib = setup
+    saved = state_of(model)
+
+    def half_then_fail(model, config, **kwargs):
+        with torch.no_grad():
+            model.blocks[0].q_proj.weight.zero_()
+        raise RuntimeError("INC failed")
+
+    monkeypatch.setattr(inc_pruner, "prepare_pruning", half_then_fail)
+    with pytest.raises(RuntimeError, match="INC failed"):
+        prune_with_inc(model, {"blocks.0.q_proj": 0.5}, calib)
+    assert same_state(state_of(model), saved)

@@ -250,3 +250,21 @@ def test_a_misleading_search_fitness_cannot_beat_the_seeds_in_the_end(tiny, cali
     r = prune_lm(tiny, calib, 0.6, generations=3, progress=False)
     assert r.fitness <= min(r.seed_fitness.values()) + 1e-9
     assert r.layer_sparsity["blocks.0.q_proj"] < 0.85  # the misleading favourite (q, k at the bound) lost
+
+
+def test_in_place_pruning_that_fails_half_way_leaves_the_weights_as_they_were(tiny, calib, monkeypatch):
+    from de_plugin.lm import fitness as lm_fitness
+
+    calls, kl = [0], lm_fitness.DenseReference.kl
+
+    def fails_on_the_final_score(self, model, upto=None):  # the seeds score, then the pruned model's does not
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("evaluation failed")
+        return kl(self, model, upto)
+
+    monkeypatch.setattr(lm_fitness.DenseReference, "kl", fails_on_the_final_score)
+    saved = state(tiny)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        prune_lm(tiny, calib, 0.6, allocation="uniform", inplace=True, progress=False)
+    assert same_state(tiny, saved)

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from de_plugin.adapter import LMPruningResult, check_tokens, decoder_layers, find_blocks
+from de_plugin.adapter import LMPruningResult, check_tokens, decoder_layers, find_blocks, undone_on_error
 
 from . import require_inc
 
@@ -87,7 +87,8 @@ def _inc_ready(model: nn.Module) -> Iterator[None]:
 
 def prune_with_inc(model: nn.Module, allocation: Allocation, calibration: Any, *, pruning_type: str = "sparse_gpt",
                    device: str = "cpu") -> nn.Module:
-    """Prune ``model`` in place with INC 3.7's ``pruning_type`` at the allocation's per-layer targets."""
+    """Prune ``model`` in place with INC 3.7's ``pruning_type`` at the allocation's per-layer targets; if INC
+    fails on the way, the model's weights are put back as they were."""
     require_inc("legacy")
     from neural_compressor import WeightPruningConfig
     from neural_compressor.compression.pruner import prepare_pruning
@@ -102,7 +103,7 @@ def prune_with_inc(model: nn.Module, allocation: Allocation, calibration: Any, *
     inc_log = logging.getLogger("neural_compressor")
     if not any(isinstance(f, _QuietSparseGPT) for f in inc_log.filters):
         inc_log.addFilter(_QuietSparseGPT())
-    with _inc_ready(model), torch.no_grad():
+    with undone_on_error(model, inplace=True), _inc_ready(model), torch.no_grad():
         prepare_pruning(model, config, dataloader=list(batches), device=device)
     return model
 

@@ -15,8 +15,9 @@ import copy
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..evaluation import SerialBackend, backend_round
 from ..options import options_from
+from ..pruner import Undo
 from ..search.allocator import KeepSpace, SearchOptions, start_search
 from ..search.budget import total_keep
 from .allocations import owl_counts, uniform_counts
@@ -243,43 +245,56 @@ def prune_lm(model: nn.Module, calibration: Any, sparsity: "float | str", option
     batches, frac, nm, _ = _check(model, calibration, sparsity)
     start = time.perf_counter()
     work = model if inplace else copy.deepcopy(model)
-    layers = decoder_layers(work)
-    was_training = work.training
-    work.eval()
-    stats = collect_stats(work, layers, batches, hessians=o.method == "sparsegpt")
-    db = LayerDatabase(layers, stats, o.method, nm=nm, level_step=o.level_step)
-    ref = DenseReference(work, batches)
-    full = fitness_fn(ref, o.fitness)
-    numels = np.array([l.numel for l in layers], dtype=np.int64)
-    seeds, info, evals = {}, {}, 0
-    if nm is not None:
-        counts, name = numels // nm[1] * (nm[1] - nm[0]), f"{nm[0]}:{nm[1]}"
-    else:
-        seeds = {"uniform": uniform_counts(layers, frac),
-                 "owl": owl_counts(layers, stats, frac, o.owl_m, o.owl_lambda)}
-        name = o.allocation
-        if o.allocation == "search":
-            space = _space(layers, frac, o)
-            counts, info, evals = search_counts(work, db, ref, space, total_keep(space.numels, frac), seeds, o,
-                                                seed, progress)
+    with undone_on_error(model, inplace):
+        layers = decoder_layers(work)
+        was_training = work.training
+        work.eval()
+        stats = collect_stats(work, layers, batches, hessians=o.method == "sparsegpt")
+        db = LayerDatabase(layers, stats, o.method, nm=nm, level_step=o.level_step)
+        ref = DenseReference(work, batches)
+        full = fitness_fn(ref, o.fitness)
+        numels = np.array([l.numel for l in layers], dtype=np.int64)
+        seeds, info, evals = {}, {}, 0
+        if nm is not None:
+            counts, name = numels // nm[1] * (nm[1] - nm[0]), f"{nm[0]}:{nm[1]}"
         else:
-            counts = seeds[o.allocation]
-    seed_fitness = {k: score_counts(db, work, full, c) for k, c in seeds.items()}
-    db.apply(counts, exact=True)
-    value = full(work)
-    work.train(was_training)
-    kept = [int((l.weight != 0).sum()) for l in layers]
-    fitness = reported(value, o.fitness)
-    seed_fitness = {k: reported(v, o.fitness) for k, v in seed_fitness.items()}
-    result = LMPruningResult(
-        model=work, allocation=name, fitness=fitness, seed_fitness=seed_fitness, evaluations=evals,
-        seconds=time.perf_counter() - start, search=info, layers=[l.name for l in layers],
-        blocks=[l.block for l in layers], numels=numels.tolist(), kept=kept,
-        layer_sparsity={l.name: 1.0 - k / l.numel for l, k in zip(layers, kept)},
-        sparsity=1.0 - sum(kept) / float(numels.sum()), method=o.method)
-    log.info("prune_lm: %s, %s inside layers, sparsity %.4f, %s %.4f (uniform %s)", name, o.method,
-             result.sparsity, o.fitness, fitness, f"{seed_fitness.get('uniform', float('nan')):.4f}")
-    return result
+            seeds = {"uniform": uniform_counts(layers, frac),
+                     "owl": owl_counts(layers, stats, frac, o.owl_m, o.owl_lambda)}
+            name = o.allocation
+            if o.allocation == "search":
+                space = _space(layers, frac, o)
+                counts, info, evals = search_counts(work, db, ref, space, total_keep(space.numels, frac), seeds, o,
+                                                    seed, progress)
+            else:
+                counts = seeds[o.allocation]
+        seed_fitness = {k: score_counts(db, work, full, c) for k, c in seeds.items()}
+        db.apply(counts, exact=True)
+        value = full(work)
+        work.train(was_training)
+        kept = [int((l.weight != 0).sum()) for l in layers]
+        fitness = reported(value, o.fitness)
+        seed_fitness = {k: reported(v, o.fitness) for k, v in seed_fitness.items()}
+        result = LMPruningResult(
+            model=work, allocation=name, fitness=fitness, seed_fitness=seed_fitness, evaluations=evals,
+            seconds=time.perf_counter() - start, search=info, layers=[l.name for l in layers],
+            blocks=[l.block for l in layers], numels=numels.tolist(), kept=kept,
+            layer_sparsity={l.name: 1.0 - k / l.numel for l, k in zip(layers, kept)},
+            sparsity=1.0 - sum(kept) / float(numels.sum()), method=o.method)
+        log.info("prune_lm: %s, %s inside layers, sparsity %.4f, %s %.4f (uniform %s)", name, o.method,
+                 result.sparsity, o.fitness, fitness, f"{seed_fitness.get('uniform', float('nan')):.4f}")
+        return result
+
+
+@contextmanager
+def undone_on_error(model: nn.Module, inplace: bool) -> Iterator[None]:
+    """Pruning in place: the user's weights as they were if anything fails on the way (the core's ``Undo``)."""
+    snapshot = Undo(model, spill=False) if inplace else None
+    try:
+        yield
+    except BaseException:
+        if snapshot is not None:
+            snapshot.restore(model)
+        raise
 
 
 def reported(value: float, kind: str) -> float:

@@ -32,7 +32,7 @@ from ..search.allocator import KeepSpace
 from ..search.budget import fit_budget
 from .calibration import check_tokens, collect_stats
 from .fitness import DenseReference
-from .search import OneShotOptions, OneShotResult, fitness_fn, reported, score_counts, search_counts
+from .search import OneShotOptions, OneShotResult, fitness_fn, reported, score_counts, search_counts, undone_on_error
 from .targets import LMLayer, find_blocks
 
 log = logging.getLogger("de_plugin")
@@ -277,37 +277,38 @@ def prune_width(model: nn.Module, calibration: Any, params: float, options: Opti
     width_blocks(model)  # refuses an unknown block layout before any work
     start = time.perf_counter()
     work = model if inplace else copy.deepcopy(model)
-    was = work.training
-    work.eval()
-    blocks = width_blocks(work)
-    if not o.heads:
-        for b in blocks:
-            b.attn, b.head_cost = {}, 0
-    mods = dict(work.named_modules())
-    probes = [LMLayer(p, mods[p], b.index, False) for b in blocks for p in [b.mlp_out] + ([b.attn["o"]] if b.attn else [])]
-    stats = collect_stats(work, probes, batches)
-    masks = WidthMasks(work, blocks, {l.name: stats.norms(i) for i, l in enumerate(probes)})
-    before = decoder_params(work)
-    fixed = before - sum(b.heads * b.head_cost * bool(b.attn) + b.units * b.unit_cost for b in blocks)
-    space = WidthSpace(blocks, fixed, o.min_share)
-    budget = int(round(before * (1.0 - ratio)))
-    seeds = _seeds(space, ratio, budget, o.heads)
-    ref = DenseReference(work, batches)
-    full = fitness_fn(ref, o.fitness)
-    info, evals = {}, 0
-    if o.allocation == "search":
-        counts, info, evals = search_counts(work, masks, ref, space, budget, seeds, o, seed, progress)
-    else:
-        counts = seeds["uniform"]
-    seed_fitness = {k: reported(score_counts(masks, work, full, c), o.fitness) for k, c in seeds.items()}
-    value = reported(score_counts(masks, work, full, counts), o.fitness)
-    kept = masks.kept(counts)
-    slice_width(work, blocks, kept)
-    work.train(was)
-    result = WidthResult(model=work, allocation=o.allocation, fitness=value, seed_fitness=seed_fitness,
-                         evaluations=evals, seconds=time.perf_counter() - start, search=info,
-                         heads=[len(h) if h is not None else b.heads for b, (h, _) in zip(blocks, kept)],
-                         units=[len(u) for _, u in kept], params_before=before, params_after=decoder_params(work))
-    log.info("prune_width: %s, %.1f%% of the decoder's parameters removed, %s %.4f (uniform %.4f)", o.allocation,
-             100 * result.removed, o.fitness, result.fitness, result.seed_fitness["uniform"])
-    return result
+    with undone_on_error(model, inplace):
+        was = work.training
+        work.eval()
+        blocks = width_blocks(work)
+        if not o.heads:
+            for b in blocks:
+                b.attn, b.head_cost = {}, 0
+        mods = dict(work.named_modules())
+        probes = [LMLayer(p, mods[p], b.index, False) for b in blocks for p in [b.mlp_out] + ([b.attn["o"]] if b.attn else [])]
+        stats = collect_stats(work, probes, batches)
+        masks = WidthMasks(work, blocks, {l.name: stats.norms(i) for i, l in enumerate(probes)})
+        before = decoder_params(work)
+        fixed = before - sum(b.heads * b.head_cost * bool(b.attn) + b.units * b.unit_cost for b in blocks)
+        space = WidthSpace(blocks, fixed, o.min_share)
+        budget = int(round(before * (1.0 - ratio)))
+        seeds = _seeds(space, ratio, budget, o.heads)
+        ref = DenseReference(work, batches)
+        full = fitness_fn(ref, o.fitness)
+        info, evals = {}, 0
+        if o.allocation == "search":
+            counts, info, evals = search_counts(work, masks, ref, space, budget, seeds, o, seed, progress)
+        else:
+            counts = seeds["uniform"]
+        seed_fitness = {k: reported(score_counts(masks, work, full, c), o.fitness) for k, c in seeds.items()}
+        value = reported(score_counts(masks, work, full, counts), o.fitness)
+        kept = masks.kept(counts)
+        slice_width(work, blocks, kept)
+        work.train(was)
+        result = WidthResult(model=work, allocation=o.allocation, fitness=value, seed_fitness=seed_fitness,
+                             evaluations=evals, seconds=time.perf_counter() - start, search=info,
+                             heads=[len(h) if h is not None else b.heads for b, (h, _) in zip(blocks, kept)],
+                             units=[len(u) for _, u in kept], params_before=before, params_after=decoder_params(work))
+        log.info("prune_width: %s, %.1f%% of the decoder's parameters removed, %s %.4f (uniform %.4f)", o.allocation,
+                 100 * result.removed, o.fitness, result.fitness, result.seed_fitness["uniform"])
+        return result
