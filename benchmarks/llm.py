@@ -9,7 +9,8 @@ held-out windows of 8 x 128 tokens. Allocations:
 * ``uniform``, ``owl``: no search;
 * ``search``: ``prune_lm``'s default search (EvoPress-style (1 + 8) level switching) at ``--evals``;
 * ``search/4``: the same at a quarter of the evaluations;
-* ``de``: differential evolution (population 20) and ``random`` (the control), at ``--evals``.
+* ``de``: differential evolution (population 20) and ``random`` (the control), at ``--evals``;
+* ``search[lambda=20]``: the default search with 20 offspring per generation instead of 8.
 
 An evaluation is one forward pass over the search's calibration batches (``--search-batches``); the
 finalists' re-scoring on all ``--calib-batches`` counts too, so every search reports a few more.
@@ -47,8 +48,9 @@ from de_plugin.lm.width import prune_width  # noqa: E402
 ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"},
                "search": {}, "search/4": {"share": 0.25},
                "de": {"search_strategy": "de", "population": None},
-               "random": {"search_strategy": "random", "population": None}}
-SEARCHES = ("search", "search/4", "de", "random")
+               "random": {"search_strategy": "random", "population": None},
+               "search[lambda=20]": {"population": 20}}
+SEARCHES = ("search", "search/4", "de", "random", "search[lambda=20]")
 
 
 def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, seed: int, args) -> dict:
@@ -161,7 +163,8 @@ def table(cells: Cells, methods, rungs, allocs, seeds, dense_ppl: float) -> str:
     for m in methods:
         for s in [r for r in rungs if r != "2:4"]:
             for a, b in [("search", "owl"), ("search", "uniform"), ("search", "de"), ("search", "random"),
-                         ("search/4", "search"), ("search/4", "owl"), ("de", "owl"), ("owl", "uniform")]:
+                         ("search/4", "search"), ("search/4", "owl"), ("de", "owl"), ("owl", "uniform"),
+                         ("search", "search[lambda=20]")]:
                 if (m, s, a) in got and (m, s, b) in got:
                     lines.append(f"- {m} @{s}: {a} / {b} = {fmt(ratio(got[(m, s, a)], got[(m, s, b)]))}")
     return "\n".join(lines)
