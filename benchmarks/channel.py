@@ -16,7 +16,14 @@ Methods:
   and ``global_pruning=True``, its ``pruning_ratio`` bisected to the MACs level.
 The uniform ratio is the one whose masks reach the MACs level (bisection on the closed-form cost).
 
+Two protocols: ``--reference trained`` (a dense model trained here for a few epochs on a subset, Adam
+retraining) and ``--reference converged`` (the shipped converged reference of ``benchmarks/references.py``,
+55,000 training images, all 10,000 test images, the reference's fine-tune recipe: ``--epochs`` of
+``--epoch-steps`` batches of 256, cosine to zero, the same batches for every method of a seed).
+
     python benchmarks/channel.py --models resnet20 --seeds 0 1 2 --out benchmarks/results/channel
+    python benchmarks/channel.py --reference converged --models resnet20 --seeds 0 1 2 --latency-levels \
+        --methods de_channel "de_channel[finalists]" l1_uniform tp_global --out benchmarks/results/channel_converged
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tvzoo import SITE  # noqa: E402  (Torch-Pruning lives in .zoo-site, benchmarks only)
 from cells import check_protocol  # noqa: E402
+import references as refs  # noqa: E402
 
 import de_plugin  # noqa: E402
 from de_plugin.adapter import measure_latency, slice_channels  # noqa: E402
@@ -56,7 +64,10 @@ class Setup:
 
     def __init__(self, name: str, seed: int, data, args):
         self.name, self.seed, self.data, self.args = name, seed, data, args
-        self.dense = dense_model(name, data, CONFIG[name]["dense_epochs"], seed, args.data, in_channels=1).eval()
+        if args.reference == "converged":
+            self.dense = refs.load_reference(name)[0]
+        else:
+            self.dense = dense_model(name, data, CONFIG[name]["dense_epochs"], seed, args.data, in_channels=1).eval()
         self.example = data.x_val[:2]
         self.search = make_evaluate(data.x_val[: args.search_val], data.y_val[: args.search_val])
         self.test = make_evaluate(data.x_test, data.y_test)
@@ -66,7 +77,8 @@ class Setup:
 
     def finetune(self):
         """The shared retraining; ``.steps`` counts all its steps, ``.last`` those of its latest call."""
-        inner = make_finetune(self.data.x_train, self.data.y_train, lr=5e-4)
+        inner = (self._reference_finetune() if self.args.reference == "converged"
+                 else make_finetune(self.data.x_train, self.data.y_train, lr=5e-4))
 
         def finetune(model: torch.nn.Module, epochs: int) -> None:
             before = inner.steps
@@ -74,6 +86,19 @@ class Setup:
             finetune.steps, finetune.last = inner.steps, inner.steps - before
         finetune.steps = finetune.last = 0
         return finetune
+
+    def _reference_finetune(self):
+        """The converged reference's fine-tune recipe: ``epochs x --epoch-steps`` steps, cosine to zero, the
+        same batches in every call for this seed (finalists and methods compared on equal terms)."""
+        name, data, seed, per_epoch = self.name, self.data, self.seed, self.args.epoch_steps
+
+        def inner(model: torch.nn.Module, epochs: int) -> None:
+            steps = int(epochs) * per_epoch
+            if steps > 0:
+                refs.train_steps(model, data.x_train, data.y_train, steps, refs.FINETUNE[name], seed, schedule="cosine")
+            inner.steps += steps
+        inner.steps = 0
+        return inner
 
     def uniform_ratio(self, level: float) -> float:
         """The uniform feature-map ratio whose channel removal keeps at most ``level`` of the MACs."""
@@ -314,7 +339,12 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--levels", nargs="+", type=float, default=LEVELS, help="MACs kept (fractions of dense)")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--reference", choices=["trained", "converged"], default="trained",
+                    help="trained: a dense model trained here on --train-limit images; converged: the shipped "
+                         "converged reference (benchmarks/references.py), all training and test images")
     ap.add_argument("--epochs", type=int, default=2, help="retraining epochs (all methods)")
+    ap.add_argument("--epoch-steps", type=int, default=50,
+                    help="--reference converged: batches of 256 per retraining epoch")
     ap.add_argument("--train-limit", type=int, default=8000)
     ap.add_argument("--search-val", type=int, default=500, help="validation images the searches score on")
     ap.add_argument("--generations", type=int, default=10, help="de_channel: DE generations")
@@ -339,9 +369,13 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.exists() else {"args": vars(args), "models": {}}
     if not args.summary_only:
         cell_free = lambda d: {k: v for k, v in d.items() if k not in CELL_ARGS}  # noqa: E731
-        check_protocol(path, cell_free(results["args"]), cell_free(vars(args)))
-        data = load_idx_dataset(args.data, val_size=2000, train_limit=args.train_limit, seed=0, size=32)
-        data.x_test, data.y_test = data.x_test[:5000], data.y_test[:5000]
+        defaults = vars(ap.parse_args([]))  # settings added later: their defaults are what older files used
+        check_protocol(path, cell_free({**defaults, **results["args"]}), cell_free(vars(args)))
+        if args.reference == "converged":
+            data = refs.load_data(args.models[0])  # the same 32x32 splits for every CNN reference
+        else:
+            data = load_idx_dataset(args.data, val_size=2000, train_limit=args.train_limit, seed=0, size=32)
+            data.x_test, data.y_test = data.x_test[:5000], data.y_test[:5000]
         t_start = time.time()
         for mname in args.models:
             mres = results["models"].setdefault(mname, {"dense": {}, "levels": {}})

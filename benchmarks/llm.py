@@ -49,8 +49,16 @@ ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"
                "search": {}, "search/4": {"share": 0.25},
                "de": {"search_strategy": "de", "population": None},
                "random": {"search_strategy": "random", "population": None},
-               "search[lambda=20]": {"population": 20}}
-SEARCHES = ("search", "search/4", "de", "random", "search[lambda=20]")
+               "search[lambda=20]": {"population": 20},
+               # EvoPress's multi-step selection: lambda offspring screened on one calibration batch, the best
+               # `survivors` scored on the search batches (screenings counted at their share of an evaluation)
+               "screened[16/2]": {"population": 16, "survivors": 2},
+               "screened[16/2]/4": {"population": 16, "survivors": 2, "share": 0.25},
+               "screened[32/2]": {"population": 32, "survivors": 2},
+               "screened[32/2]/4": {"population": 32, "survivors": 2, "share": 0.25},
+               "screened[32/4]": {"population": 32, "survivors": 4},
+               "screened[32/4]/4": {"population": 32, "survivors": 4, "share": 0.25}}
+SEARCHES = tuple(a for a in ALLOCATIONS if a not in ("uniform", "owl"))
 
 
 def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, seed: int, args) -> dict:

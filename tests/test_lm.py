@@ -208,7 +208,39 @@ def test_transformers_models_are_supported(calib):
     assert prune_lm(llama, calib, "2:4", progress=False).sparsity == pytest.approx(0.5, abs=1e-3)
 
 
+def test_screened_search_scores_few_offspring_in_full_and_keeps_the_budget(tiny, calib, monkeypatch):
+    """EvoPress's multi-step selection: 8 offspring a generation screened on one calibration batch (each
+    generation another), the best 2 on the search batches; cheaper per generation, so more generations fit
+    the same evaluations."""
+    plain = prune_lm(tiny, calib, 0.6, generations=3, progress=False, seed=0)
+    picks, kl = [], DenseReference.kl
+    monkeypatch.setattr(DenseReference, "kl", lambda self, m, upto=None, pick=None: picks.append(pick) or kl(self, m, upto, pick))
+    r = prune_lm(tiny, calib, 0.6, generations=3, survivors=2, progress=False, seed=0)
+    assert {tuple(p) for p in picks if p is not None} == {(i,) for i in range(len(calib))}
+    assert r.sparsity == pytest.approx(0.6, abs=1e-4) and r.fitness <= min(r.seed_fitness.values()) + 1e-9
+    assert r.search["screened"] > 8 * 4  # more generations than the 3 (+ start) of the plain search
+    assert r.search["nfev"] < plain.search["nfev"] / 2  # only the survivors scored in full
+    assert r.evaluations <= plain.evaluations  # the same budget, screenings counted at their share
+
+
+def test_kl_on_picked_batches_is_the_kl_of_those_batches(tiny, calib):
+    ref = DenseReference(tiny, calib)
+    noisy = copy.deepcopy(tiny)
+    with torch.no_grad():
+        noisy.blocks[0].q_proj.weight.mul_(0.5)
+    assert ref.kl(noisy, pick=[1]) == pytest.approx(DenseReference(tiny, calib[1:2]).kl(noisy))
+    assert ref.kl(noisy, pick=[1]) != pytest.approx(ref.kl(noisy, pick=[0]))
+
+
 # -------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("opts, match", [({"survivors": 9}, "more than the offspring"),
+                                         ({"survivors": 2, "search_strategy": "de"}, "only search_strategy='evopress'")])
+def test_survivors_that_cannot_apply_are_refused_before_work(tiny, calib, opts, match):
+    saved = state(tiny)
+    with pytest.raises(ValueError, match=match):
+        prune_lm(tiny, calib, 0.6, progress=False, **opts)
+    assert same_state(tiny, saved)
+
 @pytest.mark.parametrize("data, match", [
     ([torch.rand(4, 32)], "integer tensor"),
     ("some text", "token batches"),

@@ -28,10 +28,12 @@ class DenseReference:
         self.p = [lp.exp() for lp in self.logp]  # every candidate's KL needs them: computed once
 
     @torch.no_grad()
-    def kl(self, model: nn.Module, upto: int | None = None) -> float:
-        """Mean per-token KL(dense || model) over the first ``upto`` batches (all by default)."""
+    def kl(self, model: nn.Module, upto: int | None = None, pick: Sequence[int] | None = None) -> float:
+        """Mean per-token KL(dense || model) over the first ``upto`` batches (all by default), or over the
+        batches numbered in ``pick``."""
         total, count = 0.0, 0
-        for b, lp, p in list(zip(self.batches, self.logp, self.p))[:upto]:
+        rows = list(zip(self.batches, self.logp, self.p))
+        for b, lp, p in ([rows[i] for i in pick] if pick is not None else rows[:upto]):
             lq = F.log_softmax(logits_of(model, b).float(), dim=-1)
             total += float((p * (lp - lq)).sum())
             count += lp.shape[0] * lp.shape[1]

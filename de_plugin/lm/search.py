@@ -21,13 +21,13 @@ from typing import Any, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..evaluation import SerialBackend, backend_round
 from ..options import options_from
 from ..pruner import Undo
-from ..search.allocator import KeepSpace, SearchOptions, start_search
+from ..search.allocator import KeepSpace, Screen, SearchOptions, start_search
 from ..search.budget import total_keep
 from .allocations import owl_counts, uniform_counts
 from .calibration import check_tokens, collect_stats
@@ -54,8 +54,22 @@ class OneShotOptions(SearchOptions):
         description="'evopress': (1 + lambda) from the best so far, level-switch mutations (lambda = population); "
                     "'de': differential evolution; 'random': the control; all at the same evaluations")
     population: Optional[int] = Field(8, ge=4, description="offspring per generation (evopress) or DE's population")
+    survivors: int = Field(
+        0, ge=0, description="evopress: screen each generation's offspring on one calibration batch and score only "
+                             "this many best on the search batches (EvoPress's multi-step selection); 0: score every "
+                             "offspring on the search batches")
     generations: int = Field(25, ge=0, description="search generations (evaluations: population x (generations + 1))")
     stall: Optional[int] = Field(0, ge=0, description="DE: stop after this many generations without improvement (0: never)")
+
+    @model_validator(mode="after")
+    def _survivors_fit(self) -> "OneShotOptions":
+        if self.survivors and self.search_strategy != "evopress":
+            raise ValueError(f"survivors={self.survivors} is EvoPress's multi-step selection, which only "
+                             f"search_strategy='evopress' has: leave survivors=0 with {self.search_strategy!r}")
+        if self.population is not None and self.survivors > self.population:
+            raise ValueError(f"survivors={self.survivors} is more than the offspring screened per generation "
+                             f"(population={self.population}): lower survivors or raise population")
+        return self
 
 
 class LMOptions(OneShotOptions):
@@ -160,11 +174,12 @@ def _check(model: nn.Module, calibration: Any, sparsity: Any) -> tuple[list[torc
 
 
 def fitness_fn(ref: DenseReference, kind: str):
-    """The score a candidate maximises on the first ``upto`` reference batches: -KL or -log perplexity."""
-    def score(model: nn.Module, upto: Optional[int] = None) -> float:
+    """The score a candidate maximises on the first ``upto`` reference batches (or those numbered in
+    ``pick``): -KL or -log perplexity."""
+    def score(model: nn.Module, upto: Optional[int] = None, pick: Optional[Sequence[int]] = None) -> float:
         if kind == "kl":
-            return -ref.kl(model, upto)
-        return -math.log(perplexity(model, ref.batches[:upto]))
+            return -ref.kl(model, upto, pick)
+        return -math.log(perplexity(model, [ref.batches[i] for i in pick] if pick is not None else ref.batches[:upto]))
     score.ref = ref
     return score
 
@@ -201,6 +216,16 @@ class LMScorer:
         """The score on every calibration batch (the finalists' re-scoring)."""
         return self.at(counts, None)
 
+    def screen(self, counts: Sequence[int], generation: int) -> float:
+        """The cheap score of EvoPress's multi-step selection: one calibration batch, the next one each
+        generation (all calibration batches take turns, so the screening does not fit the search batches)."""
+        try:
+            self.db.apply(counts)
+            self.batches += 1
+            return self.fn(self.model, pick=[generation % len(self.fn.ref.batches)])
+        finally:
+            self.db.restore()
+
 
 def _space(layers: Sequence[LMLayer], sparsity: float, o: LMOptions) -> KeepSpace:
     numels = np.array([l.numel for l in layers], dtype=np.int64)
@@ -224,9 +249,11 @@ def search_counts(model: nn.Module, db, ref: DenseReference, space: KeepSpace, b
     backend = SerialBackend(scorer)
     rng = np.random.default_rng(seed)
     search, solver = start_search(backend, o, rng, space, list(seeds.values()), o.max_evals, progress=progress)
+    screen = (Screen(scorer.screen, solver.popsize, o.survivors, 1.0 / upto)
+              if o.survivors and o.search_strategy == "evopress" else None)
     with backend_round(backend):
         best = search.maximise(solver, space, budget, desc=f"search ({getattr(o, 'method', 'width')})",
-                               rescore=scorer.full, top=o.finalists, include=list(seeds.values()))
+                               rescore=scorer.full, top=o.finalists, include=list(seeds.values()), screen=screen)
     info = search.info(solver)
     info["finalists"] = len(search.rescored)
     info["batches_forwarded"] = scorer.batches

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -161,6 +162,25 @@ class StdSpace(KeepSpace):
         return np.asarray(x)
 
 
+@dataclass(frozen=True)
+class Screen:
+    """EvoPress's multi-step selection for ``search_strategy='evopress'``: every generation's ``offspring``
+    are first scored cheaply (``score(counts, generation)``, e.g. on one calibration batch, a different one
+    each generation) and only the ``survivors`` best are scored in full. A cheap score ranks many
+    mutations for the price of a few full ones, and the full score keeps the parent's choice exact.
+    ``cost``: one screening in full evaluations (the budget counts both kinds)."""
+
+    score: Callable[[np.ndarray, int], float]
+    offspring: int
+    survivors: int
+    cost: float
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.survivors <= self.offspring:
+            raise ValueError(f"survivors={self.survivors} must be between 1 and the offspring screened per "
+                             f"generation ({self.offspring}): lower survivors or raise population")
+
+
 class Allocator:
     """One search (one round's weights) over keep-count vectors, scored through ``backend``.
 
@@ -178,6 +198,7 @@ class Allocator:
         self.rescored: dict[tuple[int, ...], float] = {}  # multi-fidelity: full-data scores of the finalists
         self.nfev = self.rejected = self.skipped = self.images_saved = 0
         self.searched: Optional[int] = None  # candidates a non-DE search_strategy drew (its record)
+        self.screened = 0  # candidates only screened (Screen), not scored in full
 
     # ------------------------------------------------------------------ scoring
     def score_many(self, batch: list[np.ndarray], floors: Optional[list[Optional[float]]] = None) -> list[float]:
@@ -255,14 +276,15 @@ class Allocator:
 
     def maximise(self, solver: DifferentialEvolution, space: KeepSpace, budget: int, desc: str = "DE",
                  rescore: Optional[Callable[[np.ndarray], float]] = None, top: int = 4,
-                 include: Sequence[np.ndarray] = ()) -> np.ndarray:
+                 include: Sequence[np.ndarray] = (), screen: Optional[Screen] = None) -> np.ndarray:
         """Budget form: the allocation within ``budget`` with the best score (the space's budget: kept
         weights for a :class:`KeepSpace`, a cost for de_channel's ``ChannelSpace``).
 
         ``rescore`` (multi-fidelity): the search scored on part of the data, or with less work than
         the final one; the ``top`` best distinct members of the last population, and every vector
         of ``include`` (the seeds, say), are re-scored with it and the best of those returned (their
-        scores in :attr:`rescored`)."""
+        scores in :attr:`rescored`). ``screen``: EvoPress's multi-step selection (``search_strategy='evopress'``
+        only)."""
         def evaluate_batch(xs, parents):
             counts = [space.project(x, budget) for x in xs]
             # a trial replaces its parent when -score <= parent's objective: it needs score >= -f_parent
@@ -271,7 +293,7 @@ class Allocator:
             return f, None, (np.array([space.to_x(c) for c in counts]) if space.repairs else None)
 
         if self.options.search_strategy != "de":
-            ranked = self._other_search(solver, space, budget, desc)
+            ranked = self._other_search(solver, space, budget, desc, screen)
         else:
             self._run(solver, evaluate_batch, desc)
             ranked = [space.project(solver.population[i], budget) for i in np.argsort(solver.fun, kind="stable")]
@@ -279,7 +301,8 @@ class Allocator:
             return ranked[0]
         return self._rescore(ranked, rescore, top, include)
 
-    def _other_search(self, solver: DifferentialEvolution, space: KeepSpace, budget: int, desc: str) -> list[np.ndarray]:
+    def _other_search(self, solver: DifferentialEvolution, space: KeepSpace, budget: int, desc: str,
+                      screen: Optional[Screen] = None) -> list[np.ndarray]:
         """``search_strategy`` 'random' or 'evopress' at DE's evaluation budget (its initial population,
         seeds included, then ``population`` candidates for each of ``generations``); candidates best first."""
         evals = solver.popsize * (solver.maxiter + 1) if solver.maxfun is None else solver.maxfun
@@ -291,24 +314,52 @@ class Allocator:
             for c, v in zip(cands, self.score_many(cands)):
                 scored[tuple(int(t) for t in c)] = (float(v), c)
 
+        def mutate(n: int) -> list[np.ndarray]:  # (1 + lambda): level switches of the best so far
+            parent = max(scored.values(), key=lambda t: t[0])[1]
+            return [space.project(self._level_switch(space.to_x(parent), lo, hi, rng), budget) for _ in range(n)]
+
         start = [space.project(x, budget) for x in solver.population]  # the seeds and their perturbations
-        score(start)
-        spent, lam = len(start), solver.popsize
-        pbar = progress_bar(total=max(0, evals - spent), desc=f"{desc} ({self.options.search_strategy})",
-                            enabled=self.progress)
-        while spent < evals:
-            n = min(lam, evals - spent)
-            if self.options.search_strategy == "random" or len(lo) < 2:
-                kids = [space.project(lo + rng.random(len(lo)) * (hi - lo), budget) for _ in range(n)]
-            else:
-                parent = max(scored.values(), key=lambda t: t[0])[1]  # (1 + lambda): the best so far
-                kids = [space.project(self._level_switch(space.to_x(parent), lo, hi, rng), budget) for _ in range(n)]
-            score(kids)
-            spent += n
-            pbar.update(n)
+        evo = self.options.search_strategy == "evopress" and len(lo) >= 2
+        pbar = progress_bar(total=evals, desc=f"{desc} ({self.options.search_strategy})", enabled=self.progress)
+        if screen is not None and evo:
+            spent = self._screened(start, mutate, score, scored, screen, evals, pbar)
+        else:
+            score(start)
+            spent, lam = len(start), solver.popsize
+            pbar.update(spent)
+            while spent < evals:
+                n = min(lam, evals - spent)
+                kids = mutate(n) if evo else [space.project(lo + rng.random(len(lo)) * (hi - lo), budget)
+                                              for _ in range(n)]
+                score(kids)
+                spent += n
+                pbar.update(n)
         pbar.close()
-        self.searched = spent
+        self.searched = int(round(spent))
         return [c for _, c in sorted(scored.values(), key=lambda t: -t[0])]
+
+    def _screened(self, start: list[np.ndarray], mutate: Callable[[int], list[np.ndarray]],
+                  score: Callable[[list[np.ndarray]], None], scored: dict, screen: Screen, evals: int,
+                  pbar) -> float:
+        """EvoPress's multi-step selection (see :class:`Screen`): the start population, then each
+        generation's offspring, screened; the best ``survivors`` not yet scored are scored in full. Runs
+        while a whole generation fits the budget; returns the evaluations spent (screenings at their cost)."""
+        spent, gen, cands, stale = 0.0, 0, start, 0
+        while stale < 100:  # a parent whose every neighbour is scored already: nothing left to find
+            fresh = list({tuple(int(t) for t in c): c for c in cands if tuple(int(t) for t in c) not in scored}.values())
+            stale = 0 if fresh else stale + 1
+            cost = len(fresh) * screen.cost + min(screen.survivors, len(fresh))
+            if gen > 0 and spent + cost > evals:
+                return spent
+            if fresh:
+                cheap = np.array([screen.score(c, gen) for c in fresh], dtype=float)
+                score([fresh[i] for i in np.argsort(-cheap, kind="stable")[:screen.survivors]])
+                self.screened += len(fresh)
+            spent += cost
+            gen += 1
+            pbar.update(cost)
+            cands = mutate(screen.offspring)
+        return spent
 
     @staticmethod
     def _level_switch(x: np.ndarray, lo: np.ndarray, hi: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -381,6 +432,7 @@ class Allocator:
         r = solver.result()
         if self.searched is not None:
             return {"search_strategy": self.options.search_strategy, "nfev": self.nfev, "candidates": self.searched,
+                    "screened": self.screened,
                     "early_rejected": self.rejected, "skipped": self.skipped, "images_saved": self.images_saved}
         return {"nfev": r.nfev, "nit": r.nit, "best_fun": r.fun, "best_violation": r.violation,
                 "message": r.message, "history": [h["best_fun"] for h in r.history],
