@@ -1,0 +1,95 @@
+"""A causal LM from a user's folder (``examples/core/prune_hf_lm.py``): read with transformers, pruned,
+written to a new folder that loads back pruned; the user's folder is only read; bad paths refused first."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from de_plugin.lm import decoder_layers  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "core" / "prune_hf_lm.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("prune_hf_lm", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("text")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py", "string.py",
+                 "colorsys.py", "keyword.py", "queue.py"):
+        (folder / name).write_text((stdlib / name).read_text())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, text_dir):
+    """A tiny Llama and a byte-level BPE tokenizer trained on the text, as save_pretrained writes them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("llama")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([p.read_text() for p in sorted(text_dir.iterdir())], trainer)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+    hf_tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_a_model_on_disk_is_pruned_into_a_new_folder(model_dir, text_dir, tmp_path):
+    before = digest(model_dir)
+    out = tmp_path / "pruned"
+    report = load_script().main([str(model_dir), "--out", str(out), "--text", str(text_dir), "--sparsity", "0.6",
+                                 "--batches", "2", "--batch", "2", "--length", "32", "--eval-batches", "1"])
+    assert digest(model_dir) == before  # the user's folder is only read
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(out)
+    layers = decoder_layers(pruned)
+    kept = sum(int((l.weight != 0).sum()) for l in layers)
+    assert kept / sum(l.numel for l in layers) == pytest.approx(0.4, abs=1e-3)
+    assert set(report) >= {"dense_perplexity", "uniform", "owl", "search", "block_sparsity"}
+    assert report["search"]["calibration_kl"] <= report["uniform"]["calibration_kl"] + 1e-9
+    assert len(report["block_sparsity"]) == 2 and (out / "pruning.json").is_file()
+    assert (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("case, match", [("no_config", "no config.json"), ("same", "the model's own folder"),
+                                         ("not_empty", "not empty"), ("no_text", "does not exist")])
+def test_bad_paths_are_refused_before_the_model_is_read(model_dir, tmp_path, case, match):
+    script = load_script()
+    out = tmp_path / "out"
+    args = [str(model_dir), "--out", str(out)]
+    if case == "no_config":
+        args[0] = str(tmp_path)
+    elif case == "same":
+        args[2] = str(model_dir)
+    elif case == "not_empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    else:
+        args += ["--text", str(tmp_path / "missing")]
+    with pytest.raises(SystemExit, match=match):
+        script.main(args)
+    assert case != "not_empty" or (out / "keep.txt").read_text() == "mine"
