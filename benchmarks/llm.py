@@ -16,7 +16,8 @@ An evaluation is one forward pass over the search's calibration batches (``--sea
 finalists' re-scoring on all ``--calib-batches`` counts too, so every search reports a few more.
 
 ``--widths``: heads and hidden units removed per block (``prune_width``), uniform width against the
-searched one, at those shares of the decoder's Linear parameters.
+searched one, at those shares of the decoder's Linear parameters, and Torch-Pruning's own LLM-pruner rule
+(``tp_uniform``: MetaPruner, group magnitude, one ratio for whole heads and MLP units in every block).
 
 Each with ``magnitude`` / ``wanda`` / ``sparsegpt`` inside layers, at fractional sparsities and 2:4
 (N:M fixes every layer at 50%: no allocation to search). Ratios of held-out perplexity are paired over
@@ -27,6 +28,7 @@ seeds (geometric mean and 95% t-interval of the log ratio). Cells accumulate in 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -39,9 +41,10 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cells import Cells  # noqa: E402
+from tvzoo import SITE  # noqa: E402  (Torch-Pruning lives in .zoo-site, benchmarks only)
 
 from de_plugin.demo.lm import dense_lm, stdlib_corpus, token_batches  # noqa: E402
-from de_plugin.lm import DenseReference, perplexity, prune_lm  # noqa: E402
+from de_plugin.lm import DenseReference, decoder_layers, perplexity, prune_lm  # noqa: E402
 from de_plugin.lm.width import prune_width  # noqa: E402
 
 #: every search at the same evaluations (``--evals``), ``search/4`` at a quarter of them
@@ -59,6 +62,8 @@ ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"
                "screened[32/4]": {"population": 32, "survivors": 4},
                "screened[32/4]/4": {"population": 32, "survivors": 4, "share": 0.25}}
 SEARCHES = tuple(a for a in ALLOCATIONS if a not in ("uniform", "owl"))
+#: width: uniform and searched (prune_width), and Torch-Pruning's own uniform rule (MetaPruner, magnitude)
+WIDTH_ALLOCATIONS = ("uniform", "search", "tp_uniform")
 
 
 def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, seed: int, args) -> dict:
@@ -85,12 +90,45 @@ def run_width(model, calib, held, ref_held, alloc: str, share: float, seed: int,
             "evaluations": r.evaluations, "wall_seconds": wall}
 
 
+def run_width_tp(model, held, ref_held, share: float) -> dict:
+    """Torch-Pruning's LLM pruner rule on TinyGPT: MetaPruner, group L2 magnitude, one ratio for the heads
+    (whole heads, ``prune_num_heads``) and the MLP hidden units of every block, the residual width kept; the
+    ratio bisected to the largest one that removes at most ``share`` of the decoder Linear parameters (whole
+    heads make the removed share jump; the baseline is never asked to remove more than the others)."""
+    if str(SITE) not in sys.path:
+        sys.path.append(str(SITE))
+    import torch_pruning as tp
+
+    def params(m) -> int:
+        return sum(l.module.weight.numel() + l.module.bias.numel() for l in decoder_layers(m))
+
+    def pruned(ratio: float):
+        m = copy.deepcopy(model)
+        heads = {p: b.heads for b in m.blocks for p in (b.q_proj, b.k_proj, b.v_proj)}
+        tp.pruner.MetaPruner(m, torch.zeros(1, 16, dtype=torch.long), importance=tp.importance.GroupMagnitudeImportance(p=2),
+                             pruning_ratio=ratio, head_pruning_ratio=ratio, num_heads=heads, prune_num_heads=True,
+                             prune_head_dims=False, ignored_layers=[m.head, m.tok, m.pos]).step()
+        for b in m.blocks:  # TinyGPT reshapes by head_dim; the head count follows the sliced projections
+            b.heads = b.q_proj.out_features // b.head_dim
+        return m
+
+    start, dense = time.perf_counter(), params(model)
+    lo, hi = 0.0, 0.95
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if 1 - params(pruned(mid)) / dense > share else (mid, hi)
+    m = pruned(lo)
+    return {"ppl": perplexity(m, held), "kl": ref_held.kl(m), "removed": 1 - params(m) / dense, "ratio": lo,
+            "heads": [b.heads for b in m.blocks], "units": [b.up_proj.out_features for b in m.blocks],
+            "evaluations": 0, "wall_seconds": time.perf_counter() - start}
+
+
 def width_table(cells: Cells, shares, seeds) -> str:
     lines = ["| parameters removed | allocation | perplexity (mean) | KL held-out | heads kept per block "
              "(seed 0) | hidden units kept per block (seed 0) | wall s |", "|---|---|---|---|---|---|---|"]
     got = {}
     for r in shares:
-        for a in ("uniform", "search"):
+        for a in WIDTH_ALLOCATIONS:
             cs = {sd: cells.get(("width", r, a, sd)) for sd in seeds}
             cs = {sd: c for sd, c in cs.items() if c}
             if not cs:
@@ -100,8 +138,9 @@ def width_table(cells: Cells, shares, seeds) -> str:
             mean = lambda k: sum(c[k] for c in cs.values()) / len(cs)  # noqa: E731
             lines.append(f"| {mean('removed'):.1%} | {a} | {mean('ppl'):.3f} ({len(cs)} seeds) | {mean('kl'):.4f} | "
                          f"{first['heads']} | {first['units']} | {mean('wall_seconds'):.0f} |")
-    lines += [""] + [f"- width @{r}: search / uniform = {fmt(ratio(got[(r, 'search')], got[(r, 'uniform')]))}"
-                     for r in shares if (r, "search") in got and (r, "uniform") in got]
+    lines += [""] + [f"- width @{r}: {a} / {b} = {fmt(ratio(got[(r, a)], got[(r, b)]))}"
+                     for r in shares for a, b in (("search", "uniform"), ("search", "tp_uniform"), ("uniform", "tp_uniform"))
+                     if (r, a) in got and (r, b) in got]
     return "\n".join(lines)
 
 
@@ -185,6 +224,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sparsities", nargs="*", default=["0.5", "0.6", "0.7", "2:4"])
     ap.add_argument("--widths", nargs="*", type=float, default=[], help="shares of parameters removed by width")
     ap.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS), choices=list(ALLOCATIONS))
+    ap.add_argument("--width-allocations", nargs="+", default=list(WIDTH_ALLOCATIONS), choices=list(WIDTH_ALLOCATIONS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--calib-batches", type=int, default=16)
     ap.add_argument("--search-batches", type=int, default=4)
@@ -213,9 +253,10 @@ def main(argv=None) -> None:
                     logging.info("cell %s @%s %s seed %d", m, s, a, seed)
                     cells.run((m, s, a, seed), lambda: run_cell(model, calib, held, ref_held, m, a, s, seed, args))
         for r in args.widths:
-            for a in ("uniform", "search"):
+            for a in args.width_allocations:
                 logging.info("cell width %s %s seed %d", r, a, seed)
-                cells.run(("width", r, a, seed), lambda: run_width(model, calib, held, ref_held, a, r, seed, args))
+                cells.run(("width", r, a, seed), lambda: run_width_tp(model, held, ref_held, r) if a == "tp_uniform"
+                          else run_width(model, calib, held, ref_held, a, r, seed, args))
     text = table(cells, args.methods, rungs, args.allocations, args.seeds, dense_ppl)
     if args.widths:
         text += "\n\nWidth (heads and hidden units):\n\n" + width_table(cells, args.widths, args.seeds)
