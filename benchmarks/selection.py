@@ -46,6 +46,10 @@ METHODS = {
     # a search allocation must beat the best retrained seed by half a point after the short fine-tune
     "de_layerwise[finetune+margin]": ("de_layerwise", {"selection": "finetune", "finalist_epochs": 1,
                                                        "selection_margin": 0.005}),
+    # the finalists (and the four best seeds) retrained for the whole fine-tune (2 epochs, the ResNet-20 protocol's
+    # --epochs): the selection then compares what each allocation ends at, on validation data
+    "de_layerwise[full-finalists]": ("de_layerwise", {"selection": "finetune", "finalist_epochs": 2,
+                                                      "finalist_seeds": 4}),
     "de_layerwise[random]": ("de_layerwise", {"selection": "finetune", "finalist_epochs": 1,
                                               "search_strategy": "random"}),
     "de_layerwise[evopress]": ("de_layerwise", {"selection": "finetune", "finalist_epochs": 1,
@@ -53,7 +57,7 @@ METHODS = {
 }
 HEURISTICS = ["lamp", "global_magnitude", "erk"]
 #: (A, B) pairs reported besides each searched method against the best heuristic at the rung
-PAIRS = [("de_layerwise[finetune]", "de_layerwise[holdout]"),
+PAIRS = [("de_layerwise[finetune]", "de_layerwise[holdout]"), ("de_layerwise[full-finalists]", "de_layerwise[finetune]"),
          ("de_layerwise[finetune+margin]", "de_layerwise[finetune]"), ("de_layerwise[finetune+seeds]", "de_layerwise[finetune]"), ("de_layerwise[finetune]", "de_layerwise[random]"),
          ("de_layerwise[finetune]", "de_layerwise[evopress]"), ("de_layerwise[evopress]", "de_layerwise[random]")]
 
