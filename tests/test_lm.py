@@ -289,11 +289,11 @@ def test_in_place_pruning_that_fails_half_way_leaves_the_weights_as_they_were(ti
 
     calls, kl = [0], lm_fitness.DenseReference.kl
 
-    def fails_on_the_final_score(self, model, upto=None):  # the seeds score, then the pruned model's does not
+    def fails_on_the_final_score(self, model, upto=None, pick=None):  # the seeds score, then the pruned model's does not
         calls[0] += 1
         if calls[0] == 3:
             raise RuntimeError("evaluation failed")
-        return kl(self, model, upto)
+        return kl(self, model, upto, pick)
 
     monkeypatch.setattr(lm_fitness.DenseReference, "kl", fails_on_the_final_score)
     saved = state(tiny)
