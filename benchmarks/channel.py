@@ -329,6 +329,23 @@ def plot(results: dict, out: Path) -> None:
         plt.close(fig)
 
 
+def _merge(into: dict, new: dict) -> dict:
+    for k, v in new.items():
+        into[k] = _merge(into[k], v) if isinstance(v, dict) and isinstance(into.get(k), dict) else v
+    return into
+
+
+def save(path: Path, results: dict) -> None:
+    """Write ``results`` merged into what the file holds now (cells another run added since are kept, so
+    runs of different seeds may share one folder), through a temporary file and a rename."""
+    on_disk = json.loads(path.read_text()) if path.exists() else {}
+    merged = _merge(on_disk, json.loads(json.dumps(results)))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    tmp.replace(path)
+    results.update(merged)
+
+
 #: what may differ between runs that add cells to one results file (which cells); the rest is the protocol
 CELL_ARGS = {"models", "seeds", "methods", "levels", "latency_levels", "summary_only", "out", "threads"}
 
@@ -390,7 +407,7 @@ def main() -> None:
                     print(f"[{time.time() - t_start:6.0f}s] {mname} seed {seed} latency budget {level:.2f}: measured "
                           f"{row['latency_share']:.3f} (search {row['search_measured']:.3f}, predicted "
                           f"{row['predicted']:.3f}) test {row['test']:.4f} MACs {row['macs']:.3f}", flush=True)
-                    path.write_text(json.dumps(results, indent=1))
+                    save(path, results)
                 for level in args.levels:
                     rows = mres["levels"].setdefault(f"{level:.6f}", {})
                     for method in args.methods:
@@ -401,7 +418,7 @@ def main() -> None:
                         print(f"[{time.time() - t_start:6.0f}s] {mname} seed {seed} MACs {level:.3f} {method:20s} "
                               f"test {row['test']:.4f} MACs {row['macs']:.3f} params {row['params']:.3f} "
                               f"b1 {1000 * row['latency_b1']:.2f} ms evals {row['nfev']}", flush=True)
-                        path.write_text(json.dumps(results, indent=1))
+                        save(path, results)
     text = table(results)
     print(text)
     (out / "table.md").write_text(text + "\n")
