@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from de_plugin.lm import decoder_layers  # noqa: E402
+from tiny_llama import save_tiny_llama, write_texts  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "core" / "prune_hf_lm.py"
 
@@ -27,32 +27,12 @@ def load_script():
 
 @pytest.fixture(scope="module")
 def text_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("text")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("textwrap.py", "shlex.py", "glob.py", "fnmatch.py", "bisect.py", "heapq.py", "string.py",
-                 "colorsys.py", "keyword.py", "queue.py"):
-        (folder / name).write_text((stdlib / name).read_text())
-    return folder
+    return write_texts(tmp_path_factory.mktemp("text"))
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, text_dir):
-    """A tiny Llama and a byte-level BPE tokenizer trained on the text, as save_pretrained writes them."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    folder = tmp_path_factory.mktemp("llama")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([p.read_text() for p in sorted(text_dir.iterdir())], trainer)
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
-    hf_tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"), [p.read_text() for p in sorted(text_dir.iterdir())])
 
 
 def digest(folder: Path) -> dict:
