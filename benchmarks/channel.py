@@ -329,21 +329,23 @@ def plot(results: dict, out: Path) -> None:
         plt.close(fig)
 
 
-def _merge(into: dict, new: dict) -> dict:
-    for k, v in new.items():
-        into[k] = _merge(into[k], v) if isinstance(v, dict) and isinstance(into.get(k), dict) else v
-    return into
+def _fill(into: dict, other: dict) -> None:
+    """Add to ``into`` (in place: the caller's references into it stay valid) what ``other`` has and it lacks."""
+    for k, v in other.items():
+        if k not in into:
+            into[k] = v
+        elif isinstance(v, dict) and isinstance(into[k], dict):
+            _fill(into[k], v)
 
 
 def save(path: Path, results: dict) -> None:
-    """Write ``results`` merged into what the file holds now (cells another run added since are kept, so
-    runs of different seeds may share one folder), through a temporary file and a rename."""
-    on_disk = json.loads(path.read_text()) if path.exists() else {}
-    merged = _merge(on_disk, json.loads(json.dumps(results)))
+    """Write ``results`` with the cells another run added to the file since (runs of different seeds may
+    share one folder), through a temporary file and a rename."""
+    if path.exists():
+        _fill(results, json.loads(path.read_text()))
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(merged, indent=1))
+    tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(path)
-    results.update(merged)
 
 
 #: what may differ between runs that add cells to one results file (which cells); the rest is the protocol

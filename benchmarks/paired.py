@@ -75,12 +75,16 @@ LADDERS = [  # A against the best of B (the baseline with the highest mean test 
     ("ViT", ["deep_vit"], "vit", "de_layerwise[defaults]", SAME_RECOVERY),
     ("MobileNetV2", ["deep_mbv2"], "mobilenetv2", "de_layerwise[defaults]", SAME_RECOVERY),
 ]
-CHANNELS = [
-    ("ResNet-20", "channel", "resnet20", "de_channel", "l1_uniform"),
-    ("ResNet-20", "channel", "resnet20", "de_channel", "tp_global"),
-    ("ResNet-20", "channel_variants", "resnet20", "de_channel[loss]", "l1_uniform"),
-    ("MobileNetV2", "channel_mbv2", "mobilenetv2", "de_channel", "l1_uniform"),
-    ("MobileNetV2", "channel_mbv2", "mobilenetv2", "de_channel", "tp_global"),
+CHANNELS = [  # (label, folder, model, A, B, what the "at" column adds)
+    ("ResNet-20", "channel", "resnet20", "de_channel", "l1_uniform", ""),
+    ("ResNet-20", "channel", "resnet20", "de_channel", "tp_global", ""),
+    ("ResNet-20", "channel_variants", "resnet20", "de_channel[loss]", "l1_uniform", ""),
+    ("MobileNetV2", "channel_mbv2", "mobilenetv2", "de_channel", "l1_uniform", ""),
+    ("MobileNetV2", "channel_mbv2", "mobilenetv2", "de_channel", "tp_global", ""),
+    ("ResNet-20", "channel_converged", "resnet20", "de_channel", "l1_uniform", ", converged reference"),
+    ("ResNet-20", "channel_converged", "resnet20", "de_channel", "tp_global", ", converged reference"),
+    ("ResNet-20", "channel_converged", "resnet20", "de_channel[finalists]", "l1_uniform", ", converged reference"),
+    ("ResNet-20", "channel_converged", "resnet20", "de_channel[finalists]", "tp_global", ", converged reference"),
 ]
 
 
@@ -103,13 +107,13 @@ def rows(rungs: list[float], levels: list[float]) -> list[dict[str, Any]]:
                     best = (b, p)
             if best is not None:
                 out.append({"model": name, "a": a, "b": best[0], "at": f"{r:.0%} sparse", **best[1]})
-    for name, file, model, a, b in CHANNELS:
+    for name, file, model, a, b, note in CHANNELS:
         for lv in levels:
             try:
                 p = paired(level_tests(file, model, a, lv), level_tests(file, model, b, lv))
             except (FileNotFoundError, KeyError, StopIteration):
                 continue
-            out.append({"model": name, "a": a, "b": b, "at": f"{lv:.2f} of the MACs", **p})
+            out.append({"model": name, "a": a, "b": b, "at": f"{lv:.2f} of the MACs{note}", **p})
     for name, folder, model, a, baselines in SELECTIONS:
         for r in rungs:
             best = None
@@ -134,6 +138,7 @@ SELECTIONS = [
     ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[random]", HEURISTICS),
     ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[evopress]", HEURISTICS),
     ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[finetune+margin]", HEURISTICS),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[full-finalists]", HEURISTICS),
     ("ViT", "selection_vit", "vit", "de_layerwise[finetune]", HEURISTICS),
 ]
 
