@@ -23,3 +23,23 @@ def test_another_protocol_is_refused(tmp_path):
     Cells(tmp_path / "r.json", {"epochs": 1}).run(("m", 0), lambda: 1)
     with pytest.raises(ValueError, match="another protocol"):
         Cells(tmp_path / "r.json", {"epochs": 2})
+
+
+def test_channel_runs_sharing_a_folder_keep_each_others_cells(tmp_path):
+    """benchmarks/channel.py: a run writes its cells with those another run (other seeds) wrote meanwhile,
+    and keeps writing the cells it adds later through the references it holds."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("channel_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "channel.py")
+    channel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(channel)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"models": {"m": {"levels": {"0.5": {"l1": {"2": {"test": 0.8}}}}}}}))  # the other run
+    mine = {"models": {"m": {"levels": {"0.5": {"l1": {"0": {"test": 0.9}}}}}}}
+    rows = mine["models"]["m"]["levels"]["0.5"]  # the run's loop holds this
+    channel.save(path, mine)
+    rows["tp"] = {"0": {"test": 0.7}}
+    channel.save(path, mine)
+    got = json.loads(path.read_text())["models"]["m"]["levels"]["0.5"]
+    assert got == {"l1": {"0": {"test": 0.9}, "2": {"test": 0.8}}, "tp": {"0": {"test": 0.7}}}
