@@ -99,6 +99,11 @@ def seed_population(seeds: list[np.ndarray], bounds, population: int, perturb: f
     return np.array(x0) if x0 else None
 
 
+def _key(counts: np.ndarray) -> tuple[int, ...]:
+    """A keep-count vector as the cache's key."""
+    return tuple(int(c) for c in counts)
+
+
 class KeepSpace:
     """Per-layer keep-counts within ``[min_keep, max_keep]`` and the DE vectors that stand for them.
 
@@ -312,7 +317,7 @@ class Allocator:
 
         def score(cands: list[np.ndarray]) -> None:
             for c, v in zip(cands, self.score_many(cands)):
-                scored[tuple(int(t) for t in c)] = (float(v), c)
+                scored[_key(c)] = (float(v), c)
 
         def mutate(n: int) -> list[np.ndarray]:  # (1 + lambda): level switches of the best so far
             parent = max(scored.values(), key=lambda t: t[0])[1]
@@ -346,7 +351,7 @@ class Allocator:
         while a whole generation fits the budget; returns the evaluations spent (screenings at their cost)."""
         spent, gen, cands, stale = 0.0, 0, start, 0
         while stale < 100:  # a parent whose every neighbour is scored already: nothing left to find
-            fresh = list({tuple(int(t) for t in c): c for c in cands if tuple(int(t) for t in c) not in scored}.values())
+            fresh = [c for k, c in {_key(c): c for c in cands}.items() if k not in scored]
             stale = 0 if fresh else stale + 1
             cost = len(fresh) * screen.cost + min(screen.survivors, len(fresh))
             if gen > 0 and spent + cost > evals:
