@@ -44,8 +44,8 @@ from cells import Cells  # noqa: E402
 from tvzoo import SITE  # noqa: E402  (Torch-Pruning lives in .zoo-site, benchmarks only)
 
 from de_plugin.demo.lm import dense_lm, stdlib_corpus, token_batches  # noqa: E402
-from de_plugin.lm import DenseReference, decoder_layers, perplexity, prune_lm  # noqa: E402
-from de_plugin.lm.width import prune_width  # noqa: E402
+from de_plugin.lm import DenseReference, perplexity, prune_lm  # noqa: E402
+from de_plugin.lm.width import decoder_params, prune_width  # noqa: E402
 
 #: every search at the same evaluations (``--evals``), ``search/4`` at a quarter of them
 ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"},
@@ -99,9 +99,6 @@ def run_width_tp(model, held, ref_held, share: float) -> dict:
         sys.path.append(str(SITE))
     import torch_pruning as tp
 
-    def params(m) -> int:
-        return sum(l.module.weight.numel() + l.module.bias.numel() for l in decoder_layers(m))
-
     def pruned(ratio: float):
         m = copy.deepcopy(model)
         heads = {p: b.heads for b in m.blocks for p in (b.q_proj, b.k_proj, b.v_proj)}
@@ -112,13 +109,13 @@ def run_width_tp(model, held, ref_held, share: float) -> dict:
             b.heads = b.q_proj.out_features // b.head_dim
         return m
 
-    start, dense = time.perf_counter(), params(model)
+    start, dense = time.perf_counter(), decoder_params(model)
     lo, hi = 0.0, 0.95
     for _ in range(12):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if 1 - params(pruned(mid)) / dense > share else (mid, hi)
+        lo, hi = (lo, mid) if 1 - decoder_params(pruned(mid)) / dense > share else (mid, hi)
     m = pruned(lo)
-    return {"ppl": perplexity(m, held), "kl": ref_held.kl(m), "removed": 1 - params(m) / dense, "ratio": lo,
+    return {"ppl": perplexity(m, held), "kl": ref_held.kl(m), "removed": 1 - decoder_params(m) / dense, "ratio": lo,
             "heads": [b.heads for b in m.blocks], "units": [b.up_proj.out_features for b in m.blocks],
             "evaluations": 0, "wall_seconds": time.perf_counter() - start}
 
