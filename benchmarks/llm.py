@@ -10,7 +10,8 @@ held-out windows of 8 x 128 tokens. Allocations:
 * ``search``: ``prune_lm``'s default search (EvoPress-style (1 + 8) level switching) at ``--evals``;
 * ``search/4``: the same at a quarter of the evaluations;
 * ``de``: differential evolution (population 20) and ``random`` (the control), at ``--evals``;
-* ``search[lambda=20]``: the default search with 20 offspring per generation instead of 8.
+* ``search[lambda=20]``: the default search with 20 offspring per generation instead of 8;
+* ``search x4``, ``search x16``: the default search at 4 and 16 times ``--evals`` (is it converged?).
 
 An evaluation is one forward pass over the search's calibration batches (``--search-batches``); the
 finalists' re-scoring on all ``--calib-batches`` counts too, so every search reports a few more.
@@ -60,7 +61,9 @@ ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"
                "screened[32/2]": {"population": 32, "survivors": 2},
                "screened[32/2]/4": {"population": 32, "survivors": 2, "share": 0.25},
                "screened[32/4]": {"population": 32, "survivors": 4},
-               "screened[32/4]/4": {"population": 32, "survivors": 4, "share": 0.25}}
+               "screened[32/4]/4": {"population": 32, "survivors": 4, "share": 0.25},
+               # the default search given more evaluations: how far it is from converged
+               "search x4": {"share": 4.0}, "search x16": {"share": 16.0}}
 SEARCHES = tuple(a for a in ALLOCATIONS if a not in ("uniform", "owl"))
 #: width: uniform and searched (prune_width), and Torch-Pruning's own uniform rule (MetaPruner, magnitude)
 WIDTH_ALLOCATIONS = ("uniform", "search", "tp_uniform")

@@ -117,3 +117,78 @@ def test_selection_margin_returns_the_best_retrained_seed_when_no_search_allocat
     assert chosen["source"] != "search"
     assert chosen["score_after_short_finetune"] == max(s["score_after_short_finetune"] for s in retrained
                                                       if s["source"] != "search")
+
+
+def _counting(finetune):
+    """``finetune`` that records, per call, the optimiser steps it took (train-mode forwards of the model)."""
+    def run(model, epochs):
+        before = finetune.steps
+        try:
+            finetune(model, epochs)
+        finally:
+            run.calls.append((epochs, finetune.steps - before))
+    run.calls = []
+    return run
+
+
+def test_capped_finetune_stops_after_the_asked_training_batches_even_through_except_exception():
+    """``capped`` lets exactly `steps` train-mode forwards through (eval-mode forwards are not counted), a loop
+    that catches Exception around each step cannot swallow the stop, and the hook is gone afterwards."""
+    from de_plugin.search.selection import capped
+    model = torch.nn.Linear(4, 2)
+    done, tried = [], []
+
+    def loop(m, epochs):
+        for _ in range(epochs * 10):
+            tried.append(1)
+            m.eval()
+            m(torch.zeros(1, 4))  # a validation forward inside the loop: not a training batch
+            m.train()
+            try:
+                m(torch.zeros(1, 4)).sum().backward()
+            except Exception:  # a defensive loop: must not swallow the stop
+                continue
+            done.append(1)
+
+    short = capped(loop, 3)
+    short(model, 2)
+    assert len(done) == 3 and short.taken == 3
+    assert len(tried) == 4  # the loop ends at the refused batch: it does not go on through both epochs
+    assert not model._forward_pre_hooks
+    done.clear()
+    capped(loop, None)(model, 1)
+    assert len(done) == 10
+
+
+def test_finalist_steps_caps_each_finalists_retraining_and_not_the_rounds_fine_tune(mlp, digits, finetune):
+    run = _counting(finetune)
+    r = de_plugin.prune(mlp, "de_layerwise", val_data=_misleading_val(digits), finetune=run, sparsity=0.9,
+                        rounds=1, finetune_epochs=1, search_images=100, population=8, generations=2, seed=0,
+                        finalists=1, finalist_steps=5, recovery="none", progress=False)
+    epoch = -(-len(digits.y_train) // 64)
+    assert run.calls == [(1, 5), (1, 5), (1, epoch)]  # two finalists capped, the round's whole epoch
+    de = r.history[0]["de"]
+    assert de["finalists_retrained"] == 2 and de["finalist_steps_total"] == 10
+
+
+def test_de_channel_finalist_steps_caps_each_finalists_retraining(resnet, images):
+    from de_plugin.demo.training import make_finetune
+    ft = _counting(make_finetune(images.x, images.y, lr=1e-3, batch_size=64))
+    r = de_plugin.prune(resnet, "de_channel", val_data=images.val, train_data=images.batches, finetune=ft, macs=0.6,
+                        rounds=1, finalists=2, finalist_steps=2, finetune_epochs=1, population=6, generations=1,
+                        bn_batches=2, seed=0, progress=False)
+    fin = r.history[0]["de"]["finalists"]
+    assert ft.calls == [(1, 2)] * len(fin) + [(1, len(images.batches))]
+    assert r.history[0]["de"]["finalist_steps_total"] == 2 * len(fin)
+
+
+@pytest.mark.parametrize("name,kw,match", [
+    ("de_layerwise", {"selection": "holdout", "finalist_steps": 5}, "finalist_steps=5.*selection='finetune'"),
+    ("de_channel", {"macs": 0.5, "finalist_steps": 5}, "finalist_steps=5.*finalists"),
+])
+def test_finalist_steps_without_finalists_is_refused_before_any_work(mlp, name, kw, match):
+    before, calls = state_of(mlp), []
+    with pytest.raises(ValueError, match=match):
+        de_plugin.prune(mlp, name, evaluate=lambda m: calls.append(1) or 0.5, sparsity=0.5 if "macs" not in kw
+                        else None, inplace=True, progress=False, **kw)
+    assert not calls and same_state(before, state_of(mlp))

@@ -37,7 +37,7 @@ from .latency import LatencyTable, measure as measure_latency
 from ..pruner import Context, Pruner
 from ..result import Outcome
 from ..runner import Checkpointer, RoundLoop, RoundRecord
-from ..search.selection import RetrainedMeasure, check_finalists
+from ..search.selection import RetrainedMeasure, capped, check_finalists
 from .slicing import speedup as slice_channels
 from ..targets import Target, apply_masks
 
@@ -66,6 +66,8 @@ class ChannelOptions(SearchOptions):
                            "finalist_epochs on the model (restored after) and re-scored; the best then wins. Accuracy "
                            "right after pruning favours shapes that retrain worse. 0: off; needs `finetune`")
     finalist_epochs: int = Field(1, ge=1, description="epochs each finalist is retrained for before it is re-scored")
+    finalist_steps: Optional[int] = Field(None, ge=1, description="stop each finalist's retraining after this many "
+                                          "training batches (forward calls in train mode); None: whole epochs")
     include_linear: bool = Field(False, description="also search the hidden units of Linear layers (MLP blocks)")
     unresolved: Literal["raise", "skip"] = "raise"
     adaptive_bn: Optional[bool] = Field(None, description="re-estimate BatchNorm before scoring; None: if the model has BN")
@@ -81,6 +83,9 @@ class ChannelOptions(SearchOptions):
             raise ValueError("give exactly one budget: macs=0.5 (keep half the dense MACs), params=0.5 (half the "
                              "parameters) or latency=0.5 (half the dense latency on this machine); got "
                              f"{', '.join(given) if given else 'none'}")
+        if self.finalist_steps is not None and not self.finalists:
+            raise ValueError(f"finalist_steps={self.finalist_steps} caps the finalists' retraining: give finalists=N "
+                             "(N > 0) too, or leave finalist_steps unset")
         return self
 
     @property
@@ -308,9 +313,9 @@ class DEChannel(Pruner):
 
         def retrain(q: np.ndarray) -> None:
             masks = self.space.masks(self.backend.scorer.candidate(q))
-            apply_and_retrain(ctx.model, self.space, masks, ctx.finetune, short, ctx.seed * 1000 + i, calib, None,
-                              self.name)
-        return RetrainedMeasure(ctx.model, retrain, ctx.score, o.finalist_epochs)
+            apply_and_retrain(ctx.model, self.space, masks, capped(ctx.finetune, o.finalist_steps), short,
+                              ctx.seed * 1000 + i, calib, None, self.name)
+        return RetrainedMeasure(ctx.model, retrain, ctx.score, o.finalist_epochs, o.finalist_steps)
 
     def _seeds(self, space: ChannelSpace, scorer: ChannelScorer, q_now: np.ndarray, budget: float) -> list[np.ndarray]:
         """Uniform ratio, previous shape, global L1 normalised per group (at a few depths)."""

@@ -12,13 +12,51 @@ the candidate, retrain it briefly with the user's ``finetune``, score, put the w
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..evaluation import check_score
+
+
+class _Enough(BaseException):
+    """Raised inside the model's forward once a capped retraining has had its batches (a BaseException,
+    like KeyboardInterrupt, so that a training loop's ``except Exception`` does not swallow it)."""
+
+
+def capped(finetune: Callable[[nn.Module, int], None], steps: Optional[int]) -> Callable[[nn.Module, int], None]:
+    """``finetune`` stopped after ``steps`` training batches (None: as it is).
+
+    The user's ``finetune(model, epochs)`` only knows whole epochs, and on a large training set one epoch
+    per finalist costs more than the round's own fine-tune. A batch is counted as one forward call of the
+    model in train mode; the next one is refused before it computes anything, so the optimiser has taken
+    exactly ``steps`` steps (one forward per step, as a plain training loop does). The finalists share the
+    same seed, so each sees the same first ``steps`` batches. ``.taken`` holds the batches of the last call.
+    """
+    if steps is None:
+        return finetune
+
+    def short(model: nn.Module, epochs: int) -> None:
+        short.taken = 0
+
+        def count(mod: nn.Module, _inputs: Any) -> None:
+            if mod.training:
+                if short.taken >= steps:
+                    raise _Enough
+                short.taken += 1
+
+        handle = model.register_forward_pre_hook(count)
+        try:
+            finetune(model, epochs)
+        except _Enough:
+            pass
+        finally:
+            handle.remove()
+
+    short.taken = 0
+    return short
 
 
 class RetrainedMeasure:
@@ -30,8 +68,8 @@ class RetrainedMeasure:
     """
 
     def __init__(self, model: nn.Module, retrain: Callable[[np.ndarray], None], score: Callable[[], float],
-                 epochs: int):
-        self.model, self.retrain, self.score, self.epochs = model, retrain, score, int(epochs)
+                 epochs: int, steps: Optional[int] = None):
+        self.model, self.retrain, self.score, self.epochs, self.steps = model, retrain, score, int(epochs), steps
         self.saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.count, self.seconds = 0, 0.0
 
@@ -47,9 +85,10 @@ class RetrainedMeasure:
             self.seconds += time.perf_counter() - t0
 
     def cost(self) -> dict[str, Any]:
-        """What the selection spent: finalists retrained, their fine-tune epochs in all, seconds."""
-        return {"finalists_retrained": self.count, "finalist_epochs_total": self.count * self.epochs,
-                "selection_seconds": round(self.seconds, 3)}
+        """What the selection spent: finalists retrained, their fine-tune epochs (or batches) in all, seconds."""
+        spent = ({"finalist_epochs_total": self.count * self.epochs} if self.steps is None
+                 else {"finalist_steps_total": self.count * self.steps})
+        return {"finalists_retrained": self.count, **spent, "selection_seconds": round(self.seconds, 3)}
 
 
 def choose(scores: dict, seeds: set, margin: float = 0.0):

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from . import allocation
@@ -42,7 +42,7 @@ from ..hookspecs import hookimpl
 from .rounds import IterativeOptions, IterativePruner, State
 from ..pruner import Context
 from .recovery import finetune_round
-from ..search.selection import RetrainedMeasure, check_finalists, choose
+from ..search.selection import RetrainedMeasure, capped, check_finalists, choose
 from ..result import Outcome
 
 log = logging.getLogger("de_plugin")
@@ -101,6 +101,11 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
                     "`finetune` is given, else 'holdout'")
     finalists: int = Field(3, ge=1, description="selection='finetune': candidates retrained before the choice")
     finalist_epochs: int = Field(1, ge=1, description="selection='finetune': epochs each finalist is retrained for")
+    finalist_steps: Optional[int] = Field(
+        None, ge=1, description="selection='finetune': stop each finalist's retraining after this many training "
+                                "batches (forward calls in train mode) within its finalist_epochs; on a large training "
+                                "set a whole epoch per finalist costs more than the round's own fine-tune. None: "
+                                "whole epochs")
     finalist_seeds: int = Field(1, ge=1, description="selection='finetune': the seed allocations (by the held-out "
                                                      "score) retrained besides the search's finalists: 1, the best "
                                                      "seed; more lets a heuristic that ranks lower before fine-tuning "
@@ -128,6 +133,13 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
         if v is not None:
             check_device(v)
         return v
+
+    @model_validator(mode="after")
+    def _steps_need_finetune_selection(self) -> "LayerwiseOptions":
+        if self.finalist_steps is not None and self.selection in ("holdout", "search"):
+            raise ValueError(f"finalist_steps={self.finalist_steps} caps the finalists' retraining, which only "
+                             f"selection='finetune' does; with selection={self.selection!r} leave finalist_steps unset")
+        return self
 
 
 def check_search(o: LayerwiseOptions, model: nn.Module, targets: Sequence[Target], train_batches: Optional[list],
@@ -430,11 +442,11 @@ class DELayerwise(IterativePruner):
         scorer.restore()
 
         def retrain(counts: np.ndarray) -> None:
-            finetune_round(ctx.model, ctx.targets, counts, ctx.finetune, o.finalist_epochs,
+            finetune_round(ctx.model, ctx.targets, counts, capped(ctx.finetune, o.finalist_steps), o.finalist_epochs,
                            torch_seed=ctx.seed * 1000 + 1, ranks=self.magnitude_ranks(self._ranks[0]))
 
         measure = RetrainedMeasure(ctx.model, retrain, scorer.holdout_now if self.search_batches is not None
-                                   else ctx.score, o.finalist_epochs)
+                                   else ctx.score, o.finalist_epochs, o.finalist_steps)
         ranked = sorted(search.rescored, key=lambda k: -search.rescored[k])  # stable: ties keep the order
         top = ranked[:o.finalists]
         keys = {tuple(int(v) for v in c) for c in seeds}
