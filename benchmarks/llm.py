@@ -11,7 +11,9 @@ held-out windows of 8 x 128 tokens. Allocations:
 * ``search/4``: the same at a quarter of the evaluations;
 * ``de``: differential evolution (population 20) and ``random`` (the control), at ``--evals``;
 * ``search[lambda=20]``: the default search with 20 offspring per generation instead of 8;
-* ``search x4``, ``search x16``: the default search at 4 and 16 times ``--evals`` (is it converged?).
+* ``search x4``, ``search x16``: the default search at 4 and 16 times ``--evals`` (is it converged?);
+* ``search[16 batches]``: the default search scoring every candidate on 16 calibration batches;
+* ``uniform[seq]``, ``owl[seq]``, ``search[seq]``: the final model pruned block by block (``sequential=True``).
 
 An evaluation is one forward pass over the search's calibration batches (``--search-batches``); the
 finalists' re-scoring on all ``--calib-batches`` counts too, so every search reports a few more.
@@ -63,8 +65,13 @@ ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"
                "screened[32/4]": {"population": 32, "survivors": 4},
                "screened[32/4]/4": {"population": 32, "survivors": 4, "share": 0.25},
                # the default search given more evaluations: how far it is from converged
-               "search x4": {"share": 4.0}, "search x16": {"share": 16.0}}
-SEARCHES = tuple(a for a in ALLOCATIONS if a not in ("uniform", "owl"))
+               "search x4": {"share": 4.0}, "search x16": {"share": 16.0},
+               # the search scoring on all 16 calibration batches (4x the tokens, 4x the cost per evaluation)
+               "search[16 batches]": {"search_batches": 16},
+               # the final model pruned block by block on the pruned blocks' outputs (the papers' order)
+               "uniform[seq]": {"allocation": "uniform", "sequential": True},
+               "owl[seq]": {"allocation": "owl", "sequential": True}, "search[seq]": {"sequential": True}}
+SEARCHES = tuple(a for a, o in ALLOCATIONS.items() if o.get("allocation", "search") == "search")
 #: width: uniform and searched (prune_width), and Torch-Pruning's own uniform rule (MetaPruner, magnitude)
 WIDTH_ALLOCATIONS = ("uniform", "search", "tp_uniform")
 
@@ -73,7 +80,8 @@ def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, se
     opts = {k: v for k, v in ALLOCATIONS[alloc].items() if k != "share"}
     if alloc in SEARCHES:
         share = ALLOCATIONS[alloc].get("share", 1.0)
-        opts.update(generations=1000, search_batches=args.search_batches, max_evals=int(args.evals * share))
+        opts = {"generations": 1000, "search_batches": args.search_batches, "max_evals": int(args.evals * share),
+                **opts}
     start = time.perf_counter()
     r = prune_lm(model, calib, sparsity, method=method, seed=seed, progress=False, **opts)
     wall = time.perf_counter() - start

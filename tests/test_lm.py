@@ -300,3 +300,45 @@ def test_in_place_pruning_that_fails_half_way_leaves_the_weights_as_they_were(ti
     with pytest.raises(RuntimeError, match="evaluation failed"):
         prune_lm(tiny, calib, 0.6, allocation="uniform", inplace=True, progress=False)
     assert same_state(tiny, saved)
+
+
+# ------------------------------------------------------------------------------ sequential pruning
+def test_stop_early_records_the_same_statistics_without_running_the_rest_of_the_model(tiny, calib):
+    layers = [l for l in decoder_layers(tiny) if l.block == 0]
+    full = collect_stats(tiny, layers, calib, hessians=True)
+    heads = []
+    hook = tiny.head.register_forward_hook(lambda *a: heads.append(1))
+    try:
+        early = collect_stats(tiny, layers, calib, hessians=True, stop_early=True)
+    finally:
+        hook.remove()
+    assert not heads  # every pass ended inside block 0
+    for a, b in zip(full.norms_sq + full.hessians, early.norms_sq + early.hessians):
+        assert torch.equal(a, b)
+    assert early.tokens == full.tokens
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_sequential_pruning_takes_each_blocks_statistics_from_the_blocks_before_it_as_pruned(tiny, calib, method):
+    """By hand: block 0 pruned on the dense model's statistics; block 1 on statistics collected with block 0
+    already pruned. The one-pass pruning gives block 1 other weights (except by magnitude, which uses none)."""
+    r = prune_lm(tiny, calib, 0.6, method=method, allocation="uniform", sequential=True, progress=False)
+    one_pass = prune_lm(tiny, calib, 0.6, method=method, allocation="uniform", progress=False)
+    hand = copy.deepcopy(tiny)
+    layers = decoder_layers(hand)
+    counts = r.kept
+    for b in (0, 1):
+        idx = [i for i, l in enumerate(layers) if l.block == b]
+        stats = collect_stats(hand, [layers[i] for i in idx], calib, hessians=method == "sparsegpt")
+        for j, i in enumerate(idx):
+            w = layers[i].weight.detach().clone()
+            layers[i].set_weight(prune_weight(method, w, w.numel() - counts[i], norms=stats.norms(j),
+                                              hessian=stats.hessians[j] if stats.hessians else None))
+    got, ref = decoder_layers(r.model), decoder_layers(one_pass.model)
+    for a, h in zip(got, layers):
+        assert torch.equal(a.weight, h.weight), a.name
+    assert r.kept == one_pass.kept and r.sparsity == pytest.approx(0.6, abs=1e-4)
+    differs = [not torch.equal(a.weight, o.weight) for a, o in zip(got, ref)]
+    assert not any(d for d, l in zip(differs, got) if l.block == 0)
+    assert any(d for d, l in zip(differs, got) if l.block == 1) == (method != "magnitude")
+    assert r.seed_fitness["uniform"] == pytest.approx(r.fitness)  # the seeds are measured the same way

@@ -7,7 +7,7 @@ model (:mod:`.fitness`); the seeds are uniform and OWL (:mod:`.allocations`).
 """
 from .allocations import owl_counts, owl_densities, uniform_counts
 from .calibration import LayerStats, check_tokens, collect_stats, logits_of
-from .database import LayerDatabase
+from .database import LayerDatabase, SequentialPruning, prune_sequential
 from .fitness import DenseReference, kl_score, perplexity
 from .inlayer import METHODS, layer_mask, nm_mask, prune_weight, row_mask, sparsegpt
 from .search import LMOptions, LMPruningResult, OneShotOptions, prune_lm
@@ -15,6 +15,6 @@ from .targets import LMLayer, decoder_layers, find_blocks
 
 __all__ = [
     "owl_counts", "owl_densities", "uniform_counts", "LayerStats", "check_tokens", "collect_stats", "logits_of",
-    "LayerDatabase", "DenseReference", "kl_score", "perplexity", "METHODS", "layer_mask", "nm_mask", "prune_weight", "row_mask",
+    "LayerDatabase", "SequentialPruning", "prune_sequential", "DenseReference", "kl_score", "perplexity", "METHODS", "layer_mask", "nm_mask", "prune_weight", "row_mask",
     "sparsegpt", "LMOptions", "LMPruningResult", "OneShotOptions", "prune_lm", "LMLayer", "decoder_layers", "find_blocks",
 ]

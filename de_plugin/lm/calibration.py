@@ -3,8 +3,9 @@
 Calibration data is token batches: a ``LongTensor`` ``[batch, length]`` or a list of them (token ids,
 not text). One forward pass of the dense model over them records, per target layer, the inputs'
 second moment ``H = sum_t x_t x_t^T`` (SparseGPT's Hessian, kept only when asked) and the squared
-column norms ``diag(H)`` (Wanda's ``||X_j||^2``). All layers see the dense model's activations (one
-pass, not layer by layer as in the SparseGPT and Wanda papers' sequential variant).
+column norms ``diag(H)`` (Wanda's ``||X_j||^2``). For the search every layer sees the dense model's
+activations (one pass); the final model can be pruned block by block instead (``sequential``, as the
+SparseGPT and Wanda papers do), each block's statistics taken with the blocks before it already pruned.
 """
 from __future__ import annotations
 
@@ -53,10 +54,16 @@ class LayerStats:
         return self.norms_sq[i].sqrt()
 
 
+class _Seen(BaseException):
+    """Stops a forward pass once every layer whose statistics are wanted has had its input."""
+
+
 @torch.no_grad()
 def collect_stats(model: nn.Module, layers: Sequence[LMLayer], batches: Sequence[torch.Tensor],
-                  hessians: bool = False) -> LayerStats:
-    """Run the dense model once over ``batches`` and record each layer's input statistics."""
+                  hessians: bool = False, stop_early: bool = False) -> LayerStats:
+    """Run the model once over ``batches`` and record each layer's input statistics. ``stop_early``: end
+    each batch's forward pass as soon as every layer in ``layers`` has run (the rest of the model
+    cannot change their inputs), as sequential pruning does for every block."""
     norms = [torch.zeros(l.in_features, dtype=torch.float64) for l in layers]
     hs = [torch.zeros(l.in_features, l.in_features, dtype=torch.float64) for l in layers] if hessians else None
     count = [0]
@@ -69,10 +76,25 @@ def collect_stats(model: nn.Module, layers: Sequence[LMLayer], batches: Sequence
                 hs[i] += x.t() @ x
         return record
 
+    seen: set[int] = set()
+
+    def done(i):
+        def check(_mod, _inputs, _output):
+            seen.add(i)
+            if len(seen) == len(layers):
+                raise _Seen
+        return check
+
     handles = [l.module.register_forward_pre_hook(hook(i)) for i, l in enumerate(layers)]
+    if stop_early:
+        handles += [l.module.register_forward_hook(done(i)) for i, l in enumerate(layers)]
     try:
         for b in batches:
-            logits_of(model, b)
+            seen.clear()
+            try:
+                logits_of(model, b)
+            except _Seen:
+                pass
             count[0] += b.numel()
     finally:
         for h in handles:

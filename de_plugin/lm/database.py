@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .calibration import LayerStats
+from .calibration import LayerStats, collect_stats
 from .inlayer import layer_mask, prune_weight, row_mask, scores_for
 from .targets import LMLayer
 
@@ -77,3 +77,37 @@ class LayerDatabase:
     def restore(self) -> None:
         for l, w in zip(self.layers, self.dense):
             l.set_weight(w)
+
+
+@torch.no_grad()
+def prune_sequential(model: torch.nn.Module, layers: Sequence[LMLayer], batches: Sequence[torch.Tensor],
+                     method: str, counts: Sequence[int], nm: Optional[tuple[int, int]] = None) -> None:
+    """Prune ``layers`` to ``counts`` block by block, in block order, as the SparseGPT and Wanda papers do:
+    each block's input statistics come from a pass over ``batches`` through the blocks before it *as
+    pruned*, so a block's mask (and SparseGPT's reconstruction) corrects for the error the earlier blocks
+    left instead of assuming dense inputs. Costs one partial forward pass per block (each pass ends
+    at the block's last target layer). ``layers`` must hold their dense weights on entry."""
+    for b in sorted({l.block for l in layers}):
+        idx = [i for i, l in enumerate(layers) if l.block == b]
+        stats = collect_stats(model, [layers[i] for i in idx], batches, hessians=method == "sparsegpt",
+                              stop_early=True)
+        for j, i in enumerate(idx):
+            w = layers[i].weight.detach().clone()
+            h = stats.hessians[j] if stats.hessians is not None else None
+            layers[i].set_weight(prune_weight(method, w, w.numel() - int(counts[i]), norms=stats.norms(j),
+                                              hessian=h, nm=nm))
+
+
+class SequentialPruning:
+    """The final pruning done block by block (:func:`prune_sequential`), with the database's ``apply`` /
+    ``restore`` so the seeds and the searched allocation are measured the same way."""
+
+    def __init__(self, db: LayerDatabase, model: torch.nn.Module, batches: Sequence[torch.Tensor]):
+        self.db, self.model, self.batches = db, model, list(batches)
+
+    def apply(self, counts: Sequence[int], exact: bool = True) -> None:
+        self.db.restore()
+        prune_sequential(self.model, self.db.layers, self.batches, self.db.method, counts, self.db.nm)
+
+    def restore(self) -> None:
+        self.db.restore()

@@ -31,7 +31,7 @@ from ..search.allocator import KeepSpace, Screen, SearchOptions, start_search
 from ..search.budget import total_keep
 from .allocations import owl_counts, uniform_counts
 from .calibration import check_tokens, collect_stats
-from .database import LayerDatabase
+from .database import LayerDatabase, SequentialPruning
 from .fitness import DenseReference, perplexity
 from .inlayer import check_nm
 from .targets import LMLayer, decoder_layers
@@ -84,6 +84,10 @@ class LMOptions(OneShotOptions):
     level_step: float = Field(0.05, gt=0.0, lt=0.5, description="sparsegpt: the database's level spacing")
     owl_m: float = Field(5.0, gt=0.0, description="OWL: a score is an outlier above this multiple of the mean")
     owl_lambda: float = Field(0.08, ge=0.0, lt=0.5, description="OWL: the largest density shift of a block")
+    sequential: bool = Field(
+        False, description="prune the final model block by block, each block's statistics taken with the blocks "
+                           "before it already pruned (the SparseGPT / Wanda papers' order; one partial calibration "
+                           "pass per block); the search itself scores on dense statistics either way")
 
 
 class BlockSpace(KeepSpace):
@@ -294,8 +298,9 @@ def prune_lm(model: nn.Module, calibration: Any, sparsity: "float | str", option
                                                     seed, progress)
             else:
                 counts = seeds[o.allocation]
-        seed_fitness = {k: score_counts(db, work, full, c) for k, c in seeds.items()}
-        db.apply(counts, exact=True)
+        final = SequentialPruning(db, work, batches) if o.sequential else db
+        seed_fitness = {k: score_counts(final, work, full, c) for k, c in seeds.items()}
+        final.apply(counts, exact=True)
         value = full(work)
         work.train(was_training)
         kept = [int((l.weight != 0).sum()) for l in layers]
