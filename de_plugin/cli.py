@@ -45,6 +45,28 @@ def run_options(pruner: str, given: dict, accuracy_form: bool = False) -> dict:
     return {**defaults, **given}
 
 
+#: the main job's finalists are retrained for this share of a round's fine-tune (see ``finalist_cap``)
+FINALIST_SHARE = 0.1
+
+
+def finalist_cap(pruner: str, options: dict, epoch_steps: int) -> dict:
+    """``options`` with ``finalist_steps`` at FINALIST_SHARE of a round's fine-tune steps (``finetune_epochs``
+    x ``epoch_steps``), where the pruner
+    retrains finalists and the user set neither ``finalist_steps`` nor ``finalist_epochs``.
+
+    The library retrains each finalist for whole epochs of the user's ``finetune`` (it cannot know an
+    epoch's length); the main job knows its data. Over sampled allocations, the accuracy after the first
+    tenth of the fine-tune ranked them best (BENCHMARKS.md, "Which fitness predicts the outcome"), and
+    on the main job a tenth left test accuracy where whole epochs put it, with half the training steps."""
+    cls = get_pruner_class(pruner).Options
+    if "finalist_steps" not in cls.model_fields or {"finalist_steps", "finalist_epochs"} & options.keys():
+        return options
+    o = cls(**options)
+    if not getattr(o, "finalists", 0) or getattr(o, "selection", None) in ("holdout", "search"):
+        return options
+    return {**options, "finalist_steps": max(1, round(FINALIST_SHARE * o.finetune_epochs * epoch_steps))}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         options = json.loads(args.options) if args.options else {}
@@ -65,6 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     t_dense = time.perf_counter() - t_dense
     test = make_evaluate(data.x_test, data.y_test)
     finetune = make_finetune(data.x_train, data.y_train, lr=args.lr)
+    options = finalist_cap(args.pruner, options, -(-len(data.y_train) // 128))  # make_finetune's batches of 128
     dense_test = test(model)
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()

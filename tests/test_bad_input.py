@@ -311,6 +311,21 @@ def test_cli_checks_goal_and_options_before_any_data(capsys, monkeypatch):
     assert "rounds" not in cli_mod.run_options("random_coarse", {})
 
 
+@pytest.mark.parametrize("pruner,given,cap", [
+    ("de_layerwise", {"rounds": 4, "finetune_epochs": 2}, 86),  # a tenth of 2 epochs of 430 batches
+    ("de_layerwise", {"finalist_epochs": 2}, None),  # the user's choice stands
+    ("de_layerwise", {"finalist_steps": 7}, 7),
+    ("de_layerwise", {"selection": "holdout"}, None),  # no finalists retrained
+    ("de_channel", {"macs": 0.5}, None),  # finalists=0 by default
+    ("de_channel", {"macs": 0.5, "finalists": 3}, 43),  # finetune_epochs=1
+    ("random_coarse", {}, None),
+])
+def test_main_job_caps_the_finalists_retraining_at_a_tenth_of_a_rounds_fine_tune(pruner, given, cap):
+    from de_plugin import cli as cli_mod
+    got = cli_mod.finalist_cap(pruner, given, 430)
+    assert got.get("finalist_steps") == cap and {k: got[k] for k in given} == given
+
+
 def test_nni_config_checked_before_data(nni_pruner, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("de_plugin.demo.data.load_idx_dataset", lambda *a, **k: pytest.fail("data loaded first"))
     path = tmp_path / "c.yaml"

@@ -75,6 +75,11 @@ def test_main_job_on_real_fashion_mnist_subset(tmp_path, monkeypatch, capsys):
     assert res["storage"]["pruned_layers_bytes"]["best_sparse"] < res["storage"]["pruned_layers_bytes"]["dense"]
     assert (out / "report.png").stat().st_size > 1000 and (out / "pruned.pt").exists()
     assert list((tmp_path / "cache").glob("lenet300_*.pt"))  # dense model cached outside the repo
+    cap = res["options"]["finalist_steps"]  # the main job's finalists: a tenth of a round's fine-tune
+    n = load_idx_dataset(FASHION_MNIST_DIR, val_size=1000, train_limit=6000).sizes()["train"]
+    assert cap == round(0.1 * 1 * -(-n // 128))  # finetune_epochs=1, batches of 128
+    de = res["history"][0]["de"]
+    assert de["finalist_steps_total"] == cap * de["finalists_retrained"] and "finalist_epochs_total" not in de
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
