@@ -206,6 +206,19 @@ def test_transformers_models_are_supported(calib):
         num_key_value_heads=1, max_position_embeddings=32))
     assert len(decoder_layers(llama)) == 14
     assert prune_lm(llama, calib, "2:4", progress=False).sparsity == pytest.approx(0.5, abs=1e-3)
+    for model in (gpt2, llama):  # sequential: its passes end inside the block (no logits); block 1 differs
+        heads = []
+        head = model.lm_head.register_forward_hook(lambda *a: heads.append(1))
+        try:
+            seq = prune_lm(model, calib, 0.5, allocation="uniform", sequential=True, progress=False)
+            logits_seq, heads[:] = len(heads), []
+            one = prune_lm(model, calib, 0.5, allocation="uniform", progress=False)
+        finally:
+            head.remove()
+        assert logits_seq == len(heads)  # the per-block passes added no full forward
+        pairs = list(zip(decoder_layers(seq.model), decoder_layers(one.model)))
+        assert all(torch.equal(a.weight, b.weight) for a, b in pairs if a.block == 0)
+        assert not all(torch.equal(a.weight, b.weight) for a, b in pairs if a.block == 1)
 
 
 def test_screened_search_scores_few_offspring_in_full_and_keeps_the_budget(tiny, calib, monkeypatch):

@@ -39,11 +39,12 @@ def digest(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def test_a_model_on_disk_is_pruned_into_a_new_folder(model_dir, text_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--sequential", "--method", "sparsegpt"]])
+def test_a_model_on_disk_is_pruned_into_a_new_folder(model_dir, text_dir, tmp_path, extra):
     before = digest(model_dir)
     out = tmp_path / "pruned"
     report = load_script().main([str(model_dir), "--out", str(out), "--text", str(text_dir), "--sparsity", "0.6",
-                                 "--batches", "2", "--batch", "2", "--length", "32", "--eval-batches", "1"])
+                                 "--batches", "2", "--batch", "2", "--length", "32", "--eval-batches", "1", *extra])
     assert digest(model_dir) == before  # the user's folder is only read
     pruned = transformers.AutoModelForCausalLM.from_pretrained(out)
     layers = decoder_layers(pruned)
@@ -53,6 +54,7 @@ def test_a_model_on_disk_is_pruned_into_a_new_folder(model_dir, text_dir, tmp_pa
     assert report["search"]["calibration_kl"] <= report["uniform"]["calibration_kl"] + 1e-9
     assert len(report["block_sparsity"]) == 2 and (out / "pruning.json").is_file()
     assert (out / "tokenizer.json").is_file()
+    assert report["sequential"] == ("--sequential" in extra)
 
 
 @pytest.mark.parametrize("case, match", [("no_config", "no config.json"), ("same", "the model's own folder"),

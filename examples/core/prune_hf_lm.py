@@ -81,6 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--length", type=int, default=128, help="tokens per sequence")
     ap.add_argument("--eval-batches", type=int, default=8, help="held-out batches for perplexity")
     ap.add_argument("--no-compare", action="store_true", help="skip the uniform and OWL allocations")
+    ap.add_argument("--sequential", action="store_true",
+                    help="prune block by block on the pruned blocks' outputs (the SparseGPT / Wanda papers' order)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     check_args(args)
@@ -102,7 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     report = {"dense_perplexity": perplexity(model, held_batches)}
     allocations = ["search"] if args.no_compare or isinstance(sparsity, str) else ["uniform", "owl", "search"]
     for allocation in allocations:
-        r = prune_lm(model, calib, sparsity, method=args.method, allocation=allocation, seed=args.seed)
+        r = prune_lm(model, calib, sparsity, method=args.method, allocation=allocation, seed=args.seed,
+                     sequential=args.sequential)
         report[allocation] = {"perplexity": perplexity(r.model, held_batches), "calibration_kl": r.fitness,
                               "sparsity": r.sparsity, "evaluations": r.evaluations}
         print(f"{allocation:>8}: held-out perplexity {report[allocation]['perplexity']:.3f} "
@@ -111,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out = Path(args.out).expanduser()
     r.model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    report.update(layer_sparsity=r.layer_sparsity, block_sparsity=r.block_sparsity(), method=args.method)
+    report.update(layer_sparsity=r.layer_sparsity, block_sparsity=r.block_sparsity(), method=args.method,
+                  sequential=args.sequential)
     (out / "pruning.json").write_text(json.dumps(report, indent=1))
     print(f"saved to {out} (per-layer sparsity and perplexities in pruning.json)")
     return report
