@@ -51,8 +51,8 @@ FINALIST_SHARE = 0.1
 
 def finalist_cap(pruner: str, options: dict, epoch_steps: int) -> dict:
     """``options`` with ``finalist_steps`` at FINALIST_SHARE of a round's fine-tune steps (``finetune_epochs``
-    x ``epoch_steps``), where the pruner
-    retrains finalists and the user set neither ``finalist_steps`` nor ``finalist_epochs``.
+    x ``epoch_steps``), where the pruner retrains finalists and the user set neither ``finalist_steps`` nor
+    ``finalist_epochs``.
 
     The library retrains each finalist for whole epochs of the user's ``finetune`` (it cannot know an
     epoch's length); the main job knows its data. Over sampled allocations, the accuracy after the first
