@@ -10,7 +10,7 @@ held-out windows of 8 x 128 tokens. Allocations:
 * ``search``: ``prune_lm``'s default search (EvoPress-style (1 + 8) level switching) at ``--evals``;
 * ``search/4``: the same at a quarter of the evaluations;
 * ``de``: differential evolution (population 20) and ``random`` (the control), at ``--evals``;
-* ``search[lambda=20]``: the default search with 20 offspring per generation instead of 8;
+* ``search[lambda=20]``, ``search[lambda=4]``, ``search/4[lambda=4]``: 20 or 4 offspring per generation instead of 8;
 * ``search x4``, ``search x16``: the default search at 4 and 16 times ``--evals`` (is it converged?);
 * ``search[16 batches]``: the default search scoring every candidate on 16 calibration batches;
 * ``uniform[seq]``, ``owl[seq]``, ``search[seq]``: the final model pruned block by block (``sequential=True``).
@@ -56,6 +56,8 @@ ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"
                "de": {"search_strategy": "de", "population": None},
                "random": {"search_strategy": "random", "population": None},
                "search[lambda=20]": {"population": 20},
+               # fewer offspring per generation: more generations for the same evaluations (a quarter budget's question)
+               "search[lambda=4]": {"population": 4}, "search/4[lambda=4]": {"population": 4, "share": 0.25},
                # EvoPress's multi-step selection: lambda offspring screened on one calibration batch, the best
                # `survivors` scored on the search batches (screenings counted at their share of an evaluation)
                "screened[16/2]": {"population": 16, "survivors": 2},
