@@ -5,10 +5,12 @@ A cell is one (model, seed, method, ...) measurement; its key is the tuple joine
 holds the study's ``protocol`` (what every cell must share: fine-tune budget, data, rungs...) and the
 cells; a rerun with a different protocol is refused instead of mixing incomparable numbers. The file is
 written after every cell (through a temporary file and a rename, so an interrupted write never leaves a
-half file).
+half file), merged with the cells other runs wrote to the same file meanwhile (under a lock), so runs of
+the same study over different seeds can share one file side by side.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -52,7 +54,14 @@ class Cells:
         return self.cells[k]
 
     def save(self) -> None:
+        """Write this run's cells with those on disk (another run's, same protocol); this run's win a clash."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"protocol": self.protocol, "cells": self.cells}, indent=1))
-        tmp.replace(self.path)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                disk = json.loads(self.path.read_text())
+                check_protocol(self.path, disk["protocol"], self.protocol)
+                self.cells = {**disk["cells"], **self.cells}
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"protocol": self.protocol, "cells": self.cells}, indent=1))
+            tmp.replace(self.path)

@@ -75,7 +75,7 @@ ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"
                "owl[seq]": {"allocation": "owl", "sequential": True}, "search[seq]": {"sequential": True}}
 SEARCHES = tuple(a for a, o in ALLOCATIONS.items() if o.get("allocation", "search") == "search")
 #: width: uniform and searched (prune_width), and Torch-Pruning's own uniform rule (MetaPruner, magnitude)
-WIDTH_ALLOCATIONS = ("uniform", "search", "tp_uniform")
+WIDTH_ALLOCATIONS = ("uniform", "search", "tp_uniform", "search x4")
 
 
 def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, seed: int, args) -> dict:
@@ -93,10 +93,10 @@ def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, se
 
 
 def run_width(model, calib, held, ref_held, alloc: str, share: float, seed: int, args) -> dict:
-    opts = {} if alloc == "uniform" else {"max_evals": args.evals, "generations": 1000,
-                                          "search_batches": args.search_batches}
+    evals = args.evals * (4 if alloc == "search x4" else 1)  # "search x4": is the width search converged?
+    opts = {} if alloc == "uniform" else {"max_evals": evals, "generations": 1000, "search_batches": args.search_batches}
     start = time.perf_counter()
-    r = prune_width(model, calib, share, allocation=alloc, seed=seed, progress=False, **opts)
+    r = prune_width(model, calib, share, allocation=alloc.split()[0], seed=seed, progress=False, **opts)
     wall = time.perf_counter() - start
     return {"ppl": perplexity(r.model, held), "kl": ref_held.kl(r.model), "calib_kl": r.fitness,
             "seed_calib_kl": r.seed_fitness, "removed": r.removed, "heads": r.heads, "units": r.units,
@@ -149,7 +149,8 @@ def width_table(cells: Cells, shares, seeds) -> str:
             lines.append(f"| {mean('removed'):.1%} | {a} | {mean('ppl'):.3f} ({len(cs)} seeds) | {mean('kl'):.4f} | "
                          f"{first['heads']} | {first['units']} | {mean('wall_seconds'):.0f} |")
     lines += [""] + [f"- width @{r}: {a} / {b} = {fmt(ratio(got[(r, a)], got[(r, b)]))}"
-                     for r in shares for a, b in (("search", "uniform"), ("search", "tp_uniform"), ("uniform", "tp_uniform"))
+                     for r in shares for a, b in (("search", "uniform"), ("search", "tp_uniform"), ("uniform", "tp_uniform"),
+                                                  ("search x4", "search"), ("search x4", "uniform"))
                      if (r, a) in got and (r, b) in got]
     return "\n".join(lines)
 

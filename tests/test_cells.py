@@ -43,3 +43,16 @@ def test_channel_runs_sharing_a_folder_keep_each_others_cells(tmp_path):
     channel.save(path, mine)
     got = json.loads(path.read_text())["models"]["m"]["levels"]["0.5"]
     assert got == {"l1": {"0": {"test": 0.9}, "2": {"test": 0.8}}, "tp": {"0": {"test": 0.7}}}
+
+
+def test_runs_sharing_a_file_keep_each_others_cells(tmp_path):
+    """Two runs of one study (say seeds 0-1 and seed 2) side by side on the same cells file."""
+    a = Cells(tmp_path / "r.json", {"epochs": 1})
+    b = Cells(tmp_path / "r.json", {"epochs": 1})  # opened before a wrote anything
+    a.run(("m", 0, "lamp"), lambda: {"test": 0.9})
+    b.run(("m", 2, "lamp"), lambda: {"test": 0.8})
+    a.run(("m", 1, "lamp"), lambda: {"test": 0.7})
+    on_disk = Cells(tmp_path / "r.json", {"epochs": 1})
+    assert {k: on_disk.get(k) for k in [("m", 0, "lamp"), ("m", 1, "lamp"), ("m", 2, "lamp")]} == {
+        ("m", 0, "lamp"): {"test": 0.9}, ("m", 1, "lamp"): {"test": 0.7}, ("m", 2, "lamp"): {"test": 0.8}}
+    assert ("m", 2, "lamp") in a  # a learnt b's cell when it saved: it will not recompute it
