@@ -14,7 +14,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 
 def check_protocol(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
@@ -23,6 +23,18 @@ def check_protocol(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> No
     if diff:
         raise ValueError(f"{path} holds cells measured under another protocol (saved, this run: {diff}): "
                          "give another output folder, or the same settings to add cells to it")
+
+
+def write_merged(path: Path, merge: Callable[[Optional[dict]], dict]) -> None:
+    """Write ``merge(what is on disk now, or None)`` to ``path`` under an exclusive lock, through a per-process
+    temporary file and a rename: runs that share a results file never lose each other's cells."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = merge(json.loads(path.read_text()) if path.exists() else None)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
 
 
 class Cells:
@@ -55,13 +67,9 @@ class Cells:
 
     def save(self) -> None:
         """Write this run's cells with those on disk (another run's, same protocol); this run's win a clash."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if self.path.exists():
-                disk = json.loads(self.path.read_text())
+        def merge(disk: Optional[dict]) -> dict:
+            if disk is not None:
                 check_protocol(self.path, disk["protocol"], self.protocol)
                 self.cells = {**disk["cells"], **self.cells}
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"protocol": self.protocol, "cells": self.cells}, indent=1))
-            tmp.replace(self.path)
+            return {"protocol": self.protocol, "cells": self.cells}
+        write_merged(self.path, merge)

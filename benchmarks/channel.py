@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tvzoo import SITE  # noqa: E402  (Torch-Pruning lives in .zoo-site, benchmarks only)
-from cells import check_protocol  # noqa: E402
+from cells import check_protocol, write_merged  # noqa: E402
 import references as refs  # noqa: E402
 
 import de_plugin  # noqa: E402
@@ -340,12 +340,12 @@ def _fill(into: dict, other: dict) -> None:
 
 def save(path: Path, results: dict) -> None:
     """Write ``results`` with the cells another run added to the file since (runs of different seeds may
-    share one folder), through a temporary file and a rename."""
-    if path.exists():
-        _fill(results, json.loads(path.read_text()))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)
+    share one folder; ``cells.write_merged``)."""
+    def merge(disk: dict | None) -> dict:
+        if disk is not None:
+            _fill(results, disk)
+        return results
+    write_merged(path, merge)
 
 
 #: what may differ between runs that add cells to one results file (which cells); the rest is the protocol

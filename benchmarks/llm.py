@@ -75,7 +75,8 @@ ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"
                "owl[seq]": {"allocation": "owl", "sequential": True}, "search[seq]": {"sequential": True}}
 SEARCHES = tuple(a for a, o in ALLOCATIONS.items() if o.get("allocation", "search") == "search")
 #: width: uniform and searched (prune_width), and Torch-Pruning's own uniform rule (MetaPruner, magnitude)
-WIDTH_ALLOCATIONS = ("uniform", "search", "tp_uniform", "search x4")
+WIDTH_ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "search": {}, "tp_uniform": None,
+                     "search x4": {"share": 4.0}}  # search x4: is the width search converged?
 
 
 def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, seed: int, args) -> dict:
@@ -93,10 +94,12 @@ def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, se
 
 
 def run_width(model, calib, held, ref_held, alloc: str, share: float, seed: int, args) -> dict:
-    evals = args.evals * (4 if alloc == "search x4" else 1)  # "search x4": is the width search converged?
-    opts = {} if alloc == "uniform" else {"max_evals": evals, "generations": 1000, "search_batches": args.search_batches}
+    opts = {k: v for k, v in WIDTH_ALLOCATIONS[alloc].items() if k != "share"}
+    if opts.get("allocation", "search") == "search":
+        evals = int(args.evals * WIDTH_ALLOCATIONS[alloc].get("share", 1.0))
+        opts = {"max_evals": evals, "generations": 1000, "search_batches": args.search_batches, **opts}
     start = time.perf_counter()
-    r = prune_width(model, calib, share, allocation=alloc.split()[0], seed=seed, progress=False, **opts)
+    r = prune_width(model, calib, share, seed=seed, progress=False, **opts)
     wall = time.perf_counter() - start
     return {"ppl": perplexity(r.model, held), "kl": ref_held.kl(r.model), "calib_kl": r.fitness,
             "seed_calib_kl": r.seed_fitness, "removed": r.removed, "heads": r.heads, "units": r.units,
