@@ -391,6 +391,7 @@ def main() -> None:
         defaults = vars(ap.parse_args([]))  # settings added later: their defaults are what older files used
         check_protocol(path, cell_free({**defaults, **results["args"]}), cell_free(vars(args)))
         if args.reference == "converged":
+            results["weights"] = refs.check_weights(path, results.get("weights", {}), args.models)
             data = refs.load_data(args.models[0])  # the same 32x32 splits for every CNN reference
         else:
             data = load_idx_dataset(args.data, val_size=2000, train_limit=args.train_limit, seed=0, size=32)

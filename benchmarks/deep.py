@@ -173,6 +173,8 @@ def main() -> None:
         check_protocol(path, {k: saved.get(k, "trained" if k == "reference" else None) for k in keys},
                        {k: results[k] for k in keys})
         results = saved
+    if args.reference == "converged":
+        results["weights"] = refs.check_weights(path, results.get("weights", {}), args.models)
     t_start = time.time()
     for mname in args.models:
         cfg = CONFIG[mname]
@@ -223,6 +225,13 @@ def merge(into: dict, other: dict) -> None:
     for key in ("ladder", "epochs_per_rung", "train_images"):
         if into[key] != other[key]:
             raise ValueError(f"cannot merge runs with different {key}: {into[key]} vs {other[key]}")
+    mine, theirs = into.get("weights", {}), other.get("weights", {})
+    for mname in mine.keys() & theirs.keys():
+        if mine[mname] != theirs[mname]:
+            raise ValueError(f"cannot merge {mname} rows measured from other reference weights: "
+                             f"{mine[mname]} vs {theirs[mname]}")
+    if mine or theirs:
+        into["weights"] = {**theirs, **mine}
     for mname, m in other["models"].items():
         mine = into["models"].setdefault(mname, {"dense_test": {}, "runs": {}, "wall": {}})
         for seed, acc in m["dense_test"].items():

@@ -141,6 +141,7 @@ def study(name: str, device: str, steps: int, per_kind: int, seed: int, out: Pat
     res = json.loads(path.read_text()) if path.exists() else {"model": name, "steps": steps, "rungs": {}}
     if res["steps"] != steps:
         raise ValueError(f"{path} holds a study with --steps {res['steps']}; give that, or another --out")
+    res["weights"] = refs.check_weights(path, res.get("weights", {}), [name])
     ref, info = refs.load_reference(name)
     data = refs.load_data(name, device)
     model = ref.to(device)

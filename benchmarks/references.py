@@ -14,10 +14,13 @@ schedule, weight decay, random 32x32 crops of the 4-pixel padded image and horiz
 the CNNs and the ViT. ``FINETUNE`` is the matching short fine-tune recipe the pruning benchmarks
 use (same optimiser family, lower learning rate, cosine to zero).
 
-Weights are looked up in ``benchmarks/references/`` (shipped with the repository, listed with
-their accuracies and a SHA-256 in ``manifest.json``), then in ``~/.cache/de_plugin/references``;
-``load_reference`` never trains silently (a ResNet-20 takes hours on 2 CPU cores), it says which
-command makes the file.
+Weights are looked up in ``benchmarks/references/`` (the ones the repository ships, listed with
+their accuracies, the device that trained them and a SHA-256 in ``manifest.json``), then in
+``~/.cache/de_plugin/references``; ``load_reference`` never trains silently (a ResNet-20 takes most
+of an hour on 2 CPU cores, a MobileNetV2 many hours), it says which command makes the file. The file
+name hashes the recipe only: the same recipe trained on other hardware gives other weights under the
+same name, so results files record :func:`identity` (name and SHA-256) and refuse to resume or pair
+cells measured from other weights.
 
     python benchmarks/references.py --models resnet20 mobilenetv2 vit lenet300 --device cuda
 """
@@ -39,6 +42,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+from cells import check_protocol  # noqa: E402
 from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset  # noqa: E402
 from de_plugin.demo.models import create_model  # noqa: E402
 from de_plugin.demo.training import make_evaluate  # noqa: E402
@@ -180,8 +184,8 @@ def find_reference(name: str) -> Path | None:
     return None
 
 
-def load_reference(name: str) -> tuple[nn.Module, dict]:
-    """The converged reference and its manifest entry (accuracies, recipe); a clear error if absent."""
+def _found(name: str) -> Path:
+    """The reference's file; a clear error naming the command that makes it when there is none."""
     if name not in RECIPES:
         raise ValueError(f"no reference recipe for {name!r}; known: {sorted(RECIPES)}")
     path = find_reference(name)
@@ -189,6 +193,31 @@ def load_reference(name: str) -> tuple[nn.Module, dict]:
         raise FileNotFoundError(
             f"no converged {name} reference ({tag(name)}.pt) in {SHIPPED} or {CACHE}: run "
             f"`python benchmarks/references.py --models {name}` (add --device cuda where a GPU is present)")
+    return path
+
+
+def identity(name: str) -> str:
+    """Which weights a study starts from: the file's name and the first 12 hex digits of its SHA-256.
+
+    The file name only hashes the recipe, and a reference retrained on other hardware keeps it while its
+    weights (and accuracy) differ; results files record this instead, so cells measured from one set of
+    weights are never resumed beside, or paired with, cells from another."""
+    path = _found(name)
+    return f"{path.stem}@{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+
+
+def check_weights(path: Path, saved: dict, models: list[str]) -> dict:
+    """``saved`` (model -> :func:`identity`, as a results file recorded it) checked against the weights found
+    now for ``models``: refused, naming both, when a model's cells came from other weights; returned with
+    ``models``' identities added."""
+    now = {m: identity(m) for m in models}
+    check_protocol(path, {m: saved[m] for m in now if m in saved}, {m: now[m] for m in now if m in saved})
+    return {**saved, **now}
+
+
+def load_reference(name: str) -> tuple[nn.Module, dict]:
+    """The converged reference and its manifest entry (accuracies, recipe); a clear error if absent."""
+    path = _found(name)
     manifest = json.loads((path.parent / "manifest.json").read_text()) if (path.parent / "manifest.json").exists() else {}
     entry = manifest.get(name, {})
     if entry.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:

@@ -134,7 +134,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     cells = Cells(out / "cells.json", {"epochs": args.epochs, "epoch_steps": args.epoch_steps,
-                                       "finetune": refs.FINETUNE, "references": {m: refs.tag(m) for m in args.models}})
+                                       "finetune": refs.FINETUNE, "references": {m: refs.identity(m) for m in args.models}})
     for name in args.models:
         ref, _ = refs.load_reference(name)
         data = refs.load_data(name)
