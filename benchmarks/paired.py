@@ -117,30 +117,36 @@ def rows(rungs: list[float], levels: list[float]) -> list[dict[str, Any]]:
             except (FileNotFoundError, KeyError, StopIteration):
                 continue
             out.append({"model": name, "a": a, "b": b, "at": f"{lv:.2f} of the MACs{note}", **p})
-    for name, folder, model, a, baselines in SELECTIONS:
+    for name, folder, model, a, baselines, note in SELECTIONS:
         for r in rungs:
             best = strongest({b: paired(selection_tests(folder, model, a, r), selection_tests(folder, model, b, r))
                               for b in baselines})
             if best is not None:
-                out.append({"model": name, "a": a, "b": best[0], "at": f"{r:.0%} sparse, converged reference", **best[1]})
+                out.append({"model": name, "a": a, "b": best[0], "at": f"{r:.0%} sparse{note}", **best[1]})
     return [r for r in out if r["n"]]
 
 
-#: selection.py studies (one round from a converged reference): (label, folder, model, A, baselines)
+#: selection.py studies (one round from a converged reference): (label, folder, model, A, baselines, which
+#: reference: the H200 set, or the CPU-trained set that ships; BENCHMARKS.md, "Converged dense references")
 HEURISTICS = ["lamp", "global_magnitude", "erk"]
+H200, CPU = ", converged reference", ", CPU reference"
 SELECTIONS = [
-    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[finetune]", HEURISTICS),
-    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[holdout]", HEURISTICS),
-    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[random]", HEURISTICS),
-    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[evopress]", HEURISTICS),
-    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[finetune]", HEURISTICS),
-    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[holdout]", HEURISTICS),
-    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[random]", HEURISTICS),
-    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[evopress]", HEURISTICS),
-    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[finetune+margin]", HEURISTICS),
-    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[full-finalists]", HEURISTICS),
-    ("MobileNetV2", "selection_mbv2", "mobilenetv2", "de_layerwise[finetune]", HEURISTICS),
-    ("ViT", "selection_vit", "vit", "de_layerwise[finetune]", HEURISTICS),
+    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[finetune]", HEURISTICS, H200),
+    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[holdout]", HEURISTICS, H200),
+    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[random]", HEURISTICS, H200),
+    ("LeNet-300-100", "selection", "lenet300", "de_layerwise[evopress]", HEURISTICS, H200),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[finetune]", HEURISTICS, H200),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[holdout]", HEURISTICS, H200),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[random]", HEURISTICS, H200),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[evopress]", HEURISTICS, H200),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[finetune+margin]", HEURISTICS, H200),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[full-finalists]", HEURISTICS, H200),
+    ("MobileNetV2", "selection_mbv2", "mobilenetv2", "de_layerwise[finetune]", HEURISTICS, H200),
+    ("ViT", "selection_vit", "vit", "de_layerwise[finetune]", HEURISTICS, H200),
+    ("LeNet-300-100", "selection_lenet300_cpu", "lenet300", "de_layerwise[finetune]", HEURISTICS, CPU),
+    ("LeNet-300-100", "selection_lenet300_cpu", "lenet300", "de_layerwise[random]", HEURISTICS, CPU),
+    ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[finetune]", HEURISTICS, CPU),
+    ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[random]", HEURISTICS, CPU),
 ]
 
 
