@@ -225,13 +225,13 @@ def merge(into: dict, other: dict) -> None:
     for key in ("ladder", "epochs_per_rung", "train_images"):
         if into[key] != other[key]:
             raise ValueError(f"cannot merge runs with different {key}: {into[key]} vs {other[key]}")
-    mine, theirs = into.get("weights", {}), other.get("weights", {})
-    for mname in mine.keys() & theirs.keys():
-        if mine[mname] != theirs[mname]:
+    ours, theirs = into.get("weights", {}), other.get("weights", {})
+    for mname in ours.keys() & theirs.keys():
+        if ours[mname] != theirs[mname]:
             raise ValueError(f"cannot merge {mname} rows measured from other reference weights: "
-                             f"{mine[mname]} vs {theirs[mname]}")
-    if mine or theirs:
-        into["weights"] = {**theirs, **mine}
+                             f"{ours[mname]} vs {theirs[mname]}")
+    if ours or theirs:
+        into["weights"] = {**theirs, **ours}
     for mname, m in other["models"].items():
         mine = into["models"].setdefault(mname, {"dense_test": {}, "runs": {}, "wall": {}})
         for seed, acc in m["dense_test"].items():

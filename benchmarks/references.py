@@ -42,6 +42,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))  # cells.py, also when imported from elsewhere
 from cells import check_protocol  # noqa: E402
 from de_plugin.demo.data import FASHION_MNIST_DIR, load_idx_dataset  # noqa: E402
 from de_plugin.demo.models import create_model  # noqa: E402
