@@ -212,7 +212,8 @@ def check_weights(path: Path, saved: dict, models: list[str]) -> dict:
     now for ``models``: refused, naming both, when a model's cells came from other weights; returned with
     ``models``' identities added."""
     now = {m: identity(m) for m in models}
-    check_protocol(path, {m: saved[m] for m in now if m in saved}, {m: now[m] for m in now if m in saved})
+    both = [m for m in now if m in saved]
+    check_protocol(path, {m: saved[m] for m in both}, {m: now[m] for m in both})
     return {**saved, **now}
 
 
