@@ -50,6 +50,9 @@ from de_plugin.demo.lm import dense_lm, stdlib_corpus, token_batches  # noqa: E4
 from de_plugin.lm import DenseReference, perplexity, prune_lm  # noqa: E402
 from de_plugin.lm.width import decoder_params, prune_width  # noqa: E402
 
+#: the rows named without ``lambda=`` run (1 + 8) on ``--search-batches`` per candidate; ``prune_lm``'s default is
+#: (1 + 4) on one calibration batch per candidate at 4 x 208 evaluations (``search x4[1 batch, lambda=4]`` here)
+OLD_LAMBDA = 8
 #: every search at the same evaluations (``--evals``), ``search/4`` at a quarter of them
 ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"},
                "search": {}, "search/4": {"share": 0.25},
@@ -72,11 +75,23 @@ ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"
                "search[16 batches]": {"search_batches": 16},
                # the final model pruned block by block on the pruned blocks' outputs (the papers' order)
                "uniform[seq]": {"allocation": "uniform", "sequential": True},
-               "owl[seq]": {"allocation": "owl", "sequential": True}, "search[seq]": {"sequential": True}}
+               "owl[seq]": {"allocation": "owl", "sequential": True}, "search[seq]": {"sequential": True},
+               # the curvature-weighted allocation (diagonal Fisher x squared weight change), alone and as a
+               # third start of the search (its backward passes taken from the search's evaluations)
+               "fisher": {"allocation": "fisher"}, "search[fisher]": {"fisher_seed": True},
+               "search/4[fisher]": {"fisher_seed": True, "share": 0.25},
+               # every candidate scored on one calibration batch: the default's evaluations at a quarter of its tokens
+               "search[1 batch]": {"search_batches": 1},
+               # and with 4 offspring a generation: twice the generations (a quarter of the default's tokens),
+               # and the same at 4x the evaluations (the default's tokens)
+               "search[1 batch, lambda=4]": {"search_batches": 1, "population": 4},
+               "search x4[1 batch, lambda=4]": {"search_batches": 1, "population": 4, "share": 4.0}}
 SEARCHES = tuple(a for a, o in ALLOCATIONS.items() if o.get("allocation", "search") == "search")
 #: width: uniform and searched (prune_width), and Torch-Pruning's own uniform rule (MetaPruner, magnitude)
 WIDTH_ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "search": {}, "tp_uniform": None,
-                     "search x4": {"share": 4.0}}  # search x4: is the width search converged?
+                     "search x4": {"share": 4.0},  # search x4: is the width search converged?
+                     "search[1 batch, lambda=4]": {"search_batches": 1, "population": 4},
+                     "search x4[1 batch, lambda=4]": {"search_batches": 1, "population": 4, "share": 4.0}}
 
 
 def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, seed: int, args) -> dict:
@@ -84,26 +99,28 @@ def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, se
     if alloc in SEARCHES:
         share = ALLOCATIONS[alloc].get("share", 1.0)
         opts = {"generations": 1000, "search_batches": args.search_batches, "max_evals": int(args.evals * share),
-                **opts}
+                "population": OLD_LAMBDA, **opts}
     start = time.perf_counter()
     r = prune_lm(model, calib, sparsity, method=method, seed=seed, progress=False, **opts)
     wall = time.perf_counter() - start
     return {"ppl": perplexity(r.model, held), "kl": ref_held.kl(r.model), "calib_kl": r.fitness,
             "seed_calib_kl": r.seed_fitness, "sparsity": r.sparsity, "evaluations": r.evaluations,
-            "wall_seconds": wall, "layer_sparsity": r.layer_sparsity}
+            "wall_seconds": wall, "layer_sparsity": r.layer_sparsity,
+            "batches_forwarded": r.search.get("batches_forwarded", 0)}
 
 
 def run_width(model, calib, held, ref_held, alloc: str, share: float, seed: int, args) -> dict:
     opts = {k: v for k, v in WIDTH_ALLOCATIONS[alloc].items() if k != "share"}
     if opts.get("allocation", "search") == "search":
         evals = int(args.evals * WIDTH_ALLOCATIONS[alloc].get("share", 1.0))
-        opts = {"max_evals": evals, "generations": 1000, "search_batches": args.search_batches, **opts}
+        opts = {"max_evals": evals, "generations": 1000, "search_batches": args.search_batches,
+                "population": OLD_LAMBDA, **opts}
     start = time.perf_counter()
     r = prune_width(model, calib, share, seed=seed, progress=False, **opts)
     wall = time.perf_counter() - start
     return {"ppl": perplexity(r.model, held), "kl": ref_held.kl(r.model), "calib_kl": r.fitness,
             "seed_calib_kl": r.seed_fitness, "removed": r.removed, "heads": r.heads, "units": r.units,
-            "evaluations": r.evaluations, "wall_seconds": wall}
+            "evaluations": r.evaluations, "wall_seconds": wall, "batches_forwarded": r.search.get("batches_forwarded", 0)}
 
 
 def run_width_tp(model, held, ref_held, share: float) -> dict:

@@ -177,7 +177,7 @@ def test_search_strategies_and_block_granularity(tiny, calib):
     for strategy in ("evopress", "random"):
         r = prune_lm(tiny, calib, 0.6, search_strategy=strategy, generations=2, progress=False)
         assert r.search["search_strategy"] == strategy and r.sparsity == pytest.approx(0.6, abs=1e-4)
-        assert r.search["candidates"] == 8 * 3  # lambda x (generations + 1), the evaluations DE would get
+        assert r.search["candidates"] == 4 * 3  # lambda (4) x (generations + 1), the evaluations DE would get
     r = prune_lm(tiny, calib, 0.6, search_strategy="de", generations=2, progress=False)
     assert r.search["nit"] == 2 and r.sparsity == pytest.approx(0.6, abs=1e-4)
     r = prune_lm(tiny, calib, 0.6, granularity="block", generations=2, progress=False)
@@ -225,10 +225,11 @@ def test_screened_search_scores_few_offspring_in_full_and_keeps_the_budget(tiny,
     """EvoPress's multi-step selection: 8 offspring a generation screened on one calibration batch (each
     generation another), the best 2 on the search batches; cheaper per generation, so more generations fit
     the same evaluations."""
-    plain = prune_lm(tiny, calib, 0.6, generations=3, progress=False, seed=0)
+    wide = {"population": 8, "search_batches": 2}  # a screening costs half an evaluation here
+    plain = prune_lm(tiny, calib, 0.6, generations=3, progress=False, seed=0, **wide)
     picks, kl = [], DenseReference.kl
     monkeypatch.setattr(DenseReference, "kl", lambda self, m, upto=None, pick=None: picks.append(pick) or kl(self, m, upto, pick))
-    r = prune_lm(tiny, calib, 0.6, generations=3, survivors=2, progress=False, seed=0)
+    r = prune_lm(tiny, calib, 0.6, generations=3, survivors=2, progress=False, seed=0, **wide)
     assert {tuple(p) for p in picks if p is not None} == {(i,) for i in range(len(calib))}
     assert r.sparsity == pytest.approx(0.6, abs=1e-4) and r.fitness <= min(r.seed_fitness.values()) + 1e-9
     assert r.search["screened"] > 8 * 4  # more generations than the 3 (+ start) of the plain search
@@ -355,3 +356,38 @@ def test_sequential_pruning_takes_each_blocks_statistics_from_the_blocks_before_
     assert not any(d for d, l in zip(differs, got) if l.block == 0)
     assert any(d for d, l in zip(differs, got) if l.block == 1) == (method != "magnitude")
     assert r.seed_fitness["uniform"] == pytest.approx(r.fitness)  # the seeds are measured the same way
+
+
+def test_by_default_a_candidate_is_scored_on_one_batch_and_finalists_on_all(tiny, calib, monkeypatch):
+    """One calibration batch per candidate buys four times the generations of four batches per candidate;
+    the finalists and seeds are then compared on every batch."""
+    seen, kl = [], DenseReference.kl
+    monkeypatch.setattr(DenseReference, "kl", lambda self, m, upto=None, pick=None: seen.append(upto) or kl(self, m, upto, pick))
+    r = prune_lm(tiny, calib, 0.6, generations=3, progress=False, seed=0)
+    assert seen.count(1) == r.search["nfev"] == 4 * 4  # lambda 4 x (3 generations + the start)
+    assert set(seen) == {1, None}  # None: all the batches (finalists, seeds, the final model)
+    assert r.search["batches_forwarded"] == 16 + r.search["finalists"] * len(calib)
+
+
+def test_a_search_on_few_tokens_says_so(tiny, calib, caplog):
+    short = [b[:2, :16] for b in calib]  # 32 tokens a batch
+    with caplog.at_level("WARNING", logger="de_plugin"):
+        prune_lm(tiny, short, 0.6, generations=1, progress=False)
+    assert "32 calibration tokens" in caplog.text and "search_batches" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="de_plugin"):
+        prune_lm(tiny, calib, 0.6, generations=1, search_batches=4, progress=False)  # 4 x 256 tokens
+    assert "calibration tokens" not in caplog.text
+
+
+def test_the_curvature_allocation_meets_the_budget_and_its_cost_is_counted(tiny, calib):
+    saved = state(tiny)
+    r = prune_lm(tiny, calib, 0.6, allocation="fisher", progress=False)
+    layers = decoder_layers(r.model)
+    assert sum(int((l.weight != 0).sum()) for l in layers) == total_keep([l.numel for l in layers], 0.6)
+    assert r.allocation == "fisher" and r.evaluations == 3 and "fisher" in r.seed_fitness
+    assert len(set(round(v, 3) for v in r.layer_sparsity.values())) > 2  # per layer, not uniform
+    assert same_state(tiny, saved)
+    s = prune_lm(tiny, calib, 0.6, generations=2, fisher_seed=True, max_evals=12, progress=False)
+    assert "fisher" in s.seed_fitness and s.fitness <= s.seed_fitness["fisher"] + 1e-9
+    assert s.search["nfev"] <= 12 - 3  # the backward passes came out of the search's evaluations

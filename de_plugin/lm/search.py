@@ -34,6 +34,7 @@ from .calibration import check_tokens, collect_stats
 from .database import LayerDatabase, SequentialPruning
 from .fitness import DenseReference, perplexity
 from .inlayer import check_nm
+from .sensitivity import BACKWARD_COST, fisher_counts, fisher_diagonal
 from .targets import LMLayer, decoder_layers
 
 log = logging.getLogger("de_plugin")
@@ -43,22 +44,24 @@ class OneShotOptions(SearchOptions):
     """The search settings ``prune_lm`` and ``prune_width`` share (the allocator's own are :class:`SearchOptions`')."""
 
     fitness: Literal["kl", "perplexity"] = Field("kl", description="what a candidate scores on calibration tokens")
+    # chosen by benchmarks/llm.py (TinyGPT, 8 x 128-token batches): one batch per candidate ranked candidates as
+    # well as four at the same evaluations; the tokens saved buy 4x the generations, which is what the search lacks
     search_batches: Optional[int] = Field(
-        None, ge=1, description="calibration batches the search scores on (None: half of them, at least one); the "
-                                "finalists are re-scored on all")
+        1, ge=1, description="calibration batches each candidate is scored on (None: half of them); the finalists "
+                             "are re-scored on all. Give batches of at least ~1,000 tokens, or raise this")
     finalists: int = Field(4, ge=1, description="the search's best candidates re-scored on all calibration batches")
     # chosen by benchmarks/llm.py (TinyGPT, Wanda, 70%): at equal evaluations the (1 + lambda) level-switch
-    # search beat DE, and lambda = 8 beat lambda = 20 (more generations for the same evaluations)
+    # search beat DE and random allocations, and fewer offspring per generation (more generations) did better
     search_strategy: str = Field(
         "evopress", pattern="^(de|random|evopress)$",
         description="'evopress': (1 + lambda) from the best so far, level-switch mutations (lambda = population); "
                     "'de': differential evolution; 'random': the control; all at the same evaluations")
-    population: Optional[int] = Field(8, ge=4, description="offspring per generation (evopress) or DE's population")
+    population: Optional[int] = Field(4, ge=4, description="offspring per generation (evopress) or DE's population")
     survivors: int = Field(
         0, ge=0, description="evopress: screen each generation's offspring on one calibration batch and score only "
                              "this many best on the search batches (EvoPress's multi-step selection); 0: score every "
                              "offspring on the search batches")
-    generations: int = Field(25, ge=0, description="search generations (evaluations: population x (generations + 1))")
+    generations: int = Field(207, ge=0, description="search generations (evaluations: population x (generations + 1))")
     stall: Optional[int] = Field(0, ge=0, description="DE: stop after this many generations without improvement (0: never)")
 
     @model_validator(mode="after")
@@ -76,8 +79,13 @@ class LMOptions(OneShotOptions):
     """``prune_lm``'s settings."""
 
     method: Literal["magnitude", "wanda", "sparsegpt"] = Field("wanda", description="the mask inside each layer")
-    allocation: Literal["search", "uniform", "owl"] = Field(
-        "search", description="per-layer sparsities: searched, the same everywhere, or OWL's outlier-weighted rule")
+    allocation: Literal["search", "uniform", "owl", "fisher"] = Field(
+        "search", description="per-layer sparsities: searched, the same everywhere, OWL's outlier-weighted rule, or "
+                              "the least total curvature-weighted cost (``fisher``: no search)")
+    fisher_seed: bool = Field(
+        False, description="search: also start from the curvature-weighted allocation (diagonal Fisher x squared "
+                           "weight change per layer; one backward pass per search batch, counted as "
+                           f"{BACKWARD_COST} evaluations' worth each and taken from the search's budget)")
     granularity: Literal["layer", "block"] = Field(
         "layer", description="search one sparsity per Linear layer, or one per decoder block")
     span: float = Field(0.3, gt=0.0, le=1.0, description="how far a layer's sparsity may move from the target")
@@ -249,6 +257,10 @@ def search_counts(model: nn.Module, db, ref: DenseReference, space: KeepSpace, b
     """The searched counts, the search's record and its evaluations (finalists' re-scoring included).
     ``db`` writes a candidate's counts into the model (``apply``) and takes them out (``restore``)."""
     upto = o.search_batches or max(1, len(ref.batches) // 2)
+    tokens = sum(b.numel() for b in ref.batches[:upto])
+    if tokens < 1000:
+        log.warning("the search scores each candidate on %d calibration tokens (search_batches=%d): few enough for "
+                    "noise to rank candidates; give longer or larger batches, or raise search_batches", tokens, upto)
     scorer = LMScorer(model, db, fitness_fn(ref, o.fitness), upto)
     backend = SerialBackend(scorer)
     rng = np.random.default_rng(seed)
@@ -291,11 +303,14 @@ def prune_lm(model: nn.Module, calibration: Any, sparsity: "float | str", option
         else:
             seeds = {"uniform": uniform_counts(layers, frac),
                      "owl": owl_counts(layers, stats, frac, o.owl_m, o.owl_lambda)}
-            name = o.allocation
+            name, space = o.allocation, _space(layers, frac, o)
+            if o.allocation == "fisher" or (o.allocation == "search" and o.fisher_seed):
+                seeds["fisher"], evals = curvature_seed(work, layers, db, batches, space, frac, o, seed)
             if o.allocation == "search":
-                space = _space(layers, frac, o)
-                counts, info, evals = search_counts(work, db, ref, space, total_keep(space.numels, frac), seeds, o,
-                                                    seed, progress)
+                budget = o.max_evals - evals if o.max_evals is not None else None
+                counts, info, searched = search_counts(work, db, ref, space, total_keep(space.numels, frac), seeds,
+                                                       o.model_copy(update={"max_evals": budget}), seed, progress)
+                evals += searched
             else:
                 counts = seeds[o.allocation]
         final = SequentialPruning(db, work, batches) if o.sequential else db
@@ -315,6 +330,17 @@ def prune_lm(model: nn.Module, calibration: Any, sparsity: "float | str", option
         log.info("prune_lm: %s, %s inside layers, sparsity %.4f, %s %.4f (uniform %s)", name, o.method,
                  result.sparsity, o.fitness, fitness, f"{seed_fitness.get('uniform', float('nan')):.4f}")
         return result
+
+
+def curvature_seed(model: nn.Module, layers: Sequence[LMLayer], db: LayerDatabase, batches: Sequence[torch.Tensor],
+                   space: KeepSpace, sparsity: float, o: LMOptions, seed: int) -> tuple[np.ndarray, int]:
+    """The curvature-weighted allocation (:mod:`.sensitivity`) from the search's calibration batches, and
+    what its backward passes cost in evaluations (forward passes over those batches)."""
+    upto = o.search_batches or max(1, len(batches) // 2)
+    fisher = fisher_diagonal(model, layers, batches[:upto], seed=seed)
+    counts = fisher_counts(db, fisher, space.numels, total_keep(space.numels, sparsity), space.min_keep,
+                           space.max_keep)
+    return counts, BACKWARD_COST
 
 
 @contextmanager
