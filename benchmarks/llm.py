@@ -53,6 +53,7 @@ from de_plugin.lm.width import decoder_params, prune_width  # noqa: E402
 #: the rows named without ``lambda=`` run (1 + 8) on ``--search-batches`` per candidate; ``prune_lm``'s default is
 #: (1 + 4) on one calibration batch per candidate at 4 x 208 evaluations (``search x4[1 batch, lambda=4]`` here)
 OLD_LAMBDA = 8
+DEFAULT = "search x4[1 batch, lambda=4]"
 #: every search at the same evaluations (``--evals``), ``search/4`` at a quarter of them
 ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"},
                "search": {}, "search/4": {"share": 0.25},
@@ -86,6 +87,8 @@ ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"
                # and the same at 4x the evaluations (the default's tokens)
                "search[1 batch, lambda=4]": {"search_batches": 1, "population": 4},
                "search x4[1 batch, lambda=4]": {"search_batches": 1, "population": 4, "share": 4.0}}
+#: the lines of the plot (the other rows are in the table)
+PLOTTED = ("uniform", "owl", "fisher", "random", "de", "search", "search x4[1 batch, lambda=4]")
 SEARCHES = tuple(a for a, o in ALLOCATIONS.items() if o.get("allocation", "search") == "search")
 #: width: uniform and searched (prune_width), and Torch-Pruning's own uniform rule (MetaPruner, magnitude)
 WIDTH_ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "search": {}, "tp_uniform": None,
@@ -170,7 +173,9 @@ def width_table(cells: Cells, shares, seeds) -> str:
                          f"{first['heads']} | {first['units']} | {mean('wall_seconds'):.0f} |")
     lines += [""] + [f"- width @{r}: {a} / {b} = {fmt(ratio(got[(r, a)], got[(r, b)]))}"
                      for r in shares for a, b in (("search", "uniform"), ("search", "tp_uniform"), ("uniform", "tp_uniform"),
-                                                  ("search x4", "search"), ("search x4", "uniform"))
+                                                  ("search x4", "search"), ("search x4", "uniform"),
+                                                  ("search[1 batch, lambda=4]", "search"), (DEFAULT, "search"),
+                                                  (DEFAULT, "uniform"))
                      if (r, a) in got and (r, b) in got]
     return "\n".join(lines)
 
@@ -242,7 +247,10 @@ def table(cells: Cells, methods, rungs, allocs, seeds, dense_ppl: float) -> str:
         for s in [r for r in rungs if r != "2:4"]:
             for a, b in [("search", "owl"), ("search", "uniform"), ("search", "de"), ("search", "random"),
                          ("search/4", "search"), ("search/4", "owl"), ("de", "owl"), ("owl", "uniform"),
-                         ("search", "search[lambda=20]")]:
+                         ("search", "search[lambda=20]"), (DEFAULT, "owl"), (DEFAULT, "search"),
+                         ("search[1 batch, lambda=4]", DEFAULT), ("search[1 batch, lambda=4]", "search"),
+                         ("search[1 batch]", "search"), ("fisher", "owl"), ("fisher", "uniform"),
+                         ("search[fisher]", "search"), ("search/4[fisher]", "search/4")]:
                 if (m, s, a) in got and (m, s, b) in got:
                     lines.append(f"- {m} @{s}: {a} / {b} = {fmt(ratio(got[(m, s, a)], got[(m, s, b)]))}")
     return "\n".join(lines)
@@ -263,8 +271,12 @@ def main(argv=None) -> None:
     ap.add_argument("--evals", type=int, default=208, help="search evaluations (the default search's 8 x 26)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/llm")
+    ap.add_argument("--table-only", action="store_true", help="compute nothing: the table, plot and summary of every "
+                                                                "cell in <out>/cells.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.table_only:
+        return write_outputs(*stored(Path(args.out)), Path(args.out))
     torch.set_num_threads(args.threads)
     corpus = stdlib_corpus()
     model = dense_lm(steps=args.steps, seed=0, corpus=corpus)
@@ -288,13 +300,33 @@ def main(argv=None) -> None:
                 logging.info("cell width %s %s seed %d", r, a, seed)
                 cells.run(("width", r, a, seed), lambda: run_width_tp(model, held, ref_held, r) if a == "tp_uniform"
                           else run_width(model, calib, held, ref_held, a, r, seed, args))
-    text = table(cells, args.methods, rungs, args.allocations, args.seeds, dense_ppl)
-    if args.widths:
-        text += "\n\nWidth (heads and hidden units):\n\n" + width_table(cells, args.widths, args.seeds)
+    write_outputs(cells, args.methods, rungs, args.allocations, args.widths, args.seeds, dense_ppl, out)
+
+
+def stored(out: Path) -> tuple:
+    """Everything ``<out>/cells.json`` holds, in the order the tables use: (cells, methods, rungs, allocations,
+    widths, seeds, dense perplexity)."""
+    protocol = json.loads((out / "cells.json").read_text())["protocol"]
+    cells = Cells(out / "cells.json", protocol)
+    keys = [k.split("|") for k in cells.cells]
+    lm = [k for k in keys if k[0] != "width"]
+    methods = [m for m in ("magnitude", "wanda", "sparsegpt") if any(k[0] == m for k in lm)]
+    rungs = sorted({float(k[1]) for k in lm if k[1] != "2:4"}) + (["2:4"] if any(k[1] == "2:4" for k in lm) else [])
+    allocs = [a for a in ALLOCATIONS if any(k[2] == a for k in lm)]
+    widths = sorted({float(k[1]) for k in keys if k[0] == "width"})
+    seeds = sorted({int(k[3]) for k in keys})
+    return cells, methods, rungs, allocs, widths, seeds, protocol["dense_ppl"]
+
+
+def write_outputs(cells: Cells, methods, rungs, allocs, widths, seeds, dense_ppl: float, out: Path) -> None:
+    """``table.md`` (printed too), ``perplexity.png`` (the main allocations) and ``summary.json``."""
+    text = table(cells, methods, rungs, allocs, seeds, dense_ppl)
+    if widths:
+        text += "\n\nWidth (heads and hidden units):\n\n" + width_table(cells, widths, seeds)
     print(text)
     (out / "table.md").write_text(text + "\n")
     if any(r != "2:4" for r in rungs):
-        plot(cells, args.methods, rungs, args.allocations, args.seeds, dense_ppl, out / "perplexity.png")
+        plot(cells, methods, rungs, [a for a in PLOTTED if a in allocs], seeds, dense_ppl, out / "perplexity.png")
     (out / "summary.json").write_text(json.dumps({"dense_ppl": dense_ppl, "cells": len(cells.cells)}, indent=1))
 
 
