@@ -6,13 +6,17 @@ calibration set is ``--calib-batches`` batches of 8 x 128 tokens drawn from the 
 that seed; perplexity and KL (from the dense model) are measured on ``--eval-batches`` consecutive
 held-out windows of 8 x 128 tokens. Allocations:
 
-* ``uniform``, ``owl``: no search;
-* ``search``: ``prune_lm``'s default search (EvoPress-style (1 + 8) level switching) at ``--evals``;
+* ``uniform``, ``owl``: no search; ``fisher``: the curvature-weighted allocation, no search;
+* ``search x4[1 batch, lambda=4]``: ``prune_lm``'s defaults ((1 + 4) level switching, one calibration batch per
+  candidate) at 4 x ``--evals``: the same tokens forwarded as ``search``;
+* ``search[1 batch, lambda=4]``, ``search[1 batch]``: one batch per candidate at ``--evals`` ((1 + 4), (1 + 8));
+* ``search``: EvoPress-style (1 + 8) level switching on ``--search-batches`` per candidate at ``--evals``;
 * ``search/4``: the same at a quarter of the evaluations;
 * ``de``: differential evolution (population 20) and ``random`` (the control), at ``--evals``;
 * ``search[lambda=20]``, ``search[lambda=4]``, ``search/4[lambda=4]``: 20 or 4 offspring per generation instead of 8;
-* ``search x4``, ``search x16``: the default search at 4 and 16 times ``--evals`` (is it converged?);
-* ``search[16 batches]``: the default search scoring every candidate on 16 calibration batches;
+* ``search x4``, ``search x16``: ``search`` at 4 and 16 times ``--evals`` (is it converged?);
+* ``search[16 batches]``: ``search`` scoring every candidate on 16 calibration batches;
+* ``search[fisher]``, ``search/4[fisher]``: ``search`` with the ``fisher`` allocation as a third start;
 * ``uniform[seq]``, ``owl[seq]``, ``search[seq]``: the final model pruned block by block (``sequential=True``).
 
 An evaluation is one forward pass over the search's calibration batches (``--search-batches``); the
@@ -77,14 +81,14 @@ ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"
                # the final model pruned block by block on the pruned blocks' outputs (the papers' order)
                "uniform[seq]": {"allocation": "uniform", "sequential": True},
                "owl[seq]": {"allocation": "owl", "sequential": True}, "search[seq]": {"sequential": True},
-               # the curvature-weighted allocation (diagonal Fisher x squared weight change), alone and as a
+               # the curvature-weighted allocation (diagonal Fisher x squared removed weights), alone and as a
                # third start of the search (its backward passes taken from the search's evaluations)
                "fisher": {"allocation": "fisher"}, "search[fisher]": {"fisher_seed": True},
                "search/4[fisher]": {"fisher_seed": True, "share": 0.25},
-               # every candidate scored on one calibration batch: the default's evaluations at a quarter of its tokens
+               # every candidate scored on one calibration batch: (1 + 8)'s evaluations at a quarter of its tokens
                "search[1 batch]": {"search_batches": 1},
-               # and with 4 offspring a generation: twice the generations (a quarter of the default's tokens),
-               # and the same at 4x the evaluations (the default's tokens)
+               # and with 4 offspring a generation: twice the generations (a quarter of (1 + 8)'s tokens), and the
+               # same at 4x the evaluations ((1 + 8)'s tokens: prune_lm's default)
                "search[1 batch, lambda=4]": {"search_batches": 1, "population": 4},
                "search x4[1 batch, lambda=4]": {"search_batches": 1, "population": 4, "share": 4.0}}
 #: the lines of the plot (the other rows are in the table)
@@ -259,6 +263,8 @@ def table(cells: Cells, methods, rungs, allocs, seeds, dense_ppl: float) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3000, help="dense training steps (cached)")
+    ap.add_argument("--shape", default="", help="another TinyGPT than the default (d=128, 4 blocks, 4 heads), as "
+                                                "TinyGPT keywords, e.g. 'd=96,layers=6' (a second test bed)")
     ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
     ap.add_argument("--sparsities", nargs="*", default=["0.5", "0.6", "0.7", "2:4"])
     ap.add_argument("--widths", nargs="*", type=float, default=[], help="shares of parameters removed by width")
@@ -279,12 +285,14 @@ def main(argv=None) -> None:
         return write_outputs(*stored(Path(args.out)), Path(args.out))
     torch.set_num_threads(args.threads)
     corpus = stdlib_corpus()
-    model = dense_lm(steps=args.steps, seed=0, corpus=corpus)
+    shape = {k: int(v) for k, v in (kv.split("=") for kv in args.shape.split(",") if kv)}
+    model = dense_lm(steps=args.steps, seed=0, corpus=corpus, **shape)
     held = token_batches(corpus.heldout, 8, 128, args.eval_batches, contiguous=True)
     ref_held = DenseReference(model, held)
     dense_ppl = perplexity(model, held)
     out = Path(args.out)
-    cells = Cells(out / "cells.json", {"steps": args.steps, "calib_batches": args.calib_batches,
+    cells = Cells(out / "cells.json", {"steps": args.steps, **({"shape": shape} if shape else {}),
+                                       "calib_batches": args.calib_batches,
                                        "search_batches": args.search_batches, "eval_batches": args.eval_batches,
                                        "evals": args.evals, "dense_ppl": round(dense_ppl, 4)})
     rungs = [s if s == "2:4" else float(s) for s in args.sparsities]

@@ -84,7 +84,7 @@ class LMOptions(OneShotOptions):
                               "the least total curvature-weighted cost (``fisher``: no search)")
     fisher_seed: bool = Field(
         False, description="search: also start from the curvature-weighted allocation (diagonal Fisher x squared "
-                           "weight change per layer; one backward pass per search batch, counted as "
+                           "removed weights per layer; one backward pass per search batch, counted as "
                            f"{BACKWARD_COST} evaluations' worth each and taken from the search's budget)")
     granularity: Literal["layer", "block"] = Field(
         "layer", description="search one sparsity per Linear layer, or one per decoder block")
