@@ -3,7 +3,8 @@
 Targets are the Linear layers of the decoder blocks (:mod:`.targets`); calibration is token batches
 (:mod:`.calibration`); inside each layer the mask is magnitude, Wanda or SparseGPT (:mod:`.inlayer`,
 served to the search by :mod:`.database`); candidates are scored by KL divergence from the dense
-model (:mod:`.fitness`); the seeds are uniform and OWL (:mod:`.allocations`).
+model (:mod:`.fitness`); the seeds are uniform and OWL (:mod:`.allocations`), and the curvature-weighted
+allocation (:mod:`.sensitivity`) is a third one to choose without a search.
 """
 from .allocations import owl_counts, owl_densities, uniform_counts
 from .calibration import LayerStats, check_tokens, collect_stats, logits_of
