@@ -50,7 +50,7 @@ def test_a_model_on_disk_is_pruned_into_a_new_folder(model_dir, text_dir, tmp_pa
     layers = decoder_layers(pruned)
     kept = sum(int((l.weight != 0).sum()) for l in layers)
     assert kept / sum(l.numel for l in layers) == pytest.approx(0.4, abs=1e-3)
-    assert set(report) >= {"dense_perplexity", "uniform", "owl", "search", "block_sparsity"}
+    assert set(report) >= {"dense_perplexity", "uniform", "owl", "fisher", "search", "block_sparsity"}
     assert report["search"]["calibration_kl"] <= report["uniform"]["calibration_kl"] + 1e-9
     assert len(report["block_sparsity"]) == 2 and (out / "pruning.json").is_file()
     assert (out / "tokenizer.json").is_file()

@@ -3,7 +3,7 @@ then width pruning, then INC 3.7's own SparseGPT at the searched per-layer targe
 
 The decoder is TinyGPT trained on this Python's standard-library sources (``--steps``; cached under
 ``~/.cache/de_plugin``: 3,000 steps take about 25 minutes on one CPU core the first time, 600 about 5).
-The rest takes about 3 minutes on one core (three allocations, width, INC's SparseGPT pass).
+The rest takes about 3 minutes on one core (four allocations, width, INC's SparseGPT pass).
 
     python examples/core/lm_one_shot.py --steps 600 --sparsity 0.7
 """
@@ -31,7 +31,7 @@ def main() -> None:
     calib = token_batches(corpus.train, 8, 128, 16, seed=0)
     held = token_batches(corpus.heldout, 8, 128, 40, contiguous=True)
     print(f"dense: held-out perplexity {perplexity(model, held):.3f} (bytes)")
-    for allocation in ("uniform", "owl", "search"):
+    for allocation in ("uniform", "owl", "fisher", "search"):
         r = prune_lm(model, calib, args.sparsity, method=args.method, allocation=allocation)
         print(f"{allocation:>8}: sparsity {r.sparsity:.3f}, calibration KL {r.fitness:.4f}, "
               f"held-out perplexity {perplexity(r.model, held):.3f}, {r.evaluations} evaluations")
