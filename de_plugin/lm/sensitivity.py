@@ -2,8 +2,9 @@
 
 Why: uniform and OWL weigh no layer by what its pruning costs the model's output (on TinyGPT at 70% the
 searched allocation prunes the MLP down-projections far harder than either). This allocation does, for
-the price of a few backward passes and no search: 0.92-0.99x OWL's held-out perplexity on TinyGPT. As an
-extra start for the search it did not help there (``fisher_seed``, off by default).
+the price of a few backward passes and no search: 0.92-0.99x OWL's held-out perplexity on the 4-block
+TinyGPT, but 1.01-1.25x on a 6-block one, where the independent-layer estimate misses how errors compound
+through depth. As an extra start for the search it did not help (``fisher_seed``, off by default).
 
 The cost is Optimal Brain Damage's second-order estimate of the KL divergence a change ``dW`` causes,
 ``KL ~ 1/2 sum_j F_j dW_j^2``, with ``F`` the diagonal Fisher information of the model's own next-token
