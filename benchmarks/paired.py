@@ -85,6 +85,10 @@ CHANNELS = [  # (label, folder, model, A, B, what the "at" column adds)
     ("ResNet-20", "channel_converged", "resnet20", "de_channel", "tp_global", ", converged reference"),
     ("ResNet-20", "channel_converged", "resnet20", "de_channel[finalists]", "l1_uniform", ", converged reference"),
     ("ResNet-20", "channel_converged", "resnet20", "de_channel[finalists]", "tp_global", ", converged reference"),
+    ("ResNet-20", "channel_converged_cpu", "resnet20", "de_channel", "l1_uniform", ", CPU reference"),
+    ("ResNet-20", "channel_converged_cpu", "resnet20", "de_channel", "tp_global", ", CPU reference"),
+    ("ResNet-20", "channel_converged_cpu", "resnet20", "de_channel[finalists]", "l1_uniform", ", CPU reference"),
+    ("ResNet-20", "channel_converged_cpu", "resnet20", "de_channel[finalists]", "tp_global", ", CPU reference"),
 ]
 
 
