@@ -56,7 +56,7 @@ from de_plugin.lm.width import decoder_params, prune_width  # noqa: E402
 
 #: the rows named without ``lambda=`` run (1 + 8) on ``--search-batches`` per candidate; ``prune_lm``'s default is
 #: (1 + 4) on one calibration batch per candidate at 4 x 208 evaluations (``search x4[1 batch, lambda=4]`` here)
-OLD_LAMBDA = 8
+ROWS_LAMBDA = 8
 DEFAULT = "search x4[1 batch, lambda=4]"
 #: every search at the same evaluations (``--evals``), ``search/4`` at a quarter of them
 ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"},
@@ -92,7 +92,7 @@ ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"
                "search[1 batch, lambda=4]": {"search_batches": 1, "population": 4},
                "search x4[1 batch, lambda=4]": {"search_batches": 1, "population": 4, "share": 4.0}}
 #: the lines of the plot (the other rows are in the table)
-PLOTTED = ("uniform", "owl", "fisher", "random", "de", "search", "search x4[1 batch, lambda=4]")
+PLOTTED = ("uniform", "owl", "fisher", "random", "de", "search", DEFAULT)
 SEARCHES = tuple(a for a, o in ALLOCATIONS.items() if o.get("allocation", "search") == "search")
 #: width: uniform and searched (prune_width), and Torch-Pruning's own uniform rule (MetaPruner, magnitude)
 WIDTH_ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "search": {}, "tp_uniform": None,
@@ -106,7 +106,7 @@ def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, se
     if alloc in SEARCHES:
         share = ALLOCATIONS[alloc].get("share", 1.0)
         opts = {"generations": 1000, "search_batches": args.search_batches, "max_evals": int(args.evals * share),
-                "population": OLD_LAMBDA, **opts}
+                "population": ROWS_LAMBDA, **opts}
     start = time.perf_counter()
     r = prune_lm(model, calib, sparsity, method=method, seed=seed, progress=False, **opts)
     wall = time.perf_counter() - start
@@ -121,7 +121,7 @@ def run_width(model, calib, held, ref_held, alloc: str, share: float, seed: int,
     if opts.get("allocation", "search") == "search":
         evals = int(args.evals * WIDTH_ALLOCATIONS[alloc].get("share", 1.0))
         opts = {"max_evals": evals, "generations": 1000, "search_batches": args.search_batches,
-                "population": OLD_LAMBDA, **opts}
+                "population": ROWS_LAMBDA, **opts}
     start = time.perf_counter()
     r = prune_width(model, calib, share, seed=seed, progress=False, **opts)
     wall = time.perf_counter() - start

@@ -38,6 +38,8 @@ from .sensitivity import BACKWARD_COST, fisher_counts, fisher_diagonal
 from .targets import LMLayer, decoder_layers
 
 log = logging.getLogger("de_plugin")
+#: below this many tokens per candidate, noise starts to rank candidates (a warning says so)
+MIN_SEARCH_TOKENS = 1000
 
 
 class OneShotOptions(SearchOptions):
@@ -251,14 +253,19 @@ def _space(layers: Sequence[LMLayer], sparsity: float, o: LMOptions) -> KeepSpac
     return KeepSpace(numels, min_keep, max_keep, [(lo, hi)] * len(layers))
 
 
+def search_batch_count(o: OneShotOptions, available: int) -> int:
+    """How many calibration batches a candidate is scored on (``search_batches``; None: half, at least one)."""
+    return o.search_batches or max(1, available // 2)
+
+
 def search_counts(model: nn.Module, db, ref: DenseReference, space: KeepSpace, budget: int,
                   seeds: dict[str, np.ndarray], o: "LMOptions", seed: int,
                   progress: bool) -> tuple[np.ndarray, dict[str, Any], int]:
     """The searched counts, the search's record and its evaluations (finalists' re-scoring included).
     ``db`` writes a candidate's counts into the model (``apply``) and takes them out (``restore``)."""
-    upto = o.search_batches or max(1, len(ref.batches) // 2)
+    upto = search_batch_count(o, len(ref.batches))
     tokens = sum(b.numel() for b in ref.batches[:upto])
-    if tokens < 1000:
+    if tokens < MIN_SEARCH_TOKENS:
         log.warning("the search scores each candidate on %d calibration tokens (search_batches=%d): few enough for "
                     "noise to rank candidates; give longer or larger batches, or raise search_batches", tokens, upto)
     scorer = LMScorer(model, db, fitness_fn(ref, o.fitness), upto)
@@ -336,7 +343,7 @@ def curvature_seed(model: nn.Module, layers: Sequence[LMLayer], db: LayerDatabas
                    space: KeepSpace, sparsity: float, o: LMOptions, seed: int) -> tuple[np.ndarray, int]:
     """The curvature-weighted allocation (:mod:`.sensitivity`) from the search's calibration batches, and
     what its backward passes cost in evaluations (forward passes over those batches)."""
-    upto = o.search_batches or max(1, len(batches) // 2)
+    upto = search_batch_count(o, len(batches))
     fisher = fisher_diagonal(model, layers, batches[:upto], seed=seed)
     counts = fisher_counts(db, fisher, space.numels, total_keep(space.numels, sparsity), space.min_keep,
                            space.max_keep)
