@@ -1,9 +1,9 @@
-"""One-shot pruning of a small language model: searched per-layer sparsity against uniform and OWL,
+"""One-shot pruning of a small language model: searched per-layer sparsity against uniform, OWL and fisher,
 then width pruning, then INC 3.7's own SparseGPT at the searched per-layer targets.
 
 The decoder is TinyGPT trained on this Python's standard-library sources (``--steps``; cached under
-``~/.cache/de_plugin``: 3,000 steps take about 25 minutes on one CPU core the first time, 600 about 5).
-The rest takes about 3 minutes on one core (four allocations, width, INC's SparseGPT pass).
+``~/.cache/de_plugin``: 3,000 steps take about 12 minutes on one CPU core the first time, 600 about 2.5).
+The rest takes about 70 seconds on one core (four allocations, width, INC's SparseGPT pass).
 
     python examples/core/lm_one_shot.py --steps 600 --sparsity 0.7
 """
