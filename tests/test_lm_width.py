@@ -6,7 +6,7 @@ import torch
 
 from de_plugin.demo.lm import TinyGPT
 from de_plugin.lm import DenseReference
-from de_plugin.lm.width import WidthMasks, decoder_params, prune_width, width_blocks
+from de_plugin.lm.width import WidthMasks, decoder_params, prune_width, refit, width_blocks
 
 
 @pytest.fixture()
@@ -67,6 +67,38 @@ def test_llama_heads_and_grouped_query_attention(calib):
         r = prune_width(llama, calib, 0.3, generations=1, progress=False)
         assert r.fitness == pytest.approx(DenseReference(llama, calib).kl(r.model), rel=1e-3)
         assert r.removed == pytest.approx(0.3, abs=0.01)
+
+
+def test_refit_is_the_least_squares_fit_of_the_dense_output_on_the_kept_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g, dtype=torch.float64) + 0.5  # tokens x inputs, not centred: the bias matters
+    x[:, 5] = x[:, 0] - 2 * x[:, 1]  # a removed input the kept ones carry exactly
+    w, b = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    keep = torch.tensor([True, True, False, True, False, False])
+    h, sums = x.t() @ x, x.sum(0)
+    new_w, new_b = refit(w, b, h, sums, len(x), keep, damp=0.0)
+    target = x @ w.t() + b
+    design = torch.cat([x[:, keep], torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    best = torch.linalg.lstsq(design, target).solution  # (kept + 1) x out
+    assert torch.allclose(new_w[:, keep], best[:-1].t(), atol=1e-8) and torch.allclose(new_b, best[-1], atol=1e-8)
+    assert torch.equal(new_w[:, ~keep], torch.zeros(3, 3, dtype=torch.float64))
+    same_w, same_b = refit(w, b, h, sums, len(x), torch.ones(6, dtype=torch.bool), damp=0.0)
+    assert torch.allclose(same_w, w) and torch.allclose(same_b, b)  # nothing removed: nothing changes
+    nb_w, nb_b = refit(w, None, h, sums, len(x), keep, damp=0.0)
+    assert nb_b is None and torch.allclose(nb_w[:, keep], torch.linalg.lstsq(x[:, keep], x @ w.t()).solution.t())
+
+
+def test_refit_width_scores_what_it_slices_and_fits_better_than_zeroing(model, calib):
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = prune_width(model, calib, 0.3, allocation="uniform", progress=False)
+    fitted = prune_width(model, calib, 0.3, allocation="uniform", refit=True, progress=False)
+    assert fitted.heads == plain.heads and fitted.units == plain.units  # the same units removed
+    assert fitted.fitness < 0.9 * plain.fitness
+    assert fitted.fitness == pytest.approx(DenseReference(model, calib).kl(fitted.model), rel=1e-4)
+    searched = prune_width(model, calib, 0.3, refit=True, generations=2, progress=False)
+    assert searched.fitness == pytest.approx(DenseReference(model, calib).kl(searched.model), rel=1e-4)
+    assert searched.fitness <= fitted.fitness + 1e-9
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, "0.3"])

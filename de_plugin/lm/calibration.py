@@ -2,8 +2,9 @@
 
 Calibration data is token batches: a ``LongTensor`` ``[batch, length]`` or a list of them (token ids,
 not text). One forward pass of the dense model over them records, per target layer, the inputs'
-second moment ``H = sum_t x_t x_t^T`` (SparseGPT's Hessian, kept only when asked) and the squared
-column norms ``diag(H)`` (Wanda's ``||X_j||^2``). For the search every layer sees the dense model's
+second moment ``H = sum_t x_t x_t^T`` (SparseGPT's Hessian, kept only when asked), the squared
+column norms ``diag(H)`` (Wanda's ``||X_j||^2``) and the column sums ``sum_t x_t`` (width pruning's refit
+of a bias). For the search every layer sees the dense model's
 activations (one pass); the final model can be pruned block by block instead (``sequential``, as the
 SparseGPT and Wanda papers do), each block's statistics taken with the blocks before it already pruned.
 """
@@ -46,8 +47,9 @@ def logits_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 class LayerStats:
     """Per-layer input statistics from one pass over the calibration tokens."""
 
-    def __init__(self, norms_sq: list[torch.Tensor], hessians: list[torch.Tensor] | None, tokens: int):
-        self.norms_sq, self.hessians, self.tokens = norms_sq, hessians, tokens
+    def __init__(self, norms_sq: list[torch.Tensor], hessians: list[torch.Tensor] | None, tokens: int,
+                 sums: list[torch.Tensor] | None = None):
+        self.norms_sq, self.hessians, self.tokens, self.sums = norms_sq, hessians, tokens, sums
 
     def norms(self, i: int) -> torch.Tensor:
         """Wanda's ``||X_j||_2`` for layer i's input columns."""
@@ -65,6 +67,7 @@ def collect_stats(model: nn.Module, layers: Sequence[LMLayer], batches: Sequence
     each batch's forward pass as soon as every layer in ``layers`` has run (the rest of the model
     cannot change their inputs), as sequential pruning does for every block."""
     norms = [torch.zeros(l.in_features, dtype=torch.float64) for l in layers]
+    sums = [torch.zeros(l.in_features, dtype=torch.float64) for l in layers]  # with H: a bias's share of the fit
     hs = [torch.zeros(l.in_features, l.in_features, dtype=torch.float64) for l in layers] if hessians else None
     count = [0]
 
@@ -72,6 +75,7 @@ def collect_stats(model: nn.Module, layers: Sequence[LMLayer], batches: Sequence
         def record(_mod, inputs):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
             norms[i] += (x * x).sum(0)
+            sums[i] += x.sum(0)
             if hs is not None:
                 hs[i] += x.t() @ x
         return record
@@ -99,4 +103,5 @@ def collect_stats(model: nn.Module, layers: Sequence[LMLayer], batches: Sequence
     finally:
         for h in handles:
             h.remove()
-    return LayerStats([n.float() for n in norms], [h.float() for h in hs] if hs is not None else None, count[0])
+    return LayerStats([n.float() for n in norms], [h.float() for h in hs] if hs is not None else None, count[0],
+                      [v.float() for v in sums])

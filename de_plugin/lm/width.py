@@ -109,12 +109,19 @@ def decoder_params(model: nn.Module) -> int:
 
 class WidthMasks:
     """Candidates (heads kept per block, then hidden units kept per block) written into the model as zeroed
-    ``o`` / ``down`` columns, the lowest-scoring units first; ``restore`` puts the dense weights back."""
+    ``o`` / ``down`` columns, the lowest-scoring units first; ``restore`` puts the dense weights back.
 
-    def __init__(self, model: nn.Module, blocks: list[WidthBlock], norms: dict[str, torch.Tensor]):
-        self.mods, self.blocks = dict(model.named_modules()), blocks
-        self.dense = {p: self.mods[p].weight.detach().clone() for b in blocks
-                      for p in ([b.mlp_out] + ([b.attn["o"]] if b.attn else []))}
+    With ``moments`` (per ``o`` / ``down`` path: the inputs' ``H = sum x x^T``, ``sum x`` and the token
+    count) the kept columns and the bias are re-fitted by least squares to the dense layer's output on the
+    calibration inputs (``W_K + W_R H_RK H_KK^-1``, the bias as a column of ones): the removed units'
+    average and correlated contribution is carried by the ones kept, with no retraining."""
+
+    def __init__(self, model: nn.Module, blocks: list[WidthBlock], norms: dict[str, torch.Tensor],
+                 moments: Optional[dict[str, tuple[torch.Tensor, torch.Tensor, int]]] = None):
+        self.mods, self.blocks, self.moments = dict(model.named_modules()), blocks, moments
+        paths = [p for b in blocks for p in ([b.mlp_out] + ([b.attn["o"]] if b.attn else []))]
+        self.dense = {p: self.mods[p].weight.detach().clone() for p in paths}
+        self.dense_bias = {p: self.mods[p].bias.detach().clone() for p in paths if self.mods[p].bias is not None}
         self.unit_order, self.head_order = [], []
         for b in blocks:
             w = self.dense[b.mlp_out].float()
@@ -141,20 +148,59 @@ class WidthMasks:
     def apply(self, counts, exact: bool = False) -> None:
         with torch.no_grad():
             for b, (h, u) in zip(self.blocks, self.kept(counts)):
-                w = self.dense[b.mlp_out]
-                keep = torch.zeros(w.shape[1], dtype=torch.bool)
+                keep = torch.zeros(self.dense[b.mlp_out].shape[1], dtype=torch.bool)
                 keep[u] = True
-                self.mods[b.mlp_out].weight.copy_(w * keep.to(w.dtype))
+                self._write(b.mlp_out, keep)
                 if h is not None:
-                    wo = self.dense[b.attn["o"]]
                     keep = torch.zeros(b.heads, dtype=torch.bool)
                     keep[h] = True
-                    self.mods[b.attn["o"]].weight.copy_(wo * keep.repeat_interleave(b.head_dim).to(wo.dtype))
+                    self._write(b.attn["o"], keep.repeat_interleave(b.head_dim))
+
+    def _write(self, path: str, keep: torch.Tensor) -> None:
+        """Layer ``path`` with only the input columns in ``keep`` (re-fitted when there are moments)."""
+        w, mod = self.dense[path], self.mods[path]
+        if self.moments is None or bool(keep.all()):
+            mod.weight.copy_(w * keep.to(w.dtype))
+            if mod.bias is not None:
+                mod.bias.copy_(self.dense_bias[path])
+            return
+        new_w, new_b = refit(w, self.dense_bias.get(path), *self.moments[path], keep)
+        mod.weight.copy_(new_w)
+        if new_b is not None:
+            mod.bias.copy_(new_b)
 
     def restore(self) -> None:
         with torch.no_grad():
             for p, w in self.dense.items():
                 self.mods[p].weight.copy_(w)
+            for p, b in self.dense_bias.items():
+                self.mods[p].bias.copy_(b)
+
+
+def refit(w: torch.Tensor, bias: Optional[torch.Tensor], h: torch.Tensor, sums: torch.Tensor, tokens: int,
+          keep: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The least-squares weights of a layer restricted to its ``keep`` input columns: minimise
+    ``||W X + b - W'_K X_K - b'||`` over the calibration inputs (``h = X X^T``, ``sums = X 1``), i.e.
+    ``W'_K = W_K + W_R H_RK H_KK^-1`` with the bias as an input of ones (kept). ``damp``: a share of the mean
+    diagonal added to ``H_KK`` (SparseGPT's dampening) so a rank-deficient calibration set still solves.
+    Returns the full-width weight (removed columns zero) and the new bias (None without one)."""
+    d = w.shape[1]
+    hd = h.double()
+    if bias is not None:  # augment: the bias is the weight of a constant input 1
+        hd = torch.cat([torch.cat([hd, sums.double()[:, None]], 1),
+                        torch.cat([sums.double(), torch.tensor([float(tokens)], dtype=torch.float64)])[None, :]], 0)
+        wa = torch.cat([w.double(), bias.double()[:, None]], 1)
+        keep = torch.cat([keep, torch.tensor([True])])
+    else:
+        wa = w.double()
+    k, r = keep.nonzero().flatten(), (~keep).nonzero().flatten()
+    a = hd[k][:, k]
+    a = a + damp * a.diagonal().mean() * torch.eye(len(k), dtype=torch.float64)
+    m = torch.linalg.solve(a, hd[k][:, r])  # H_KK^-1 H_KR
+    out = torch.zeros_like(wa)
+    out[:, k] = wa[:, k] + wa[:, r] @ m.t()
+    new_w = out[:, :d].to(w.dtype)
+    return new_w, (out[:, d].to(w.dtype) if bias is not None else None)
 
 
 class WidthSpace(KeepSpace):
@@ -236,6 +282,10 @@ class WidthOptions(OneShotOptions):
     allocation: Literal["search", "uniform"] = Field("search", description="searched per-block widths, or uniform")
     heads: bool = Field(True, description="prune attention heads too (never with grouped-query attention)")
     min_share: float = Field(0.05, gt=0.0, le=1.0, description="the least share of a block's heads / units kept")
+    refit: bool = Field(
+        False, description="re-fit each pruned o / down projection's kept columns and bias by least squares to the "
+                           "dense layer's output on the calibration tokens, in the search's candidates too (holds "
+                           "each o / down input's d x d second moment, one d x d solve per block and candidate)")
 
 
 @dataclass
@@ -286,8 +336,10 @@ def prune_width(model: nn.Module, calibration: Any, params: float, options: Opti
                 b.attn, b.head_cost = {}, 0
         mods = dict(work.named_modules())
         probes = [LMLayer(p, mods[p], b.index, False) for b in blocks for p in [b.mlp_out] + ([b.attn["o"]] if b.attn else [])]
-        stats = collect_stats(work, probes, batches)
-        masks = WidthMasks(work, blocks, {l.name: stats.norms(i) for i, l in enumerate(probes)})
+        stats = collect_stats(work, probes, batches, hessians=o.refit)
+        moments = ({l.name: (stats.hessians[i], stats.sums[i], stats.tokens) for i, l in enumerate(probes)}
+                   if o.refit else None)
+        masks = WidthMasks(work, blocks, {l.name: stats.norms(i) for i, l in enumerate(probes)}, moments)
         before = decoder_params(work)
         fixed = before - sum(b.heads * b.head_cost * bool(b.attn) + b.units * b.unit_cost for b in blocks)
         space = WidthSpace(blocks, fixed, o.min_share)
@@ -303,6 +355,7 @@ def prune_width(model: nn.Module, calibration: Any, params: float, options: Opti
         seed_fitness = {k: reported(score_counts(masks, work, full, c), o.fitness) for k, c in seeds.items()}
         value = reported(score_counts(masks, work, full, counts), o.fitness)
         kept = masks.kept(counts)
+        masks.apply(counts)  # the kept columns as scored (re-fitted with refit): slicing keeps what is written
         slice_width(work, blocks, kept)
         work.train(was)
         result = WidthResult(model=work, allocation=o.allocation, fitness=value, seed_fitness=seed_fitness,
