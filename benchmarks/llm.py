@@ -99,6 +99,12 @@ WIDTH_ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "search": {}, "tp_uni
                      "search x4": {"share": 4.0},  # search x4: is the width search converged?
                      "search[1 batch, lambda=4]": {"search_batches": 1, "population": 4},
                      "search x4[1 batch, lambda=4]": {"search_batches": 1, "population": 4, "share": 4.0}}
+#: the rows above without the refit (``prune_width``'s default where it fits in memory), so they stay reproducible;
+#: the same with ``refit=True`` (each pruned o / down projection's kept columns and bias re-fitted by least squares)
+REFIT = "+refit"
+WIDTH_ALLOCATIONS = {a: (o if o is None else {**o, "refit": False}) for a, o in WIDTH_ALLOCATIONS.items()}
+WIDTH_ALLOCATIONS |= {"uniform" + REFIT: {"allocation": "uniform", "refit": True},
+                      DEFAULT + REFIT: {**WIDTH_ALLOCATIONS[DEFAULT], "refit": True}}
 
 
 def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, seed: int, args) -> dict:
@@ -179,7 +185,9 @@ def width_table(cells: Cells, shares, seeds) -> str:
                      for r in shares for a, b in (("search", "uniform"), ("search", "tp_uniform"), ("uniform", "tp_uniform"),
                                                   ("search x4", "search"), ("search x4", "uniform"),
                                                   ("search[1 batch, lambda=4]", "search"), (DEFAULT, "search"),
-                                                  (DEFAULT, "uniform"))
+                                                  (DEFAULT, "uniform"), ("uniform" + REFIT, "uniform"),
+                                                  (DEFAULT + REFIT, "uniform" + REFIT), (DEFAULT + REFIT, "uniform"),
+                                                  (DEFAULT + REFIT, DEFAULT), (DEFAULT + REFIT, "tp_uniform"))
                      if (r, a) in got and (r, b) in got]
     return "\n".join(lines)
 

@@ -90,15 +90,23 @@ def test_refit_is_the_least_squares_fit_of_the_dense_output_on_the_kept_inputs()
 
 def test_refit_width_scores_what_it_slices_and_fits_better_than_zeroing(model, calib):
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    plain = prune_width(model, calib, 0.3, allocation="uniform", progress=False)
-    fitted = prune_width(model, calib, 0.3, allocation="uniform", refit=True, progress=False)
+    plain = prune_width(model, calib, 0.3, allocation="uniform", refit=False, progress=False)
+    fitted = prune_width(model, calib, 0.3, allocation="uniform", progress=False)
+    assert fitted.refit and not plain.refit  # on by default while the moments fit in memory
     assert fitted.heads == plain.heads and fitted.units == plain.units  # the same units removed
     assert fitted.fitness < 0.9 * plain.fitness
     assert fitted.fitness == pytest.approx(DenseReference(model, calib).kl(fitted.model), rel=1e-4)
-    searched = prune_width(model, calib, 0.3, refit=True, generations=2, progress=False)
+    searched = prune_width(model, calib, 0.3, generations=2, progress=False)
     assert searched.fitness == pytest.approx(DenseReference(model, calib).kl(searched.model), rel=1e-4)
     assert searched.fitness <= fitted.fitness + 1e-9
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_refit_is_off_by_default_when_its_moments_would_not_fit(model, calib, monkeypatch):
+    import de_plugin.lm.width as width
+    monkeypatch.setattr(width, "REFIT_AUTO_BYTES", 8 * 128 ** 2)  # one 128-input moment fits, this model's do not
+    assert not prune_width(model, calib, 0.3, allocation="uniform", progress=False).refit
+    assert prune_width(model, calib, 0.3, allocation="uniform", refit=True, progress=False).refit
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, "0.3"])
