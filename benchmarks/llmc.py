@@ -16,10 +16,12 @@ consecutive held-out windows of 8 x 128 tokens. Profiles (one sparsity per decod
 * ``owl[llmc]``: llm-compressor's own OWL (``sparsity_profile="owl"``, ``owl_m=5``, ``owl_lmbda=0.08``);
 * ``owl``: ``prune_lm(allocation="owl").block_sparsity()`` (the same rule, computed by this project);
 * ``search``: ``prune_lm(granularity="block").block_sparsity()`` at the library's defaults, the same in-layer
-  method as the modifier.
+  method as the modifier;
+* ``search[layer]``: ``prune_lm``'s default per-layer search, every decoder Linear its own target
+  (``result.modifier_targets()``: exact-name patterns and one sparsity each).
 
 Beside them, not through llm-compressor: ``prune_lm`` itself (``direct[...]``: its per-layer default search and
-its uniform), to show what a per-Linear allocation adds beyond the per-layer list llm-compressor takes.
+its uniform), the same allocation pruned by the project's own Wanda / SparseGPT.
 Ratios of held-out perplexity are paired over seeds (geometric mean, 95% t-interval of the log ratio).
 
     .venv-llmc/bin/python benchmarks/llmc.py --sparsities 0.7 --modifiers wanda sparsegpt --seeds 0 1 2 --threads 1
@@ -32,6 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -45,7 +48,7 @@ from de_plugin.demo.training import CACHE  # noqa: E402
 from de_plugin.lm import perplexity, prune_lm  # noqa: E402
 
 log = logging.getLogger("llmc")
-PROFILES = ("uniform", "owl[llmc]", "owl", "search")
+PROFILES = ("uniform", "owl[llmc]", "owl", "search", "search[layer]")
 DIRECT = ("direct[uniform]", "direct[search]")
 OWL_M, OWL_LAMBDA = 5, 0.08  # the OWL paper's settings, prune_lm's defaults
 MODIFIERS = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}
@@ -101,9 +104,11 @@ def dense_llama(steps: int, corpus: Corpus, progress: bool = True) -> tuple[Path
     return folder, tokenizer, train, held
 
 
-def llmc_prune(folder: Path, tokenizer, calib: list[torch.Tensor], modifier: str, sparsity, owl: bool = False):
+def llmc_prune(folder: Path, tokenizer, calib: list[torch.Tensor], modifier: str, sparsity, owl: bool = False,
+               targets: Optional[list[str]] = None):
     """The dense model from ``folder`` pruned by ``llmcompressor.oneshot`` with one modifier: ``sparsity`` a
-    fraction or one per decoder layer; ``owl``: llm-compressor's own OWL profile around the fraction."""
+    fraction or one per target (the decoder layers, or ``targets``); ``owl``: llm-compressor's own OWL profile
+    around the fraction."""
     import transformers
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -113,7 +118,7 @@ def llmc_prune(folder: Path, tokenizer, calib: list[torch.Tensor], modifier: str
     rows = [r.tolist() for b in calib for r in b]
     ds = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
     extra = {"sparsity_profile": "owl", "owl_m": OWL_M, "owl_lmbda": OWL_LAMBDA} if owl else {}
-    recipe = getattr(pruning, MODIFIERS[modifier])(sparsity=sparsity, targets=["LlamaDecoderLayer"],
+    recipe = getattr(pruning, MODIFIERS[modifier])(sparsity=sparsity, targets=targets or ["LlamaDecoderLayer"],
                                                    ignore=["re:.*lm_head"], **extra)
     oneshot(model=model, dataset=ds, recipe=recipe, processor=tokenizer, num_calibration_samples=len(rows),
             max_seq_length=calib[0].shape[1])
@@ -133,6 +138,11 @@ def run_cell(folder: Path, tokenizer, calib, held, modifier: str, profile: str, 
             model = llmc_prune(folder, tokenizer, calib, modifier, sparsity, owl=True)
         except Exception as e:  # noqa: BLE001 - what the user would see is the measurement
             return {"error": f"{type(e).__name__}: {e}"[:300], "wall_seconds": time.perf_counter() - start}
+    elif profile == "search[layer]":
+        r = prune_lm(dense(), calib, sparsity, method=modifier, seed=seed, progress=False, inplace=True)
+        spec, cell["evaluations"] = r.modifier_targets(), r.evaluations
+        model = llmc_prune(folder, tokenizer, calib, modifier, spec["sparsity"], targets=spec["targets"])
+        cell["block_sparsity"] = r.block_sparsity()
     else:
         target = sparsity
         if profile in ("owl", "search"):
@@ -176,6 +186,8 @@ def table(cells: Cells, modifiers, rungs, profiles, seeds, dense_ppl: float) -> 
                              f"{mean('wall_seconds'):.0f} |")
     lines += ["", "Held-out perplexity ratios, paired over seeds:", ""]
     pairs = [("search", "uniform"), ("search", "owl"), ("search", "owl[llmc]"), ("owl", "uniform"),
+             ("search[layer]", "uniform"), ("search[layer]", "owl"), ("search[layer]", "search"),
+             ("direct[search]", "search[layer]"),
              ("owl[llmc]", "uniform"), ("direct[search]", "search"), ("direct[uniform]", "uniform")]
     for m in modifiers:
         for s in rungs:

@@ -51,3 +51,26 @@ def test_block_sparsities_are_what_llm_compressor_prunes_to(folder, modifier):
             max_seq_length=32)
     per_row = 1 / min(l.in_features for l in decoder_layers(model))  # Wanda keeps whole weights per row
     assert block_sparsity(model) == pytest.approx(target, abs=per_row)
+
+
+def test_per_layer_targets_prune_each_linear_to_its_searched_sparsity(folder):
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = tokenizer((folder / "tokenizer.json").read_text()).input_ids
+    calib = [torch.tensor(ids[i:i + 4 * 32]).view(4, 32) for i in range(0, 4 * 4 * 32, 4 * 32)]
+    r = prune_lm(model, calib, 0.6, generations=3, progress=False)
+    spec = r.modifier_targets()
+    assert len(spec["targets"]) == len(spec["sparsity"]) == len(r.layers)
+    target = dict(zip(r.layers, (r.layer_sparsity[n] for n in r.layers)))
+    assert max(target.values()) - min(target.values()) > 0.05  # a per-layer allocation, not a per-block one
+    rows = [row.tolist() for b in calib for row in b]
+    ds = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * 32 for _ in rows]})
+    oneshot(model=model, dataset=ds, recipe=WandaPruningModifier(**spec, ignore=["re:.*lm_head"]), processor=tokenizer,
+            num_calibration_samples=len(rows), max_seq_length=32)
+    for layer in decoder_layers(model):  # Wanda keeps whole weights per row
+        got = 1 - int((layer.weight != 0).sum()) / layer.numel
+        assert got == pytest.approx(target[layer.name], abs=1 / layer.in_features), layer.name

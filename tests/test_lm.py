@@ -185,6 +185,17 @@ def test_search_strategies_and_block_granularity(tiny, calib):
     assert len(r.block_sparsity()) == 2
 
 
+def test_modifier_targets_name_every_pruned_linear_once_in_model_order(tiny, calib):
+    import re
+    r = prune_lm(tiny, calib, 0.6, generations=2, progress=False)
+    spec = r.modifier_targets()
+    order = [n for n, _ in r.model.named_modules() if n in r.layer_sparsity]
+    for pattern, name, s in zip(spec["targets"], order, spec["sparsity"], strict=True):
+        everything = [n for n, _ in r.model.named_modules()]  # llm-compressor matches with re.match
+        assert pattern.startswith("re:") and [n for n in everything if re.match(pattern[3:], n)] == [name]
+        assert s == r.layer_sparsity[name]
+
+
 def test_two_four_sparsity_in_every_layer(tiny, calib):
     r = prune_lm(tiny, calib, "2:4", method="wanda", progress=False)
     for l in decoder_layers(r.model):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -157,6 +158,16 @@ class LMPruningResult(OneShotResult):
             idx = [i for i, x in enumerate(self.blocks) if x == b]
             out.append(1.0 - sum(self.kept[i] for i in idx) / sum(self.numels[i] for i in idx))
         return out
+
+    def modifier_targets(self) -> dict[str, list]:
+        """The per-layer allocation as llm-compressor's SparseGPT / Wanda modifiers take it: every pruned
+        Linear layer its own target (an exact-name pattern) and its sparsity, in the model's module order,
+        which is the order the modifier pairs them in: ``WandaPruningModifier(**result.modifier_targets(),
+        ignore=["re:.*lm_head"])``. (``block_sparsity()`` is the per-block list, with the decoder layers as
+        targets.)"""
+        names = set(self.layers)
+        order = [n for n, _ in self.model.named_modules() if n in names]
+        return {"targets": [f"re:^{re.escape(n)}$" for n in order], "sparsity": [self.layer_sparsity[n] for n in order]}
 
     def table(self) -> str:
         """A readable per-layer table."""
