@@ -21,7 +21,7 @@ consecutive held-out windows of 8 x 128 tokens. Profiles (one sparsity per decod
   (``result.modifier_targets()``: exact-name patterns and one sparsity each).
 
 Beside them, not through llm-compressor: ``prune_lm`` itself (``direct[...]``: its per-layer default search and
-its uniform), the same allocation pruned by the project's own Wanda / SparseGPT.
+its uniform and OWL), pruned by the project's own Wanda / SparseGPT.
 Ratios of held-out perplexity are paired over seeds (geometric mean, 95% t-interval of the log ratio).
 
     .venv-llmc/bin/python benchmarks/llmc.py --sparsities 0.7 --modifiers wanda sparsegpt --seeds 0 1 2 --threads 1
@@ -49,7 +49,7 @@ from de_plugin.lm import perplexity, prune_lm  # noqa: E402
 
 log = logging.getLogger("llmc")
 PROFILES = ("uniform", "owl[llmc]", "owl", "search", "search[layer]")
-DIRECT = ("direct[uniform]", "direct[search]")
+DIRECT = ("direct[uniform]", "direct[owl]", "direct[search]")
 OWL_M, OWL_LAMBDA = 5, 0.08  # the OWL paper's settings, prune_lm's defaults
 MODIFIERS = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}
 
@@ -187,7 +187,8 @@ def table(cells: Cells, modifiers, rungs, profiles, seeds, dense_ppl: float) -> 
     lines += ["", "Held-out perplexity ratios, paired over seeds:", ""]
     pairs = [("search", "uniform"), ("search", "owl"), ("search", "owl[llmc]"), ("owl", "uniform"),
              ("search[layer]", "uniform"), ("search[layer]", "owl"), ("search[layer]", "search"),
-             ("direct[search]", "search[layer]"),
+             ("direct[search]", "search[layer]"), ("direct[search]", "direct[owl]"), ("direct[owl]", "owl"),
+             ("direct[search]", "direct[uniform]"),
              ("owl[llmc]", "uniform"), ("direct[search]", "search"), ("direct[uniform]", "uniform")]
     for m in modifiers:
         for s in rungs:
