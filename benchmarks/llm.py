@@ -238,6 +238,21 @@ def fmt(r: dict) -> str:
     return f"{r['ratio']:.3f}x [{r['low']:.3f}, {r['high']:.3f}] ({r['n']} seeds)"
 
 
+#: the ratios the table lists (numerator, denominator), where both were measured
+PAIRS = [("search", "owl"), ("search", "uniform"), ("search", "de"), ("search", "random"),
+         ("search/4", "search"), ("search/4", "owl"), ("de", "owl"), ("owl", "uniform"),
+         ("search", "search[lambda=20]"), (DEFAULT, "owl"), (DEFAULT, "search"),
+         ("search[1 batch, lambda=4]", DEFAULT), ("search[1 batch, lambda=4]", "search"),
+         ("search[1 batch]", "search"), ("fisher", "owl"), ("fisher", "uniform"),
+         ("search[fisher]", "search"), ("search/4[fisher]", "search/4")]
+
+
+def ratio_lines(got: dict, methods, rungs, pairs) -> list[str]:
+    """One line per (method, rung, pair) measured on both sides: the paired held-out perplexity ratio."""
+    return [f"- {m} @{s}: {a} / {b} = {fmt(ratio(got[(m, s, a)], got[(m, s, b)]))}"
+            for m in methods for s in rungs for a, b in pairs if (m, s, a) in got and (m, s, b) in got]
+
+
 def table(cells: Cells, methods, rungs, allocs, seeds, dense_ppl: float) -> str:
     lines = [f"dense held-out perplexity {dense_ppl:.3f}", "",
              "| inside layers | sparsity | allocation | perplexity (mean) | KL held-out | evaluations | wall s |",
@@ -255,16 +270,7 @@ def table(cells: Cells, methods, rungs, allocs, seeds, dense_ppl: float) -> str:
                 lines.append(f"| {m} | {s} | {a} | {mean('ppl'):.3f} ({len(cs)} seeds) | {mean('kl'):.4f} | "
                              f"{mean('evaluations'):.0f} | {mean('wall_seconds'):.0f} |")
     lines += ["", "Held-out perplexity ratios, paired over seeds:", ""]
-    for m in methods:
-        for s in [r for r in rungs if r != "2:4"]:
-            for a, b in [("search", "owl"), ("search", "uniform"), ("search", "de"), ("search", "random"),
-                         ("search/4", "search"), ("search/4", "owl"), ("de", "owl"), ("owl", "uniform"),
-                         ("search", "search[lambda=20]"), (DEFAULT, "owl"), (DEFAULT, "search"),
-                         ("search[1 batch, lambda=4]", DEFAULT), ("search[1 batch, lambda=4]", "search"),
-                         ("search[1 batch]", "search"), ("fisher", "owl"), ("fisher", "uniform"),
-                         ("search[fisher]", "search"), ("search/4[fisher]", "search/4")]:
-                if (m, s, a) in got and (m, s, b) in got:
-                    lines.append(f"- {m} @{s}: {a} / {b} = {fmt(ratio(got[(m, s, a)], got[(m, s, b)]))}")
+    lines += ratio_lines(got, methods, [r for r in rungs if r != "2:4"], PAIRS)
     return "\n".join(lines)
 
 

@@ -41,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cells import Cells  # noqa: E402
-from llm import fmt, ratio  # noqa: E402
+from llm import ratio_lines  # noqa: E402
 
 from de_plugin.demo.lm import Corpus, stdlib_corpus, token_batches, train_lm  # noqa: E402
 from de_plugin.demo.training import CACHE  # noqa: E402
@@ -163,6 +163,14 @@ def achieved(model: nn.Module) -> float:
     return 1.0 - sum(int((l.weight != 0).sum()) for l in layers) / sum(l.numel for l in layers)
 
 
+#: the ratios the table lists (numerator, denominator), where both were measured
+PAIRS = [("search", "uniform"), ("search", "owl"), ("search", "owl[llmc]"), ("owl", "uniform"),
+         ("search[layer]", "uniform"), ("search[layer]", "owl"), ("search[layer]", "search"),
+         ("direct[search]", "search[layer]"), ("direct[search]", "direct[owl]"), ("direct[owl]", "owl"),
+         ("direct[search]", "direct[uniform]"),
+         ("owl[llmc]", "uniform"), ("direct[search]", "search"), ("direct[uniform]", "uniform")]
+
+
 def table(cells: Cells, modifiers, rungs, profiles, seeds, dense_ppl: float) -> str:
     lines = [f"dense held-out perplexity {dense_ppl:.3f} (per BPE token)", "",
              "| modifier | sparsity | profile | perplexity per seed | mean | sparsity reached | wall s |",
@@ -185,16 +193,7 @@ def table(cells: Cells, modifiers, rungs, profiles, seeds, dense_ppl: float) -> 
                 lines.append(f"| {m} | {s} | {p} | {per} | {mean('ppl'):.3f} | {mean('sparsity'):.4f} | "
                              f"{mean('wall_seconds'):.0f} |")
     lines += ["", "Held-out perplexity ratios, paired over seeds:", ""]
-    pairs = [("search", "uniform"), ("search", "owl"), ("search", "owl[llmc]"), ("owl", "uniform"),
-             ("search[layer]", "uniform"), ("search[layer]", "owl"), ("search[layer]", "search"),
-             ("direct[search]", "search[layer]"), ("direct[search]", "direct[owl]"), ("direct[owl]", "owl"),
-             ("direct[search]", "direct[uniform]"),
-             ("owl[llmc]", "uniform"), ("direct[search]", "search"), ("direct[uniform]", "uniform")]
-    for m in modifiers:
-        for s in rungs:
-            for a, b in pairs:
-                if (m, s, a) in got and (m, s, b) in got:
-                    lines.append(f"- {m} @{s}: {a} / {b} = {fmt(ratio(got[(m, s, a)], got[(m, s, b)]))}")
+    lines += ratio_lines(got, modifiers, rungs, PAIRS)
     return "\n".join(lines)
 
 
