@@ -3,7 +3,7 @@ then width pruning, then INC 3.7's own SparseGPT at the searched per-layer targe
 
 The decoder is TinyGPT trained on this Python's standard-library sources (``--steps``; cached under
 ``~/.cache/de_plugin``: 3,000 steps take about 12 minutes on one CPU core the first time, 600 about 2.5).
-The rest takes about 70 seconds on one core (four allocations, width, INC's SparseGPT pass).
+The rest takes about 80 seconds on one core (four allocations, width with its refit, INC's SparseGPT pass).
 
     python examples/core/lm_one_shot.py --steps 600 --sparsity 0.7
 """
