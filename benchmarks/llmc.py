@@ -22,7 +22,9 @@ consecutive held-out windows of 8 x 128 tokens. Profiles (one sparsity per decod
 
 Beside them, not through llm-compressor: ``prune_lm`` itself (``direct[...]``: its per-layer default search and
 its uniform and OWL), pruned by the project's own Wanda / SparseGPT.
-Ratios of held-out perplexity are paired over seeds (geometric mean, 95% t-interval of the log ratio).
+``--widths``: ``prune_width`` on the same model (grouped-query attention, so the MLP's hidden units only), uniform
+or searched widths, with and without the least-squares refit. Ratios of held-out perplexity are paired over seeds
+(geometric mean, 95% t-interval of the log ratio).
 
     .venv-llmc/bin/python benchmarks/llmc.py --sparsities 0.7 --modifiers wanda sparsegpt --seeds 0 1 2 --threads 1
 """
@@ -46,12 +48,16 @@ from llm import ratio_lines  # noqa: E402
 from de_plugin.demo.lm import Corpus, stdlib_corpus, token_batches, train_lm  # noqa: E402
 from de_plugin.demo.training import CACHE  # noqa: E402
 from de_plugin.lm import perplexity, prune_lm  # noqa: E402
+from de_plugin.lm.width import prune_width  # noqa: E402
 
 log = logging.getLogger("llmc")
 PROFILES = ("uniform", "owl[llmc]", "owl", "search", "search[layer]")
 DIRECT = ("direct[uniform]", "direct[owl]", "direct[search]")
 OWL_M, OWL_LAMBDA = 5, 0.08  # the OWL paper's settings, prune_lm's defaults
 MODIFIERS = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}
+#: ``--widths``: ``prune_width`` on the same Llama (grouped-query attention: the MLP's hidden units only)
+WIDTHS = {"uniform": {"allocation": "uniform", "refit": False}, "search": {"refit": False},
+          "uniform+refit": {"allocation": "uniform", "refit": True}, "search+refit": {"refit": True}}
 
 
 class Logits(nn.Module):
@@ -155,6 +161,33 @@ def run_cell(folder: Path, tokenizer, calib, held, modifier: str, profile: str, 
     return cell
 
 
+def run_width(folder: Path, calib, held, profile: str, share: float, seed: int) -> dict:
+    import transformers
+
+    start = time.perf_counter()
+    dense = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    r = prune_width(dense, calib, share, seed=seed, progress=False, **WIDTHS[profile])
+    return {"ppl": perplexity(r.model, held), "removed": r.removed, "units": r.units, "heads": r.heads,
+            "evaluations": r.evaluations, "wall_seconds": time.perf_counter() - start}
+
+
+def width_table(cells: Cells, shares, seeds) -> str:
+    lines = ["| parameters removed | allocation | perplexity per seed | mean | hidden units kept per layer (seed 0) |",
+             "|---|---|---|---|---|"]
+    got: dict = {}
+    for r in shares:
+        for p in WIDTHS:
+            cs = {sd: c for sd in seeds if (c := cells.get(("width", r, p, sd)))}
+            if cs:
+                got[("width", r, p)] = {sd: c["ppl"] for sd, c in cs.items()}
+                per = " / ".join(f"{c['ppl']:.3f}" for c in cs.values())
+                lines.append(f"| {r:.0%} | {p} | {per} | "
+                             f"{sum(c['ppl'] for c in cs.values()) / len(cs):.3f} | {cs[min(cs)]['units']} |")
+    pairs = [("search", "uniform"), ("uniform+refit", "uniform"), ("search+refit", "uniform+refit"),
+             ("search+refit", "uniform")]
+    return "\n".join(lines + [""] + ratio_lines(got, ["width"], shares, pairs))
+
+
 def achieved(model: nn.Module) -> float:
     """The share of zero weights over the decoder layers' Linear weights."""
     from de_plugin.lm import decoder_layers
@@ -203,6 +236,8 @@ def main(argv=None) -> None:
     ap.add_argument("--modifiers", nargs="+", default=["wanda", "sparsegpt"], choices=list(MODIFIERS))
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.7])
     ap.add_argument("--profiles", nargs="+", default=list(PROFILES + DIRECT), choices=list(PROFILES + DIRECT))
+    ap.add_argument("--widths", nargs="*", type=float, default=[], help="shares of the decoder's parameters removed "
+                                                                          "by prune_width (hidden units)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--calib-batches", type=int, default=16)
     ap.add_argument("--eval-batches", type=int, default=40)
@@ -228,7 +263,13 @@ def main(argv=None) -> None:
                 for p in args.profiles:
                     log.info("cell %s @%s %s seed %d", m, s, p, seed)
                     cells.run((m, s, p, seed), lambda: run_cell(folder, tokenizer, calib, held, m, p, s, seed))
+        for r in args.widths:
+            for p in WIDTHS:
+                log.info("cell width %s %s seed %d", r, p, seed)
+                cells.run(("width", r, p, seed), lambda: run_width(folder, calib, held, p, r, seed))
     text = table(cells, args.modifiers, args.sparsities, args.profiles, args.seeds, dense_ppl)
+    if args.widths:
+        text += "\n\nWidth (prune_width; MLP hidden units):\n\n" + width_table(cells, args.widths, args.seeds)
     print(text)
     (out / "table.md").write_text(text + "\n")
 
