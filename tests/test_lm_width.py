@@ -104,7 +104,7 @@ def test_refit_width_scores_what_it_slices_and_fits_better_than_zeroing(model, c
 
 def test_refit_is_off_by_default_when_its_moments_would_not_fit(model, calib, monkeypatch):
     import de_plugin.lm.width as width
-    monkeypatch.setattr(width, "REFIT_AUTO_BYTES", 8 * 128 ** 2)  # one 128-input moment fits, this model's do not
+    monkeypatch.setattr(width, "REFIT_AUTO_BYTES", 8 * 128 ** 2)  # less than this model's moments (2 x (128^2 + 32^2))
     assert not prune_width(model, calib, 0.3, allocation="uniform", progress=False).refit
     assert prune_width(model, calib, 0.3, allocation="uniform", refit=True, progress=False).refit
 
