@@ -69,6 +69,23 @@ def test_llama_heads_and_grouped_query_attention(calib):
         assert r.removed == pytest.approx(0.3, abs=0.01)
 
 
+@pytest.mark.parametrize("refit", [False, True])
+def test_grouped_query_heads_go_with_their_key_value_head(calib, refit):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32)).eval()
+    b = width_blocks(llama)[0]
+    assert b.heads == 2 and b.group == 2  # two key / value heads, each with two query heads
+    assert b.head_cost == 8 * (2 * (32 + 32) + 32 + 32)  # head_dim x (2 query rows + 2 output columns + k + v rows)
+    r = prune_width(llama, calib, 0.5, allocation="uniform", refit=refit, progress=False)
+    attn = r.model.model.layers[0].self_attn
+    assert r.heads == [2, 2] and attn.q_proj.out_features == 16 and attn.k_proj.out_features == 8
+    assert attn.o_proj.in_features == 16 and r.params_after == decoder_params(r.model)
+    assert r.fitness == pytest.approx(DenseReference(llama, calib).kl(r.model), rel=1e-3)  # sliced = scored
+
+
 def test_refit_is_the_least_squares_fit_of_the_dense_output_on_the_kept_inputs():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 6, generator=g, dtype=torch.float64) + 0.5  # tokens x inputs, not centred: the bias matters

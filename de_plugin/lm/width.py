@@ -2,8 +2,8 @@
 parameter budget, then sliced away so the model is physically smaller.
 
 Per block, the prunable units are the attention heads (q / k / v output rows and o input columns of a
-head, together; not with grouped-query attention, whose heads share k / v: there only the MLP is pruned)
-and the MLP's hidden units (up / gate output rows and down input columns). Which units go inside a block
+head, together; with grouped-query attention a key / value head and the query heads that share it, as one
+unit) and the MLP's hidden units (up / gate output rows and down input columns). Which units go inside a block
 follows a structured Wanda score from one pass over the calibration tokens: a hidden unit's
 ``||X_j||_2 ||W_down[:, j]||_2``, a head's sum of the same over its o-projection columns. Dropping a unit
 is zeroing its column in ``down`` / ``o`` (what the search scores) and is then made real by slicing
@@ -57,13 +57,14 @@ class WidthBlock:
 
     index: int
     attn: dict[str, str]  # q, k, v, o -> module path ({} when heads are not pruned)
-    heads: int  # the block's attention heads (0: unknown)
+    heads: int  # the block's prunable head units: key / value heads (0: unknown); query heads when not pruned
     mlp_in: list[str]
     mlp_out: str
     head_dim: int
     units: int
     head_cost: int = 0
     unit_cost: int = 0
+    group: int = 1  # query heads per unit (grouped-query attention: per key / value head)
 
 
 def _find(block: nn.Module, prefix: str, names: tuple[str, ...]) -> Optional[str]:
@@ -90,10 +91,14 @@ def width_blocks(model: nn.Module) -> list[WidthBlock]:
         q = mods[attn["q"]] if attn["q"] else None
         parent = mods[attn["q"].rsplit(".", 1)[0]] if q is not None else None
         hd = getattr(parent, "head_dim", None) or getattr(block, "head_dim", None)
-        mha = (q is not None and all(attn.values()) and hd and mods[attn["k"]].out_features == q.out_features
-               and q.out_features % hd == 0)
         heads = q.out_features // hd if q is not None and hd else 0
-        wb = WidthBlock(i, attn if mha else {}, int(heads), ins, down, int(hd or 0), mods[down].in_features)
+        kv = mods[attn["k"]].out_features // hd if attn["k"] and hd else 0
+        # heads prune as units of one key / value head and its query heads; with a single key / value head
+        # there is nothing to remove without removing attention
+        units = (all(attn.values()) and hd and q.out_features % hd == 0 and kv and heads % kv == 0
+                 and mods[attn["k"]].out_features == kv * hd and (kv == heads or kv > 1))
+        wb = WidthBlock(i, attn if units else {}, int(kv if units else heads), ins, down, int(hd or 0),
+                        mods[down].in_features, group=int(heads // kv) if units else 1)
         _costs(wb, mods)
         out.append(wb)
     return out
@@ -103,9 +108,9 @@ def _costs(wb: WidthBlock, mods: dict[str, nn.Module]) -> None:
     d_unit = sum(mods[p].in_features + (1 if mods[p].bias is not None else 0) for p in wb.mlp_in)
     wb.unit_cost = d_unit + mods[wb.mlp_out].out_features
     if wb.attn:
-        qkv = [mods[wb.attn[k]] for k in "qkv"]
-        wb.head_cost = wb.head_dim * (sum(m.in_features + (1 if m.bias is not None else 0) for m in qkv)
-                                      + mods[wb.attn["o"]].out_features)
+        q, k, v = (mods[wb.attn[n]] for n in "qkv")
+        row = lambda m: m.in_features + (1 if m.bias is not None else 0)  # noqa: E731
+        wb.head_cost = wb.head_dim * (wb.group * (row(q) + mods[wb.attn["o"]].out_features) + row(k) + row(v))
 
 
 def decoder_params(model: nn.Module) -> int:
@@ -135,7 +140,8 @@ class WidthMasks:
             self.unit_order.append(torch.argsort(norms[b.mlp_out] * w.norm(dim=0), descending=True, stable=True))
             if b.attn:
                 s = norms[b.attn["o"]] * self.dense[b.attn["o"]].float().norm(dim=0)
-                self.head_order.append(torch.argsort(s.view(b.heads, b.head_dim).sum(1), descending=True, stable=True))
+                s = s.view(b.heads, b.group * b.head_dim).sum(1)
+                self.head_order.append(torch.argsort(s, descending=True, stable=True))
             else:
                 self.head_order.append(None)
 
@@ -161,7 +167,7 @@ class WidthMasks:
                 if h is not None:
                     keep = torch.zeros(b.heads, dtype=torch.bool)
                     keep[h] = True
-                    self._write(b.attn["o"], keep.repeat_interleave(b.head_dim))
+                    self._write(b.attn["o"], keep.repeat_interleave(b.group * b.head_dim))
 
     def _write(self, path: str, keep: torch.Tensor) -> None:
         """Layer ``path`` with only the input columns in ``keep`` (re-fitted when there are moments)."""
@@ -273,21 +279,25 @@ def slice_width(model: nn.Module, blocks: list[WidthBlock], kept) -> None:
             put(p, _sliced(mods[p], rows=u))
         put(b.mlp_out, _sliced(mods[b.mlp_out], cols=u))
         if h is not None:
-            idx = (h[:, None] * b.head_dim + torch.arange(b.head_dim)[None, :]).flatten()
-            for k in "qkv":
-                put(b.attn[k], _sliced(mods[b.attn[k]], rows=idx))
-            put(b.attn["o"], _sliced(mods[b.attn["o"]], cols=idx))
+            span = b.group * b.head_dim  # a unit's query / output dimensions; its key / value ones are head_dim
+            qo = (h[:, None] * span + torch.arange(span)[None, :]).flatten()
+            kv = (h[:, None] * b.head_dim + torch.arange(b.head_dim)[None, :]).flatten()
+            put(b.attn["q"], _sliced(mods[b.attn["q"]], rows=qo))
+            for k in "kv":
+                put(b.attn[k], _sliced(mods[b.attn[k]], rows=kv))
+            put(b.attn["o"], _sliced(mods[b.attn["o"]], cols=qo))
             owner = mods[b.attn["q"].rsplit(".", 1)[0]]
             for holder in (owner, mods[b.mlp_out.rsplit(".", 1)[0]]):
                 if hasattr(holder, "heads"):  # TinyGPT counts its heads; transformers' views infer them
-                    holder.heads = len(h)
+                    holder.heads = len(h) * b.group
 
 
 class WidthOptions(OneShotOptions):
     """``prune_width``'s settings (the search's are :class:`~de_plugin.lm.search.OneShotOptions`')."""
 
     allocation: Literal["search", "uniform"] = Field("search", description="searched per-block widths, or uniform")
-    heads: bool = Field(True, description="prune attention heads too (never with grouped-query attention)")
+    heads: bool = Field(True, description="prune attention heads too (with grouped-query attention: a key / value "
+                                           "head and its query heads together)")
     min_share: float = Field(0.05, gt=0.0, le=1.0, description="the least share of a block's heads / units kept")
     # chosen by benchmarks/llm.py (TinyGPT, 3 seeds, 30% of the parameters): the refit lowered held-out perplexity to
     # 0.80x with uniform width and 0.84x with the searched one, at twice the search's time
@@ -313,7 +323,7 @@ def use_refit(o: "WidthOptions", blocks: list[WidthBlock], mods: dict[str, nn.Mo
 class WidthResult(OneShotResult):
     """What ``prune_width`` did; ``model`` is physically smaller."""
 
-    heads: list[int]  # kept per block (the original count where heads were not pruned)
+    heads: list[int]  # query heads kept per block (the original count where heads were not pruned)
     units: list[int]  # hidden units kept per block
     params_before: int
     params_after: int
@@ -383,7 +393,7 @@ def prune_width(model: nn.Module, calibration: Any, params: float, options: Opti
         work.train(was)
         result = WidthResult(model=work, allocation=o.allocation, fitness=value, seed_fitness=seed_fitness,
                              evaluations=evals, seconds=time.perf_counter() - start, search=info,
-                             heads=[len(h) if h is not None else b.heads for b, (h, _) in zip(blocks, kept)],
+                             heads=[(len(h) if h is not None else b.heads) * b.group for b, (h, _) in zip(blocks, kept)],
                              units=[len(u) for _, u in kept], params_before=before, params_after=decoder_params(work),
                              refit=refits)
         log.info("prune_width: %s, %.1f%% of the decoder's parameters removed, %s %.4f (uniform %.4f)", o.allocation,
