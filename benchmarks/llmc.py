@@ -22,8 +22,9 @@ consecutive held-out windows of 8 x 128 tokens. Profiles (one sparsity per decod
 
 Beside them, not through llm-compressor: ``prune_lm`` itself (``direct[...]``: its per-layer default search and
 its uniform and OWL), pruned by the project's own Wanda / SparseGPT.
-``--widths``: ``prune_width`` on the same model (grouped-query attention, so the MLP's hidden units only), uniform
-or searched widths, with and without the least-squares refit. Ratios of held-out perplexity are paired over seeds
+``--widths``: ``prune_width`` on the same model (heads pruned as one key / value head with its two query heads,
+and the MLP's hidden units; ``[mlp]``: hidden units only), uniform or searched widths, with and without the
+least-squares refit. Ratios of held-out perplexity are paired over seeds
 (geometric mean, 95% t-interval of the log ratio).
 
     .venv-llmc/bin/python benchmarks/llmc.py --sparsities 0.7 --modifiers wanda sparsegpt --seeds 0 1 2 --threads 1
@@ -55,9 +56,10 @@ PROFILES = ("uniform", "owl[llmc]", "owl", "search", "search[layer]")
 DIRECT = ("direct[uniform]", "direct[owl]", "direct[search]")
 OWL_M, OWL_LAMBDA = 5, 0.08  # the OWL paper's settings, prune_lm's defaults
 MODIFIERS = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}
-#: ``--widths``: ``prune_width`` on the same Llama (grouped-query attention: the MLP's hidden units only)
+#: ``--widths``: ``prune_width`` on the same Llama: key / value heads with their query heads, and hidden units
 WIDTHS = {"uniform": {"allocation": "uniform", "refit": False}, "search": {"refit": False},
           "uniform+refit": {"allocation": "uniform", "refit": True}, "search+refit": {"refit": True}}
+WIDTHS |= {a + "[mlp]": {**o, "heads": False} for a, o in list(WIDTHS.items())}  # the MLP's hidden units only
 
 
 class Logits(nn.Module):
@@ -172,8 +174,8 @@ def run_width(folder: Path, calib, held, profile: str, share: float, seed: int) 
 
 
 def width_table(cells: Cells, shares, seeds) -> str:
-    lines = ["| parameters removed | allocation | perplexity per seed | mean | hidden units kept per layer (seed 0) |",
-             "|---|---|---|---|---|"]
+    lines = ["| parameters removed | allocation | perplexity per seed | mean | query heads kept per layer (seed 0) | "
+             "hidden units kept per layer (seed 0) |", "|---|---|---|---|---|---|"]
     got: dict = {}
     for r in shares:
         for p in WIDTHS:
@@ -182,9 +184,11 @@ def width_table(cells: Cells, shares, seeds) -> str:
                 got[("width", r, p)] = {sd: c["ppl"] for sd, c in cs.items()}
                 per = " / ".join(f"{c['ppl']:.3f}" for c in cs.values())
                 lines.append(f"| {r:.0%} | {p} | {per} | "
-                             f"{sum(c['ppl'] for c in cs.values()) / len(cs):.3f} | {cs[min(cs)]['units']} |")
-    pairs = [("search", "uniform"), ("uniform+refit", "uniform"), ("search+refit", "uniform+refit"),
-             ("search+refit", "uniform")]
+                             f"{sum(c['ppl'] for c in cs.values()) / len(cs):.3f} | {cs[min(cs)]['heads']} | "
+                             f"{cs[min(cs)]['units']} |")
+    pairs = [(a + m, b + m) for m in ("", "[mlp]") for a, b in
+             (("search", "uniform"), ("uniform+refit", "uniform"), ("search+refit", "uniform+refit"),
+              ("search+refit", "uniform"))] + [("search+refit", "search+refit[mlp]")]
     return "\n".join(lines + [""] + ratio_lines(got, ["width"], shares, pairs))
 
 
