@@ -66,6 +66,11 @@ class WidthBlock:
     unit_cost: int = 0
     group: int = 1  # query heads per unit (grouped-query attention: per key / value head)
 
+    @property
+    def outputs(self) -> list[str]:
+        """The projections whose input columns the block's units are: ``down``, and ``o`` when heads prune."""
+        return [self.mlp_out] + ([self.attn["o"]] if self.attn else [])
+
 
 def _find(block: nn.Module, prefix: str, names: tuple[str, ...]) -> Optional[str]:
     for n, m in block.named_modules():
@@ -130,10 +135,13 @@ class WidthMasks:
 
     def __init__(self, model: nn.Module, blocks: list[WidthBlock], norms: dict[str, torch.Tensor],
                  moments: Optional[dict[str, tuple[torch.Tensor, torch.Tensor, int]]] = None):
-        self.mods, self.blocks, self.moments = dict(model.named_modules()), blocks, moments
-        paths = [p for b in blocks for p in ([b.mlp_out] + ([b.attn["o"]] if b.attn else []))]
+        self.mods, self.blocks = dict(model.named_modules()), blocks
+        paths = [p for b in blocks for p in b.outputs]
         self.dense = {p: self.mods[p].weight.detach().clone() for p in paths}
         self.dense_bias = {p: self.mods[p].bias.detach().clone() for p in paths if self.mods[p].bias is not None}
+        # the refit's float64 systems, bias folded in, built once (every candidate solves against them)
+        self.systems = ({p: augmented(self.dense[p], self.dense_bias.get(p), *moments[p]) for p in paths}
+                        if moments else {})
         self.unit_order, self.head_order = [], []
         for b in blocks:
             w = self.dense[b.mlp_out].float()
@@ -172,12 +180,12 @@ class WidthMasks:
     def _write(self, path: str, keep: torch.Tensor) -> None:
         """Layer ``path`` with only the input columns in ``keep`` (re-fitted when there are moments)."""
         w, mod = self.dense[path], self.mods[path]
-        if self.moments is None or bool(keep.all()):
+        if not self.systems or bool(keep.all()):
             mod.weight.copy_(w * keep.to(w.dtype))
             if mod.bias is not None:
                 mod.bias.copy_(self.dense_bias[path])
             return
-        new_w, new_b = refit(w, self.dense_bias.get(path), *self.moments[path], keep)
+        new_w, new_b = solve_refit(*self.systems[path], keep, w.dtype)
         mod.weight.copy_(new_w)
         if new_b is not None:
             mod.bias.copy_(new_b)
@@ -197,23 +205,34 @@ def refit(w: torch.Tensor, bias: Optional[torch.Tensor], h: torch.Tensor, sums: 
     ``W'_K = W_K + W_R H_RK H_KK^-1`` with the bias as an input of ones (kept). ``damp``: a share of the mean
     diagonal added to ``H_KK`` (SparseGPT's dampening) so a rank-deficient calibration set still solves.
     Returns the full-width weight (removed columns zero) and the new bias (None without one)."""
-    d = w.shape[1]
-    hd = h.double()
-    if bias is not None:  # augment: the bias is the weight of a constant input 1
-        hd = torch.cat([torch.cat([hd, sums.double()[:, None]], 1),
-                        torch.cat([sums.double(), torch.tensor([float(tokens)], dtype=torch.float64)])[None, :]], 0)
-        wa = torch.cat([w.double(), bias.double()[:, None]], 1)
+    return solve_refit(*augmented(w, bias, h, sums, tokens), keep, w.dtype, damp)
+
+
+def augmented(w: torch.Tensor, bias: Optional[torch.Tensor], h: torch.Tensor, sums: torch.Tensor,
+              tokens: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(W | b, H)`` in float64 with the bias as the weight of a constant input 1 (``H`` grows by the input
+    sums and the token count), and whether there is a bias."""
+    hd, wd = h.double(), w.double()
+    if bias is None:
+        return wd, hd, False
+    s = sums.double()
+    hd = torch.cat([torch.cat([hd, s[:, None]], 1), torch.cat([s, s.new_tensor([float(tokens)])])[None, :]], 0)
+    return torch.cat([wd, bias.double()[:, None]], 1), hd, True
+
+
+def solve_refit(wa: torch.Tensor, hd: torch.Tensor, has_bias: bool, keep: torch.Tensor, dtype: torch.dtype,
+                damp: float = 0.01) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`refit` on an :func:`augmented` system."""
+    d = wa.shape[1] - has_bias
+    if has_bias:
         keep = torch.cat([keep, torch.tensor([True])])
-    else:
-        wa = w.double()
     k, r = keep.nonzero().flatten(), (~keep).nonzero().flatten()
     a = hd[k][:, k]
     a = a + damp * a.diagonal().mean() * torch.eye(len(k), dtype=torch.float64)
     m = torch.linalg.solve(a, hd[k][:, r])  # H_KK^-1 H_KR
     out = torch.zeros_like(wa)
     out[:, k] = wa[:, k] + wa[:, r] @ m.t()
-    new_w = out[:, :d].to(w.dtype)
-    return new_w, (out[:, d].to(w.dtype) if bias is not None else None)
+    return out[:, :d].to(dtype), (out[:, d].to(dtype) if has_bias else None)
 
 
 class WidthSpace(KeepSpace):
@@ -312,7 +331,7 @@ def use_refit(o: "WidthOptions", blocks: list[WidthBlock], mods: dict[str, nn.Mo
     """``refit`` as asked, or (None) whether the inputs' second moments fit :data:`REFIT_AUTO_BYTES`."""
     if o.refit is not None:
         return o.refit
-    need = sum(8 * mods[p].in_features ** 2 for b in blocks for p in [b.mlp_out] + ([b.attn["o"]] if b.attn else []))
+    need = sum(8 * mods[p].in_features ** 2 for b in blocks for p in b.outputs)
     if need > REFIT_AUTO_BYTES:
         log.info("prune_width: no refit (the o / down inputs' second moments would take %.1f GiB; refit=True to "
                  "re-fit anyway)", need / 2 ** 30)
@@ -367,7 +386,7 @@ def prune_width(model: nn.Module, calibration: Any, params: float, options: Opti
             for b in blocks:
                 b.attn, b.head_cost = {}, 0
         mods = dict(work.named_modules())
-        probes = [LMLayer(p, mods[p], b.index, False) for b in blocks for p in [b.mlp_out] + ([b.attn["o"]] if b.attn else [])]
+        probes = [LMLayer(p, mods[p], b.index, False) for b in blocks for p in b.outputs]
         refits = use_refit(o, blocks, mods)
         stats = collect_stats(work, probes, batches, hessians=refits)
         moments = ({l.name: (stats.hessians[i], stats.sums[i], stats.tokens) for i, l in enumerate(probes)}
