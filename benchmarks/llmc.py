@@ -188,7 +188,7 @@ def width_table(cells: Cells, shares, seeds) -> str:
                              f"{cs[min(cs)]['units']} |")
     pairs = [(a + m, b + m) for m in ("", "[mlp]") for a, b in
              (("search", "uniform"), ("uniform+refit", "uniform"), ("search+refit", "uniform+refit"),
-              ("search+refit", "uniform"))] + [("search+refit", "search+refit[mlp]")]
+              ("search+refit", "uniform"), ("search+refit", "search"))] + [("search+refit", "search+refit[mlp]")]
     return "\n".join(lines + [""] + ratio_lines(got, ["width"], shares, pairs))
 
 
