@@ -113,8 +113,9 @@ def _check_fraction(label: str, value: Any) -> float:
 
 
 class Undo:
-    """The user's weights as they were, put back if pruning in place fails. In memory, or with
-    ``spill`` in a temporary file: a second copy of a large model is what low memory avoids."""
+    """The user's weights as they were, put back if pruning in place fails. In host memory (a model on a GPU
+    keeps its accelerator memory for the pruning), or with ``spill`` in a temporary file: a second copy of a
+    large model is what low memory avoids."""
 
     def __init__(self, model: nn.Module, spill: bool):
         self.path: Optional[str] = None
@@ -128,7 +129,8 @@ class Undo:
                 log.warning("cannot write the undo copy to %s (%s); keeping it in memory", self.path, exc)
                 self.close()
         if self.path is None:
-            self.state = copy.deepcopy(model.state_dict())
+            self.state = {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                          for k, v in model.state_dict().items()}
 
     def restore(self, model: nn.Module) -> None:
         state = self.state if self.path is None else torch.load(self.path, mmap=True, weights_only=False)

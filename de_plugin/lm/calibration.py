@@ -4,7 +4,7 @@ Calibration data is token batches: a ``LongTensor`` ``[batch, length]`` or a lis
 not text). One forward pass of the dense model over them records, per target layer, the inputs'
 second moment ``H = sum_t x_t x_t^T`` (SparseGPT's Hessian, kept only when asked), the squared
 column norms ``diag(H)`` (Wanda's ``||X_j||^2``) and the column sums ``sum_t x_t`` (width pruning's refit
-of a bias). For the search every layer sees the dense model's
+of a bias), each on the device of its layer's weights, where its inputs arrive. For the search every layer sees the dense model's
 activations (one pass); the final model can be pruned block by block instead (``sequential``, as the
 SparseGPT and Wanda papers do), each block's statistics taken with the blocks before it already pruned.
 """
@@ -35,9 +35,21 @@ def check_tokens(data: Any, what: str = "calibration") -> list[torch.Tensor]:
     return [b.long() for b in batches]
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model reads its token ids: its input embedding's device (``transformers``'
+    ``get_input_embeddings``, else the first ``nn.Embedding``), else its first parameter's."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if emb is None:
+        emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    param = emb.weight if emb is not None else next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def logits_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Next-token logits ``[batch, length, vocab]`` of a plain module or a ``transformers`` model."""
-    out = model(tokens)
+    """Next-token logits ``[batch, length, vocab]`` of a plain module or a ``transformers`` model; token ids
+    held elsewhere (calibration on the CPU, the model on a GPU) are moved to the model's input device."""
+    out = model(tokens.to(input_device(model)))
     out = getattr(out, "logits", out)
     if isinstance(out, (tuple, list)):
         out = out[0]
@@ -66,9 +78,11 @@ def collect_stats(model: nn.Module, layers: Sequence[LMLayer], batches: Sequence
     """Run the model once over ``batches`` and record each layer's input statistics. ``stop_early``: end
     each batch's forward pass as soon as every layer in ``layers`` has run (the rest of the model
     cannot change their inputs), as sequential pruning does for every block."""
-    norms = [torch.zeros(l.in_features, dtype=torch.float64) for l in layers]
-    sums = [torch.zeros(l.in_features, dtype=torch.float64) for l in layers]  # with H: a bias's share of the fit
-    hs = [torch.zeros(l.in_features, l.in_features, dtype=torch.float64) for l in layers] if hessians else None
+    dev = [l.module.weight.device for l in layers]  # each layer's statistics where its inputs arrive
+    norms = [torch.zeros(l.in_features, dtype=torch.float64, device=d) for l, d in zip(layers, dev)]
+    sums = [torch.zeros(l.in_features, dtype=torch.float64, device=d) for l, d in zip(layers, dev)]  # a bias's refit
+    hs = ([torch.zeros(l.in_features, l.in_features, dtype=torch.float64, device=d) for l, d in zip(layers, dev)]
+          if hessians else None)
     count = [0]
 
     def hook(i):

@@ -34,7 +34,7 @@ class DenseReference:
         total, count = 0.0, 0
         rows = list(zip(self.batches, self.logp, self.p))
         for b, lp, p in ([rows[i] for i in pick] if pick is not None else rows[:upto]):
-            lq = F.log_softmax(logits_of(model, b).float(), dim=-1)
+            lq = F.log_softmax(logits_of(model, b).float(), dim=-1).to(lp.device)  # the reference may sit elsewhere
             total += float((p * (lp - lq)).sum())
             count += lp.shape[0] * lp.shape[1]
         return total / count
@@ -46,7 +46,7 @@ def perplexity(model: nn.Module, batches: Sequence[torch.Tensor]) -> float:
     nll, count = 0.0, 0
     for b in batches:
         logits = logits_of(model, b).float()
-        nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
+        nll += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1).to(logits.device),
                                      reduction="sum"))
         count += b[:, 1:].numel()
     return math.exp(nll / count)

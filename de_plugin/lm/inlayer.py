@@ -28,7 +28,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 def layer_mask(scores: torch.Tensor, prune: int, order: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Keep-mask pruning the ``prune`` lowest scores of the whole tensor (``order``: the scores'
     stable ascending argsort, when the caller holds it already)."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if prune > 0:
         order = torch.argsort(scores.flatten(), stable=True) if order is None else order
         keep[order[:prune]] = False
@@ -41,11 +41,11 @@ def row_mask(scores: torch.Tensor, prune: int, order: Optional[torch.Tensor] = N
     rows, cols = scores.shape
     base, extra = divmod(int(prune), rows)
     order = torch.argsort(scores, dim=1, stable=True) if order is None else order
-    per_row = torch.full((rows,), base, dtype=torch.long)
+    per_row = torch.full((rows,), base, dtype=torch.long, device=scores.device)
     if extra:
         marginal = scores.gather(1, order[:, base:base + 1]).squeeze(1)
         per_row[torch.argsort(marginal, stable=True)[:extra]] += 1
-    ranks = torch.arange(cols).expand(rows, cols)
+    ranks = torch.arange(cols, device=scores.device).expand(rows, cols)
     keep = torch.ones_like(scores, dtype=torch.bool)
     keep.scatter_(1, order, ranks >= per_row[:, None])
     return keep
@@ -109,11 +109,11 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, prune: int, *, nm: Optiona
         raise ValueError("sparsegpt needs the layer's input Hessian (collect_stats(..., hessians=True))")
     W = w.detach().clone().float()
     rows, cols = W.shape
-    H = hessian.clone().float()
+    H = hessian.to(W.device, torch.float32, copy=True)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     counts = _block_counts(cols, blocksize, prune, rows) if nm is None else None
     for bi, i1 in enumerate(range(0, cols, blocksize)):

@@ -43,7 +43,7 @@ def fisher_diagonal(model: nn.Module, layers: Sequence[LMLayer], batches: Sequen
     weights = [l.module.weight for l in layers]
     flags = [w.requires_grad for w in weights]
     fisher = [torch.zeros_like(l.weight, dtype=torch.float32) for l in layers]
-    gen = torch.Generator().manual_seed(seed)
+    gen = _generator(weights[0].device if weights else torch.device("cpu"), seed)
     tokens = 0
     try:
         for w in weights:
@@ -52,7 +52,8 @@ def fisher_diagonal(model: nn.Module, layers: Sequence[LMLayer], batches: Sequen
             logits = logits_of(model, b).float()
             with torch.no_grad():
                 probs = F.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
-                drawn = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+                drawn = (torch.multinomial(probs, 1, generator=gen) if gen.device == probs.device else
+                         torch.multinomial(probs.cpu(), 1, generator=gen).to(probs.device)).squeeze(1)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), drawn, reduction="sum")
             grads = torch.autograd.grad(loss, weights)
             for f, g, l in zip(fisher, grads, layers):
@@ -63,6 +64,15 @@ def fisher_diagonal(model: nn.Module, layers: Sequence[LMLayer], batches: Sequen
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
     return [f / tokens for f in fisher]
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    """A seeded generator on ``device``, or on the CPU for a device that has none of its own (e.g. torch's
+    lazy tensors; the draws are then made from the probabilities copied to the CPU)."""
+    try:
+        return torch.Generator(device=device).manual_seed(seed)
+    except RuntimeError:
+        return torch.Generator().manual_seed(seed)
 
 
 def cost_table(db, fisher: Sequence[torch.Tensor], grid: np.ndarray) -> np.ndarray:

@@ -169,11 +169,11 @@ class WidthMasks:
     def apply(self, counts, exact: bool = False) -> None:
         with torch.no_grad():
             for b, (h, u) in zip(self.blocks, self.kept(counts)):
-                keep = torch.zeros(self.dense[b.mlp_out].shape[1], dtype=torch.bool)
+                keep = torch.zeros(self.dense[b.mlp_out].shape[1], dtype=torch.bool, device=u.device)
                 keep[u] = True
                 self._write(b.mlp_out, keep)
                 if h is not None:
-                    keep = torch.zeros(b.heads, dtype=torch.bool)
+                    keep = torch.zeros(b.heads, dtype=torch.bool, device=h.device)
                     keep[h] = True
                     self._write(b.attn["o"], keep.repeat_interleave(b.group * b.head_dim))
 
@@ -225,10 +225,10 @@ def solve_refit(wa: torch.Tensor, hd: torch.Tensor, has_bias: bool, keep: torch.
     """:func:`refit` on an :func:`augmented` system."""
     d = wa.shape[1] - has_bias
     if has_bias:
-        keep = torch.cat([keep, torch.tensor([True])])
+        keep = torch.cat([keep, keep.new_ones(1)])
     k, r = keep.nonzero().flatten(), (~keep).nonzero().flatten()
     a = hd[k][:, k]
-    a = a + damp * a.diagonal().mean() * torch.eye(len(k), dtype=torch.float64)
+    a = a + damp * a.diagonal().mean() * torch.eye(len(k), dtype=torch.float64, device=a.device)
     m = torch.linalg.solve(a, hd[k][:, r])  # H_KK^-1 H_KR
     out = torch.zeros_like(wa)
     out[:, k] = wa[:, k] + wa[:, r] @ m.t()
@@ -299,8 +299,8 @@ def slice_width(model: nn.Module, blocks: list[WidthBlock], kept) -> None:
         put(b.mlp_out, _sliced(mods[b.mlp_out], cols=u))
         if h is not None:
             span = b.group * b.head_dim  # a unit's query / output dimensions; its key / value ones are head_dim
-            qo = (h[:, None] * span + torch.arange(span)[None, :]).flatten()
-            kv = (h[:, None] * b.head_dim + torch.arange(b.head_dim)[None, :]).flatten()
+            qo = (h[:, None] * span + torch.arange(span, device=h.device)[None, :]).flatten()
+            kv = (h[:, None] * b.head_dim + torch.arange(b.head_dim, device=h.device)[None, :]).flatten()
             put(b.attn["q"], _sliced(mods[b.attn["q"]], rows=qo))
             for k in "kv":
                 put(b.attn[k], _sliced(mods[b.attn[k]], rows=kv))
