@@ -103,8 +103,12 @@ WIDTH_ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "search": {}, "tp_uni
 #: the same with ``refit=True`` (each pruned o / down projection's kept columns and bias re-fitted by least squares)
 REFIT = "+refit"
 WIDTH_ALLOCATIONS = {a: (o if o is None else {**o, "refit": False}) for a, o in WIDTH_ALLOCATIONS.items()}
+#: and with the refit of the final widths only (the search scores without it: ``refit=None``'s choice when the
+#: moments would not fit in memory, as on 7B models)
+FINAL = "+final"
 WIDTH_ALLOCATIONS |= {"uniform" + REFIT: {"allocation": "uniform", "refit": True},
-                      DEFAULT + REFIT: {**WIDTH_ALLOCATIONS[DEFAULT], "refit": True}}
+                      DEFAULT + REFIT: {**WIDTH_ALLOCATIONS[DEFAULT], "refit": True},
+                      DEFAULT + FINAL: {**WIDTH_ALLOCATIONS[DEFAULT], "refit": "final"}}
 
 
 def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, seed: int, args) -> dict:
@@ -187,7 +191,9 @@ def width_table(cells: Cells, shares, seeds) -> str:
                                                   ("search[1 batch, lambda=4]", "search"), (DEFAULT, "search"),
                                                   (DEFAULT, "uniform"), ("uniform" + REFIT, "uniform"),
                                                   (DEFAULT + REFIT, "uniform" + REFIT), (DEFAULT + REFIT, "uniform"),
-                                                  (DEFAULT + REFIT, DEFAULT), (DEFAULT + REFIT, "tp_uniform"))
+                                                  (DEFAULT + REFIT, DEFAULT), (DEFAULT + REFIT, "tp_uniform"),
+                                                  (DEFAULT + FINAL, "uniform" + REFIT), (DEFAULT + FINAL, DEFAULT + REFIT),
+                                                  (DEFAULT + FINAL, "uniform"))
                      if (r, a) in got and (r, b) in got]
     return "\n".join(lines)
 

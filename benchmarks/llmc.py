@@ -58,7 +58,9 @@ OWL_M, OWL_LAMBDA = 5, 0.08  # the OWL paper's settings, prune_lm's defaults
 MODIFIERS = {"wanda": "WandaPruningModifier", "sparsegpt": "SparseGPTModifier"}
 #: ``--widths``: ``prune_width`` on the same Llama: key / value heads with their query heads, and hidden units
 WIDTHS = {"uniform": {"allocation": "uniform", "refit": False}, "search": {"refit": False},
-          "uniform+refit": {"allocation": "uniform", "refit": True}, "search+refit": {"refit": True}}
+          "uniform+refit": {"allocation": "uniform", "refit": True}, "search+refit": {"refit": True},
+          # the refit of the final widths only: what refit=None does when the moments would not fit in memory
+          "search+final": {"refit": "final"}}
 WIDTHS |= {a + "[mlp]": {**o, "heads": False} for a, o in list(WIDTHS.items())}  # the MLP's hidden units only
 
 
@@ -188,7 +190,8 @@ def width_table(cells: Cells, shares, seeds) -> str:
                              f"{cs[min(cs)]['units']} |")
     pairs = [(a + m, b + m) for m in ("", "[mlp]") for a, b in
              (("search", "uniform"), ("uniform+refit", "uniform"), ("search+refit", "uniform+refit"),
-              ("search+refit", "uniform"), ("search+refit", "search"))] + [("search+refit", "search+refit[mlp]")]
+              ("search+refit", "uniform"), ("search+refit", "search"), ("search+final", "uniform+refit"),
+              ("search+final", "search+refit"), ("search+final", "uniform"))] + [("search+refit", "search+refit[mlp]")]
     return "\n".join(lines + [""] + ratio_lines(got, ["width"], shares, pairs))
 
 

@@ -69,7 +69,7 @@ def test_llama_heads_and_grouped_query_attention(calib):
         assert r.removed == pytest.approx(0.3, abs=0.01)
 
 
-@pytest.mark.parametrize("refit", [False, True])
+@pytest.mark.parametrize("refit", [False, True, "final"])
 def test_grouped_query_heads_go_with_their_key_value_head(calib, refit):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -119,11 +119,33 @@ def test_refit_width_scores_what_it_slices_and_fits_better_than_zeroing(model, c
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 
 
-def test_refit_is_off_by_default_when_its_moments_would_not_fit(model, calib, monkeypatch):
+def test_the_final_refit_streams_its_moments_and_fits_as_the_in_memory_one(model, calib, monkeypatch):
+    """Above the memory limit the search goes without the refit and the final widths are re-fitted a run of
+    layers at a time, never holding more moments than the limit: the same weights as the in-memory refit."""
     import de_plugin.lm.width as width
-    monkeypatch.setattr(width, "REFIT_AUTO_BYTES", 8 * 128 ** 2)  # less than this model's moments (2 x (128^2 + 32^2))
-    assert not prune_width(model, calib, 0.3, allocation="uniform", progress=False).refit
-    assert prune_width(model, calib, 0.3, allocation="uniform", refit=True, progress=False).refit
+    limit = 8 * 129 ** 2  # one down layer's moments (128 inputs + the bias), under the model's 2 x (33^2 + 129^2) x 8
+    monkeypatch.setattr(width, "REFIT_AUTO_BYTES", limit)
+    held, collect = [], width.collect_stats
+
+    def recording(m, layers, batches, hessians=False, stop_early=False):
+        if hessians:
+            held.append(sum(8 * (l.in_features + 1) ** 2 for l in layers))
+        return collect(m, layers, batches, hessians=hessians, stop_early=stop_early)
+
+    monkeypatch.setattr(width, "collect_stats", recording)
+    streamed = prune_width(model, calib, 0.3, allocation="uniform", progress=False)
+    assert streamed.refit == "final" and len(held) == 4 and max(held) <= limit  # one layer per run here
+    held.clear()
+    whole = prune_width(model, calib, 0.3, allocation="uniform", refit=True, progress=False)
+    assert whole.refit is True and held == [2 * 8 * (33 ** 2 + 129 ** 2)]  # everything at once
+    assert (streamed.heads, streamed.units) == (whole.heads, whole.units)
+    assert torch.allclose(streamed.model(calib[0]), whole.model(calib[0]), atol=1e-5)
+    assert streamed.fitness == pytest.approx(whole.fitness, rel=1e-4)
+    searched = prune_width(model, calib, 0.3, generations=2, progress=False)
+    assert searched.refit == "final"
+    assert searched.fitness == pytest.approx(DenseReference(model, calib).kl(searched.model), rel=1e-4)
+    assert searched.fitness < searched.search["fitness_before_refit"]  # the final refit is in the model
+    assert not prune_width(model, calib, 0.3, allocation="uniform", refit=False, progress=False).refit
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, "0.3"])

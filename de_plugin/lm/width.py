@@ -25,7 +25,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -166,26 +166,35 @@ class WidthMasks:
         assert len(out) == nb
         return out
 
-    def apply(self, counts, exact: bool = False) -> None:
-        with torch.no_grad():
-            for b, (h, u) in zip(self.blocks, self.kept(counts)):
-                keep = torch.zeros(self.dense[b.mlp_out].shape[1], dtype=torch.bool, device=u.device)
-                keep[u] = True
-                self._write(b.mlp_out, keep)
-                if h is not None:
-                    keep = torch.zeros(b.heads, dtype=torch.bool, device=h.device)
-                    keep[h] = True
-                    self._write(b.attn["o"], keep.repeat_interleave(b.group * b.head_dim))
+    def keeps(self, counts) -> dict[str, torch.Tensor]:
+        """Per ``o`` / ``down`` path: which of its input columns ``counts`` keeps."""
+        out = {}
+        for b, (h, u) in zip(self.blocks, self.kept(counts)):
+            keep = torch.zeros(self.dense[b.mlp_out].shape[1], dtype=torch.bool, device=u.device)
+            keep[u] = True
+            out[b.mlp_out] = keep
+            if h is not None:
+                keep = torch.zeros(b.heads, dtype=torch.bool, device=h.device)
+                keep[h] = True
+                out[b.attn["o"]] = keep.repeat_interleave(b.group * b.head_dim)
+        return out
 
-    def _write(self, path: str, keep: torch.Tensor) -> None:
+    def apply(self, counts, exact: bool = False, fitted: Optional[dict[str, tuple]] = None) -> None:
+        """Write ``counts`` into the model; ``fitted``: re-fitted (weight, bias) per path, computed elsewhere
+        (:func:`refit_streamed`), written instead of zeroed columns."""
+        with torch.no_grad():
+            for path, keep in self.keeps(counts).items():
+                self._write(path, keep, (fitted or {}).get(path))
+
+    def _write(self, path: str, keep: torch.Tensor, fitted: Optional[tuple] = None) -> None:
         """Layer ``path`` with only the input columns in ``keep`` (re-fitted when there are moments)."""
         w, mod = self.dense[path], self.mods[path]
-        if not self.systems or bool(keep.all()):
+        if fitted is None and (not self.systems or bool(keep.all())):
             mod.weight.copy_(w * keep.to(w.dtype))
             if mod.bias is not None:
                 mod.bias.copy_(self.dense_bias[path])
             return
-        new_w, new_b = solve_refit(*self.systems[path], keep, w.dtype)
+        new_w, new_b = fitted if fitted is not None else solve_refit(*self.systems[path], keep, w.dtype)
         mod.weight.copy_(new_w)
         if new_b is not None:
             mod.bias.copy_(new_b)
@@ -233,6 +242,41 @@ def solve_refit(wa: torch.Tensor, hd: torch.Tensor, has_bias: bool, keep: torch.
     out = torch.zeros_like(wa)
     out[:, k] = wa[:, k] + wa[:, r] @ m.t()
     return out[:, :d].to(dtype), (out[:, d].to(dtype) if has_bias else None)
+
+
+def refit_chunks(layers: list[LMLayer], limit: int) -> list[list[LMLayer]]:
+    """``layers`` in model order, in runs whose inputs' float64 moments (bias row included) take at most
+    ``limit`` bytes together (a layer that alone takes more is a run of its own)."""
+    out: list[list[LMLayer]] = []
+    size = 0
+    for l in layers:
+        need = 8 * (l.in_features + 1) ** 2
+        if not out or size + need > limit:
+            out.append([])
+            size = 0
+        out[-1].append(l)
+        size += need
+    return out
+
+
+@torch.no_grad()
+def refit_streamed(model: nn.Module, masks: WidthMasks, layers: list[LMLayer], batches: list[torch.Tensor],
+                   counts, limit: int) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """The final widths' refit without every layer's moments in memory at once (``refit="final"``): the
+    o / down layers that lose columns, in runs of at most ``limit`` bytes of moments, each run's moments
+    taken on one partial pass of the dense model over ``batches`` (the same statistics as the in-memory
+    refit's), solved, then freed. The fitted weights wait in host memory and are written after the last
+    run, so every run sees dense inputs. ``model`` must hold its dense weights."""
+    keeps = masks.keeps(counts)
+    fitted = {}
+    for run in refit_chunks([l for l in layers if not bool(keeps[l.name].all())], limit):
+        stats = collect_stats(model, run, batches, hessians=True, stop_early=True)
+        for i, l in enumerate(run):
+            w, b = solve_refit(*augmented(masks.dense[l.name], masks.dense_bias.get(l.name), stats.hessians[i],
+                                          stats.sums[i], stats.tokens), keeps[l.name], masks.dense[l.name].dtype)
+            fitted[l.name] = (w.cpu(), b.cpu() if b is not None else None)
+        del stats
+    return fitted
 
 
 class WidthSpace(KeepSpace):
@@ -320,22 +364,28 @@ class WidthOptions(OneShotOptions):
     min_share: float = Field(0.05, gt=0.0, le=1.0, description="the least share of a block's heads / units kept")
     # chosen by benchmarks/llm.py (TinyGPT, 3 seeds, 30% of the parameters): the refit lowered held-out perplexity to
     # 0.80x with uniform width and 0.84x with the searched one, at twice the search's time
-    refit: Optional[bool] = Field(
+    refit: Optional[Union[bool, Literal["final"]]] = Field(
         None, description="re-fit each pruned o / down projection's kept columns and bias by least squares to the "
-                          "dense layer's output on the calibration tokens, in the search's candidates too (holds each "
-                          "o / down input's d x d second moment; one d x d solve per block and candidate). None: on "
-                          f"while those moments take at most {REFIT_AUTO_BYTES >> 20} MiB (float64), else off")
+                          "dense layer's output on the calibration tokens. True: in the search's candidates too (holds "
+                          "every o / down input's d x d second moment; one d x d solve per block and candidate); "
+                          "'final': the search scores without it and the final widths are re-fitted with at most "
+                          f"{REFIT_AUTO_BYTES >> 20} MiB of moments in memory at a time (one partial calibration pass "
+                          "per run of layers); False: none. None: True while all the moments take at most "
+                          f"{REFIT_AUTO_BYTES >> 20} MiB (float64), else 'final'")
 
 
-def use_refit(o: "WidthOptions", blocks: list[WidthBlock], mods: dict[str, nn.Module]) -> bool:
-    """``refit`` as asked, or (None) whether the inputs' second moments fit :data:`REFIT_AUTO_BYTES`."""
+def refit_mode(o: "WidthOptions", blocks: list[WidthBlock], mods: dict[str, nn.Module]) -> Union[bool, str]:
+    """``refit`` as asked, or (None) True while every o / down input's moments fit :data:`REFIT_AUTO_BYTES`,
+    else ``"final"``."""
     if o.refit is not None:
         return o.refit
-    need = sum(8 * mods[p].in_features ** 2 for b in blocks for p in b.outputs)
-    if need > REFIT_AUTO_BYTES:
-        log.info("prune_width: no refit (the o / down inputs' second moments would take %.1f GiB; refit=True to "
-                 "re-fit anyway)", need / 2 ** 30)
-    return need <= REFIT_AUTO_BYTES
+    need = sum(8 * (mods[p].in_features + 1) ** 2 for b in blocks for p in b.outputs)
+    if need <= REFIT_AUTO_BYTES:
+        return True
+    log.info("prune_width: the search scores widths without the refit (the o / down inputs' second moments would "
+             "take %.1f GiB); the final widths are re-fitted a run of layers at a time (refit=True: in the search "
+             "too)", need / 2 ** 30)
+    return "final"
 
 
 @dataclass
@@ -346,7 +396,8 @@ class WidthResult(OneShotResult):
     units: list[int]  # hidden units kept per block
     params_before: int
     params_after: int
-    refit: bool = field(default=False, kw_only=True)  # the kept o / down columns and biases re-fitted
+    #: the kept o / down columns and biases re-fitted: True (in the search too), "final" (the final widths only), False
+    refit: Union[bool, str] = field(default=False, kw_only=True)
 
     @property
     def removed(self) -> float:
@@ -387,10 +438,10 @@ def prune_width(model: nn.Module, calibration: Any, params: float, options: Opti
                 b.attn, b.head_cost = {}, 0
         mods = dict(work.named_modules())
         probes = [LMLayer(p, mods[p], b.index, False) for b in blocks for p in b.outputs]
-        refits = use_refit(o, blocks, mods)
-        stats = collect_stats(work, probes, batches, hessians=refits)
+        refits = refit_mode(o, blocks, mods)
+        stats = collect_stats(work, probes, batches, hessians=refits is True)
         moments = ({l.name: (stats.hessians[i], stats.sums[i], stats.tokens) for i, l in enumerate(probes)}
-                   if refits else None)
+                   if refits is True else None)
         masks = WidthMasks(work, blocks, {l.name: stats.norms(i) for i, l in enumerate(probes)}, moments)
         before = decoder_params(work)
         fixed = before - sum(b.heads * b.head_cost * bool(b.attn) + b.units * b.unit_cost for b in blocks)
@@ -406,8 +457,14 @@ def prune_width(model: nn.Module, calibration: Any, params: float, options: Opti
             counts = seeds["uniform"]
         seed_fitness = {k: reported(score_counts(masks, work, full, c), o.fitness) for k, c in seeds.items()}
         value = reported(score_counts(masks, work, full, counts), o.fitness)
+        fitted = None
+        if refits == "final":
+            info["fitness_before_refit"] = value
+            fitted = refit_streamed(work, masks, probes, batches, counts, REFIT_AUTO_BYTES)
         kept = masks.kept(counts)
-        masks.apply(counts)  # the kept columns as scored (re-fitted with refit): slicing keeps what is written
+        masks.apply(counts, fitted=fitted)  # the kept columns as scored (re-fitted with refit): slicing keeps them
+        if fitted is not None:
+            value = reported(full(work), o.fitness)
         slice_width(work, blocks, kept)
         work.train(was)
         result = WidthResult(model=work, allocation=o.allocation, fitness=value, seed_fitness=seed_fitness,
