@@ -343,6 +343,20 @@ def test_stop_early_records_the_same_statistics_without_running_the_rest_of_the_
     assert early.tokens == full.tokens
 
 
+def test_hessians_above_the_memory_limit_are_collected_in_runs_with_the_same_values(tiny, calib):
+    from de_plugin.lm.calibration import collect_hessians, moment_bytes, runs_within
+
+    layers = decoder_layers(tiny)
+    whole = collect_stats(tiny, layers, calib, hessians=True)
+    limit = moment_bytes(layers[-1])  # one of the widest inputs at a time: several runs
+    runs = collect_hessians(tiny, layers, calib, limit=limit)
+    for a, b in zip(whole.hessians + whole.norms_sq + whole.sums, runs.hessians + runs.norms_sq + runs.sums):
+        assert torch.equal(a, b)
+    assert runs.tokens == whole.tokens and len(runs.hessians) == len(layers)
+    assert len(runs_within(layers, limit)) > 2 and all(sum(moment_bytes(l) for l in r) <= limit
+                                                       for r in runs_within(layers, limit) if len(r) > 1)
+
+
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
 def test_sequential_pruning_takes_each_blocks_statistics_from_the_blocks_before_it_as_pruned(tiny, calib, method):
     """By hand: block 0 pruned on the dense model's statistics; block 1 on statistics collected with block 0

@@ -101,3 +101,26 @@ def test_in_place_pruning_that_fails_keeps_its_undo_copy_on_the_host_and_restore
     assert copies and all(v.device.type == "cpu" for v in copies[0].values())  # accelerator memory left alone
     for (k, v), w in zip(moved.state_dict().items(), model.state_dict().values()):
         assert v.device.type == "lazy" and torch.equal(v.cpu(), w), k
+
+
+def test_sparsegpt_hessians_collected_in_runs_wait_in_host_memory(calib, device, monkeypatch):
+    """Above the moment limit SparseGPT's Hessians are collected a run of layers at a time and kept on the
+    host; each layer's is moved to the device for its own reconstruction."""
+    from de_plugin.lm import calibration, search
+
+    torch.manual_seed(0)
+    small = TinyGPT(d=16, layers=1, heads=2, context=32, mlp=32).eval()
+    monkeypatch.setattr(calibration, "MOMENT_BYTES", 8 * 33 ** 2)  # one down projection's moments
+    held, collect = [], search.collect_hessians
+
+    def recording(*a, **k):
+        stats = collect(*a, **k)
+        held.extend(h.device.type for h in stats.hessians)
+        return stats
+
+    monkeypatch.setattr(search, "collect_hessians", recording)
+    cpu = prune_lm(small, calib[:2], 0.5, method="sparsegpt", allocation="uniform", progress=False)
+    held.clear()
+    there = prune_lm(on(small, device), calib[:2], 0.5, method="sparsegpt", allocation="uniform", progress=False)
+    assert held and set(held) == {"cpu"}
+    assert there.kept == cpu.kept and there.fitness == pytest.approx(cpu.fitness, rel=1e-3)

@@ -10,7 +10,7 @@ SparseGPT and Wanda papers do), each block's statistics taken with the blocks be
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -119,3 +119,47 @@ def collect_stats(model: nn.Module, layers: Sequence[LMLayer], batches: Sequence
             h.remove()
     return LayerStats([n.float() for n in norms], [h.float() for h in hs] if hs is not None else None, count[0],
                       [v.float() for v in sums])
+
+
+#: float64 input moments accumulated at once by :func:`collect_hessians` (bytes); more go in runs of layers
+MOMENT_BYTES = 1 << 30
+
+
+def moment_bytes(layer: LMLayer) -> int:
+    """The float64 bytes of a layer's input second moment (a bias row included)."""
+    return 8 * (layer.in_features + 1) ** 2
+
+
+def runs_within(layers: Sequence[LMLayer], limit: int) -> list[list[LMLayer]]:
+    """``layers`` in order, in runs whose moments take at most ``limit`` bytes together (a layer that alone
+    takes more is a run of its own)."""
+    out: list[list[LMLayer]] = []
+    size = 0
+    for l in layers:
+        if not out or size + moment_bytes(l) > limit:
+            out.append([])
+            size = 0
+        out[-1].append(l)
+        size += moment_bytes(l)
+    return out
+
+
+def collect_hessians(model: nn.Module, layers: Sequence[LMLayer], batches: Sequence[torch.Tensor],
+                     limit: Optional[int] = None) -> LayerStats:
+    """:func:`collect_stats` with the Hessians, accumulating at most ``limit`` bytes of them at a time
+    (:data:`MOMENT_BYTES` by default). Within the limit: one pass, everything where the layers are. Above it
+    (every Hessian of a 7B model takes about 57 GB in float64): runs of layers in model order, one partial
+    pass each, each run's Hessians moved to host memory as float32 once collected, so the accelerator holds
+    one run's accumulators at a time. The statistics are the same either way."""
+    runs = runs_within(layers, MOMENT_BYTES if limit is None else limit)
+    if len(runs) == 1:
+        return collect_stats(model, layers, batches, hessians=True)
+    norms, hs, sums, tokens = [], [], [], 0
+    for run in runs:
+        part = collect_stats(model, run, batches, hessians=True, stop_early=True)
+        norms += part.norms_sq
+        hs += [h.cpu() for h in part.hessians]
+        sums += part.sums
+        tokens = part.tokens
+        del part
+    return LayerStats(norms, hs, tokens, sums)

@@ -31,7 +31,7 @@ from ..pruner import Undo
 from ..search.allocator import KeepSpace, Screen, SearchOptions, start_search
 from ..search.budget import total_keep
 from .allocations import owl_counts, uniform_counts
-from .calibration import check_tokens, collect_stats
+from .calibration import check_tokens, collect_hessians, collect_stats
 from .database import LayerDatabase, SequentialPruning
 from .fitness import DenseReference, perplexity
 from .inlayer import check_nm
@@ -310,7 +310,8 @@ def prune_lm(model: nn.Module, calibration: Any, sparsity: "float | str", option
         layers = decoder_layers(work)
         was_training = work.training
         work.eval()
-        stats = collect_stats(work, layers, batches, hessians=o.method == "sparsegpt")
+        stats = (collect_hessians(work, layers, batches) if o.method == "sparsegpt"
+                 else collect_stats(work, layers, batches))
         db = LayerDatabase(layers, stats, o.method, nm=nm, level_step=o.level_step)
         ref = DenseReference(work, batches)
         full = fitness_fn(ref, o.fitness)

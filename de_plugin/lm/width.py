@@ -35,7 +35,7 @@ from torch import nn
 from ..options import options_from
 from ..search.allocator import KeepSpace
 from ..search.budget import fit_budget
-from .calibration import check_tokens, collect_stats
+from .calibration import check_tokens, collect_stats, runs_within
 from .fitness import DenseReference
 from .search import OneShotOptions, OneShotResult, fitness_fn, reported, score_counts, search_counts, undone_on_error
 from .targets import LMLayer, find_blocks
@@ -244,21 +244,6 @@ def solve_refit(wa: torch.Tensor, hd: torch.Tensor, has_bias: bool, keep: torch.
     return out[:, :d].to(dtype), (out[:, d].to(dtype) if has_bias else None)
 
 
-def refit_chunks(layers: list[LMLayer], limit: int) -> list[list[LMLayer]]:
-    """``layers`` in model order, in runs whose inputs' float64 moments (bias row included) take at most
-    ``limit`` bytes together (a layer that alone takes more is a run of its own)."""
-    out: list[list[LMLayer]] = []
-    size = 0
-    for l in layers:
-        need = 8 * (l.in_features + 1) ** 2
-        if not out or size + need > limit:
-            out.append([])
-            size = 0
-        out[-1].append(l)
-        size += need
-    return out
-
-
 @torch.no_grad()
 def refit_streamed(model: nn.Module, masks: WidthMasks, layers: list[LMLayer], batches: list[torch.Tensor],
                    counts, limit: int) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor]]]:
@@ -269,7 +254,7 @@ def refit_streamed(model: nn.Module, masks: WidthMasks, layers: list[LMLayer], b
     run, so every run sees dense inputs. ``model`` must hold its dense weights."""
     keeps = masks.keeps(counts)
     fitted = {}
-    for run in refit_chunks([l for l in layers if not bool(keeps[l.name].all())], limit):
+    for run in runs_within([l for l in layers if not bool(keeps[l.name].all())], limit):
         stats = collect_stats(model, run, batches, hessians=True, stop_early=True)
         for i, l in enumerate(run):
             w, b = solve_refit(*augmented(masks.dense[l.name], masks.dense_bias.get(l.name), stats.hessians[i],
