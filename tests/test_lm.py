@@ -416,3 +416,17 @@ def test_the_curvature_allocation_meets_the_budget_and_its_cost_is_counted(tiny,
     s = prune_lm(tiny, calib, 0.6, generations=2, fisher_seed=True, max_evals=12, progress=False)
     assert "fisher" in s.seed_fitness and s.fitness <= s.seed_fitness["fisher"] + 1e-9
     assert s.search["nfev"] <= 12 - 3  # the backward passes came out of the search's evaluations
+
+
+def test_a_deep_decoder_searches_at_the_default_population(calib):
+    """(1 + lambda) offspring are not DE's population: a decoder with 48 Linear layers (and 16 width values)
+    searches with the default 4 a generation, as a 32-block, 224-layer one does."""
+    from de_plugin.lm.width import prune_width
+
+    torch.manual_seed(0)
+    deep = TinyGPT(d=16, layers=8, heads=2, context=32).eval()
+    r = prune_lm(deep, calib, 0.5, generations=1, progress=False)
+    assert len(r.layers) == 48 and r.evaluations > 0
+    assert prune_width(deep, calib, 0.3, generations=1, progress=False).evaluations > 0
+    with pytest.raises(ValueError, match="too small for a 48-dimensional search"):
+        prune_lm(deep, calib, 0.5, search_strategy="de", population=4, progress=False)

@@ -178,7 +178,7 @@ class DEChannel(Pruner):
             example, _ = capture_input(model, lambda: ctx.score(model))
         space, cost = channel_space(model, example, ctx.targets, o)
         self.space, self.cost, self.example = space, cost, example
-        check_finalists(o.finalists, population_for(o.population, len(cost.size)), "finalists")
+        check_finalists(o.finalists, population_for(o.population, len(cost.size), o.search_strategy), "finalists")
         lo = np.ceil(cost.size * (1.0 - o.max_group_ratio) - 1e-9).astype(np.int64).clip(1)
         if o.measure == "latency":
             self._latency_table(model, lo)

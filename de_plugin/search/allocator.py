@@ -66,10 +66,12 @@ class SearchOptions(BackendOptions):
                           "(same masks; needs several val_data batches and metric='accuracy')")
 
 
-def population_for(population: Optional[int], dim: int) -> int:
-    """The population for a ``dim``-dimensional search: the given one, checked against the minimum
-    ``max(4, ceil(dim / 10))``, or the default sized with the dimension."""
-    least = max(4, math.ceil(dim / 10))
+def population_for(population: Optional[int], dim: int, strategy: str = "de") -> int:
+    """The population for a ``dim``-dimensional search: the given one, checked against the minimum, or the
+    default sized with the dimension. DE's minimum is ``max(4, ceil(dim / 10))`` (its mutations combine
+    members); for ``evopress`` (offspring of the best so far) and ``random`` the population is only how many
+    candidates a generation scores, so 4 at any dimension (a 32-layer decoder has 224 Linear layers)."""
+    least = max(4, math.ceil(dim / 10)) if strategy == "de" else 4
     if population is None:
         return int(min(64, max(20, math.ceil(dim / 2))))
     if population < least:
@@ -255,7 +257,7 @@ class Allocator:
     def solver(self, space: KeepSpace, seeds: list[np.ndarray], maxfun: Optional[int]) -> DifferentialEvolution:
         """A fresh solver whose population starts from ``seeds`` (keep-count vectors)."""
         o = self.options
-        pop = population_for(o.population, len(space.bounds))
+        pop = population_for(o.population, len(space.bounds), o.search_strategy)
         x0 = seed_population([space.to_x(s) for s in seeds], space.bounds, pop, o.perturb, self.rng)
         return DifferentialEvolution(
             space.bounds, popsize=pop, strategy=o.strategy, mutation=o.mutation,

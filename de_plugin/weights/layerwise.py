@@ -151,7 +151,7 @@ def check_search(o: LayerwiseOptions, model: nn.Module, targets: Sequence[Target
         raise ValueError("fidelity scores candidates on part of the validation batches: pass val_data=[(x, y), ...] "
                          "with at least 2 batches and metric='accuracy' (not evaluate=), or leave fidelity unset")
     groups = resolve_groups(o.groups, targets, model)
-    pop = population_for(o.population, search_dim(groups, len(targets), o.group_offset))
+    pop = population_for(o.population, search_dim(groups, len(targets), o.group_offset), o.search_strategy)
     check_finalists(o.rescore_top, pop, "rescore_top")
     check_finalists(o.finalists, pop, "finalists")
     has_bn = bool(batch_norms(model))
@@ -225,7 +225,7 @@ class DELayerwise(IterativePruner):
         budget_rounds = o.budget_rounds() if ctx.sparsity is not None else (o.rounds or 10) + o.patience
         self.scan_units = self._scan_units()
         scan_cost = len(self.scan_units) * len(o.scan_levels)
-        pop = population_for(o.population, search_dim(self.groups, len(ctx.targets), o.group_offset))
+        pop = population_for(o.population, search_dim(self.groups, len(ctx.targets), o.group_offset), o.search_strategy)
         self.evals_per_round = None if o.max_evals is None else max(pop, (o.max_evals - scan_cost) // budget_rounds)
         self.rng = np.random.default_rng(ctx.seed)
         self.search_batches = search_batches = self._search_batches(ctx)
