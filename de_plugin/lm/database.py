@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from .calibration import LayerStats, collect_stats
-from .inlayer import layer_mask, prune_weight, row_mask, scores_for
+from .inlayer import flat_keep, prune_weight, rows_keep, scores_for
 from .targets import LMLayer
 
 
@@ -29,15 +29,22 @@ class LayerDatabase:
         self.dense = [l.weight.detach().clone() for l in self.layers]
         self.levels: dict[tuple[int, int], torch.Tensor] = {}
         self.orders: list[Optional[torch.Tensor]] = [None] * len(self.layers)
-        self.scores: list[Optional[torch.Tensor]] = [None] * len(self.layers)
 
-    def _order(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _order(self, i: int) -> torch.Tensor:
+        """Layer i's ascending score order (per row for Wanda), int32 where it fits: 4 bytes a weight, and no
+        scores kept (a Wanda mask reads one score per row, recomputed)."""
         if self.orders[i] is None:
             s = scores_for(self.method, self.dense[i].float(), self.stats.norms(i))
-            self.scores[i] = s
-            self.orders[i] = (torch.argsort(s, dim=1, stable=True) if self.method == "wanda"
-                              else torch.argsort(s.flatten(), stable=True))
-        return self.scores[i], self.orders[i]
+            order = (torch.argsort(s, dim=1, stable=True) if self.method == "wanda"
+                     else torch.argsort(s.flatten(), stable=True))
+            del s
+            self.orders[i] = order.to(torch.int32) if order.numel() < 2 ** 31 else order
+        return self.orders[i]
+
+    def _score_at(self, i: int, idx: torch.Tensor) -> torch.Tensor:
+        """Layer i's Wanda scores at column indices ``idx`` ``[rows, k]`` (the values :func:`scores_for` gives)."""
+        norms = self.stats.norms(i).to(torch.float32)
+        return self.dense[i].gather(1, idx).float().abs() * norms[idx]
 
     def level(self, i: int, keep: int) -> int:
         """SparseGPT: the prune count of the level nearest to keeping ``keep`` weights."""
@@ -64,9 +71,10 @@ class LayerDatabase:
             if (i, prune) not in self.levels:
                 self.levels[(i, prune)] = self.exact(i, w.numel() - prune)
             return self.levels[(i, prune)]
-        s, order = self._order(i)
+        order = self._order(i)
         prune = w.numel() - int(keep)
-        keep_mask = row_mask(s, prune, order) if self.method == "wanda" else layer_mask(s, prune, order)
+        keep_mask = (rows_keep(order, prune, lambda idx: self._score_at(i, idx)) if self.method == "wanda"
+                     else flat_keep(order, prune, w.shape))
         return w * keep_mask.to(w.dtype)
 
     def apply(self, counts: Sequence[int], exact: bool = False) -> None:

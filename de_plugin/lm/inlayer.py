@@ -17,7 +17,7 @@ N:M (``nm=(2, 4)``): in every group of M consecutive inputs of a row, the N lowe
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -28,26 +28,39 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 def layer_mask(scores: torch.Tensor, prune: int, order: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Keep-mask pruning the ``prune`` lowest scores of the whole tensor (``order``: the scores'
     stable ascending argsort, when the caller holds it already)."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    order = torch.argsort(scores.flatten(), stable=True) if order is None else order
+    return flat_keep(order, prune, scores.shape)
+
+
+def flat_keep(order: torch.Tensor, prune: int, shape: torch.Size) -> torch.Tensor:
+    """:func:`layer_mask` from the flat ascending order alone (int32 or int64)."""
+    keep = torch.ones(order.numel(), dtype=torch.bool, device=order.device)
     if prune > 0:
-        order = torch.argsort(scores.flatten(), stable=True) if order is None else order
         keep[order[:prune]] = False
-    return keep.view_as(scores)
+    return keep.view(shape)
 
 
 def row_mask(scores: torch.Tensor, prune: int, order: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Keep-mask pruning ``prune`` weights spread evenly over the rows, lowest scores within each row
     (``order``: the rows' stable ascending argsort, when the caller holds it already)."""
-    rows, cols = scores.shape
-    base, extra = divmod(int(prune), rows)
     order = torch.argsort(scores, dim=1, stable=True) if order is None else order
-    per_row = torch.full((rows,), base, dtype=torch.long, device=scores.device)
+    return rows_keep(order, prune, lambda idx: scores.gather(1, idx))
+
+
+def rows_keep(order: torch.Tensor, prune: int, score_at: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """:func:`row_mask` from each row's ascending order (int32 or int64) and ``score_at(idx)``, the scores at
+    column indices ``idx`` ``[rows, 1]``: each row loses its ``prune // rows`` lowest, and the rows whose next
+    weight scores lowest one more, so the count is exact. Only those scores are read, so a caller that holds
+    the orders need not hold the scores."""
+    rows, cols = order.shape
+    base, extra = divmod(int(prune), rows)
+    keep = torch.ones((rows, cols), dtype=torch.bool, device=order.device)
+    if base:
+        keep.scatter_(1, order[:, :base].long(), False)
     if extra:
-        marginal = scores.gather(1, order[:, base:base + 1]).squeeze(1)
-        per_row[torch.argsort(marginal, stable=True)[:extra]] += 1
-    ranks = torch.arange(cols, device=scores.device).expand(rows, cols)
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    keep.scatter_(1, order, ranks >= per_row[:, None])
+        nxt = order[:, base].long()
+        lowest = torch.argsort(score_at(nxt[:, None]).squeeze(1), stable=True)[:extra]
+        keep[lowest, nxt[lowest]] = False
     return keep
 
 
