@@ -14,10 +14,11 @@ the KL fitness, seeded with uniform width (every block keeps the same share of h
 and with the MLP-only allocation (all heads kept); ``allocation="uniform"`` is the baseline itself.
 The budget is the decoder Linear layers' parameters (weights and biases), met to within one hidden unit.
 
-With ``refit`` (on by default while it fits in memory) each pruned ``o`` / ``down`` projection's kept
-columns and bias are re-fitted by least squares to the dense layer's output on the calibration tokens,
-for every candidate the search scores as for the final model: what the removed units contributed on
-average, and what the kept units correlated with them can carry, stays in the layer.
+With ``refit`` (on by default) each pruned ``o`` / ``down`` projection's kept columns and bias are
+re-fitted by least squares to the dense layer's output on the calibration tokens: what the removed units
+contributed on average, and what the kept units correlated with them can carry, stays in the layer. While
+every layer's input moments fit in memory the search scores each candidate re-fitted; above that only the
+final widths are re-fitted, a run of layers at a time (``refit="final"``).
 """
 from __future__ import annotations
 
