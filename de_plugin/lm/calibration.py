@@ -39,7 +39,10 @@ def input_device(model: nn.Module) -> torch.device:
     """Where the model reads its token ids: its input embedding's device (``transformers``'
     ``get_input_embeddings``, else the first ``nn.Embedding``), else its first parameter's."""
     get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
+    try:
+        emb = get() if callable(get) else None
+    except NotImplementedError:  # transformers' base class, for models that do not say
+        emb = None
     if emb is None:
         emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     param = emb.weight if emb is not None else next(model.parameters(), None)
