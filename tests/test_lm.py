@@ -430,3 +430,23 @@ def test_a_deep_decoder_searches_at_the_default_population(calib):
     assert prune_width(deep, calib, 0.3, generations=1, progress=False).evaluations > 0
     with pytest.raises(ValueError, match="too small for a 48-dimensional search"):
         prune_lm(deep, calib, 0.5, search_strategy="de", population=4, progress=False)
+
+
+def test_the_default_search_budget_grows_with_the_layers(calib, monkeypatch):
+    """832 evaluations up to 32 searched values, 26 per value above: a 48-layer decoder gets 1,248."""
+    from de_plugin.lm import search as lm_search
+
+    assert lm_search.default_generations(lm_search.LMOptions(), 24) == 207  # (207 + 1) x 4 = 832
+    assert lm_search.default_generations(lm_search.LMOptions(), 48) == 311  # (311 + 1) x 4 = 1,248
+    assert lm_search.default_generations(lm_search.LMOptions(generations=5), 48) == 5
+    seen, start = [], lm_search.start_search
+
+    def recording(backend, o, *a, **k):
+        seen.append(o.generations)
+        return start(backend, o, *a, **k)
+
+    monkeypatch.setattr(lm_search, "start_search", recording)
+    torch.manual_seed(0)
+    deep = TinyGPT(d=16, layers=8, heads=2, context=32).eval()
+    prune_lm(deep, calib, 0.5, max_evals=8, progress=False)
+    assert seen == [311]
