@@ -3,7 +3,9 @@
 Users prune language models on GPUs. CI has none, so these tests hold the model on torch's lazy-tensor
 device (TorchScript backend, computed on the CPU): like CUDA, it refuses any operation that mixes its
 tensors with CPU ones, so every statistic, mask, solve and sample the LM path creates on the CPU by
-mistake fails here as it would on a GPU. Each result must equal the CPU run's.
+mistake fails here as it would on a GPU. Each result must equal the CPU run's (on the lazy device, which
+computes as the CPU does; where a GPU is present the same calls run on it too, and must land near the CPU's:
+its sums and its random draws differ, so a search may end elsewhere).
 """
 import copy
 
@@ -14,14 +16,18 @@ from de_plugin.demo.lm import TinyGPT
 from de_plugin.lm import kl_score, perplexity, prune_lm, sparsegpt
 from de_plugin.lm.width import prune_width
 
-lazy = pytest.importorskip("torch._lazy")
 
 
-@pytest.fixture(scope="module")
-def device():
+@pytest.fixture(scope="module", params=["lazy", "cuda"])
+def device(request):
+    """torch's lazy tensors everywhere; a real GPU where there is one."""
+    if request.param == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no GPU here")
+        return torch.device("cuda")
     try:
-        import torch._lazy.ts_backend
-        torch._lazy.ts_backend.init()
+        from torch._lazy import ts_backend
+        ts_backend.init()
     except Exception as e:  # a torch build without the TorchScript lazy backend
         pytest.skip(f"torch's lazy tensors are not available here: {e}")
     return torch.device("lazy")
@@ -43,6 +49,13 @@ def on(model, device):
     return copy.deepcopy(model).to(device)
 
 
+def same(there, cpu, device, rel=1e-3):
+    """Exactly the CPU's on the lazy device; near it on a GPU."""
+    if device.type == "lazy":
+        return there.kept == cpu.kept and there.fitness == pytest.approx(cpu.fitness, rel=rel)
+    return there.sparsity == pytest.approx(cpu.sparsity, abs=1e-6) and there.fitness == pytest.approx(cpu.fitness, rel=0.25)
+
+
 @pytest.mark.parametrize("opts", [
     {"method": "wanda", "generations": 2},
     {"method": "magnitude", "allocation": "owl"},
@@ -54,15 +67,18 @@ def test_prune_lm_on_another_device_gives_the_cpu_result(model, calib, device, o
     cpu = prune_lm(model, calib, 0.5, progress=False, **opts)
     # calibration left on the CPU: the tokens follow the model to its device
     there = prune_lm(on(model, device), calib, 0.5, progress=False, **opts)
-    assert there.kept == cpu.kept
-    assert there.fitness == pytest.approx(cpu.fitness, rel=1e-3)
-    assert next(there.model.parameters()).device.type == "lazy"
+    assert same(there, cpu, device)
+    assert next(there.model.parameters()).device.type == device.type
 
 
 @pytest.mark.parametrize("refit", [True, False])
 def test_prune_width_on_another_device_gives_the_cpu_result(model, calib, device, refit):
     cpu = prune_width(model, calib, 0.3, generations=2, refit=refit, progress=False)
     there = prune_width(on(model, device), calib, 0.3, generations=2, refit=refit, progress=False)
+    if device.type != "lazy":
+        assert there.removed == pytest.approx(cpu.removed, abs=0.01)
+        assert there.fitness == pytest.approx(cpu.fitness, rel=0.25)
+        return
     assert (there.heads, there.units) == (cpu.heads, cpu.units)
     assert there.fitness == pytest.approx(cpu.fitness, rel=1e-3, abs=1e-6)
     tokens = calib[0]
@@ -76,7 +92,8 @@ def test_fitness_and_sparsegpt_on_another_device(model, calib, device):
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(6, 16, generator=g), torch.randn(64, 16, generator=g)
     h = x.t() @ x
-    assert torch.allclose(sparsegpt(w.to(device), h.to(device), 40).cpu(), sparsegpt(w, h, 40), atol=1e-5)
+    atol = 1e-5 if device.type == "lazy" else 1e-3
+    assert torch.allclose(sparsegpt(w.to(device), h.to(device), 40).cpu(), sparsegpt(w, h, 40), atol=atol)
 
 
 def test_in_place_pruning_that_fails_keeps_its_undo_copy_on_the_host_and_restores_the_device_model(
@@ -100,7 +117,7 @@ def test_in_place_pruning_that_fails_keeps_its_undo_copy_on_the_host_and_restore
         prune_lm(moved, calib, 0.6, allocation="uniform", inplace=True, progress=False)
     assert copies and all(v.device.type == "cpu" for v in copies[0].values())  # accelerator memory left alone
     for (k, v), w in zip(moved.state_dict().items(), model.state_dict().values()):
-        assert v.device.type == "lazy" and torch.equal(v.cpu(), w), k
+        assert v.device.type == device.type and torch.equal(v.cpu(), w), k
 
 
 def test_sparsegpt_hessians_collected_in_runs_wait_in_host_memory(calib, device, monkeypatch):
@@ -123,4 +140,4 @@ def test_sparsegpt_hessians_collected_in_runs_wait_in_host_memory(calib, device,
     held.clear()
     there = prune_lm(on(small, device), calib[:2], 0.5, method="sparsegpt", allocation="uniform", progress=False)
     assert held and set(held) == {"cpu"}
-    assert there.kept == cpu.kept and there.fitness == pytest.approx(cpu.fitness, rel=1e-3)
+    assert same(there, cpu, device)
