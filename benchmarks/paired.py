@@ -151,6 +151,7 @@ SELECTIONS = [
     ("LeNet-300-100", "selection_lenet300_cpu", "lenet300", "de_layerwise[random]", HEURISTICS, CPU),
     ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[finetune]", HEURISTICS, CPU),
     ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[random]", HEURISTICS, CPU),
+    ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[finetune+seeds]", HEURISTICS, CPU),
 ]
 
 
