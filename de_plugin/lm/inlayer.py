@@ -28,6 +28,8 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 def layer_mask(scores: torch.Tensor, prune: int, order: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Keep-mask pruning the ``prune`` lowest scores of the whole tensor (``order``: the scores'
     stable ascending argsort, when the caller holds it already)."""
+    if prune <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
     order = torch.argsort(scores.flatten(), stable=True) if order is None else order
     return flat_keep(order, prune, scores.shape)
 
