@@ -128,8 +128,8 @@ def collect_stats(model: nn.Module, layers: Sequence[LMLayer], batches: Sequence
 MOMENT_BYTES = 1 << 30
 
 
-def moment_bytes(layer: LMLayer) -> int:
-    """The float64 bytes of a layer's input second moment (a bias row included)."""
+def moment_bytes(layer: "LMLayer | nn.Linear") -> int:
+    """The float64 bytes of a layer's (a target's or a Linear's) input second moment, a bias row included."""
     return 8 * (layer.in_features + 1) ** 2
 
 

@@ -36,14 +36,14 @@ from torch import nn
 from ..options import options_from
 from ..search.allocator import KeepSpace
 from ..search.budget import fit_budget
-from .calibration import check_tokens, collect_stats, runs_within
+from .calibration import MOMENT_BYTES, check_tokens, collect_stats, moment_bytes, runs_within
 from .fitness import DenseReference
 from .search import OneShotOptions, OneShotResult, fitness_fn, reported, score_counts, search_counts, undone_on_error
 from .targets import LMLayer, find_blocks
 
 log = logging.getLogger("de_plugin")
 #: ``refit=None`` re-fits while the o / down inputs' second moments (float64) take at most this many bytes
-REFIT_AUTO_BYTES = 1 << 30
+REFIT_AUTO_BYTES = MOMENT_BYTES
 Q, K, V, O = ("q_proj",), ("k_proj",), ("v_proj",), ("o_proj", "out_proj")
 MLP_IN, MLP_OUT = ("up_proj", "gate_proj", "fc1"), ("down_proj", "fc2")
 
@@ -365,7 +365,7 @@ def refit_mode(o: "WidthOptions", blocks: list[WidthBlock], mods: dict[str, nn.M
     else ``"final"``."""
     if o.refit is not None:
         return o.refit
-    need = sum(8 * (mods[p].in_features + 1) ** 2 for b in blocks for p in b.outputs)
+    need = sum(moment_bytes(mods[p]) for b in blocks for p in b.outputs)
     if need <= REFIT_AUTO_BYTES:
         return True
     log.info("prune_width: the search scores widths without the refit (the o / down inputs' second moments would "
