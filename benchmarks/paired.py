@@ -134,6 +134,7 @@ def rows(rungs: list[float], levels: list[float]) -> list[dict[str, Any]]:
 #: reference: the H200 set, or the CPU-trained set that ships; BENCHMARKS.md, "Converged dense references")
 HEURISTICS = ["lamp", "global_magnitude", "erk"]
 H200, CPU = ", converged reference", ", CPU reference"
+CPU300 = ", CPU reference, 10 x 30 steps"
 SELECTIONS = [
     ("LeNet-300-100", "selection", "lenet300", "de_layerwise[finetune]", HEURISTICS, H200),
     ("LeNet-300-100", "selection", "lenet300", "de_layerwise[holdout]", HEURISTICS, H200),
@@ -152,6 +153,7 @@ SELECTIONS = [
     ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[finetune]", HEURISTICS, CPU),
     ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[random]", HEURISTICS, CPU),
     ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[finetune+seeds]", HEURISTICS, CPU),
+    ("ResNet-20", "selection_resnet20_cpu_300", "resnet20", "de_layerwise[finetune]", HEURISTICS, CPU300),
 ]
 
 
