@@ -17,7 +17,6 @@ from de_plugin.lm import kl_score, perplexity, prune_lm, sparsegpt
 from de_plugin.lm.width import prune_width
 
 
-
 @pytest.fixture(scope="module", params=["lazy", "cuda"])
 def device(request):
     """torch's lazy tensors everywhere; a real GPU where there is one."""
@@ -49,10 +48,10 @@ def on(model, device):
     return copy.deepcopy(model).to(device)
 
 
-def same(there, cpu, device, rel=1e-3):
+def same(there, cpu, device):
     """Exactly the CPU's on the lazy device; near it on a GPU."""
     if device.type == "lazy":
-        return there.kept == cpu.kept and there.fitness == pytest.approx(cpu.fitness, rel=rel)
+        return there.kept == cpu.kept and there.fitness == pytest.approx(cpu.fitness, rel=1e-3)
     return there.sparsity == pytest.approx(cpu.sparsity, abs=1e-6) and there.fitness == pytest.approx(cpu.fitness, rel=0.25)
 
 
