@@ -127,7 +127,30 @@ def rows(rungs: list[float], levels: list[float]) -> list[dict[str, Any]]:
                               for b in baselines})
             if best is not None:
                 out.append({"model": name, "a": a, "b": best[0], "at": f"{r:.0%} sparse{note}", **best[1]})
+    for name, folder, a, baselines, note in UNSEEN:
+        for r in rungs:
+            best = strongest({b: paired(unseen_tests(folder, a, r), unseen_tests(folder, b, r)) for b in baselines})
+            if best is not None:
+                out.append({"model": name, "a": a, "b": best[0], "at": f"{r:.0%} sparse{note}", **best[1]})
     return [r for r in out if r["n"]]
+
+
+#: unseen.py: a user's model and data no default was chosen on (label, folder, A, baselines, note)
+UNSEEN = [("DigitsResNet", "unseen", "de_layerwise", ["lamp", "global_magnitude", "erk"],
+           ", sklearn digits, 3 rounds, splicing for all")]
+
+
+def unseen_tests(folder: str, method: str, rung: float) -> dict[str, float]:
+    """Test accuracy per seed from an unseen.py cells file (keys seed|method|rung; empty when absent)."""
+    path = RESULTS / folder / "cells.json"
+    if not path.exists():
+        return {}
+    out = {}
+    for key, cell in json.loads(path.read_text())["cells"].items():
+        seed, meth, s = key.split("|")
+        if meth == method and abs(float(s) - rung) < 1e-9:
+            out[seed] = cell["test"]
+    return out
 
 
 #: selection.py studies (one round from a converged reference): (label, folder, model, A, baselines, which

@@ -1,0 +1,222 @@
+"""``de_layerwise`` at its defaults on a model and data none of its defaults were chosen on, as a new user runs it.
+
+A residual CNN written here (not one of ``de_plugin.demo``'s models: 22 prunable layers, 3 stages of 3 basic
+blocks with 1x1 projection shortcuts) on scikit-learn's 8x8 digits (1,797 images: 1,097 to train, 300 to
+validate, 400 to test, split by seed). Per seed the dense model is trained to convergence, then pruned from
+dense to each rung in 3 prune / fine-tune rounds with the library's defaults (``de_layerwise``: splicing
+recovery, the short-fine-tune selection of the round's allocation) and, as the baselines with the same
+recovery and fine-tune, LAMP, ERK and global magnitude, through the same ``de_plugin.prune`` call:
+
+    de_plugin.prune(model, METHOD, evaluate=val_accuracy, finetune=finetune, sparsity=S, rounds=3,
+                    finetune_epochs=3, recovery="splicing", train_data=train_batches, seed=SEED)
+
+Test accuracy on the 400 test images; every comparison paired seed by seed against the best heuristic at
+that rung (mean difference with its 95% t-interval). ``--methods`` may add the control searches at DE's
+evaluations (``de_layerwise[random]``: the seeds, then uniform random allocations; ``de_layerwise[evopress]``:
+(1 + lambda) level switching), each chosen by the same selection. Cells (seed, method, rung) accumulate in
+``<out>/cells.json``: a rerun computes only the missing ones.
+
+    python benchmarks/unseen.py --seeds 0 1 2 3 4 5 6 7 8 9 --out benchmarks/results/unseen
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cells import Cells  # noqa: E402
+from paired import fmt, paired  # noqa: E402
+
+import de_plugin  # noqa: E402
+from de_plugin.demo.data import load_digits_dataset  # noqa: E402
+from de_plugin.demo.training import make_evaluate, make_finetune  # noqa: E402
+
+#: name -> (pruner, options beyond the shared call); the controls search at the same evaluations as DE
+METHODS = {"de_layerwise": ("de_layerwise", {}), "lamp": ("lamp", {}), "erk": ("erk", {}),
+           "global_magnitude": ("global_magnitude", {}),
+           "de_layerwise[random]": ("de_layerwise", {"search_strategy": "random"}),
+           "de_layerwise[evopress]": ("de_layerwise", {"search_strategy": "evopress"})}
+HEURISTICS = ["lamp", "erk", "global_magnitude"]
+#: the default against each control search, seed by seed
+CONTROLS = ["de_layerwise[random]", "de_layerwise[evopress]"]
+PROTOCOL = {"data": "sklearn digits, 1097 / 300 / 400", "dense_epochs": 60, "rounds": 3, "finetune_epochs": 3,
+            "batch": 64, "lr_finetune": 5e-4, "recovery": "splicing", "calibration_batches": 4}
+
+
+class Block(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a residual add (a 1x1 projection when the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.short = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                      if stride != 1 or c_in != c_out else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.short(x))
+
+
+class DigitsResNet(nn.Module):
+    """A user's residual CNN for 8x8 digits: stem, 3 stages (8x8, 4x4, 2x2) of 3 blocks, pooled linear head;
+    22 prunable layers (19 3x3 convolutions, 2 shortcuts, the head)."""
+
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        blocks, c = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(3):
+                blocks.append(Block(c, w, 2 if i > 0 and j == 0 else 1))
+                c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def dense_model(data, seed: int) -> nn.Module:
+    """Trained to convergence on the training split (Adam, cosine to zero), seeded."""
+    torch.manual_seed(seed)
+    model = DigitsResNet()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    steps_per_epoch = -(-len(data.y_train) // PROTOCOL["batch"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, PROTOCOL["dense_epochs"] * steps_per_epoch)
+    model.train()
+    for _ in range(PROTOCOL["dense_epochs"]):
+        perm = torch.randperm(len(data.y_train))
+        for i in range(0, len(perm), PROTOCOL["batch"]):
+            idx = perm[i:i + PROTOCOL["batch"]]
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def run_cell(dense: nn.Module, data, method: str, sparsity: float, seed: int) -> dict:
+    """One method pruned from dense to ``sparsity`` as the module docstring's call does; test accuracy after."""
+    val_accuracy = make_evaluate(data.x_val, data.y_val)
+    finetune = make_finetune(data.x_train, data.y_train, lr=PROTOCOL["lr_finetune"], batch_size=PROTOCOL["batch"])
+    calib = [data.x_train[i:i + PROTOCOL["batch"]] for i in range(0, PROTOCOL["batch"] * PROTOCOL["calibration_batches"],
+                                                                  PROTOCOL["batch"])]
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    pruner, options = METHODS[method]
+    r = de_plugin.prune(copy.deepcopy(dense), pruner, evaluate=val_accuracy, finetune=finetune, sparsity=sparsity,
+                        rounds=PROTOCOL["rounds"], finetune_epochs=PROTOCOL["finetune_epochs"],
+                        recovery=PROTOCOL["recovery"], train_data=calib, seed=seed, progress=False, **options)
+    chosen = [next((s["source"] for s in (h.get("de") or {}).get("selection", []) if s["chosen"]), None)
+              for h in r.history]
+    return {"test": make_evaluate(data.x_test, data.y_test)(r.model), "val": val_accuracy(r.model),
+            "sparsity": r.sparsity, "wall_seconds": time.perf_counter() - t0, "nfev": r.nfev,
+            "finetune_steps": finetune.steps, "chosen": chosen}
+
+
+def summary(cells: Cells, seeds: list[int], rungs: list[float]) -> tuple[str, dict]:
+    """The mean table, and each rung's paired difference against its best heuristic (by mean test)."""
+    got = {m: {s: {sd: c["test"] for sd in seeds if (c := cells.get((sd, m, s)))} for s in rungs} for m in METHODS}
+    lines = ["| method | " + " | ".join(f"test @{s:.0%}" for s in rungs) + " |", "|---|" + "---|" * len(rungs)]
+    for m in METHODS:
+        lines.append(f"| {m} | " + " | ".join(
+            f"{100 * sum(v.values()) / len(v):.2f} ({len(v)})" if (v := got[m][s]) else "n/a" for s in rungs) + " |")
+    out: dict = {}
+    lines.append("\nde_layerwise - the best heuristic at each rung (pp, paired over seeds):\n")
+    for s in rungs:
+        means = {h: sum(got[h][s].values()) / len(got[h][s]) for h in HEURISTICS if got[h][s]}
+        if not means or not got["de_layerwise"][s]:
+            continue
+        best = max(means, key=means.get)
+        p = paired(got["de_layerwise"][s], got[best][s])
+        out[str(s)] = {"best_heuristic": best, **p}
+        chosen = [cells.get((sd, "de_layerwise", s))["chosen"] for sd in p["seeds"]]
+        lines.append(f"- {s:.0%}: vs {best}: {fmt(p)}; allocations chosen per round: {chosen}")
+    for c in CONTROLS:
+        for s in rungs:
+            if got[c][s] and got["de_layerwise"][s]:
+                p = paired(got["de_layerwise"][s], got[c][s])
+                out[f"{s}|{c}"] = p
+                lines.append(f"- {s:.0%}: de_layerwise - {c} (same evaluations): {fmt(p)}")
+    return "\n".join(lines), out
+
+
+def plot(cells: Cells, seeds: list[int], rungs: list[float], path: Path) -> None:
+    """Each method's mean test accuracy against sparsity, with every seed's value as a dot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for k, m in enumerate(["de_layerwise", *HEURISTICS]):
+        pts = [(s, [c["test"] for sd in seeds if (c := cells.get((sd, m, s)))]) for s in rungs]
+        pts = [(s, v) for s, v in pts if v]
+        if not pts:
+            continue
+        line, = ax.plot([s for s, _ in pts], [100 * sum(v) / len(v) for _, v in pts], marker="o", label=m)
+        for s, v in pts:  # seeds side by side, a little apart per method
+            ax.scatter([s + 0.003 * (k - 1.5)] * len(v), [100 * x for x in v], s=8, alpha=0.35, color=line.get_color())
+    ax.set(xlabel="sparsity", ylabel="test accuracy (%)", title="DigitsResNet (22 layers), sklearn digits")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def check_dense(cells: Cells, seed: int, test: float) -> None:
+    """Store the seed's dense test accuracy, or check it against the stored one: cells added later must start
+    from the same dense weights (training is seeded, but another thread count or torch build may differ)."""
+    stored = cells.run((seed, "dense", 0.0), lambda: {"test": test})["test"]
+    if stored != test:
+        raise RuntimeError(f"seed {seed}: the dense model trained now scores {test:.4f} on the test images, the "
+                           f"stored cells started from one scoring {stored:.4f}; run with the same --threads and "
+                           "torch build, or give another --out")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--sparsities", nargs="+", type=float, default=[0.8, 0.9, 0.95])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS)[:4], choices=list(METHODS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results/unseen")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    cells = Cells(out / "cells.json", PROTOCOL)
+    for seed in args.seeds:
+        data = load_digits_dataset(val_size=300, test_size=400, seed=seed)
+        dense = None
+        for s in args.sparsities:
+            for m in args.methods:
+                if (seed, m, s) in cells:
+                    continue
+                if dense is None:
+                    dense = dense_model(data, seed)
+                    check_dense(cells, seed, make_evaluate(data.x_test, data.y_test)(dense))
+                c = cells.run((seed, m, s), lambda: run_cell(dense, data, m, s, seed))
+                print(f"seed {seed} {s:.2f} {m:18s} test {c['test']:.4f} ({c['wall_seconds']:.0f} s) "
+                      f"chosen {c['chosen']}", flush=True)
+    text, pairs = summary(cells, args.seeds, args.sparsities)
+    dense = [cells.get((sd, "dense", 0.0))["test"] for sd in args.seeds if (sd, "dense", 0.0) in cells]
+    text = f"Dense test accuracy: {100 * sum(dense) / max(1, len(dense)):.2f}% (mean of {len(dense)} seeds)\n\n" + text
+    print(text)
+    (out / "summary.md").write_text(text + "\n")
+    (out / "summary.json").write_text(json.dumps(pairs, indent=1))
+    plot(cells, args.seeds, args.sparsities, out / "accuracy.png")
+
+
+if __name__ == "__main__":
+    main()
