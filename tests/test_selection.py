@@ -192,3 +192,46 @@ def test_finalist_steps_without_finalists_is_refused_before_any_work(mlp, name, 
         de_plugin.prune(mlp, name, evaluate=lambda m: calls.append(1) or 0.5, sparsity=0.5 if "macs" not in kw
                         else None, inplace=True, progress=False, **kw)
     assert not calls and same_state(before, state_of(mlp))
+
+
+def test_choose_falls_back_to_the_scores_before_a_short_finetune_that_lowered_every_finalist():
+    """A short fine-tune that raised none of the finalists has not recovered them: its ranking is noise, so the
+    choice is the best before it; one finalist raised is enough to trust the scores after it."""
+    from de_plugin.search.selection import choose, uninformative
+    before = {(1,): 0.31, (2,): 0.29, (3,): 0.30}  # (3,) a seed
+    after = {(1,): 0.15, (2,): 0.21, (3,): 0.16}
+    assert uninformative(after, before) and choose(after, {(3,)}, before=before) == (1,)
+    assert choose(after, {(3,)}) == (2,)  # without `before`: the plain best after
+    raised = {**after, (3,): 0.35}
+    assert not uninformative(raised, before) and choose(raised, {(3,)}, before=before) == (3,)
+    assert uninformative({(1,): 0.9}, {(1,): 0.9})  # level counts as not raised
+    assert not uninformative({}, {})
+
+
+def _spoiling(finetune):
+    """``finetune`` that trains, then adds noise to every weight during the finalists' one-epoch retrainings
+    (the round's own two-epoch fine-tune is left alone): every finalist ends below its score before it."""
+    def run(model, epochs):
+        finetune(model, epochs)
+        if epochs == 1:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * p.std() * 3)
+    return run
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_selection_falls_back_when_the_short_finetune_lowers_every_finalist(mlp, digits, finetune, fallback):
+    """With a retraining that spoils every finalist the choice is the best by the held-out score before it
+    (recorded as selection_fallback_used); with selection_fallback=False, the best after it."""
+    r = de_plugin.prune(mlp, "de_layerwise", val_data=_misleading_val(digits), finetune=_spoiling(finetune),
+                        sparsity=0.9, rounds=1, finetune_epochs=2, search_images=100, population=8, generations=2,
+                        seed=0, finalists=3, finalist_seeds=2, recovery="none", selection_fallback=fallback,
+                        progress=False)
+    de = r.history[0]["de"]
+    retrained = [s for s in de["selection"] if "score_after_short_finetune" in s]
+    assert len(retrained) >= 3 and all(s["score_after_short_finetune"] < s["score"] for s in retrained)
+    chosen = next(s for s in de["selection"] if s["chosen"])
+    key = "score" if fallback else "score_after_short_finetune"
+    assert chosen[key] == max(s[key] for s in retrained)
+    assert de["selection_fallback_used"] is fallback

@@ -42,7 +42,7 @@ from ..hookspecs import hookimpl
 from .rounds import IterativeOptions, IterativePruner, State
 from ..pruner import Context
 from .recovery import finetune_round
-from ..search.selection import RetrainedMeasure, capped, check_finalists, choose
+from ..search.selection import RetrainedMeasure, capped, check_finalists, choose, uninformative
 from ..result import Outcome
 
 log = logging.getLogger("de_plugin")
@@ -115,6 +115,12 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
                                                 "retrained seed only when its score after the short fine-tune is "
                                                 "higher by more than this (score units: 0.005 = half a point of "
                                                 "accuracy); 0, the plain best")
+    # chosen by benchmarks/unseen.py (a digits CNN, 3 rounds): with a short fine-tune too short to recover the
+    # finalists, its ranking was noise; it never triggered in the selection studies of BENCHMARKS.md but one cell
+    selection_fallback: bool = Field(
+        True, description="selection='finetune': when the short fine-tune lowers every finalist's score (it has not "
+                          "recovered them yet, so it ranks noise), choose by their held-out scores before it instead "
+                          "(a warning says so); False: always by the scores after it")
     search_images: Optional[int] = Field(
         500, ge=1, description="multi-fidelity by size (budget form, fidelity unset): when val_data holds more "
                                 "images than this, the search scores candidates on its first batches holding "
@@ -437,7 +443,8 @@ class DELayerwise(IterativePruner):
         seeds not among them (so the choice cannot fall below the best seed on the same measure), each with its
         magnitude masks
         on the round's weights held through ``finalist_epochs`` of the user's ``finetune`` (the same seed for
-        every finalist), then scored on the held-out images again; the best wins (ties: the held-out order)."""
+        every finalist), then scored on the held-out images again; the best wins (ties: the held-out order), or,
+        when the retraining lowered every finalist's score (``selection_fallback``), the best before it."""
         ctx, o, scorer = self.ctx, self.options, self.backend.scorer
         scorer.restore()
 
@@ -454,9 +461,11 @@ class DELayerwise(IterativePruner):
             if k not in top:
                 top.append(k)
         scores = {k: measure(np.array(k, dtype=np.int64)) for k in top}
-        won = choose(scores, keys, o.selection_margin)
+        before = {k: search.rescored[k] for k in scores}
+        won = choose(scores, keys, o.selection_margin, before=before if o.selection_fallback else None)
         log.info("%s: finalists after a short fine-tune: %s", self.name, ", ".join(f"{v:.4f}" for v in scores.values()))
-        return np.array(won, dtype=np.int64), scores, measure.cost()
+        fell_back = o.selection_fallback and uninformative(scores, before)
+        return np.array(won, dtype=np.int64), scores, {**measure.cost(), "selection_fallback_used": fell_back}
 
     def propose(self, state: State, round_index: int, caution: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Accuracy form: minimise kept weights s.t. accuracy >= reference - search_drop (Deb's rules)."""
