@@ -177,6 +177,7 @@ SELECTIONS = [
     ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[random]", HEURISTICS, CPU),
     ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[finetune+seeds]", HEURISTICS, CPU),
     ("ResNet-20", "selection_resnet20_cpu_300", "resnet20", "de_layerwise[finetune]", HEURISTICS, CPU300),
+    ("ResNet-20", "selection_resnet20_cpu_300", "resnet20", "de_layerwise[finetune+seeds]", HEURISTICS, CPU300),
 ]
 
 
