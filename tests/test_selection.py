@@ -235,3 +235,23 @@ def test_selection_falls_back_when_the_short_finetune_lowers_every_finalist(mlp,
     key = "score" if fallback else "score_after_short_finetune"
     assert chosen[key] == max(s[key] for s in retrained)
     assert de["selection_fallback_used"] is fallback
+
+
+@pytest.mark.parametrize("fallback", [True, False])
+def test_de_channel_finalists_fall_back_when_the_retraining_lowers_every_one(resnet, images, fallback):
+    """de_channel's finalists go through the same choice: a retraining that spoils them all is not trusted, the
+    best by the search's own score wins (recorded); with selection_fallback=False, the best after it."""
+    from de_plugin.demo.training import make_finetune
+    r = de_plugin.prune(resnet, "de_channel", val_data=images.val, train_data=images.batches, macs=0.6, rounds=1,
+                        finetune=_spoiling(make_finetune(images.x, images.y, lr=1e-3, batch_size=64)),
+                        finalists=3, finetune_epochs=2, population=6, generations=1, bn_batches=2, seed=0,
+                        selection_fallback=fallback, progress=False)
+    de = r.history[0]["de"]
+    fin = de["finalists"]
+    assert len(fin) >= 3 and all(f["score_after_short_finetune"] < f["search_score"] for f in fin)
+    assert de["selection_fallback_used"] is fallback
+    key = "search_score" if fallback else "score_after_short_finetune"
+    best = max(fin, key=lambda f: f[key])
+    assert r.history[0]["q"] == best["q"] and [f[key] for f in fin].count(best[key]) == 1
+    other = "score_after_short_finetune" if fallback else "search_score"
+    assert max(fin, key=lambda f: f[other])["q"] != best["q"]  # the two measures pick different shapes

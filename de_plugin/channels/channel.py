@@ -68,6 +68,9 @@ class ChannelOptions(SearchOptions):
     finalist_epochs: int = Field(1, ge=1, description="epochs each finalist is retrained for before it is re-scored")
     finalist_steps: Optional[int] = Field(None, ge=1, description="stop each finalist's retraining after this many "
                                           "training batches (forward calls in train mode); None: whole epochs")
+    selection_fallback: bool = Field(
+        True, description="finalists: when the short retraining lowers every finalist's score (it has not recovered "
+                          "them, so it ranks noise), choose by the search's scores before it instead")
     include_linear: bool = Field(False, description="also search the hidden units of Linear layers (MLP blocks)")
     unresolved: Literal["raise", "skip"] = "raise"
     adaptive_bn: Optional[bool] = Field(None, description="re-estimate BatchNorm before scoring; None: if the model has BN")
@@ -296,13 +299,14 @@ class DEChannel(Pruner):
             self._search_rng = self.rng.bit_generator.state
             short = self._short_finetune(ctx, o, i, calib) if o.finalists else None
             best = search.maximise(solver, space, budget, f"{self.name} round {i}", rescore=short, top=o.finalists,
-                                   include=seeds)
+                                   include=seeds, fallback=o.selection_fallback)
             score = search.score(best)
         info = search.info(solver)
         if short is not None:
             info["finalists"] = [{"q": list(k), "score_after_short_finetune": v, "search_score": search.cache.get(k)}
                                  for k, v in search.rescored.items()]
             info.update(short.cost())
+            info["selection_fallback_used"] = search.fell_back
         return best, score, info
 
     def _short_finetune(self, ctx: Context, o: ChannelOptions, i: int, calib: Optional[list]):

@@ -28,6 +28,7 @@ from pydantic import Field
 
 from .budget import fit_budget
 from .de import DifferentialEvolution
+from .selection import choose, uninformative
 from ..progress import progress_bar
 from ..evaluation import Backend, BackendOptions, Bound
 
@@ -206,6 +207,7 @@ class Allocator:
         self.nfev = self.rejected = self.skipped = self.images_saved = 0
         self.searched: Optional[int] = None  # candidates a non-DE search_strategy drew (its record)
         self.screened = 0  # candidates only screened (Screen), not scored in full
+        self.fell_back = False  # _rescore chose by the search's scores (a retraining lowered every finalist)
 
     # ------------------------------------------------------------------ scoring
     def score_many(self, batch: list[np.ndarray], floors: Optional[list[Optional[float]]] = None) -> list[float]:
@@ -283,7 +285,8 @@ class Allocator:
 
     def maximise(self, solver: DifferentialEvolution, space: KeepSpace, budget: int, desc: str = "DE",
                  rescore: Optional[Callable[[np.ndarray], float]] = None, top: int = 4,
-                 include: Sequence[np.ndarray] = (), screen: Optional[Screen] = None) -> np.ndarray:
+                 include: Sequence[np.ndarray] = (), screen: Optional[Screen] = None,
+                 fallback: bool = False) -> np.ndarray:
         """Budget form: the allocation within ``budget`` with the best score (the space's budget: kept
         weights for a :class:`KeepSpace`, a cost for de_channel's ``ChannelSpace``).
 
@@ -291,7 +294,8 @@ class Allocator:
         the final one; the ``top`` best distinct members of the last population, and every vector
         of ``include`` (the seeds, say), are re-scored with it and the best of those returned (their
         scores in :attr:`rescored`). ``screen``: EvoPress's multi-step selection (``search_strategy='evopress'``
-        only)."""
+        only). ``fallback``: ``rescore`` retrains before scoring, on the search's data; when it lowered every
+        finalist's score, choose by the search's scores instead (:func:`~de_plugin.search.selection.choose`)."""
         def evaluate_batch(xs, parents):
             counts = [space.project(x, budget) for x in xs]
             # a trial replaces its parent when -score <= parent's objective: it needs score >= -f_parent
@@ -306,7 +310,7 @@ class Allocator:
             ranked = [space.project(solver.population[i], budget) for i in np.argsort(solver.fun, kind="stable")]
         if rescore is None:
             return ranked[0]
-        return self._rescore(ranked, rescore, top, include)
+        return self._rescore(ranked, rescore, top, include, fallback)
 
     def _other_search(self, solver: DifferentialEvolution, space: KeepSpace, budget: int, desc: str,
                       screen: Optional[Screen] = None) -> list[np.ndarray]:
@@ -380,9 +384,10 @@ class Allocator:
         return x
 
     def _rescore(self, ranked: list[np.ndarray], rescore: Callable[[np.ndarray], float], top: int,
-                 include: Sequence[np.ndarray] = ()) -> np.ndarray:
+                 include: Sequence[np.ndarray] = (), fallback: bool = False) -> np.ndarray:
         """The best by ``rescore`` of the ``top`` first distinct candidates of ``ranked`` and of
-        ``include`` (ties: the search's order, then ``include``'s)."""
+        ``include`` (ties: the search's order, then ``include``'s); with ``fallback``, by the search's own
+        scores when ``rescore`` lowered every one of them (recorded in :attr:`fell_back`)."""
         picked: dict[tuple[int, ...], np.ndarray] = {}
         for c in ranked:
             picked.setdefault(tuple(int(v) for v in c), c)
@@ -392,7 +397,10 @@ class Allocator:
             picked.setdefault(tuple(int(v) for v in c), c)
         for key, c in picked.items():
             self.rescored[key] = float(rescore(c))
-        best = max(picked, key=lambda k: self.rescored[k])  # max keeps the first of equal scores
+        before = {k: self.cache[k] for k in picked if k in self.cache}
+        self.fell_back = fallback and len(before) == len(picked) and uninformative(
+            {k: self.rescored[k] for k in picked}, before)
+        best = choose({k: self.rescored[k] for k in picked}, set(), before=before if self.fell_back else None)
         log.info("re-scored the %d finalists: %s", len(picked),
                  ", ".join(f"{self.rescored[k]:.4f}" for k in picked))
         return picked[best]
