@@ -124,7 +124,8 @@ def run_cell(dense: nn.Module, data, method: str, sparsity: float, seed: int) ->
               for h in r.history]
     return {"test": make_evaluate(data.x_test, data.y_test)(r.model), "val": val_accuracy(r.model),
             "sparsity": r.sparsity, "wall_seconds": time.perf_counter() - t0, "nfev": r.nfev,
-            "finetune_steps": finetune.steps, "chosen": chosen}
+            "finetune_steps": finetune.steps, "chosen": chosen,
+            "fallback": [(h.get("de") or {}).get("selection_fallback_used") for h in r.history]}
 
 
 def summary(cells: Cells, seeds: list[int], rungs: list[float]) -> tuple[str, dict]:
