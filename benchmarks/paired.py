@@ -121,15 +121,11 @@ def rows(rungs: list[float], levels: list[float]) -> list[dict[str, Any]]:
             except (FileNotFoundError, KeyError, StopIteration):
                 continue
             out.append({"model": name, "a": a, "b": b, "at": f"{lv:.2f} of the MACs{note}", **p})
-    for name, folder, model, a, baselines, note in SELECTIONS:
-        for r in rungs:
+    cells = [(*row, rungs) for row in SELECTIONS] + [(name, folder, None, *rest) for name, folder, *rest in UNSEEN]
+    for name, folder, model, a, baselines, note, own in cells:
+        for r in own:
             best = strongest({b: paired(selection_tests(folder, model, a, r), selection_tests(folder, model, b, r))
                               for b in baselines})
-            if best is not None:
-                out.append({"model": name, "a": a, "b": best[0], "at": f"{r:.0%} sparse{note}", **best[1]})
-    for name, folder, a, baselines, note, own in UNSEEN:
-        for r in own:
-            best = strongest({b: paired(unseen_tests(folder, a, r), unseen_tests(folder, b, r)) for b in baselines})
             if best is not None:
                 out.append({"model": name, "a": a, "b": best[0], "at": f"{r:.0%} sparse{note}", **best[1]})
     return [r for r in out if r["n"]]
@@ -138,19 +134,6 @@ def rows(rungs: list[float], levels: list[float]) -> list[dict[str, Any]]:
 #: unseen.py: a user's model and data no default was chosen on (label, folder, A, baselines, note, its rungs)
 UNSEEN = [("DigitsResNet", "unseen", "de_layerwise", ["lamp", "global_magnitude", "erk"],
            ", sklearn digits, 3 rounds, splicing for all", (0.8, 0.9, 0.95, 0.98))]
-
-
-def unseen_tests(folder: str, method: str, rung: float) -> dict[str, float]:
-    """Test accuracy per seed from an unseen.py cells file (keys seed|method|rung; empty when absent)."""
-    path = RESULTS / folder / "cells.json"
-    if not path.exists():
-        return {}
-    out = {}
-    for key, cell in json.loads(path.read_text())["cells"].items():
-        seed, meth, s = key.split("|")
-        if meth == method and abs(float(s) - rung) < 1e-9:
-            out[seed] = cell["test"]
-    return out
 
 
 #: selection.py studies (one round from a converged reference): (label, folder, model, A, baselines, which
@@ -181,14 +164,16 @@ SELECTIONS = [
 ]
 
 
-def selection_tests(folder: str, model: str, method: str, rung: float) -> dict[str, float]:
-    """Test accuracy per seed from a selection.py cells file (empty when absent)."""
+def selection_tests(folder: str, model: Optional[str], method: str, rung: float) -> dict[str, float]:
+    """Test accuracy per seed from a cells file (empty when absent): selection.py's keys model|seed|method|rung,
+    or with ``model=None`` unseen.py's seed|method|rung (one model per study)."""
     path = RESULTS / folder / "cells.json"
     if not path.exists():
         return {}
     out = {}
     for key, cell in json.loads(path.read_text())["cells"].items():
-        m, seed, meth, s = key.split("|")
+        parts = key.split("|")
+        m, (seed, meth, s) = (None, parts) if model is None else (parts[0], parts[1:])
         if m == model and meth == method and abs(float(s) - rung) < 1e-9:
             out[seed] = cell["test"]
     return out

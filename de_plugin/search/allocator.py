@@ -397,10 +397,10 @@ class Allocator:
             picked.setdefault(tuple(int(v) for v in c), c)
         for key, c in picked.items():
             self.rescored[key] = float(rescore(c))
+        after = {k: self.rescored[k] for k in picked}
         before = {k: self.cache[k] for k in picked if k in self.cache}
-        self.fell_back = fallback and len(before) == len(picked) and uninformative(
-            {k: self.rescored[k] for k in picked}, before)
-        best = choose({k: self.rescored[k] for k in picked}, set(), before=before if self.fell_back else None)
+        self.fell_back = fallback and len(before) == len(picked) and uninformative(after, before)
+        best = choose(after, set(), before=before if self.fell_back else None)
         log.info("re-scored the %d finalists: %s", len(picked),
                  ", ".join(f"{self.rescored[k]:.4f}" for k in picked))
         return picked[best]

@@ -462,9 +462,9 @@ class DELayerwise(IterativePruner):
                 top.append(k)
         scores = {k: measure(np.array(k, dtype=np.int64)) for k in top}
         before = {k: search.rescored[k] for k in scores}
-        won = choose(scores, keys, o.selection_margin, before=before if o.selection_fallback else None)
-        log.info("%s: finalists after a short fine-tune: %s", self.name, ", ".join(f"{v:.4f}" for v in scores.values()))
         fell_back = o.selection_fallback and uninformative(scores, before)
+        won = choose(scores, keys, o.selection_margin, before=before if fell_back else None)
+        log.info("%s: finalists after a short fine-tune: %s", self.name, ", ".join(f"{v:.4f}" for v in scores.values()))
         return np.array(won, dtype=np.int64), scores, {**measure.cost(), "selection_fallback_used": fell_back}
 
     def propose(self, state: State, round_index: int, caution: int) -> tuple[np.ndarray, dict[str, Any]]:
