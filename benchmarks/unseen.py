@@ -1,7 +1,9 @@
 """``de_layerwise`` at its defaults on a model and data none of its defaults were chosen on, as a new user runs it.
 
-A residual CNN written here (not one of ``de_plugin.demo``'s models: 22 prunable layers, 3 stages of 3 basic
-blocks with 1x1 projection shortcuts) on scikit-learn's 8x8 digits (1,797 images: 1,097 to train, 300 to
+Two models written here (neither one of ``de_plugin.demo``'s): ``--model resnet``, a residual CNN (22 prunable
+layers, 3 stages of 3 basic blocks with 1x1 projection shortcuts), and ``--model vit``, a pre-norm vision
+transformer (26 prunable Linear layers: a 2x2-patch embedding, 4 blocks of separate q / k / v / output
+projections and a two-layer MLP, the head), on scikit-learn's 8x8 digits (1,797 images: 1,097 to train, 300 to
 validate, 400 to test, split by seed). Per seed the dense model is trained to convergence, then pruned from
 dense to each rung in 3 prune / fine-tune rounds with the library's defaults (``de_layerwise``: splicing
 recovery, the short-fine-tune selection of the round's allocation) and, as the baselines with the same
@@ -18,6 +20,7 @@ selection always by the short fine-tune's scores, ``selection_fallback=False``).
 ``<out>/cells.json``: a rerun computes only the missing ones.
 
     python benchmarks/unseen.py --seeds 0 1 2 3 4 5 6 7 8 9 --out benchmarks/results/unseen
+    python benchmarks/unseen.py --model vit --seeds 0 1 2 3 4 5 6 7 8 9 --out benchmarks/results/unseen_vit
 """
 from __future__ import annotations
 
@@ -45,11 +48,12 @@ METHODS = {"de_layerwise": ("de_layerwise", {}), "lamp": ("lamp", {}), "erk": ("
            "global_magnitude": ("global_magnitude", {}),
            "de_layerwise[no fallback]": ("de_layerwise", {"selection_fallback": False}),
            "de_layerwise[random]": ("de_layerwise", {"search_strategy": "random"}),
-           "de_layerwise[evopress]": ("de_layerwise", {"search_strategy": "evopress"})}
+           "de_layerwise[evopress]": ("de_layerwise", {"search_strategy": "evopress"}),
+           "de_layerwise[every seed]": ("de_layerwise", {"finalist_seeds": 64})}
 HEURISTICS = ["lamp", "erk", "global_magnitude"]
 #: the default against each variant, seed by seed: without the selection's fallback, and the control searches
-CONTROLS = ["de_layerwise[no fallback]", "de_layerwise[random]", "de_layerwise[evopress]"]
-PROTOCOL = {"data": "sklearn digits, 1097 / 300 / 400", "dense_epochs": 60, "rounds": 3, "finetune_epochs": 3,
+CONTROLS = ["de_layerwise[no fallback]", "de_layerwise[random]", "de_layerwise[evopress]", "de_layerwise[every seed]"]
+PROTOCOL = {"data": "sklearn digits, 1097 / 300 / 400", "rounds": 3, "finetune_epochs": 3,
             "batch": 64, "lr_finetune": 5e-4, "recovery": "splicing", "calibration_batches": 4}
 
 
@@ -89,15 +93,70 @@ class DigitsResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-def dense_model(data, seed: int) -> nn.Module:
-    """Trained to convergence on the training split (Adam, cosine to zero), seeded."""
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q / k / v / output Linear layers (four prunable targets)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (f(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v))
+        return self.o(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+
+
+class Encoder(nn.Module):
+    """Pre-norm transformer block: attention and a GELU MLP, each on a residual path."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class DigitsViT(nn.Module):
+    """A user's vision transformer for 8x8 digits: 2x2 patches (16 tokens) embedded by a Linear layer, learned
+    positions, 4 blocks of width 64 (4 heads, MLP 128), mean-pooled tokens, a Linear head; 26 prunable layers."""
+
+    def __init__(self, dim: int = 64, depth: int = 4, heads: int = 4, hidden: int = 128, patch: int = 2):
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Linear(patch * patch, dim)
+        self.pos = nn.Parameter(torch.zeros(1, (8 // patch) ** 2, dim))
+        self.blocks = nn.Sequential(*[Encoder(dim, heads, hidden) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch
+        tokens = x.unfold(2, p, p).unfold(3, p, p).reshape(x.shape[0], -1, p * p)
+        return self.head(self.norm(self.blocks(self.embed(tokens) + self.pos)).mean(1))
+
+
+#: --model: the class, and its dense recipe (each model's own: Adam with cosine decay trains the ResNet, the
+#: transformer needs AdamW's decoupled weight decay and a warm-up, here one-cycle, to train reliably on 1,097 images)
+MODELS = {"resnet": (DigitsResNet, {"opt": "adam", "lr": 2e-3, "wd": 1e-4, "schedule": "cosine", "epochs": 60}),
+          "vit": (DigitsViT, {"opt": "adamw", "lr": 8e-3, "wd": 0.05, "schedule": "onecycle", "epochs": 100})}
+
+
+def dense_model(data, seed: int, model_name: str = "resnet") -> nn.Module:
+    """Trained to convergence on the training split with the model's recipe (``MODELS``), seeded."""
+    cls, recipe = MODELS[model_name]
     torch.manual_seed(seed)
-    model = DigitsResNet()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    steps_per_epoch = -(-len(data.y_train) // PROTOCOL["batch"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, PROTOCOL["dense_epochs"] * steps_per_epoch)
+    model = cls()
+    opt = (torch.optim.Adam if recipe["opt"] == "adam" else torch.optim.AdamW)(
+        model.parameters(), lr=recipe["lr"], weight_decay=recipe["wd"])
+    total = recipe["epochs"] * -(-len(data.y_train) // PROTOCOL["batch"])
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if recipe["schedule"] == "cosine"
+             else torch.optim.lr_scheduler.OneCycleLR(opt, recipe["lr"], total_steps=total))
     model.train()
-    for _ in range(PROTOCOL["dense_epochs"]):
+    for _ in range(recipe["epochs"]):
         perm = torch.randperm(len(data.y_train))
         for i in range(0, len(perm), PROTOCOL["batch"]):
             idx = perm[i:i + PROTOCOL["batch"]]
@@ -154,7 +213,7 @@ def summary(cells: Cells, seeds: list[int], rungs: list[float]) -> tuple[str, di
     return "\n".join(lines), out
 
 
-def plot(cells: Cells, seeds: list[int], rungs: list[float], path: Path) -> None:
+def plot(cells: Cells, seeds: list[int], rungs: list[float], path: Path, title: str) -> None:
     """Each method's mean test accuracy against sparsity, with every seed's value as a dot."""
     import matplotlib
     matplotlib.use("Agg")
@@ -169,7 +228,7 @@ def plot(cells: Cells, seeds: list[int], rungs: list[float], path: Path) -> None
         line, = ax.plot([s for s, _ in pts], [100 * sum(v) / len(v) for _, v in pts], marker="o", label=m)
         for s, v in pts:  # seeds side by side, a little apart per method
             ax.scatter([s + 0.003 * (k - 1.5)] * len(v), [100 * x for x in v], s=8, alpha=0.35, color=line.get_color())
-    ax.set(xlabel="sparsity", ylabel="test accuracy (%)", title="DigitsResNet (22 layers), sklearn digits")
+    ax.set(xlabel="sparsity", ylabel="test accuracy (%)", title=f"{title}, sklearn digits")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -192,12 +251,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sparsities", nargs="+", type=float, default=[0.8, 0.9, 0.95])
     ap.add_argument("--methods", nargs="+", default=list(METHODS)[:4], choices=list(METHODS))
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/unseen")
+    ap.add_argument("--model", default="resnet", choices=list(MODELS))
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/unseen (resnet), unseen_vit (vit)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    cells = Cells(out / "cells.json", PROTOCOL)
+    out = Path(args.out or "benchmarks/results/unseen" + ("" if args.model == "resnet" else f"_{args.model}"))
+    cls, recipe = MODELS[args.model]
+    cells = Cells(out / "cells.json", {**PROTOCOL, "model": cls.__name__, "dense": recipe})
     for seed in args.seeds:
         data = load_digits_dataset(val_size=300, test_size=400, seed=seed)
         dense = None
@@ -206,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
                 if (seed, m, s) in cells:
                     continue
                 if dense is None:
-                    dense = dense_model(data, seed)
+                    dense = dense_model(data, seed, args.model)
                     check_dense(cells, seed, make_evaluate(data.x_test, data.y_test)(dense))
                 c = cells.run((seed, m, s), lambda: run_cell(dense, data, m, s, seed))
                 print(f"seed {seed} {s:.2f} {m:18s} test {c['test']:.4f} ({c['wall_seconds']:.0f} s) "
@@ -217,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     (out / "summary.md").write_text(text + "\n")
     (out / "summary.json").write_text(json.dumps(pairs, indent=1))
-    plot(cells, args.seeds, args.sparsities, out / "accuracy.png")
+    plot(cells, args.seeds, args.sparsities, out / "accuracy.png", cls.__name__)
 
 
 if __name__ == "__main__":
