@@ -15,8 +15,9 @@ recovery and fine-tune, LAMP, ERK and global magnitude, through the same ``de_pl
 Test accuracy on the 400 test images; every comparison paired seed by seed against the best heuristic at
 that rung (mean difference with its 95% t-interval). ``--methods`` may add the control searches at DE's
 evaluations (``de_layerwise[random]``: the seeds, then uniform random allocations; ``de_layerwise[evopress]``:
-(1 + lambda) level switching), each chosen by the same selection, and ``de_layerwise[no fallback]`` (the
-selection always by the short fine-tune's scores, ``selection_fallback=False``). Cells (seed, method, rung) accumulate in
+(1 + lambda) level switching), each chosen by the same selection, ``de_layerwise[no fallback]`` (the
+selection always by the short fine-tune's scores, ``selection_fallback=False``) and ``de_layerwise[every seed]``
+(every seed allocation retrained as a finalist, not only the best one). Cells (seed, method, rung) accumulate in
 ``<out>/cells.json``: a rerun computes only the missing ones.
 
     python benchmarks/unseen.py --seeds 0 1 2 3 4 5 6 7 8 9 --out benchmarks/results/unseen
