@@ -140,15 +140,18 @@ class DigitsViT(nn.Module):
         return self.head(self.norm(self.blocks(self.embed(tokens) + self.pos)).mean(1))
 
 
-#: --model: the class, and its dense recipe (each model's own: Adam with cosine decay trains the ResNet, the
-#: transformer needs AdamW's decoupled weight decay and a warm-up, here one-cycle, to train reliably on 1,097 images)
-MODELS = {"resnet": (DigitsResNet, {"opt": "adam", "lr": 2e-3, "wd": 1e-4, "schedule": "cosine", "epochs": 60}),
-          "vit": (DigitsViT, {"opt": "adamw", "lr": 8e-3, "wd": 0.05, "schedule": "onecycle", "epochs": 100})}
+#: --model: the class, its dense recipe (each model's own: Adam with cosine decay trains the ResNet, the transformer
+#: needs AdamW's decoupled weight decay and a warm-up, here one-cycle, to train reliably on 1,097 images), the
+#: default results folder
+MODELS = {"resnet": (DigitsResNet, {"opt": "adam", "lr": 2e-3, "wd": 1e-4, "schedule": "cosine", "epochs": 60},
+                     "benchmarks/results/unseen"),
+          "vit": (DigitsViT, {"opt": "adamw", "lr": 8e-3, "wd": 0.05, "schedule": "onecycle", "epochs": 100},
+                  "benchmarks/results/unseen_vit")}
 
 
 def dense_model(data, seed: int, model_name: str = "resnet") -> nn.Module:
     """Trained to convergence on the training split with the model's recipe (``MODELS``), seeded."""
-    cls, recipe = MODELS[model_name]
+    cls, recipe, _ = MODELS[model_name]
     torch.manual_seed(seed)
     model = cls()
     opt = (torch.optim.Adam if recipe["opt"] == "adam" else torch.optim.AdamW)(
@@ -253,12 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS)[:4], choices=list(METHODS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default="resnet", choices=list(MODELS))
-    ap.add_argument("--out", default=None, help="default: benchmarks/results/unseen (resnet), unseen_vit (vit)")
+    ap.add_argument("--out", default=None, help="default: the model's folder in MODELS")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    out = Path(args.out or "benchmarks/results/unseen" + ("" if args.model == "resnet" else f"_{args.model}"))
-    cls, recipe = MODELS[args.model]
+    cls, recipe, folder = MODELS[args.model]
+    out = Path(args.out or folder)
     cells = Cells(out / "cells.json", {**PROTOCOL, "model": cls.__name__, "dense": recipe})
     for seed in args.seeds:
         data = load_digits_dataset(val_size=300, test_size=400, seed=seed)
