@@ -16,8 +16,9 @@ Test accuracy on the 400 test images; every comparison paired seed by seed again
 that rung (mean difference with its 95% t-interval). ``--methods`` may add the control searches at DE's
 evaluations (``de_layerwise[random]``: the seeds, then uniform random allocations; ``de_layerwise[evopress]``:
 (1 + lambda) level switching), each chosen by the same selection, ``de_layerwise[no fallback]`` (the
-selection always by the short fine-tune's scores, ``selection_fallback=False``) and ``de_layerwise[every seed]``
-(every seed allocation retrained as a finalist, not only the best one). Cells (seed, method, rung) accumulate in
+selection always by the short fine-tune's scores, ``selection_fallback=False``), ``de_layerwise[every seed]``
+(every seed allocation retrained as a finalist, not only the best one) and ``de_layerwise[look-ahead]`` (each
+finalist also scored one round further, ``selection_lookahead=True``). Cells (seed, method, rung) accumulate in
 ``<out>/cells.json``: a rerun computes only the missing ones.
 
     python benchmarks/unseen.py --seeds 0 1 2 3 4 5 6 7 8 9 --out benchmarks/results/unseen
@@ -50,10 +51,12 @@ METHODS = {"de_layerwise": ("de_layerwise", {}), "lamp": ("lamp", {}), "erk": ("
            "de_layerwise[no fallback]": ("de_layerwise", {"selection_fallback": False}),
            "de_layerwise[random]": ("de_layerwise", {"search_strategy": "random"}),
            "de_layerwise[evopress]": ("de_layerwise", {"search_strategy": "evopress"}),
-           "de_layerwise[every seed]": ("de_layerwise", {"finalist_seeds": 64})}
+           "de_layerwise[every seed]": ("de_layerwise", {"finalist_seeds": 64}),
+           "de_layerwise[look-ahead]": ("de_layerwise", {"selection_lookahead": True})}
 HEURISTICS = ["lamp", "erk", "global_magnitude"]
 #: the default against each variant, seed by seed: without the selection's fallback, and the control searches
-CONTROLS = ["de_layerwise[no fallback]", "de_layerwise[random]", "de_layerwise[evopress]", "de_layerwise[every seed]"]
+CONTROLS = ["de_layerwise[no fallback]", "de_layerwise[random]", "de_layerwise[evopress]", "de_layerwise[every seed]",
+            "de_layerwise[look-ahead]"]
 PROTOCOL = {"data": "sklearn digits, 1097 / 300 / 400", "rounds": 3, "finetune_epochs": 3,
             "batch": 64, "lr_finetune": 5e-4, "recovery": "splicing", "calibration_batches": 4}
 

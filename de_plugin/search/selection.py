@@ -67,20 +67,26 @@ class RetrainedMeasure:
 
     ``retrain(candidate)`` prunes the model to the candidate and retrains it (the pruner's own way:
     magnitude masks held, or channel masks with coupling); ``score()`` scores the model as it is
-    then. One saved copy of the weights and buffers serves every finalist.
+    then. One saved copy of the weights and buffers serves every finalist. ``ahead(candidate)``, when given,
+    scores the retrained model once more before it is restored (``selection_lookahead``); its scores are kept
+    in ``.ahead`` by candidate.
     """
 
     def __init__(self, model: nn.Module, retrain: Callable[[np.ndarray], None], score: Callable[[], float],
-                 epochs: int, steps: Optional[int] = None):
+                 epochs: int, steps: Optional[int] = None, ahead: Optional[Callable[[np.ndarray], float]] = None):
         self.model, self.retrain, self.score, self.epochs, self.steps = model, retrain, score, int(epochs), steps
         self.saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.count, self.seconds = 0, 0.0
+        self.look, self.ahead = ahead, {}
 
     def __call__(self, candidate: np.ndarray) -> float:
         t0 = time.perf_counter()
         try:
             self.retrain(candidate)
-            return check_score(self.score())
+            now = check_score(self.score())
+            if self.look is not None:
+                self.ahead[tuple(int(v) for v in candidate)] = check_score(self.look(candidate))
+            return now
         finally:
             with torch.no_grad():
                 self.model.load_state_dict(self.saved)

@@ -41,6 +41,7 @@ from ..targets import Target
 from ..hookspecs import hookimpl
 from .rounds import IterativeOptions, IterativePruner, State
 from ..pruner import Context
+from .lookahead import next_keep, next_round_score
 from .recovery import finetune_round
 from ..search.selection import RetrainedMeasure, capped, check_finalists, choose, uninformative
 from ..result import Outcome
@@ -121,6 +122,12 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
         True, description="selection='finetune': when the short fine-tune lowers every finalist's score (it has not "
                           "recovered them yet, so it ranks noise), choose by their held-out scores before it instead "
                           "(a warning says so); False: always by the scores after it")
+    selection_lookahead: bool = Field(
+        False, description="selection='finetune': also score each finalist of a round before the last one round "
+                           "further: its retrained weights pruned on to the next round's keep (its own shape "
+                           "scaled, and LAMP; the better counts), without training; the finalist with the best sum "
+                           "of that and its short-fine-tune score wins. Guards against an allocation that recovers "
+                           "best now but leaves the next round nothing that recovers (two evaluations a finalist)")
     search_images: Optional[int] = Field(
         500, ge=1, description="multi-fidelity by size (budget form, fidelity unset): when val_data holds more "
                                 "images than this, the search scores candidates on its first batches holding "
@@ -145,6 +152,9 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
         if self.finalist_steps is not None and self.selection in ("holdout", "search"):
             raise ValueError(f"finalist_steps={self.finalist_steps} caps the finalists' retraining, which only "
                              f"selection='finetune' does; with selection={self.selection!r} leave finalist_steps unset")
+        if self.selection_lookahead and self.selection in ("holdout", "search"):
+            raise ValueError(f"selection_lookahead=True scores the finalists of selection='finetune' one round "
+                             f"further; with selection={self.selection!r} there are none: leave it False")
         return self
 
 
@@ -405,9 +415,11 @@ class DELayerwise(IterativePruner):
             best = search.maximise(solver, space, keep, f"DE round {round_index}", self._rescorer(), o.rescore_top,
                                    include=[c for _, c in seeds])
             retrained: dict[tuple[int, ...], float] = {}
+            ahead: dict[tuple[int, ...], float] = {}
             if self.selection == "finetune":
-                best, retrained, chosen["selection_cost"] = self._finetune_finalists(search, [c for _, c in seeds])
-            chosen["selection"] = self._selection_record(search, seeds, best, retrained)
+                best, retrained, chosen["selection_cost"], ahead = self._finetune_finalists(
+                    search, [c for _, c in seeds], self._lookahead(state, keep, round_index))
+            chosen["selection"] = self._selection_record(search, seeds, best, retrained, ahead)
             return best
 
         best, acc, de = self._search(state, round_index,
@@ -420,14 +432,29 @@ class DELayerwise(IterativePruner):
 
     @staticmethod
     def _selection_record(search: Allocator, seeds: list[tuple[str, np.ndarray]], best: np.ndarray,
-                          retrained: dict[tuple[int, ...], float]) -> list[dict]:
+                          retrained: dict[tuple[int, ...], float], ahead: Optional[dict] = None) -> list[dict]:
         """Every finalist's source and selection score (history[i]["de"]["selection"]), its score after the
-        short fine-tune where it had one, the chosen one marked."""
+        short fine-tune where it had one (and one round further, with ``selection_lookahead``), the chosen one
+        marked."""
         names = {tuple(int(v) for v in c): n for n, c in seeds}
-        won = tuple(int(v) for v in best)
+        won, ahead = tuple(int(v) for v in best), ahead or {}
         return [{"source": names.get(k, "search"), "score": v, "chosen": k == won,
-                 **({"score_after_short_finetune": retrained[k]} if k in retrained else {})}
+                 **({"score_after_short_finetune": retrained[k]} if k in retrained else {}),
+                 **({"score_one_round_ahead": ahead[k]} if k in ahead else {})}
                 for k, v in search.rescored.items()]
+
+    def _lookahead(self, state: State, keep: int, round_index: int) -> Optional[Callable[[np.ndarray], float]]:
+        """``selection_lookahead``: a finalist's retrained weights scored at the next round's keep
+        (:func:`next_round_score`); None in the last round or when the option is off."""
+        o, ctx, scorer = self.options, self.ctx, self.backend.scorer
+        final = int(round(state.total * (1.0 - ctx.sparsity)))
+        keep_next = next_keep(keep, final, o.budget_rounds() - round_index - 1) if o.selection_lookahead else None
+        if keep_next is None:
+            return None
+        score = scorer.holdout_now if self.search_batches is not None else ctx.score
+        min_keep = state.min_keep(o.max_layer_sparsity)
+        return lambda counts: next_round_score(ctx.model, ctx.targets, counts, keep_next, min_keep, score,
+                                               scorer.calib)
 
     def _rescorer(self) -> Optional[Callable[[np.ndarray], float]]:
         """The selection score of a finalist, computed here on the round's scorer: on the held-out validation
@@ -438,13 +465,16 @@ class DELayerwise(IterativePruner):
         return _restoring(scorer, scorer.score_holdout if self.selection != "search" else scorer.score_full)
 
     def _finetune_finalists(self, search: Allocator, seeds: list[np.ndarray],
-                            ) -> tuple[np.ndarray, dict[tuple[int, ...], float], dict]:
+                            ahead: Optional[Callable[[np.ndarray], float]] = None,
+                            ) -> tuple[np.ndarray, dict[tuple[int, ...], float], dict, dict]:
         """``selection='finetune'``: the ``finalists`` best by the held-out score, and the ``finalist_seeds`` best
         seeds not among them (so the choice cannot fall below the best seed on the same measure), each with its
         magnitude masks
         on the round's weights held through ``finalist_epochs`` of the user's ``finetune`` (the same seed for
         every finalist), then scored on the held-out images again; the best wins (ties: the held-out order), or,
-        when the retraining lowered every finalist's score (``selection_fallback``), the best before it."""
+        when the retraining lowered every finalist's score (``selection_fallback``), the best before it.
+        ``ahead`` (``selection_lookahead``): each finalist also scored one round further, and that score added to
+        the one it is chosen by."""
         ctx, o, scorer = self.ctx, self.options, self.backend.scorer
         scorer.restore()
 
@@ -453,7 +483,7 @@ class DELayerwise(IterativePruner):
                            torch_seed=ctx.seed * 1000 + 1, ranks=self.magnitude_ranks(self._ranks[0]))
 
         measure = RetrainedMeasure(ctx.model, retrain, scorer.holdout_now if self.search_batches is not None
-                                   else ctx.score, o.finalist_epochs, o.finalist_steps)
+                                   else ctx.score, o.finalist_epochs, o.finalist_steps, ahead)
         ranked = sorted(search.rescored, key=lambda k: -search.rescored[k])  # stable: ties keep the order
         top = ranked[:o.finalists]
         keys = {tuple(int(v) for v in c) for c in seeds}
@@ -463,9 +493,14 @@ class DELayerwise(IterativePruner):
         scores = {k: measure(np.array(k, dtype=np.int64)) for k in top}
         before = {k: search.rescored[k] for k in scores}
         fell_back = o.selection_fallback and uninformative(scores, before)
-        won = choose(scores, keys, o.selection_margin, before=before if fell_back else None)
+        if measure.ahead:
+            by = before if fell_back else scores
+            won = choose({k: by[k] + measure.ahead[k] for k in scores}, keys, o.selection_margin)
+        else:
+            won = choose(scores, keys, o.selection_margin, before=before if fell_back else None)
         log.info("%s: finalists after a short fine-tune: %s", self.name, ", ".join(f"{v:.4f}" for v in scores.values()))
-        return np.array(won, dtype=np.int64), scores, {**measure.cost(), "selection_fallback_used": fell_back}
+        return (np.array(won, dtype=np.int64), scores, {**measure.cost(), "selection_fallback_used": fell_back},
+                measure.ahead)
 
     def propose(self, state: State, round_index: int, caution: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Accuracy form: minimise kept weights s.t. accuracy >= reference - search_drop (Deb's rules)."""
