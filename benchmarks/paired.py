@@ -134,7 +134,11 @@ def rows(rungs: list[float], levels: list[float]) -> list[dict[str, Any]]:
 #: unseen.py: a user's model and data no default was chosen on (label, folder, A, baselines, note, its rungs)
 UNSEEN = [("DigitsResNet", "unseen", "de_layerwise", ["lamp", "global_magnitude", "erk"],
            ", sklearn digits, 3 rounds, splicing for all", (0.8, 0.9, 0.95, 0.98)),
+          ("DigitsResNet", "unseen", "de_layerwise[look-ahead]", ["lamp", "global_magnitude", "erk"],
+           ", sklearn digits, 3 rounds, splicing for all", (0.8, 0.9, 0.95, 0.98)),
           ("DigitsViT", "unseen_vit", "de_layerwise", ["lamp", "global_magnitude", "erk"],
+           ", sklearn digits, 3 rounds, splicing for all", (0.8, 0.9, 0.95)),
+          ("DigitsViT", "unseen_vit", "de_layerwise[look-ahead]", ["lamp", "global_magnitude", "erk"],
            ", sklearn digits, 3 rounds, splicing for all", (0.8, 0.9, 0.95))]
 
 
