@@ -131,15 +131,12 @@ def rows(rungs: list[float], levels: list[float]) -> list[dict[str, Any]]:
     return [r for r in out if r["n"]]
 
 
-#: unseen.py: a user's model and data no default was chosen on (label, folder, A, baselines, note, its rungs)
-UNSEEN = [("DigitsResNet", "unseen", "de_layerwise", ["lamp", "global_magnitude", "erk"],
-           ", sklearn digits, 3 rounds, splicing for all", (0.8, 0.9, 0.95, 0.98)),
-          ("DigitsResNet", "unseen", "de_layerwise[look-ahead]", ["lamp", "global_magnitude", "erk"],
-           ", sklearn digits, 3 rounds, splicing for all", (0.8, 0.9, 0.95, 0.98)),
-          ("DigitsViT", "unseen_vit", "de_layerwise", ["lamp", "global_magnitude", "erk"],
-           ", sklearn digits, 3 rounds, splicing for all", (0.8, 0.9, 0.95)),
-          ("DigitsViT", "unseen_vit", "de_layerwise[look-ahead]", ["lamp", "global_magnitude", "erk"],
-           ", sklearn digits, 3 rounds, splicing for all", (0.8, 0.9, 0.95))]
+#: unseen.py: a user's model and data no default was chosen on (label, folder, A, baselines, note, its rungs):
+#: the default and its look-ahead variant on each model
+UNSEEN = [(label, folder, a, ["lamp", "global_magnitude", "erk"], ", sklearn digits, 3 rounds, splicing for all", rungs)
+          for label, folder, rungs in (("DigitsResNet", "unseen", (0.8, 0.9, 0.95, 0.98)),
+                                       ("DigitsViT", "unseen_vit", (0.8, 0.9, 0.95)))
+          for a in ("de_layerwise", "de_layerwise[look-ahead]")]
 
 
 #: selection.py studies (one round from a converged reference): (label, folder, model, A, baselines, which

@@ -21,6 +21,7 @@ from ..evaluation.batchnorm import recalibrate_bn
 from ..search.budget import fit_budget
 from ..targets import Target, get_param
 from .allocation import lamp, masks_from_counts
+from .rounds import density_schedule
 
 
 def next_keep(keep: int, keep_final: int, rounds_after: int) -> Optional[int]:
@@ -28,9 +29,7 @@ def next_keep(keep: int, keep_final: int, rounds_after: int) -> Optional[int]:
     round's ``keep`` with ``rounds_after`` rounds still to come; None after the last round."""
     if rounds_after <= 0 or keep <= keep_final:
         return None
-    if rounds_after == 1:
-        return int(keep_final)
-    return int(round(keep * (keep_final / keep) ** (1.0 / rounds_after)))
+    return int(round(density_schedule(keep, keep_final, rounds_after)[0]))  # the runner's rule, from here on
 
 
 def next_round_score(model: nn.Module, targets: Sequence[Target], counts: np.ndarray, keep: int,
@@ -39,7 +38,8 @@ def next_round_score(model: nn.Module, targets: Sequence[Target], counts: np.nda
     """The better score of the model's current weights pruned further to ``keep`` weights by the finalist's own
     shape (``counts`` scaled) and by LAMP, each kept within ``counts`` per layer (a later round cannot grow a
     layer). ``calib``: BatchNorm re-estimated on these batches before each score (adaptive BN, as the search
-    scores). The weights and BN statistics are the caller's to restore (:class:`RetrainedMeasure` does)."""
+    scores). The weights are put back on return; re-estimated BN statistics are the caller's to restore
+    (:class:`RetrainedMeasure` restores every buffer)."""
     params = [get_param(model, t) for t in targets]
     saved = [p.detach().clone() for p in params]
     numels = np.array([t.numel for t in targets], dtype=np.int64)
