@@ -135,7 +135,8 @@ def rows(rungs: list[float], levels: list[float]) -> list[dict[str, Any]]:
 #: the default and its look-ahead variant on each model
 UNSEEN = [(label, folder, a, ["lamp", "global_magnitude", "erk"], ", sklearn digits, 3 rounds, splicing for all", rungs)
           for label, folder, rungs in (("DigitsResNet", "unseen", (0.8, 0.9, 0.95, 0.98)),
-                                       ("DigitsViT", "unseen_vit", (0.8, 0.9, 0.95)))
+                                       ("DigitsViT", "unseen_vit", (0.8, 0.9, 0.95)),
+                                       ("DigitsMobileNet", "unseen_mobilenet", (0.7, 0.8, 0.9)))
           for a in ("de_layerwise", "de_layerwise[look-ahead]")]
 
 

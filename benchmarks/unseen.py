@@ -1,9 +1,11 @@
 """``de_layerwise`` at its defaults on a model and data none of its defaults were chosen on, as a new user runs it.
 
-Two models written here (neither one of ``de_plugin.demo``'s): ``--model resnet``, a residual CNN (22 prunable
-layers, 3 stages of 3 basic blocks with 1x1 projection shortcuts), and ``--model vit``, a pre-norm vision
+Three models written here (none of them one of ``de_plugin.demo``'s): ``--model resnet``, a residual CNN (22
+prunable layers, 3 stages of 3 basic blocks with 1x1 projection shortcuts), ``--model vit``, a pre-norm vision
 transformer (26 prunable Linear layers: a 2x2-patch embedding, 4 blocks of separate q / k / v / output
-projections and a two-layer MLP, the head), on scikit-learn's 8x8 digits (1,797 images: 1,097 to train, 300 to
+projections and a two-layer MLP, the head), and ``--model mobilenet``, a MobileNetV2-style CNN (23 prunable
+layers: 7 inverted-residual blocks with depthwise 3x3 and 1x1 expansion / projection convolutions), on
+scikit-learn's 8x8 digits (1,797 images: 1,097 to train, 300 to
 validate, 400 to test, split by seed). Per seed the dense model is trained to convergence, then pruned from
 dense to each rung in 3 prune / fine-tune rounds with the library's defaults (``de_layerwise``: splicing
 recovery, the short-fine-tune selection of the round's allocation) and, as the baselines with the same
@@ -23,6 +25,7 @@ finalist also scored one round further, ``selection_lookahead=True``). Cells (se
 
     python benchmarks/unseen.py --seeds 0 1 2 3 4 5 6 7 8 9 --out benchmarks/results/unseen
     python benchmarks/unseen.py --model vit --seeds 0 1 2 3 4 5 6 7 8 9 --out benchmarks/results/unseen_vit
+    python benchmarks/unseen.py --model mobilenet --seeds 0 1 2 3 4 5 6 7 8 9   # benchmarks/results/unseen_mobilenet
 """
 from __future__ import annotations
 
@@ -143,13 +146,58 @@ class DigitsViT(nn.Module):
         return self.head(self.norm(self.blocks(self.embed(tokens) + self.pos)).mean(1))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion (absent at ratio 1), 3x3 depthwise, linear 1x1 projection, each with
+    BatchNorm; a residual add where the shape is kept."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
+        super().__init__()
+        hidden = c_in * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                   nn.ReLU6(), nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+class DigitsMobileNet(nn.Module):
+    """A user's MobileNetV2-style CNN for 8x8 digits: a 3x3 stem, 7 inverted-residual blocks (8x8, 4x4, 2x2;
+    expansion 4 after the first), a 1x1 convolution to 256 channels, a pooled Linear head; 23 prunable layers,
+    7 of them depthwise."""
+
+    #: (expansion, output channels, stride) per block
+    CONFIG = ((1, 16, 1), (4, 24, 2), (4, 24, 1), (4, 40, 2), (4, 40, 1), (4, 64, 1), (4, 64, 1))
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        blocks, c = [], 16
+        for t, c_out, stride in self.CONFIG:
+            blocks.append(InvertedResidual(c, c_out, stride, t))
+            c = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.last = nn.Sequential(nn.Conv2d(c, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU6())
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.last(self.blocks(self.stem(x))).mean((2, 3)))
+
+
 #: --model: the class, its dense recipe (each model's own: Adam with cosine decay trains the ResNet, the transformer
 #: needs AdamW's decoupled weight decay and a warm-up, here one-cycle, to train reliably on 1,097 images), the
 #: default results folder
 MODELS = {"resnet": (DigitsResNet, {"opt": "adam", "lr": 2e-3, "wd": 1e-4, "schedule": "cosine", "epochs": 60},
                      "benchmarks/results/unseen"),
           "vit": (DigitsViT, {"opt": "adamw", "lr": 8e-3, "wd": 0.05, "schedule": "onecycle", "epochs": 100},
-                  "benchmarks/results/unseen_vit")}
+                  "benchmarks/results/unseen_vit"),
+          "mobilenet": (DigitsMobileNet, {"opt": "adam", "lr": 2e-3, "wd": 1e-4, "schedule": "cosine", "epochs": 60},
+                        "benchmarks/results/unseen_mobilenet")}
 
 
 def dense_model(data, seed: int, model_name: str = "resnet") -> nn.Module:
