@@ -46,6 +46,7 @@ from paired import fmt, paired, strongest  # noqa: E402
 
 import de_plugin  # noqa: E402
 from de_plugin.demo.data import load_digits_dataset  # noqa: E402
+from de_plugin.demo.deep import _InvertedResidual as InvertedResidual  # noqa: E402  (MobileNetV2's block)
 from de_plugin.demo.training import make_evaluate, make_finetune  # noqa: E402
 
 #: name -> (pruner, options beyond the shared call); the controls search at the same evaluations as DE
@@ -144,26 +145,6 @@ class DigitsViT(nn.Module):
         p = self.patch
         tokens = x.unfold(2, p, p).unfold(3, p, p).reshape(x.shape[0], -1, p * p)
         return self.head(self.norm(self.blocks(self.embed(tokens) + self.pos)).mean(1))
-
-
-class InvertedResidual(nn.Module):
-    """MobileNetV2's block: 1x1 expansion (absent at ratio 1), 3x3 depthwise, linear 1x1 projection, each with
-    BatchNorm; a residual add where the shape is kept."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
-        super().__init__()
-        hidden = c_in * expand
-        layers: list[nn.Module] = []
-        if expand != 1:
-            layers += [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
-        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
-                   nn.ReLU6(), nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
-        self.body = nn.Sequential(*layers)
-        self.residual = stride == 1 and c_in == c_out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.body(x)
-        return x + y if self.residual else y
 
 
 class DigitsMobileNet(nn.Module):
