@@ -46,7 +46,7 @@ from paired import fmt, paired, strongest  # noqa: E402
 
 import de_plugin  # noqa: E402
 from de_plugin.demo.data import load_digits_dataset  # noqa: E402
-from de_plugin.demo.deep import _InvertedResidual as InvertedResidual  # noqa: E402  (MobileNetV2's block)
+from de_plugin.demo.deep import InvertedResidual  # noqa: E402  (MobileNetV2's block)
 from de_plugin.demo.training import make_evaluate, make_finetune  # noqa: E402
 
 #: name -> (pruner, options beyond the shared call); the controls search at the same evaluations as DE
@@ -173,12 +173,11 @@ class DigitsMobileNet(nn.Module):
 #: --model: the class, its dense recipe (each model's own: Adam with cosine decay trains the ResNet, the transformer
 #: needs AdamW's decoupled weight decay and a warm-up, here one-cycle, to train reliably on 1,097 images), the
 #: default results folder
-MODELS = {"resnet": (DigitsResNet, {"opt": "adam", "lr": 2e-3, "wd": 1e-4, "schedule": "cosine", "epochs": 60},
-                     "benchmarks/results/unseen"),
+CNN_RECIPE = {"opt": "adam", "lr": 2e-3, "wd": 1e-4, "schedule": "cosine", "epochs": 60}
+MODELS = {"resnet": (DigitsResNet, CNN_RECIPE, "benchmarks/results/unseen"),
           "vit": (DigitsViT, {"opt": "adamw", "lr": 8e-3, "wd": 0.05, "schedule": "onecycle", "epochs": 100},
                   "benchmarks/results/unseen_vit"),
-          "mobilenet": (DigitsMobileNet, {"opt": "adam", "lr": 2e-3, "wd": 1e-4, "schedule": "cosine", "epochs": 60},
-                        "benchmarks/results/unseen_mobilenet")}
+          "mobilenet": (DigitsMobileNet, CNN_RECIPE, "benchmarks/results/unseen_mobilenet")}
 
 
 def dense_model(data, seed: int, model_name: str = "resnet") -> nn.Module:

@@ -68,7 +68,10 @@ def resnet56(**kwargs) -> ResNetCifar:
     return ResNetCifar(56, **kwargs)
 
 
-class _InvertedResidual(nn.Module):
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion (absent at ratio 1), 3x3 depthwise, linear 1x1 projection, each with
+    BatchNorm; a residual add where the shape is kept."""
+
     def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
         super().__init__()
         hidden = c_in * expand
@@ -101,7 +104,7 @@ class MobileNetV2(nn.Module):
                                                 nn.BatchNorm2d(c), nn.ReLU6())]
         for t, cout, n, s in self.CFG:
             for i in range(n):
-                feats.append(_InvertedResidual(c, ch(cout), s if i == 0 else 1, t))
+                feats.append(InvertedResidual(c, ch(cout), s if i == 0 else 1, t))
                 c = ch(cout)
         last = ch(1280)
         feats.append(nn.Sequential(nn.Conv2d(c, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6()))

@@ -122,7 +122,7 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
         True, description="selection='finetune': when the short fine-tune lowers every finalist's score (it has not "
                           "recovered them yet, so it ranks noise), choose by their held-out scores before it instead "
                           "(a warning says so); False: always by the scores after it")
-    # measured by benchmarks/unseen.py (a digits CNN and ViT, 10-20 seeds): level with the default at every rung, it
+    # measured by benchmarks/unseen.py (three digits models, 10-20 seeds): level with the default at every rung, it
     # removed the one collapse seen (ViT at 95%: 74.5% -> 87.0% test); off until a study shows it ahead of the default
     selection_lookahead: bool = Field(
         False, description="selection='finetune': also score each finalist of a round before the last one round "
