@@ -90,7 +90,14 @@ ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"
                # and with 4 offspring a generation: twice the generations (a quarter of (1 + 8)'s tokens), and the
                # same at 4x the evaluations ((1 + 8)'s tokens: prune_lm's default)
                "search[1 batch, lambda=4]": {"search_batches": 1, "population": 4},
-               "search x4[1 batch, lambda=4]": {"search_batches": 1, "population": 4, "share": 4.0}}
+               "search x4[1 batch, lambda=4]": {"search_batches": 1, "population": 4, "share": 4.0},
+               # the guided search (its level switches ranked by a second-order estimate of the KL at the parent) at a
+               # quarter of the default's evaluations, at the default's, and at a sixteenth
+               "guided[1 batch, lambda=4]": {"search_batches": 1, "population": 4, "search_strategy": "guided"},
+               "guided x4[1 batch, lambda=4]": {"search_batches": 1, "population": 4, "search_strategy": "guided",
+                                                "share": 4.0},
+               "guided/4[1 batch, lambda=4]": {"search_batches": 1, "population": 4, "search_strategy": "guided",
+                                               "share": 0.25}}
 #: the lines of the plot (the other rows are in the table)
 PLOTTED = ("uniform", "owl", "fisher", "random", "de", "search", DEFAULT)
 SEARCHES = tuple(a for a, o in ALLOCATIONS.items() if o.get("allocation", "search") == "search")

@@ -28,14 +28,14 @@ from torch import nn
 from ..evaluation import SerialBackend, backend_round
 from ..options import options_from
 from ..pruner import Undo
-from ..search.allocator import KeepSpace, Screen, SearchOptions, population_for, start_search
+from ..search.allocator import Guide, KeepSpace, Screen, SearchOptions, population_for, start_search
 from ..search.budget import total_keep
 from .allocations import owl_counts, uniform_counts
 from .calibration import check_tokens, collect_hessians, collect_stats
 from .database import LayerDatabase, SequentialPruning
 from .fitness import DenseReference, perplexity
 from .inlayer import check_nm
-from .sensitivity import BACKWARD_COST, fisher_counts, fisher_diagonal
+from .sensitivity import BACKWARD_COST, TaylorGuide, fisher_counts, fisher_diagonal
 from .targets import LMLayer, decoder_layers
 
 log = logging.getLogger("de_plugin")
@@ -66,9 +66,11 @@ class OneShotOptions(SearchOptions):
     # chosen by benchmarks/llm.py (TinyGPT, Wanda, 70%): at equal evaluations the (1 + lambda) level-switch
     # search beat DE and random allocations, and fewer offspring per generation (more generations) did better
     search_strategy: str = Field(
-        "evopress", pattern="^(de|random|evopress)$",
+        "evopress", pattern="^(de|random|evopress|guided)$",
         description="'evopress': (1 + lambda) from the best so far, level-switch mutations (lambda = population); "
-                    "'de': differential evolution; 'random': the control; all at the same evaluations")
+                    "'guided' (prune_lm, granularity='layer'): the same, its offspring the level switches a "
+                    "second-order estimate of the KL ranks best; 'de': differential evolution; 'random': the "
+                    "control; all at the same evaluations")
     population: Optional[int] = Field(4, ge=4, description="offspring per generation (evopress) or DE's population")
     survivors: int = Field(
         0, ge=0, description="evopress: screen each generation's offspring on one calibration batch and score only "
@@ -114,6 +116,13 @@ class LMOptions(OneShotOptions):
         False, description="prune the final model block by block, each block's statistics taken with the blocks "
                            "before it already pruned (the SparseGPT / Wanda papers' order; one partial calibration "
                            "pass per block); the search itself scores on dense statistics either way")
+
+    @model_validator(mode="after")
+    def _guided_per_layer(self) -> "LMOptions":
+        if self.search_strategy == "guided" and self.granularity != "layer":
+            raise ValueError("search_strategy='guided' moves weights between single layers: use granularity='layer' "
+                             "with it, or search_strategy='evopress' with granularity='block'")
+        return self
 
 
 class BlockSpace(KeepSpace):
@@ -286,9 +295,10 @@ def search_batch_count(o: OneShotOptions, available: int) -> int:
 
 def search_counts(model: nn.Module, db, ref: DenseReference, space: KeepSpace, budget: int,
                   seeds: dict[str, np.ndarray], o: "LMOptions", seed: int,
-                  progress: bool) -> tuple[np.ndarray, dict[str, Any], int]:
+                  progress: bool, guide: Optional[Guide] = None) -> tuple[np.ndarray, dict[str, Any], int]:
     """The searched counts, the search's record and its evaluations (finalists' re-scoring included).
-    ``db`` writes a candidate's counts into the model (``apply``) and takes them out (``restore``)."""
+    ``db`` writes a candidate's counts into the model (``apply``) and takes them out (``restore``);
+    ``guide``: what ``search_strategy='guided'`` ranks its moves by."""
     upto = search_batch_count(o, len(ref.batches))
     tokens = sum(b.numel() for b in ref.batches[:upto])
     if tokens < MIN_SEARCH_TOKENS:
@@ -303,7 +313,8 @@ def search_counts(model: nn.Module, db, ref: DenseReference, space: KeepSpace, b
               if o.survivors and o.search_strategy == "evopress" else None)
     with backend_round(backend):
         best = search.maximise(solver, space, budget, desc=f"search ({getattr(o, 'method', 'width')})",
-                               rescore=scorer.full, top=o.finalists, include=list(seeds.values()), screen=screen)
+                               rescore=scorer.full, top=o.finalists, include=list(seeds.values()), screen=screen,
+                               guide=guide)
     info = search.info(solver)
     info["finalists"] = len(search.rescored)
     info["batches_forwarded"] = scorer.batches
@@ -342,10 +353,18 @@ def prune_lm(model: nn.Module, calibration: Any, sparsity: "float | str", option
             if o.allocation == "fisher" or (o.allocation == "search" and o.fisher_seed):
                 seeds["fisher"], evals = curvature_seed(work, layers, db, batches, space, frac, o, seed)
             if o.allocation == "search":
+                guide = None
+                if o.search_strategy == "guided":  # the dense Fisher, once: its backward passes are the search's
+                    guide = TaylorGuide(work, layers, db, ref, search_batch_count(o, len(batches)), seed=seed)
+                    evals += guide.cost
                 budget = o.max_evals - evals if o.max_evals is not None else None
                 counts, info, searched = search_counts(work, db, ref, space, total_keep(space.numels, frac), seeds,
-                                                       o.model_copy(update={"max_evals": budget}), seed, progress)
+                                                       o.model_copy(update={"max_evals": budget}), seed, progress,
+                                                       guide)
                 evals += searched
+                if guide is not None:  # the estimates' backward passes, at the parents the search moved to
+                    info["estimates"] = guide.made
+                    evals += guide.made * guide.cost
             else:
                 counts = seeds[o.allocation]
         final = SequentialPruning(db, work, batches) if o.sequential else db

@@ -104,3 +104,87 @@ def fisher_counts(db, fisher: Sequence[torch.Tensor], numels: np.ndarray, budget
         lo, hi = (mid, hi) if chosen(mid).sum() > budget else (lo, mid)
     counts = chosen(lo)
     return fit_budget(counts / numels, numels, budget, min_keep, max_keep)
+
+
+def kl_gradient(model: nn.Module, layers: Sequence[LMLayer], ref, upto: int) -> list[torch.Tensor]:
+    """Each target's gradient ``[out, in]`` of the mean KL divergence from the dense model (``ref``, a
+    :class:`~de_plugin.lm.fitness.DenseReference`) on its first ``upto`` batches, at the weights the model holds."""
+    weights = [l.module.weight for l in layers]
+    flags = [w.requires_grad for w in weights]
+    grads = [torch.zeros_like(l.weight, dtype=torch.float32) for l in layers]
+    rows = list(zip(ref.batches, ref.logp))[:upto]
+    tokens = sum(lp.shape[0] * lp.shape[1] for _, lp in rows)
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        for b, lp in rows:
+            lq = F.log_softmax(logits_of(model, b).float(), dim=-1).to(lp.device)
+            kl = (lp.exp() * (lp - lq)).sum() / tokens
+            for a, g, l in zip(grads, torch.autograd.grad(kl, weights), layers):
+                a += (g.t() if l.transposed else g).float().to(a.device)
+    finally:
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+    return grads
+
+
+class TaylorGuide:
+    """The estimate ``search_strategy='guided'`` ranks its moves by (a :class:`~de_plugin.search.allocator.Guide`):
+    the change in KL divergence when one layer of the parent allocation keeps another count, to second order,
+    ``dKL ~ g . dW + 1/2 sum_j F_j dW_j^2``, with ``g`` the KL's gradient at the parent (one backward pass per
+    search batch, remade for every new parent: it sees the errors the other layers' pruning left, which the
+    ``fisher`` allocation's estimate at the dense model cannot) and ``F`` the dense model's diagonal Fisher
+    (once). ``dW`` is ``-W`` on the weights the in-layer method removes next and ``+W`` on those it gives back
+    (magnitude and Wanda: read from a cumulative sum along each layer's score order, so every count costs
+    nothing more); with SparseGPT the difference of the database's weights at the two levels."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[LMLayer], db, ref, upto: int, seed: int = 0):
+        self.model, self.layers, self.db, self.ref, self.upto = model, list(layers), db, ref, upto
+        self.fisher = fisher_diagonal(model, self.layers, ref.batches[:upto], seed=seed)
+        self.cost = BACKWARD_COST
+        self.made = 0  # estimates made (each ``cost`` evaluations)
+
+    def estimate(self, counts: np.ndarray):
+        """``change(layer, count)``: the predicted fitness change (minus the KL's) of layer ``layer`` of
+        ``counts`` keeping ``count``."""
+        try:
+            self.db.apply(counts)
+            grads = kl_gradient(self.model, self.layers, self.ref, self.upto)
+        finally:
+            self.db.restore()
+        self.made += 1
+        if self.db.method == "sparsegpt":
+            return self._levels(counts, grads)
+        profiles = [self._profile(i, int(k), g) for i, (k, g) in enumerate(zip(counts, grads))]
+
+        def change(i: int, keep: int) -> float:
+            xs, ys, p0, s0 = profiles[i]
+            p = self.db.dense[i].numel() - int(keep)
+            s = float(np.interp(p, xs, ys))
+            return -((s - s0) if p >= p0 else (s0 - s))
+        return change
+
+    def _profile(self, i: int, keep: int, g: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int, float]:
+        """Layer i's cumulative second-order cost along its removal order (prune counts ``xs``, costs ``ys``):
+        a weight the parent keeps costs its removal, one it prunes its restoration."""
+        w = self.db.dense[i].float()
+        kept = self.db.weight(i, keep) != 0
+        curv = 0.5 * self.fisher[i] * w * w
+        cost = torch.where(kept, curv - g * w, curv + g * w)
+        order = self.db._order(i).long()
+        if self.db.method == "wanda":  # every row loses the same share: a prune count spreads over the rows
+            rows, cols = w.shape
+            ys = torch.cat([torch.zeros(1), torch.cumsum(cost.gather(1, order), 1).sum(0)])
+            xs = np.arange(cols + 1) * rows
+        else:
+            ys = torch.cat([torch.zeros(1), torch.cumsum(cost.flatten()[order], 0)])
+            xs = np.arange(w.numel() + 1)
+        ys = ys.double().numpy()
+        p0 = w.numel() - keep
+        return xs, ys, p0, float(np.interp(p0, xs, ys))
+
+    def _levels(self, counts: np.ndarray, grads: list[torch.Tensor]):
+        def change(i: int, keep: int) -> float:
+            dw = (self.db.weight(i, keep) - self.db.weight(i, int(counts[i]))).float()
+            return -float((grads[i] * dw).sum() + 0.5 * (self.fisher[i] * dw * dw).sum())
+        return change

@@ -30,7 +30,7 @@ from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..options import options_from
@@ -358,6 +358,13 @@ class WidthOptions(OneShotOptions):
                           f"{REFIT_AUTO_BYTES >> 20} MiB of moments in memory at a time (one partial calibration pass "
                           "per run of layers); False: none. None: True while all the moments take at most "
                           f"{REFIT_AUTO_BYTES >> 20} MiB (float64), else 'final'")
+
+    @model_validator(mode="after")
+    def _no_guide(self) -> "WidthOptions":
+        if self.search_strategy == "guided":
+            raise ValueError("search_strategy='guided' estimates the KL of removing single weights, which has no "
+                             "counterpart for whole heads and units: use 'evopress' (the default), 'de' or 'random'")
+        return self
 
 
 def refit_mode(o: "WidthOptions", blocks: list[WidthBlock], mods: dict[str, nn.Module]) -> Union[bool, str]:

@@ -189,6 +189,28 @@ class Screen:
                              f"generation ({self.offspring}): lower survivors or raise population")
 
 
+@dataclass(frozen=True)
+class Guide:
+    """What ``search_strategy='guided'`` needs besides the scorer: a local estimate of the score.
+
+    ``estimate(parent)`` (keep-counts) returns ``change(layer, count)``, the predicted change of the score
+    (higher is better) when that one layer of ``parent`` keeps ``count`` weights instead; a move's
+    prediction is the sum over the layers it changes. ``cost``: one estimate in evaluations (the budget
+    counts it). Why: a (1 + lambda) search that draws its level switches at random spends most of its
+    evaluations on moves that lose; ranked by an estimate made at the parent (for a language model, a
+    second-order Taylor expansion of the KL divergence in the removed and restored weights,
+    :class:`de_plugin.lm.sensitivity.TaylorGuide`), the first moves scored are the likely winners, and
+    the exact scores still decide."""
+
+    estimate: Callable[[np.ndarray], Callable[[int, int], float]]
+    cost: float
+
+
+#: a guided move transfers this share of the smaller layer's range (``max_keep - min_keep``) per step, 1-3 steps
+#: (EvoPress's level switch: 5% of the range a level, one to three levels)
+GUIDED_STEP = 0.05
+
+
 class Allocator:
     """One search (one round's weights) over keep-count vectors, scored through ``backend``.
 
@@ -286,7 +308,7 @@ class Allocator:
     def maximise(self, solver: DifferentialEvolution, space: KeepSpace, budget: int, desc: str = "DE",
                  rescore: Optional[Callable[[np.ndarray], float]] = None, top: int = 4,
                  include: Sequence[np.ndarray] = (), screen: Optional[Screen] = None,
-                 fallback: bool = False) -> np.ndarray:
+                 fallback: bool = False, guide: Optional[Guide] = None) -> np.ndarray:
         """Budget form: the allocation within ``budget`` with the best score (the space's budget: kept
         weights for a :class:`KeepSpace`, a cost for de_channel's ``ChannelSpace``).
 
@@ -294,7 +316,7 @@ class Allocator:
         the final one; the ``top`` best distinct members of the last population, and every vector
         of ``include`` (the seeds, say), are re-scored with it and the best of those returned (their
         scores in :attr:`rescored`). ``screen``: EvoPress's multi-step selection (``search_strategy='evopress'``
-        only). ``fallback``: ``rescore`` retrains before scoring, on the search's data; when it lowered every
+        only); ``guide``: the estimate ``search_strategy='guided'`` ranks its moves by (required there). ``fallback``: ``rescore`` retrains before scoring, on the search's data; when it lowered every
         finalist's score, choose by the search's scores instead (:func:`~de_plugin.search.selection.choose`)."""
         def evaluate_batch(xs, parents):
             counts = [space.project(x, budget) for x in xs]
@@ -304,7 +326,7 @@ class Allocator:
             return f, None, (np.array([space.to_x(c) for c in counts]) if space.repairs else None)
 
         if self.options.search_strategy != "de":
-            ranked = self._other_search(solver, space, budget, desc, screen)
+            ranked = self._other_search(solver, space, budget, desc, screen, guide)
         else:
             self._run(solver, evaluate_batch, desc)
             ranked = [space.project(solver.population[i], budget) for i in np.argsort(solver.fun, kind="stable")]
@@ -313,9 +335,10 @@ class Allocator:
         return self._rescore(ranked, rescore, top, include, fallback)
 
     def _other_search(self, solver: DifferentialEvolution, space: KeepSpace, budget: int, desc: str,
-                      screen: Optional[Screen] = None) -> list[np.ndarray]:
-        """``search_strategy`` 'random' or 'evopress' at DE's evaluation budget (its initial population,
-        seeds included, then ``population`` candidates for each of ``generations``); candidates best first."""
+                      screen: Optional[Screen] = None, guide: Optional[Guide] = None) -> list[np.ndarray]:
+        """``search_strategy`` 'random', 'evopress' or 'guided' at DE's evaluation budget (its initial
+        population, seeds included, then ``population`` candidates for each of ``generations``); candidates
+        best first."""
         evals = solver.popsize * (solver.maxiter + 1) if solver.maxfun is None else solver.maxfun
         rng = np.random.default_rng(int(self.rng.integers(2**31)))
         lo, hi = (np.array([b[i] for b in space.bounds], dtype=float) for i in (0, 1))
@@ -330,9 +353,15 @@ class Allocator:
             return [space.project(self._level_switch(space.to_x(parent), lo, hi, rng), budget) for _ in range(n)]
 
         start = [space.project(x, budget) for x in solver.population]  # the seeds and their perturbations
-        evo = self.options.search_strategy == "evopress" and len(lo) >= 2
-        pbar = progress_bar(total=evals, desc=f"{desc} ({self.options.search_strategy})", enabled=self.progress)
-        if screen is not None and evo:
+        strategy = self.options.search_strategy
+        evo = strategy in ("evopress", "guided") and len(lo) >= 2
+        pbar = progress_bar(total=evals, desc=f"{desc} ({strategy})", enabled=self.progress)
+        if strategy == "guided" and evo:
+            if guide is None:
+                raise ValueError("search_strategy='guided' ranks its moves by an estimate of the score that this "
+                                 "caller does not provide (prune_lm does): use 'evopress', 'de' or 'random'")
+            spent = self._guided(start, space, guide, mutate, score, scored, evals, solver.popsize, pbar)
+        elif screen is not None and evo:
             spent = self._screened(start, mutate, score, scored, screen, evals, pbar)
         else:
             score(start)
@@ -370,6 +399,40 @@ class Allocator:
             gen += 1
             pbar.update(cost)
             cands = mutate(screen.offspring)
+        return spent
+
+    def _guided(self, start: list[np.ndarray], space: KeepSpace, guide: Guide,
+                mutate: Callable[[int], list[np.ndarray]], score: Callable[[list[np.ndarray]], None], scored: dict,
+                evals: int, lam: int, pbar) -> float:
+        """(1 + lambda) from the best so far, its offspring the ``lam`` moves ``guide`` ranks best among every
+        transfer of weights from one layer to another (:data:`GUIDED_STEP` of the smaller range, 1-3 steps:
+        EvoPress's level switches, with the budget kept exactly by moving the same number of weights). The
+        estimate is remade whenever the parent changes; while the parent stays, the next moves down its
+        ranking are scored; once every ranked move is scored, random level switches. Returns evaluations spent."""
+        score(start)
+        spent, parent_key, ranked, pos = float(len(start)), None, [], 0
+        pbar.update(len(start))
+        while spent < evals:
+            best = max(scored, key=lambda k: scored[k][0])
+            if best != parent_key:
+                if spent + guide.cost + 1 > evals:
+                    break
+                parent_key, parent = best, scored[best][1]
+                ranked, pos = guided_moves(space, parent, guide.estimate(parent)), 0
+                spent += guide.cost
+                pbar.update(guide.cost)
+            n, kids = int(min(lam, evals - spent)), []
+            while len(kids) < n and pos < len(ranked):
+                (i, j, d), pos = ranked[pos], pos + 1
+                kid = np.array(parent, dtype=np.int64)
+                kid[i] -= d
+                kid[j] += d
+                if _key(kid) not in scored:
+                    kids.append(kid)
+            kids = kids or mutate(n)
+            score(kids)
+            spent += len(kids)
+            pbar.update(len(kids))
         return spent
 
     @staticmethod
@@ -452,6 +515,31 @@ class Allocator:
         return {"nfev": r.nfev, "nit": r.nit, "best_fun": r.fun, "best_violation": r.violation,
                 "message": r.message, "history": [h["best_fun"] for h in r.history],
                 "early_rejected": self.rejected, "skipped": self.skipped, "images_saved": self.images_saved}
+
+
+def guided_moves(space: KeepSpace, parent: np.ndarray,
+                 change: Callable[[int, int], float]) -> list[tuple[int, int, int]]:
+    """Every transfer of weights from one layer of ``parent`` to another, as ``(from, to, weights)``:
+    :data:`GUIDED_STEP` of the smaller layer's range, 1-3 steps, within the bounds (the total stays exact),
+    best predicted first by ``change`` (see :class:`Guide`)."""
+    parent = np.asarray(parent, dtype=np.int64)
+    room_down, room_up = parent - space.min_keep, space.max_keep - parent
+    span = space.max_keep - space.min_keep
+    memo: dict[tuple[int, int], float] = {}
+
+    def at(i: int, k: int) -> float:
+        if (i, k) not in memo:
+            memo[(i, k)] = float(change(i, k))
+        return memo[(i, k)]
+
+    moves = {}
+    for i in range(len(parent)):
+        for j in range(len(parent)):
+            for steps in (1, 2, 3):
+                d = min(int(round(GUIDED_STEP * steps * min(span[i], span[j]))), int(room_down[i]), int(room_up[j]))
+                if i != j and d > 0 and (i, j, d) not in moves:
+                    moves[(i, j, d)] = at(i, int(parent[i]) - d) + at(j, int(parent[j]) + d)
+    return sorted(moves, key=lambda m: -moves[m])
 
 
 def start_search(backend: Backend, options: SearchOptions, rng: np.random.Generator, space: KeepSpace,
