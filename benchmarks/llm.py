@@ -18,6 +18,9 @@ held-out windows of 8 x 128 tokens. Allocations:
 * ``search[16 batches]``: ``search`` scoring every candidate on 16 calibration batches;
 * ``search[fisher]``, ``search/4[fisher]``: ``search`` with the ``fisher`` allocation as a third start;
 * ``uniform[seq]``, ``owl[seq]``, ``search[seq]``: the final model pruned block by block (``sequential=True``).
+* ``guided[1 batch, lambda=4]``: ``search_strategy='guided'`` (the level switches a second-order estimate of the
+  KL at the parent ranks best, scored one batch each) at ``--evals`` (a quarter of the default's), ``guided
+  x4[...]`` at the default's 4 x ``--evals``, ``guided/4[...]`` at a sixteenth.
 
 An evaluation is one forward pass over the search's calibration batches (``--search-batches``); the
 finalists' re-scoring on all ``--calib-batches`` counts too, so every search reports a few more.
@@ -54,10 +57,14 @@ from de_plugin.demo.lm import dense_lm, stdlib_corpus, token_batches  # noqa: E4
 from de_plugin.lm import DenseReference, perplexity, prune_lm  # noqa: E402
 from de_plugin.lm.width import decoder_params, prune_width  # noqa: E402
 
-#: the rows named without ``lambda=`` run (1 + 8) on ``--search-batches`` per candidate; ``prune_lm``'s default is
-#: (1 + 4) on one calibration batch per candidate at 4 x 208 evaluations (``search x4[1 batch, lambda=4]`` here)
+#: the rows named without ``lambda=`` run (1 + 8) on ``--search-batches`` per candidate; the ``search`` rows are
+#: EvoPress-style level switching drawn at random (``search_strategy='evopress'``), the ``guided`` rows rank them by
+#: the Taylor estimate. ``prune_lm``'s default on these models is ``guided x4[1 batch, lambda=4]``: (1 + 4) on one
+#: calibration batch per candidate at 4 x 208 evaluations; ``DEFAULT`` is its EvoPress-style counterpart (also
+#: ``prune_width``'s default)
 ROWS_LAMBDA = 8
 DEFAULT = "search x4[1 batch, lambda=4]"
+GUIDED = "guided x4[1 batch, lambda=4]"
 #: every search at the same evaluations (``--evals``), ``search/4`` at a quarter of them
 ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"},
                "search": {}, "search/4": {"share": 0.25},
@@ -94,12 +101,12 @@ ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "owl": {"allocation": "owl"
                # the guided search (its level switches ranked by a second-order estimate of the KL at the parent) at a
                # quarter of the default's evaluations, at the default's, and at a sixteenth
                "guided[1 batch, lambda=4]": {"search_batches": 1, "population": 4, "search_strategy": "guided"},
-               "guided x4[1 batch, lambda=4]": {"search_batches": 1, "population": 4, "search_strategy": "guided",
+               GUIDED: {"search_batches": 1, "population": 4, "search_strategy": "guided",
                                                 "share": 4.0},
                "guided/4[1 batch, lambda=4]": {"search_batches": 1, "population": 4, "search_strategy": "guided",
                                                "share": 0.25}}
 #: the lines of the plot (the other rows are in the table)
-PLOTTED = ("uniform", "owl", "fisher", "random", "de", "search", DEFAULT)
+PLOTTED = ("uniform", "owl", "fisher", "random", "de", "search", DEFAULT, "guided[1 batch, lambda=4]", GUIDED)
 SEARCHES = tuple(a for a, o in ALLOCATIONS.items() if o.get("allocation", "search") == "search")
 #: width: uniform and searched (prune_width), and Torch-Pruning's own uniform rule (MetaPruner, magnitude)
 WIDTH_ALLOCATIONS = {"uniform": {"allocation": "uniform"}, "search": {}, "tp_uniform": None,
@@ -123,7 +130,7 @@ def run_cell(model, calib, held, ref_held, method: str, alloc: str, sparsity, se
     if alloc in SEARCHES:
         share = ALLOCATIONS[alloc].get("share", 1.0)
         opts = {"generations": 1000, "search_batches": args.search_batches, "max_evals": int(args.evals * share),
-                "population": ROWS_LAMBDA, **opts}
+                "population": ROWS_LAMBDA, "search_strategy": "evopress", **opts}
     start = time.perf_counter()
     r = prune_lm(model, calib, sparsity, method=method, seed=seed, progress=False, **opts)
     wall = time.perf_counter() - start
@@ -257,7 +264,11 @@ PAIRS = [("search", "owl"), ("search", "uniform"), ("search", "de"), ("search", 
          ("search", "search[lambda=20]"), (DEFAULT, "owl"), (DEFAULT, "search"),
          ("search[1 batch, lambda=4]", DEFAULT), ("search[1 batch, lambda=4]", "search"),
          ("search[1 batch]", "search"), ("fisher", "owl"), ("fisher", "uniform"),
-         ("search[fisher]", "search"), ("search/4[fisher]", "search/4")]
+         ("search[fisher]", "search"), ("search/4[fisher]", "search/4"),
+         # the guided search: at a quarter of the default's evaluations and at the same, against the default and OWL
+         ("guided[1 batch, lambda=4]", DEFAULT), (GUIDED, DEFAULT),
+         ("guided[1 batch, lambda=4]", "search[1 batch, lambda=4]"), ("guided/4[1 batch, lambda=4]", DEFAULT),
+         ("guided[1 batch, lambda=4]", "owl"), (GUIDED, "owl"), (GUIDED, "uniform")]
 
 
 def ratio_lines(got: dict, methods, rungs, pairs) -> list[str]:

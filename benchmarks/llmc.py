@@ -17,10 +17,10 @@ consecutive held-out windows of 8 x 128 tokens. Profiles (one sparsity per decod
 * ``owl``: ``prune_lm(allocation="owl").block_sparsity()`` (the same rule, computed by this project);
 * ``search``: ``prune_lm(granularity="block").block_sparsity()`` at the library's defaults, the same in-layer
   method as the modifier;
-* ``search[layer]``: ``prune_lm``'s default per-layer search, every decoder Linear its own target
-  (``result.modifier_targets()``: exact-name patterns and one sparsity each).
+* ``search[layer]``: ``prune_lm``'s per-layer search, EvoPress-style (``search_strategy="evopress"``), every decoder
+  Linear its own target (``result.modifier_targets()``: exact-name patterns and one sparsity each).
 
-Beside them, not through llm-compressor: ``prune_lm`` itself (``direct[...]``: its per-layer default search and
+Beside them, not through llm-compressor: ``prune_lm`` itself (``direct[...]``: its per-layer EvoPress-style search and
 its uniform and OWL), pruned by the project's own Wanda / SparseGPT.
 ``--widths``: ``prune_width`` on the same model (heads pruned as one key / value head with its two query heads,
 and the MLP's hidden units; ``[mlp]``: hidden units only), uniform or searched widths, with and without the
@@ -141,7 +141,8 @@ def run_cell(folder: Path, tokenizer, calib, held, modifier: str, profile: str, 
     cell: dict = {}
     if profile.startswith("direct["):
         alloc = profile[len("direct["):-1]
-        r = prune_lm(dense(), calib, sparsity, method=modifier, allocation=alloc, seed=seed, progress=False, inplace=True)
+        r = prune_lm(dense(), calib, sparsity, method=modifier, allocation=alloc, seed=seed, progress=False, inplace=True,
+                     **({"search_strategy": "evopress"} if alloc == "search" else {}))
         model, cell["block_sparsity"], cell["evaluations"] = r.model, r.block_sparsity(), r.evaluations
     elif profile == "owl[llmc]":
         try:
@@ -149,7 +150,8 @@ def run_cell(folder: Path, tokenizer, calib, held, modifier: str, profile: str, 
         except Exception as e:  # noqa: BLE001 - what the user would see is the measurement
             return {"error": f"{type(e).__name__}: {e}"[:300], "wall_seconds": time.perf_counter() - start}
     elif profile == "search[layer]":
-        r = prune_lm(dense(), calib, sparsity, method=modifier, seed=seed, progress=False, inplace=True)
+        r = prune_lm(dense(), calib, sparsity, method=modifier, seed=seed, progress=False, inplace=True,
+                     search_strategy="evopress")
         spec, cell["evaluations"] = r.modifier_targets(), r.evaluations
         model = llmc_prune(folder, tokenizer, calib, modifier, spec["sparsity"], targets=spec["targets"])
         cell["block_sparsity"] = r.block_sparsity()

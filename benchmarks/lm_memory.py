@@ -45,7 +45,11 @@ def cell(kind: str, mode: str, batches: int, generations: int) -> dict:
         model(calib[0])  # the forward's own buffers are part of the baseline, not of the call
     base = peak()
     start = time.perf_counter()
-    opts = {"generations": generations} if mode == "search" else {"allocation": "uniform"}
+    # "search": EvoPress-style level switching; "guided": the level switches ranked by the Taylor estimate (prune_lm's
+    # default where that estimate's 8 bytes per searched weight fit GUIDE_AUTO_BYTES)
+    opts = ({"generations": generations, "search_strategy": "evopress" if kind != "width" else None} if mode == "search"
+            else {"generations": generations, "search_strategy": "guided"} if mode == "guided" else {"allocation": "uniform"})
+    opts = {k: v for k, v in opts.items() if v is not None}
     if kind == "width":
         r = prune_width(model, calib, 0.3, inplace=True, progress=False, **opts)
     else:

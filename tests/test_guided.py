@@ -146,3 +146,35 @@ def test_guided_where_it_cannot_estimate_is_refused_before_any_work(lm, call, ma
     with pytest.raises(ValueError, match=match):
         call(model, batches)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_the_default_is_guided_per_layer_within_its_memory_and_evopress_otherwise(lm, monkeypatch, caplog):
+    model, batches = lm
+    kw = dict(max_evals=30, generations=1000, progress=False)
+    assert prune_lm(model, batches, 0.6, **kw).search["search_strategy"] == "guided"
+    assert prune_lm(model, batches, 0.6, granularity="block", **kw).search["search_strategy"] == "evopress"
+    assert prune_lm(model, batches, 0.6, survivors=2, search_batches=2, **kw).search["search_strategy"] == "evopress"
+    monkeypatch.setattr("de_plugin.lm.search.GUIDE_AUTO_BYTES", 8 * sum(l.numel for l in decoder_layers(model)) - 1)
+    with caplog.at_level("INFO", logger="de_plugin"):
+        assert prune_lm(model, batches, 0.6, **kw).search["search_strategy"] == "evopress"
+    assert "search_strategy='guided' asks for it" in caplog.text
+    assert prune_lm(model, batches, 0.6, search_strategy="guided", **kw).search["search_strategy"] == "guided"
+
+
+def test_a_seed_that_beats_the_choice_at_the_exact_counts_is_the_result(lm, monkeypatch):
+    """SparseGPT's candidates are scored at the database's levels; the result is compared with the seeds at the
+    exact counts and is never worse than the best of them there."""
+    model, batches = lm
+    import de_plugin.lm.search as search
+    real = search.search_counts
+
+    def worst(*args, **kwargs):  # a search that returns a poor allocation: the first block at 90%, the second at 30%
+        counts, info, evals = real(*args, **kwargs)
+        space = args[3]
+        half = len(counts) // 2
+        return np.r_[space.min_keep[:half], space.max_keep[half:]], info, evals
+    monkeypatch.setattr(search, "search_counts", worst)
+    r = prune_lm(model, batches, 0.6, method="sparsegpt", max_evals=20, generations=1000, progress=False)
+    assert r.search["kept_seed"] in ("uniform", "owl")
+    assert r.fitness == pytest.approx(min(r.seed_fitness.values()))
+    assert sum(r.kept) == total_keep(r.numels, 0.6)

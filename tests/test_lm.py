@@ -388,7 +388,7 @@ def test_by_default_a_candidate_is_scored_on_one_batch_and_finalists_on_all(tiny
     the finalists and seeds are then compared on every batch."""
     seen, kl = [], DenseReference.kl
     monkeypatch.setattr(DenseReference, "kl", lambda self, m, upto=None, pick=None: seen.append(upto) or kl(self, m, upto, pick))
-    r = prune_lm(tiny, calib, 0.6, generations=3, progress=False, seed=0)
+    r = prune_lm(tiny, calib, 0.6, generations=3, progress=False, seed=0, search_strategy="evopress")
     assert seen.count(1) == r.search["nfev"] == 4 * 4  # lambda 4 x (3 generations + the start)
     assert set(seen) == {1, None}  # None: all the batches (finalists, seeds, the final model)
     assert r.search["batches_forwarded"] == 16 + r.search["finalists"] * len(calib)

@@ -41,6 +41,9 @@ from .targets import LMLayer, decoder_layers
 log = logging.getLogger("de_plugin")
 #: below this many tokens per candidate, noise starts to rank candidates (a warning says so)
 MIN_SEARCH_TOKENS = 1000
+#: ``search_strategy=None`` is 'guided' while its estimate (the gradient and the Fisher, float32, per searched weight)
+#: takes at most this many bytes, else 'evopress' (a 7B model's would take 56 GB beside the search's own 40 GB)
+GUIDE_AUTO_BYTES = 4 << 30
 #: the default search's evaluations (``generations=None``): this many, or this many per searched value, whichever is more
 DEFAULT_EVALS, EVALS_PER_VALUE = 832, 26
 
@@ -64,13 +67,17 @@ class OneShotOptions(SearchOptions):
                              "are re-scored on all. Give batches of at least ~1,000 tokens, or raise this")
     finalists: int = Field(4, ge=1, description="the search's best candidates re-scored on all calibration batches")
     # chosen by benchmarks/llm.py (TinyGPT, Wanda, 70%): at equal evaluations the (1 + lambda) level-switch
-    # search beat DE and random allocations, and fewer offspring per generation (more generations) did better
-    search_strategy: str = Field(
-        "evopress", pattern="^(de|random|evopress|guided)$",
+    # search beat DE and random allocations, and fewer offspring per generation (more generations) did better;
+    # ranking its level switches by the Taylor estimate ('guided') beat drawing them at random on the 4- and
+    # 6-block TinyGPTs with every in-layer method, and matched it with a quarter of the evaluations
+    search_strategy: Optional[str] = Field(
+        None, pattern="^(de|random|evopress|guided)$",
         description="'evopress': (1 + lambda) from the best so far, level-switch mutations (lambda = population); "
                     "'guided' (prune_lm, granularity='layer'): the same, its offspring the level switches a "
                     "second-order estimate of the KL ranks best; 'de': differential evolution; 'random': the "
-                    "control; all at the same evaluations")
+                    "control; all at the same evaluations. None: 'guided' where it applies and its estimate's "
+                    f"two float32 copies of the searched weights take at most {GUIDE_AUTO_BYTES >> 30} GiB, "
+                    "else 'evopress'")
     population: Optional[int] = Field(4, ge=4, description="offspring per generation (evopress) or DE's population")
     survivors: int = Field(
         0, ge=0, description="evopress: screen each generation's offspring on one calibration batch and score only "
@@ -86,7 +93,7 @@ class OneShotOptions(SearchOptions):
 
     @model_validator(mode="after")
     def _survivors_fit(self) -> "OneShotOptions":
-        if self.survivors and self.search_strategy != "evopress":
+        if self.survivors and self.search_strategy not in (None, "evopress"):
             raise ValueError(f"survivors={self.survivors} is EvoPress's multi-step selection, which only "
                              f"search_strategy='evopress' has: leave survivors=0 with {self.search_strategy!r}")
         if self.population is not None and self.survivors > self.population:
@@ -288,6 +295,20 @@ def _space(layers: Sequence[LMLayer], sparsity: float, o: LMOptions) -> KeepSpac
     return KeepSpace(numels, min_keep, max_keep, [(lo, hi)] * len(layers))
 
 
+def resolved_strategy(o: "LMOptions", layers: Sequence[LMLayer]) -> str:
+    """``o.search_strategy``, or (None) 'guided' where it applies (per-layer granularity, no ``survivors``, the
+    estimate within :data:`GUIDE_AUTO_BYTES`), else 'evopress'."""
+    if o.search_strategy is not None:
+        return o.search_strategy
+    need = 8 * sum(l.numel for l in layers)
+    if o.granularity == "layer" and not o.survivors and need <= GUIDE_AUTO_BYTES:
+        return "guided"
+    if o.granularity == "layer" and not o.survivors:
+        log.info("prune_lm: search_strategy 'evopress' (the guided search's estimate would take %.1f GiB; "
+                 "search_strategy='guided' asks for it)", need / 2 ** 30)
+    return "evopress"
+
+
 def search_batch_count(o: OneShotOptions, available: int) -> int:
     """How many calibration batches a candidate is scored on (``search_batches``; None: half, at least one)."""
     return o.search_batches or max(1, available // 2)
@@ -335,6 +356,7 @@ def prune_lm(model: nn.Module, calibration: Any, sparsity: "float | str", option
     work = model if inplace else copy.deepcopy(model)
     with undone_on_error(model, inplace):
         layers = decoder_layers(work)
+        o = o.model_copy(update={"search_strategy": resolved_strategy(o, layers)})
         was_training = work.training
         work.eval()
         stats = (collect_hessians(work, layers, batches) if o.method == "sparsegpt"
@@ -371,6 +393,15 @@ def prune_lm(model: nn.Module, calibration: Any, sparsity: "float | str", option
         seed_fitness = {k: score_counts(final, work, full, c) for k, c in seeds.items()}
         final.apply(counts, exact=True)
         value = full(work)
+        best_seed = max(seed_fitness, key=seed_fitness.get, default=None)
+        if o.allocation == "search" and best_seed is not None and seed_fitness[best_seed] > value:
+            # the search scored SparseGPT at the database's levels; pruned at the exact counts a seed can come out
+            # ahead of the allocation chosen there: then the seed is the result (never worse than uniform or OWL)
+            log.info("prune_lm: %s at the exact counts scores better than the searched allocation; keeping it",
+                     best_seed)
+            final.restore()
+            counts, value, info["kept_seed"] = seeds[best_seed], seed_fitness[best_seed], best_seed
+            final.apply(counts, exact=True)
         work.train(was_training)
         kept = [int((l.weight != 0).sum()) for l in layers]
         fitness = reported(value, o.fitness)

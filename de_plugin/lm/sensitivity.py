@@ -174,12 +174,12 @@ class TaylorGuide:
         order = self.db._order(i).long()
         if self.db.method == "wanda":  # every row loses the same share: a prune count spreads over the rows
             rows, cols = w.shape
-            ys = torch.cat([torch.zeros(1), torch.cumsum(cost.gather(1, order), 1).sum(0)])
+            ys = torch.cumsum(cost.gather(1, order), 1).sum(0)
             xs = np.arange(cols + 1) * rows
         else:
-            ys = torch.cat([torch.zeros(1), torch.cumsum(cost.flatten()[order], 0)])
+            ys = torch.cumsum(cost.flatten()[order], 0)
             xs = np.arange(w.numel() + 1)
-        ys = ys.double().numpy()
+        ys = np.r_[0.0, ys.double().cpu().numpy()]  # the weights' device (a GPU) to the host: one vector a layer
         p0 = w.numel() - keep
         return xs, ys, p0, float(np.interp(p0, xs, ys))
 

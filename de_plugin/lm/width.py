@@ -345,6 +345,10 @@ class WidthOptions(OneShotOptions):
     """``prune_width``'s settings (the search's are :class:`~de_plugin.lm.search.OneShotOptions`')."""
 
     allocation: Literal["search", "uniform"] = Field("search", description="searched per-block widths, or uniform")
+    search_strategy: Optional[str] = Field(
+        "evopress", pattern="^(de|random|evopress|guided)$",
+        description="'evopress': (1 + lambda) from the best so far, level-switch mutations (lambda = population); "
+                    "'de': differential evolution; 'random': the control; all at the same evaluations")
     heads: bool = Field(True, description="prune attention heads too (with grouped-query attention: a key / value "
                                            "head and its query heads together)")
     min_share: float = Field(0.05, gt=0.0, le=1.0, description="the least share of a block's heads / units kept")
