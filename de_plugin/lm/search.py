@@ -2,8 +2,10 @@
 
 No fine-tuning follows, so the fitness the search scores (KL divergence of the pruned model's
 next-token distribution from the dense one's on calibration tokens) is the outcome itself. The search
-is the project's :class:`~de_plugin.search.allocator.Allocator` (``search_strategy``: differential
-evolution, EvoPress-style (1 + lambda) level switching, or random allocations, at equal evaluations)
+is the project's :class:`~de_plugin.search.allocator.Allocator` (``search_strategy``: EvoPress-style (1 + lambda)
+level switching with its switches ranked by a Taylor estimate of the KL (``guided``, the default where that
+estimate fits in memory) or drawn at random (``evopress``), differential evolution, or random allocations, at
+equal evaluations)
 over per-layer (or per-block) sparsities projected onto the exact global budget, seeded with the
 uniform and OWL allocations. It scores on the first ``search_batches`` calibration batches; its
 ``finalists`` best and both seeds are then re-scored on all of them and the best is kept, so the

@@ -18,6 +18,10 @@ gives 1.14x OWL's held-out perplexity, leaving it out 0.99x). Each layer's cost 
 at a grid of keep-counts, and the allocation minimising the summed cost under the exact global budget
 is found by a Lagrange multiplier (bisection), then fitted to the budget. Layers are treated as
 independent: the search that follows corrects for how their errors compound.
+
+:class:`TaylorGuide` makes the same expansion at a pruned allocation instead of the dense model, with the
+KL's gradient there as the first-order term, and does not allocate: it ranks the guided search's level
+switches, whose exact scores then decide (``search_strategy='guided'``).
 """
 from __future__ import annotations
 
