@@ -154,7 +154,7 @@ def test_the_default_is_guided_per_layer_within_its_memory_and_evopress_otherwis
     assert prune_lm(model, batches, 0.6, **kw).search["search_strategy"] == "guided"
     assert prune_lm(model, batches, 0.6, granularity="block", **kw).search["search_strategy"] == "evopress"
     assert prune_lm(model, batches, 0.6, survivors=2, search_batches=2, **kw).search["search_strategy"] == "evopress"
-    monkeypatch.setattr("de_plugin.lm.search.GUIDE_AUTO_BYTES", 8 * sum(l.numel for l in decoder_layers(model)) - 1)
+    monkeypatch.setattr("de_plugin.lm.search.GUIDE_AUTO_BYTES", 16 * sum(l.numel for l in decoder_layers(model)) - 1)
     with caplog.at_level("INFO", logger="de_plugin"):
         assert prune_lm(model, batches, 0.6, **kw).search["search_strategy"] == "evopress"
     assert "search_strategy='guided' asks for it" in caplog.text

@@ -43,9 +43,11 @@ from .targets import LMLayer, decoder_layers
 log = logging.getLogger("de_plugin")
 #: below this many tokens per candidate, noise starts to rank candidates (a warning says so)
 MIN_SEARCH_TOKENS = 1000
-#: ``search_strategy=None`` is 'guided' while its estimate (the gradient and the Fisher, float32, per searched weight)
-#: takes at most this many bytes, else 'evopress' (a 7B model's would take 56 GB beside the search's own 40 GB)
-GUIDE_AUTO_BYTES = 4 << 30
+#: ``search_strategy=None`` is 'guided' while its estimate takes at most this many bytes at GUIDE_BYTES_PER_WEIGHT
+#: a searched weight, else 'evopress' (a 7B model's would take about 110 GB beside the search's own 40 GB).
+#: benchmarks/lm_memory.py: 40.1 bytes per decoder weight beyond the model for the guided Wanda search against 23.2
+#: with random switches (the gradient and the Fisher in float32, autograd's own gradient, the profiles' temporaries)
+GUIDE_AUTO_BYTES, GUIDE_BYTES_PER_WEIGHT = 4 << 30, 16
 #: the default search's evaluations (``generations=None``): this many, or this many per searched value, whichever is more
 DEFAULT_EVALS, EVALS_PER_VALUE = 832, 26
 
@@ -77,8 +79,8 @@ class OneShotOptions(SearchOptions):
         description="'evopress': (1 + lambda) from the best so far, level-switch mutations (lambda = population); "
                     "'guided' (prune_lm, granularity='layer'): the same, its offspring the level switches a "
                     "second-order estimate of the KL ranks best; 'de': differential evolution; 'random': the "
-                    "control; all at the same evaluations. None: 'guided' where it applies and its estimate's "
-                    f"two float32 copies of the searched weights take at most {GUIDE_AUTO_BYTES >> 30} GiB, "
+                    "control; all at the same evaluations. None: 'guided' where it applies and its estimate "
+                    f"({GUIDE_BYTES_PER_WEIGHT} bytes a searched weight) takes at most {GUIDE_AUTO_BYTES >> 30} GiB, "
                     "else 'evopress'")
     population: Optional[int] = Field(4, ge=4, description="offspring per generation (evopress) or DE's population")
     survivors: int = Field(
@@ -299,10 +301,10 @@ def _space(layers: Sequence[LMLayer], sparsity: float, o: LMOptions) -> KeepSpac
 
 def resolved_strategy(o: "LMOptions", layers: Sequence[LMLayer]) -> str:
     """``o.search_strategy``, or (None) 'guided' where it applies (per-layer granularity, no ``survivors``, the
-    estimate within :data:`GUIDE_AUTO_BYTES`), else 'evopress'."""
+    estimate within :data:`GUIDE_AUTO_BYTES`), else 'evopress' (said in the log where only memory decided)."""
     if o.search_strategy is not None:
         return o.search_strategy
-    need = 8 * sum(l.numel for l in layers)
+    need = GUIDE_BYTES_PER_WEIGHT * sum(l.numel for l in layers)
     if o.granularity == "layer" and not o.survivors and need <= GUIDE_AUTO_BYTES:
         return "guided"
     if o.granularity == "layer" and not o.survivors:
