@@ -316,7 +316,8 @@ class Allocator:
         the final one; the ``top`` best distinct members of the last population, and every vector
         of ``include`` (the seeds, say), are re-scored with it and the best of those returned (their
         scores in :attr:`rescored`). ``screen``: EvoPress's multi-step selection (``search_strategy='evopress'``
-        only); ``guide``: the estimate ``search_strategy='guided'`` ranks its moves by (required there). ``fallback``: ``rescore`` retrains before scoring, on the search's data; when it lowered every
+        only); ``guide``: the estimate ``search_strategy='guided'`` ranks its moves by (required there).
+        ``fallback``: ``rescore`` retrains before scoring, on the search's data; when it lowered every
         finalist's score, choose by the search's scores instead (:func:`~de_plugin.search.selection.choose`)."""
         def evaluate_batch(xs, parents):
             counts = [space.project(x, budget) for x in xs]
