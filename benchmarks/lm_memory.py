@@ -47,9 +47,9 @@ def cell(kind: str, mode: str, batches: int, generations: int) -> dict:
     start = time.perf_counter()
     # "search": EvoPress-style level switching; "guided": the level switches ranked by the Taylor estimate (prune_lm's
     # default where that estimate's 8 bytes per searched weight fit GUIDE_AUTO_BYTES)
-    opts = ({"generations": generations, "search_strategy": "evopress" if kind != "width" else None} if mode == "search"
-            else {"generations": generations, "search_strategy": "guided"} if mode == "guided" else {"allocation": "uniform"})
-    opts = {k: v for k, v in opts.items() if v is not None}
+    opts = {"generations": generations} if mode in ("search", "guided") else {"allocation": "uniform"}
+    if kind != "width" and mode in ("search", "guided"):
+        opts["search_strategy"] = "evopress" if mode == "search" else "guided"
     if kind == "width":
         r = prune_width(model, calib, 0.3, inplace=True, progress=False, **opts)
     else:

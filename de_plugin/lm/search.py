@@ -304,12 +304,13 @@ def resolved_strategy(o: "LMOptions", layers: Sequence[LMLayer]) -> str:
     estimate within :data:`GUIDE_AUTO_BYTES`), else 'evopress' (said in the log where only memory decided)."""
     if o.search_strategy is not None:
         return o.search_strategy
+    if o.granularity != "layer" or o.survivors:
+        return "evopress"
     need = GUIDE_BYTES_PER_WEIGHT * sum(l.numel for l in layers)
-    if o.granularity == "layer" and not o.survivors and need <= GUIDE_AUTO_BYTES:
+    if need <= GUIDE_AUTO_BYTES:
         return "guided"
-    if o.granularity == "layer" and not o.survivors:
-        log.info("prune_lm: search_strategy 'evopress' (the guided search's estimate would take %.1f GiB; "
-                 "search_strategy='guided' asks for it)", need / 2 ** 30)
+    log.info("prune_lm: search_strategy 'evopress' (the guided search's estimate would take %.1f GiB; "
+             "search_strategy='guided' asks for it)", need / 2 ** 30)
     return "evopress"
 
 

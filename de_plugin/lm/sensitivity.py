@@ -25,7 +25,8 @@ switches, whose exact scores then decide (``search_strategy='guided'``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,13 +46,10 @@ def fisher_diagonal(model: nn.Module, layers: Sequence[LMLayer], batches: Sequen
     """Each target's diagonal Fisher ``[out, in]`` per token, from one backward pass per batch with
     next tokens drawn from the model's own distribution."""
     weights = [l.module.weight for l in layers]
-    flags = [w.requires_grad for w in weights]
     fisher = [torch.zeros_like(l.weight, dtype=torch.float32) for l in layers]
     gen = _generator(weights[0].device if weights else torch.device("cpu"), seed)
     tokens = 0
-    try:
-        for w in weights:
-            w.requires_grad_(True)
+    with _grads_on(weights):
         for b in batches:
             logits = logits_of(model, b).float()
             with torch.no_grad():
@@ -64,10 +62,20 @@ def fisher_diagonal(model: nn.Module, layers: Sequence[LMLayer], batches: Sequen
                 g = g.t() if l.transposed else g
                 f += g.float() ** 2
             tokens += drawn.numel()
+    return [f / tokens for f in fisher]
+
+
+@contextmanager
+def _grads_on(weights: Sequence[torch.Tensor]) -> Iterator[None]:
+    """The target weights require gradients inside (a user's frozen model included), as they did after."""
+    flags = [w.requires_grad for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        yield
     finally:
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
-    return [f / tokens for f in fisher]
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -114,21 +122,15 @@ def kl_gradient(model: nn.Module, layers: Sequence[LMLayer], ref, upto: int) -> 
     """Each target's gradient ``[out, in]`` of the mean KL divergence from the dense model (``ref``, a
     :class:`~de_plugin.lm.fitness.DenseReference`) on its first ``upto`` batches, at the weights the model holds."""
     weights = [l.module.weight for l in layers]
-    flags = [w.requires_grad for w in weights]
     grads = [torch.zeros_like(l.weight, dtype=torch.float32) for l in layers]
     rows = list(zip(ref.batches, ref.logp))[:upto]
     tokens = sum(lp.shape[0] * lp.shape[1] for _, lp in rows)
-    try:
-        for w in weights:
-            w.requires_grad_(True)
+    with _grads_on(weights):
         for b, lp in rows:
             lq = F.log_softmax(logits_of(model, b).float(), dim=-1).to(lp.device)
             kl = (lp.exp() * (lp - lq)).sum() / tokens
             for a, g, l in zip(grads, torch.autograd.grad(kl, weights), layers):
                 a += (g.t() if l.transposed else g).float().to(a.device)
-    finally:
-        for w, flag in zip(weights, flags):
-            w.requires_grad_(flag)
     return grads
 
 
@@ -154,12 +156,14 @@ class TaylorGuide:
         try:
             self.db.apply(counts)
             grads = kl_gradient(self.model, self.layers, self.ref, self.upto)
+            # the parent's masks as applied (a dense zero is neither: its terms are zero either way)
+            kept = [l.weight != 0 for l in self.layers] if self.db.method != "sparsegpt" else None
         finally:
             self.db.restore()
         self.made += 1
-        if self.db.method == "sparsegpt":
+        if kept is None:
             return self._levels(counts, grads)
-        profiles = [self._profile(i, int(k), g) for i, (k, g) in enumerate(zip(counts, grads))]
+        profiles = [self._profile(i, int(k), g, m) for i, (k, g, m) in enumerate(zip(counts, grads, kept))]
 
         def change(i: int, keep: int) -> float:
             xs, ys, p0, s0 = profiles[i]
@@ -168,11 +172,11 @@ class TaylorGuide:
             return -((s - s0) if p >= p0 else (s0 - s))
         return change
 
-    def _profile(self, i: int, keep: int, g: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int, float]:
+    def _profile(self, i: int, keep: int, g: torch.Tensor,
+                 kept: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int, float]:
         """Layer i's cumulative second-order cost along its removal order (prune counts ``xs``, costs ``ys``):
-        a weight the parent keeps costs its removal, one it prunes its restoration."""
+        a weight the parent keeps (``kept``) costs its removal, one it prunes its restoration."""
         w = self.db.dense[i].float()
-        kept = self.db.weight(i, keep) != 0
         curv = 0.5 * self.fisher[i] * w * w
         cost = torch.where(kept, curv - g * w, curv + g * w)
         order = self.db._order(i).long()
