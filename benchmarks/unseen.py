@@ -16,8 +16,10 @@ recovery and fine-tune, LAMP, ERK and global magnitude, through the same ``de_pl
 
 Test accuracy on the 400 test images; every comparison paired seed by seed against the best heuristic at
 that rung (mean difference with its 95% t-interval). ``--methods`` may add the control searches at DE's
-evaluations (``de_layerwise[random]``: the seeds, then uniform random allocations; ``de_layerwise[evopress]``:
-(1 + lambda) level switching), each chosen by the same selection, ``de_layerwise[no fallback]`` (the
+evaluation budget (``de_layerwise[random]``: the seeds, then uniform random allocations; ``de_layerwise[evopress]``:
+(1 + lambda) level switching; both spend the whole budget, where DE's stall stop leaves most of it unspent) and
+``de_layerwise[random, equal evaluations]`` (random allocations held to the evaluations the default spent in the
+same seed and rung), each chosen by the same selection, ``de_layerwise[no fallback]`` (the
 selection always by the short fine-tune's scores, ``selection_fallback=False``), ``de_layerwise[every seed]``
 (every seed allocation retrained as a finalist, not only the best one) and ``de_layerwise[look-ahead]`` (each
 finalist also scored one round further, ``selection_lookahead=True``). Cells (seed, method, rung) accumulate in
@@ -49,17 +51,21 @@ from de_plugin.demo.data import load_digits_dataset  # noqa: E402
 from de_plugin.demo.deep import InvertedResidual  # noqa: E402  (MobileNetV2's block)
 from de_plugin.demo.training import make_evaluate, make_finetune  # noqa: E402
 
-#: name -> (pruner, options beyond the shared call); the controls search at the same evaluations as DE
+#: the random control held to the evaluations the default spent in the same seed and rung (its ``max_evals``); the
+#: other controls get DE's nominal budget, which DE's stall stop leaves about two thirds unspent
+EQUAL_RANDOM = "de_layerwise[random, equal evaluations]"
+#: name -> (pruner, options beyond the shared call); the controls search at DE's evaluation budget
 METHODS = {"de_layerwise": ("de_layerwise", {}), "lamp": ("lamp", {}), "erk": ("erk", {}),
            "global_magnitude": ("global_magnitude", {}),
            "de_layerwise[no fallback]": ("de_layerwise", {"selection_fallback": False}),
            "de_layerwise[random]": ("de_layerwise", {"search_strategy": "random"}),
+           EQUAL_RANDOM: ("de_layerwise", {"search_strategy": "random"}),
            "de_layerwise[evopress]": ("de_layerwise", {"search_strategy": "evopress"}),
            "de_layerwise[every seed]": ("de_layerwise", {"finalist_seeds": 64}),
            "de_layerwise[look-ahead]": ("de_layerwise", {"selection_lookahead": True})}
 HEURISTICS = ["lamp", "erk", "global_magnitude"]
 #: the default against each variant, seed by seed: without the selection's fallback, and the control searches
-CONTROLS = ["de_layerwise[no fallback]", "de_layerwise[random]", "de_layerwise[evopress]", "de_layerwise[every seed]",
+CONTROLS = ["de_layerwise[no fallback]", "de_layerwise[random]", EQUAL_RANDOM, "de_layerwise[evopress]", "de_layerwise[every seed]",
             "de_layerwise[look-ahead]"]
 PROTOCOL = {"data": "sklearn digits, 1097 / 300 / 400", "rounds": 3, "finetune_epochs": 3,
             "batch": 64, "lr_finetune": 5e-4, "recovery": "splicing", "calibration_batches": 4}
@@ -202,8 +208,9 @@ def dense_model(data, seed: int, model_name: str = "resnet") -> nn.Module:
     return model.eval()
 
 
-def run_cell(dense: nn.Module, data, method: str, sparsity: float, seed: int) -> dict:
-    """One method pruned from dense to ``sparsity`` as the module docstring's call does; test accuracy after."""
+def run_cell(dense: nn.Module, data, method: str, sparsity: float, seed: int, max_evals: int | None = None) -> dict:
+    """One method pruned from dense to ``sparsity`` as the module docstring's call does; test accuracy after.
+    ``max_evals``: the search's evaluations over all rounds (the equal-evaluations control)."""
     val_accuracy = make_evaluate(data.x_val, data.y_val)
     finetune = make_finetune(data.x_train, data.y_train, lr=PROTOCOL["lr_finetune"], batch_size=PROTOCOL["batch"])
     calib = [data.x_train[i:i + PROTOCOL["batch"]] for i in range(0, PROTOCOL["batch"] * PROTOCOL["calibration_batches"],
@@ -211,6 +218,7 @@ def run_cell(dense: nn.Module, data, method: str, sparsity: float, seed: int) ->
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     pruner, options = METHODS[method]
+    options = {**options, **({} if max_evals is None else {"max_evals": max_evals})}
     r = de_plugin.prune(copy.deepcopy(dense), pruner, evaluate=val_accuracy, finetune=finetune, sparsity=sparsity,
                         rounds=PROTOCOL["rounds"], finetune_epochs=PROTOCOL["finetune_epochs"],
                         recovery=PROTOCOL["recovery"], train_data=calib, seed=seed, progress=False, **options)
@@ -243,8 +251,10 @@ def summary(cells: Cells, seeds: list[int], rungs: list[float]) -> tuple[str, di
         for s in rungs:
             if got[c][s] and got["de_layerwise"][s]:
                 p = paired(got["de_layerwise"][s], got[c][s])
-                out[f"{s}|{c}"] = p
-                lines.append(f"- {s:.0%}: de_layerwise - {c}: {fmt(p)}")
+                evals = [sum(n) / len(n) for m in ("de_layerwise", c)
+                         if (n := [cells.get((sd, m, s))["nfev"] for sd in p["seeds"]])]
+                out[f"{s}|{c}"] = {**p, "mean_evaluations": evals}
+                lines.append(f"- {s:.0%}: de_layerwise - {c}: {fmt(p)}; mean evaluations {evals[0]:.0f} / {evals[1]:.0f}")
     return "\n".join(lines), out
 
 
@@ -304,7 +314,10 @@ def main(argv: list[str] | None = None) -> None:
                 if dense is None:
                     dense = dense_model(data, seed, args.model)
                     check_dense(cells, seed, make_evaluate(data.x_test, data.y_test)(dense))
-                c = cells.run((seed, m, s), lambda: run_cell(dense, data, m, s, seed))
+                budget = None
+                if m == EQUAL_RANDOM:  # the default's own cell first: its evaluations are this control's budget
+                    budget = cells.run((seed, "de_layerwise", s), lambda: run_cell(dense, data, "de_layerwise", s, seed))["nfev"]
+                c = cells.run((seed, m, s), lambda: run_cell(dense, data, m, s, seed, budget))
                 print(f"seed {seed} {s:.2f} {m:18s} test {c['test']:.4f} ({c['wall_seconds']:.0f} s) "
                       f"chosen {c['chosen']}", flush=True)
     text, pairs = summary(cells, args.seeds, args.sparsities)

@@ -86,7 +86,10 @@ def test_options_variants_run(mlp, evaluate, finetune, extra):
         assert r.sparsity == pytest.approx(0.85, abs=1e-3)
 
 
-def test_max_evals_bounds_search_cost(mlp, evaluate):
+@pytest.mark.parametrize("strategy", ["de", "random", "evopress"])
+def test_max_evals_bounds_search_cost(mlp, evaluate, strategy):
+    """Every strategy stays within ``max_evals`` (the equal-evaluations comparisons rely on it), and the random
+    and EvoPress-style ones, which have no stall stop, spend nearly all of it."""
     calls = {"n": 0}
 
     def counting(model):
@@ -94,8 +97,9 @@ def test_max_evals_bounds_search_cost(mlp, evaluate):
         return evaluate(model)
 
     r = de_plugin.prune(mlp, "de_layerwise", evaluate=counting, sparsity=0.8, progress=False,
-                        **{**FAST, "generations": 50, "max_evals": 40})
+                        **{**FAST, "generations": 50, "max_evals": 40, "search_strategy": strategy})
     assert r.nfev <= 40
+    assert strategy == "de" or r.nfev >= 30
     assert calls["n"] == r.nfev + 1 + 2  # search + reference + one check per round
 
 
