@@ -138,6 +138,14 @@ UNSEEN = [(label, folder, a, ["lamp", "global_magnitude", "erk"], ", sklearn dig
                                        ("DigitsViT", "unseen_vit", (0.8, 0.9, 0.95)),
                                        ("DigitsMobileNet", "unseen_mobilenet", (0.7, 0.8, 0.9)))
           for a in ("de_layerwise", "de_layerwise[look-ahead]")]
+#: the same script on a second machine, whose float kernels train other dense weights from the same seeds: the
+#: default against LAMP (a replication) and against random allocations held to the evaluations it spent
+EQUAL = "de_layerwise[random, equal evaluations]"
+UNSEEN += [(label, folder, "de_layerwise", [b], f", sklearn digits, second dense set{note}", rungs)
+           for label, folder, rungs in (("DigitsResNet", "unseen_equal", (0.8, 0.9, 0.95, 0.98)),
+                                        ("DigitsViT", "unseen_vit_equal", (0.8, 0.9, 0.95)),
+                                        ("DigitsMobileNet", "unseen_mobilenet_equal", (0.7, 0.8, 0.9)))
+           for b, note in (("lamp", ""), (EQUAL, ", random at equal evaluations"))]
 
 
 #: selection.py studies (one round from a converged reference): (label, folder, model, A, baselines, which

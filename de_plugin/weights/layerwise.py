@@ -122,8 +122,9 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
         True, description="selection='finetune': when the short fine-tune lowers every finalist's score (it has not "
                           "recovered them yet, so it ranks noise), choose by their held-out scores before it instead "
                           "(a warning says so); False: always by the scores after it")
-    # measured by benchmarks/unseen.py (three digits models, 10-20 seeds): level with the default at every rung, it
-    # removed the one collapse seen (ViT at 95%: 74.5% -> 87.0% test); off until a study shows it ahead of the default
+    # measured by benchmarks/unseen.py (three digits models, 10-20 seeds): level with the default at every rung but
+    # one (MobileNet at 90%, 20 seeds: +2.10 pp [+0.10, +4.10]), it removed the one collapse seen (ViT at 95%: 74.5% ->
+    # 87.0% test); off until more than one comparison of thirteen shows it ahead of the default
     selection_lookahead: bool = Field(
         False, description="selection='finetune': also score each finalist of a round before the last one round "
                            "further: its retrained weights pruned on to the next round's keep (its own shape "
