@@ -65,8 +65,8 @@ METHODS = {"de_layerwise": ("de_layerwise", {}), "lamp": ("lamp", {}), "erk": ("
            "de_layerwise[look-ahead]": ("de_layerwise", {"selection_lookahead": True})}
 HEURISTICS = ["lamp", "erk", "global_magnitude"]
 #: the default against each variant, seed by seed: without the selection's fallback, and the control searches
-CONTROLS = ["de_layerwise[no fallback]", "de_layerwise[random]", EQUAL_RANDOM, "de_layerwise[evopress]", "de_layerwise[every seed]",
-            "de_layerwise[look-ahead]"]
+CONTROLS = ["de_layerwise[no fallback]", "de_layerwise[random]", EQUAL_RANDOM, "de_layerwise[evopress]",
+            "de_layerwise[every seed]", "de_layerwise[look-ahead]"]
 PROTOCOL = {"data": "sklearn digits, 1097 / 300 / 400", "rounds": 3, "finetune_epochs": 3,
             "batch": 64, "lr_finetune": 5e-4, "recovery": "splicing", "calibration_batches": 4}
 
