@@ -113,21 +113,31 @@ def optimiser(model: nn.Module, opt: str, lr: float, wd: float) -> torch.optim.O
 
 
 def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, recipe: dict, seed: int,
-                schedule: str = "onecycle", masks: list | None = None, on_step=None) -> None:
+                schedule: str = "onecycle", masks: list | None = None, on_step=None,
+                checkpoint: Path | None = None, checkpoint_every: int = 50) -> None:
     """``steps`` gradient steps over shuffled epochs of (x, y); ``masks`` ([(parameter, bool mask)]) are
-    re-applied after every step so pruned weights stay zero; ``on_step(step)`` after each step."""
+    re-applied after every step so pruned weights stay zero; ``on_step(step)`` after each step.
+
+    ``checkpoint``: a file the run's whole state (weights, optimiser, schedule, the shuffle's and the
+    augmentation's random state, the place in the epoch) is written to every ``checkpoint_every`` steps and
+    resumed from when it exists: a reference that trains for hours on a CPU is stopped and continued over
+    several sittings and ends with the weights of one uninterrupted run."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     opt = optimiser(model, recipe["opt"], recipe["lr"], recipe["wd"])
     if schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe["lr"], total_steps=steps, pct_start=0.15)
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    parts = {"model": model, "opt": opt, "sched": sched}
+    run = {"steps": steps, "recipe": recipe, "seed": seed, "schedule": schedule}
+    step, perm, i = _resume(checkpoint, parts, gen, run) if checkpoint is not None and checkpoint.exists() else (0, None, 0)
     dev_type = x.device.type
     model.train()
-    step, bs = 0, recipe["batch"]
+    bs = recipe["batch"]
     while step < steps:
-        perm = torch.randperm(len(y), generator=gen).to(x.device)
-        for i in range(0, len(y) - bs + 1, bs):
+        if perm is None:
+            perm, i = torch.randperm(len(y), generator=gen).to(x.device), 0
+        while i <= len(y) - bs and step < steps:
             idx = perm[i : i + bs]
             xb = augment(x[idx]) if recipe.get("augment") else x[idx]
             with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=dev_type == "cuda"):
@@ -140,12 +150,43 @@ def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, 
                 with torch.no_grad():
                     for p, m in masks:
                         p.mul_(m)
-            step += 1
+            step, i = step + 1, i + bs
+            if checkpoint is not None and step % checkpoint_every == 0 and step < steps:
+                _save_checkpoint(checkpoint, parts, gen, run, step, perm, i)
             if on_step is not None:
                 on_step(step)
-            if step >= steps:
-                break
+        perm = None
     model.eval()
+
+
+def _save_checkpoint(path: Path, parts: dict, gen: torch.Generator, run: dict, step: int,
+                     perm: torch.Tensor, i: int) -> None:
+    """Written beside and renamed over, so a run killed while writing leaves the previous checkpoint whole."""
+    state = {name: part.state_dict() for name, part in parts.items()}
+    state.update(run=run, step=step, perm=perm.cpu(), i=i, gen=gen.get_state(), rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, parts: dict, gen: torch.Generator, run: dict) -> tuple[int, torch.Tensor, int]:
+    """Restores a checkpoint of the same run (steps, recipe, seed, schedule; refused otherwise, naming the file
+    to delete) and returns where it stopped: the step, the epoch's shuffle and the place in it."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["run"] != run:
+        raise ValueError(f"{path} is a checkpoint of another run ({state['run']}, not {run}): delete it to "
+                         f"start this one afresh")
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    log.info("resumed %s at step %d of %d", path, state["step"], run["steps"])
+    device = next(parts["model"].parameters()).device
+    return state["step"], state["perm"].to(device), state["i"]
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -153,27 +194,42 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return make_evaluate(x, y, batch_size=2500)(model)
 
 
-def train_reference(name: str, device: str, seed: int = 0) -> tuple[nn.Module, dict]:
+def train_reference(name: str, device: str, seed: int = 0, checkpoint: Path | None = None) -> tuple[nn.Module, dict]:
+    """Trains ``name`` by its recipe; ``checkpoint`` makes the run resumable (see :func:`train_steps`).
+
+    Convolutional models train in channels-last layout: on a CPU it makes MobileNetV2's depthwise
+    convolutions about 1.5x faster (1.7 s against 2.5 s a step of 256 on 2 cores); the saved weights are
+    contiguous as before."""
     recipe = RECIPES[name]
     data = load_data(name, device)
     torch.manual_seed(seed)
     model = create_model(name, **model_kwargs(name)).to(device)
+    layout = torch.channels_last if any(isinstance(m, nn.Conv2d) for m in model.modules()) else torch.contiguous_format
+    model = model.to(memory_format=layout)
     steps = max(1, int(recipe["epochs"] * (len(data.y_train) // recipe["batch"])))
+    resumed = checkpoint is not None and checkpoint.exists()
     t0 = time.perf_counter()
-    last = [t0]
+    last = [t0, t0]  # last line logged, last validation
 
-    def report(step: int) -> None:
-        if time.perf_counter() - last[0] > 30 or step == steps:
-            last[0] = time.perf_counter()
-            log.info("%s step %d/%d (%.0f s), val %.4f", name, step, steps, last[0] - t0,
-                     accuracy(model, data.x_val, data.y_val))
-            model.train()
+    def report(step: int) -> None:  # a line every 30 s, the validation accuracy every 10 minutes and at the end
+        now = time.perf_counter()
+        if now - last[0] > 30 or step == steps:
+            last[0] = now
+            val = ""
+            if now - last[1] > 600 or step == steps:
+                last[1] = now
+                val = f", val {accuracy(model, data.x_val, data.y_val):.4f}"
+                model.train()
+            log.info("%s step %d/%d (%.0f s)%s", name, step, steps, now - t0, val)
 
-    train_steps(model, data.x_train, data.y_train, steps, recipe, seed, on_step=report)
+    train_steps(model, data.x_train, data.y_train, steps, recipe, seed, on_step=report, checkpoint=checkpoint)
+    model = model.to(memory_format=torch.contiguous_format)
     info = {"model": name, "recipe": recipe, "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
             "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
             "val": accuracy(model, data.x_val, data.y_val), "test": accuracy(model, data.x_test, data.y_test),
             "train_images": len(data.y_train), "val_images": len(data.y_val), "test_images": len(data.y_test)}
+    if resumed:
+        info["resumed"] = "seconds counts the last sitting only: the run resumed from a checkpoint"
     return model.cpu(), info
 
 
@@ -260,8 +316,10 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     print("| model | val | test (10,000) | steps | seconds | device |\n|---|---|---|---|---|---|")
     for name in args.models:
-        model, info = train_reference(name, args.device)
+        partial = Path(args.out) / f"{tag(name)}.partial.pt"  # resumed when a sitting was stopped mid-run
+        model, info = train_reference(name, args.device, checkpoint=partial)
         save_reference(name, model, info, Path(args.out))
+        partial.unlink(missing_ok=True)
         print(f"| {name} | {info['val']:.4f} | {info['test']:.4f} | {info['steps']} | {info['seconds']:.0f} | "
               f"{info['device']} |", flush=True)
 

@@ -70,3 +70,42 @@ def test_deep_rows_from_other_weights_are_not_merged():
     deep.merge(into, run("resnet20_x@aaaaaaaaaaaa"))
     with pytest.raises(ValueError, match="other reference weights"):
         deep.merge(into, run("resnet20_x@bbbbbbbbbbbb"))
+
+
+def _tiny_run(checkpoint, stop_at=None):
+    """A small conv net trained 10 steps with augmentation (both random streams in play); ``stop_at``
+    interrupts the run after that step, as a stopped sitting would."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 8 * 8, 3))
+    x, y = torch.randn(48, 1, 8, 8), torch.randint(0, 3, (48,))
+    recipe = {"opt": "sgd", "lr": 0.05, "wd": 1e-4, "batch": 16, "augment": True}
+
+    def interrupt(step):
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    torch.manual_seed(1)  # the augmentation's stream, as the reference's seed leaves it
+    refs.train_steps(model, x, y, 10, recipe, seed=3, on_step=interrupt, checkpoint=checkpoint, checkpoint_every=4)
+    return model
+
+
+def test_a_stopped_reference_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    whole = _tiny_run(None)
+    ckpt = tmp_path / "run.partial.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(ckpt, stop_at=9)  # checkpointed at step 8, inside the third three-batch epoch
+    assert ckpt.exists()
+    resumed = _tiny_run(ckpt)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    ckpt = tmp_path / "run.partial.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(ckpt, stop_at=4)
+    model = torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="delete it"):
+        refs.train_steps(model, torch.randn(32, 4), torch.randint(0, 3, (32,)), 20,
+                         {"opt": "sgd", "lr": 0.1, "wd": 0.0, "batch": 8}, seed=0, checkpoint=ckpt)
