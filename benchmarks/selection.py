@@ -128,15 +128,24 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2, help="fine-tune epochs after the round (every method)")
     ap.add_argument("--epoch-steps", type=int, default=100, help="batches of 256 per fine-tune epoch")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--channels-last", action="store_true",
+                    help="convolutions in channels-last layout (MobileNetV2's depthwise convolutions train about "
+                         "1.5x faster on a CPU); recorded in the protocol, so cells of one layout are not mixed "
+                         "with the other's")
     ap.add_argument("--out", default="benchmarks/results/selection")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    cells = Cells(out / "cells.json", {"epochs": args.epochs, "epoch_steps": args.epoch_steps,
-                                       "finetune": refs.FINETUNE, "references": {m: refs.identity(m) for m in args.models}})
+    protocol = {"epochs": args.epochs, "epoch_steps": args.epoch_steps, "finetune": refs.FINETUNE,
+                "references": {m: refs.identity(m) for m in args.models}}
+    if args.channels_last:
+        protocol["layout"] = "channels_last"
+    cells = Cells(out / "cells.json", protocol)
     for name in args.models:
         ref, _ = refs.load_reference(name)
+        if args.channels_last:
+            ref = ref.to(memory_format=torch.channels_last)
         data = refs.load_data(name)
         for seed in args.seeds:
             for s in args.sparsities:

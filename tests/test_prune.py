@@ -57,6 +57,27 @@ def test_random_recovery_brings_weights_back(mlp, evaluate, digits):
     zeros_agree_with_masks(r)
 
 
+def test_random_recovery_on_a_channels_last_model_matches_the_contiguous_one():
+    """Conv nets trained in channels-last layout (usual on GPUs, faster depthwise convs on CPUs) have weights
+    with no flat view; recovery brings back the same weights at the same positions as for the contiguous model."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    seen = []
+
+    def finetune(model, epochs):  # no training: both layouts must end with the very same weights
+        seen.append(int(sum((m.weight != 0).sum() for m in model if isinstance(m, nn.Conv2d))))
+
+    runs = [de_plugin.prune(model, "global_magnitude", finetune=finetune, sparsity=0.8, progress=False, rounds=1,
+                            finetune_epochs=2, recovery="random", recovery_fraction=0.5, recovery_init="old")
+            for model in (conv, copy.deepcopy(conv).to(memory_format=torch.channels_last))]
+    assert runs[1].model[2].weight.is_contiguous(memory_format=torch.channels_last)
+    assert runs[0].history[0]["recovered"] > 0 and seen[0] > seen[1] and seen[:2] == seen[2:]  # recovered, then cut
+    for name, mask in runs[0].masks.items():
+        assert torch.equal(mask, runs[1].masks[name])
+    for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_splicing_updates_masks_inside_user_loop(mlp, evaluate, finetune):
     r = de_plugin.prune(mlp, "lamp", finetune=finetune, sparsity=0.9, progress=False, rounds=1,
                         finetune_epochs=3, recovery="splicing", splice_interval=1)

@@ -78,11 +78,14 @@ def _recover_random(targets: Sequence[Target], weights: list[torch.Tensor], phas
             if n_rec == 0:
                 continue
             pick = torch.from_numpy(rng.choice(pruned, size=n_rec, replace=False))
-            phase[t.name].view(-1)[pick] = True
+            # indices per dimension, not ``w.view(-1)``: a channels-last conv weight has no flat view
+            # (RuntimeError "view size is not compatible with input tensor's size and stride")
+            at = torch.unravel_index(pick, tuple(w.shape))
+            phase[t.name][at] = True
             if init == "old" and last_values is not None:
-                w.view(-1)[pick] = last_values[t.name].view(-1)[pick].to(w.dtype)
+                w[at] = last_values[t.name][at].to(w.dtype)
             else:
-                w.view(-1)[pick] = 0.0
+                w[at] = 0.0
             recovered += n_rec
     return recovered
 
