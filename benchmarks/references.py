@@ -17,9 +17,9 @@ use (same optimiser family, lower learning rate, cosine to zero).
 Weights are looked up in ``benchmarks/references/`` (the ones the repository ships, listed with
 their accuracies, the device that trained them and a SHA-256 in ``manifest.json``), then in
 ``~/.cache/de_plugin/references``; ``load_reference`` never trains silently (a ResNet-20 takes most
-of an hour on 2 CPU cores, a MobileNetV2 many hours), it says which command makes the file. The file
-name hashes the recipe only: the same recipe trained on other hardware gives other weights under the
-same name, so results files record :func:`identity` (name and SHA-256) and refuse to resume or pair
+of an hour on 2 CPU cores, a MobileNetV2 about three hours, resumed over sittings from a checkpoint),
+it says which command makes the file. The file name hashes the recipe only: the same recipe trained on
+other hardware gives other weights under the same name, so results files record :func:`identity` (name and SHA-256) and refuse to resume or pair
 cells measured from other weights.
 
     python benchmarks/references.py --models resnet20 mobilenetv2 vit lenet300 --device cuda
