@@ -19,8 +19,8 @@ their accuracies, the device that trained them and a SHA-256 in ``manifest.json`
 ``~/.cache/de_plugin/references``; ``load_reference`` never trains silently (a ResNet-20 takes most
 of an hour on 2 CPU cores, a MobileNetV2 about three hours, resumed over sittings from a checkpoint),
 it says which command makes the file. The file name hashes the recipe only: the same recipe trained on
-other hardware gives other weights under the same name, so results files record :func:`identity` (name and SHA-256) and refuse to resume or pair
-cells measured from other weights.
+other hardware gives other weights under the same name, so results files record :func:`identity` (name
+and SHA-256) and refuse to resume or pair cells measured from other weights.
 
     python benchmarks/references.py --models resnet20 mobilenetv2 vit lenet300 --device cuda
 """
@@ -130,7 +130,9 @@ def train_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     parts = {"model": model, "opt": opt, "sched": sched}
     run = {"steps": steps, "recipe": recipe, "seed": seed, "schedule": schedule}
-    step, perm, i = _resume(checkpoint, parts, gen, run) if checkpoint is not None and checkpoint.exists() else (0, None, 0)
+    step, perm, i = 0, None, 0
+    if checkpoint is not None and checkpoint.exists():
+        step, perm, i = _resume(checkpoint, parts, gen, run)
     dev_type = x.device.type
     model.train()
     bs = recipe["batch"]
