@@ -132,7 +132,8 @@ def run_ours(setup: Setup, method: str, level: float) -> dict:
     if method.startswith("de_channel"):
         choice = {"channel_choice": "random", "candidates": 20} if method.endswith("[random]") else {}
         if method.endswith("[finalists]"):
-            choice = {"finalists": a.finalists, "finalist_epochs": 1}
+            choice = {"finalists": a.finalists, "finalist_epochs": 1,
+                      "finalist_adaptive_bn": a.finalist_bn == "re-estimated"}
         r = de_plugin.prune(setup.dense, "de_channel", macs=level, rounds=1, finetune_epochs=a.epochs,
                             generations=a.generations, train_data=setup.calib, **choice, **common)
         extra = {"kept_share": [g["kept"] / g["channels"] for g in r.extra["groups"]],
@@ -370,6 +371,9 @@ def main() -> None:
     ap.add_argument("--finalists", type=int, default=3,
                     help="de_channel[finalists]: best distinct shapes of the search re-ranked after one epoch of "
                          "retraining (besides its seeds)")
+    ap.add_argument("--finalist-bn", default="re-estimated", choices=["re-estimated", "as-trained"],
+                    help="de_channel[finalists]: retrained finalists scored with BatchNorm statistics re-estimated as "
+                         "the search's (the default), or as their retraining left them (finalist_adaptive_bn=False)")
     ap.add_argument("--candidates", type=int, default=50, help="random_coarse: random masks scored")
     ap.add_argument("--repeats", type=int, default=30, help="latency: timed runs (median)")
     ap.add_argument("--threads", type=int, default=2)

@@ -75,6 +75,9 @@ LADDERS = [  # A against the best of B (the baseline with the highest mean test 
     ("ViT", ["deep_vit"], "vit", "de_layerwise[defaults]", SAME_RECOVERY),
     ("MobileNetV2", ["deep_mbv2"], "mobilenetv2", "de_layerwise[defaults]", SAME_RECOVERY),
 ]
+#: rows measured with the retrained finalists scored on the BatchNorm statistics their retraining left
+#: (``finalist_adaptive_bn=False``: selection.py's ``[...,trained-bn]`` methods, ``--finalist-bn as-trained``)
+TRAINED_BN = ", finalists on trained BN"
 CHANNELS = [  # (label, folder, model, A, B, what the "at" column adds)
     ("ResNet-20", "channel", "resnet20", "de_channel", "l1_uniform", ""),
     ("ResNet-20", "channel", "resnet20", "de_channel", "tp_global", ""),
@@ -83,12 +86,12 @@ CHANNELS = [  # (label, folder, model, A, B, what the "at" column adds)
     ("MobileNetV2", "channel_mbv2", "mobilenetv2", "de_channel", "tp_global", ""),
     ("ResNet-20", "channel_converged", "resnet20", "de_channel", "l1_uniform", ", converged reference"),
     ("ResNet-20", "channel_converged", "resnet20", "de_channel", "tp_global", ", converged reference"),
-    ("ResNet-20", "channel_converged", "resnet20", "de_channel[finalists]", "l1_uniform", ", converged reference"),
-    ("ResNet-20", "channel_converged", "resnet20", "de_channel[finalists]", "tp_global", ", converged reference"),
+    ("ResNet-20", "channel_converged", "resnet20", "de_channel[finalists]", "l1_uniform", ", converged reference" + TRAINED_BN),
+    ("ResNet-20", "channel_converged", "resnet20", "de_channel[finalists]", "tp_global", ", converged reference" + TRAINED_BN),
     ("ResNet-20", "channel_converged_cpu", "resnet20", "de_channel", "l1_uniform", ", CPU reference"),
     ("ResNet-20", "channel_converged_cpu", "resnet20", "de_channel", "tp_global", ", CPU reference"),
-    ("ResNet-20", "channel_converged_cpu", "resnet20", "de_channel[finalists]", "l1_uniform", ", CPU reference"),
-    ("ResNet-20", "channel_converged_cpu", "resnet20", "de_channel[finalists]", "tp_global", ", CPU reference"),
+    ("ResNet-20", "channel_converged_cpu", "resnet20", "de_channel[finalists]", "l1_uniform", ", CPU reference" + TRAINED_BN),
+    ("ResNet-20", "channel_converged_cpu", "resnet20", "de_channel[finalists]", "tp_global", ", CPU reference" + TRAINED_BN),
 ]
 
 
@@ -133,18 +136,20 @@ def rows(rungs: list[float], levels: list[float]) -> list[dict[str, Any]]:
 
 #: unseen.py: a user's model and data no default was chosen on (label, folder, A, baselines, note, its rungs):
 #: the default and its look-ahead variant on each model
-UNSEEN = [(label, folder, a, ["lamp", "global_magnitude", "erk"], ", sklearn digits, 3 rounds, splicing for all", rungs)
-          for label, folder, rungs in (("DigitsResNet", "unseen", (0.8, 0.9, 0.95, 0.98)),
-                                       ("DigitsViT", "unseen_vit", (0.8, 0.9, 0.95)),
-                                       ("DigitsMobileNet", "unseen_mobilenet", (0.7, 0.8, 0.9)))
+UNSEEN = [(label, folder, a, ["lamp", "global_magnitude", "erk"], f", sklearn digits, 3 rounds, splicing for all{bn}", rungs)
+          for label, folder, rungs, bn in (("DigitsResNet", "unseen_bn", (0.8, 0.9, 0.95, 0.98), ""),
+                                           ("DigitsResNet", "unseen", (0.8, 0.9, 0.95, 0.98), TRAINED_BN),
+                                           ("DigitsViT", "unseen_vit", (0.8, 0.9, 0.95), ""),
+                                           ("DigitsMobileNet", "unseen_mobilenet_bn", (0.7, 0.8, 0.9), ""),
+                                           ("DigitsMobileNet", "unseen_mobilenet", (0.7, 0.8, 0.9), TRAINED_BN))
           for a in ("de_layerwise", "de_layerwise[look-ahead]")]
 #: the same script on a second machine, whose float kernels train other dense weights from the same seeds: the
 #: default against LAMP (a replication) and against random allocations held to the evaluations it spent
 EQUAL = "de_layerwise[random, equal evaluations]"
-UNSEEN += [(label, folder, "de_layerwise", [b], f", sklearn digits, second dense set{note}", rungs)
-           for label, folder, rungs in (("DigitsResNet", "unseen_equal", (0.8, 0.9, 0.95, 0.98)),
-                                        ("DigitsViT", "unseen_vit_equal", (0.8, 0.9, 0.95)),
-                                        ("DigitsMobileNet", "unseen_mobilenet_equal", (0.7, 0.8, 0.9)))
+UNSEEN += [(label, folder, "de_layerwise", [b], f", sklearn digits, second dense set{note}{bn}", rungs)
+           for label, folder, rungs, bn in (("DigitsResNet", "unseen_equal", (0.8, 0.9, 0.95, 0.98), TRAINED_BN),
+                                            ("DigitsViT", "unseen_vit_equal", (0.8, 0.9, 0.95), ""),
+                                            ("DigitsMobileNet", "unseen_mobilenet_equal", (0.7, 0.8, 0.9), TRAINED_BN))
            for b, note in (("lamp", ""), (EQUAL, ", random at equal evaluations"))]
 
 
@@ -158,21 +163,22 @@ SELECTIONS = [
     ("LeNet-300-100", "selection", "lenet300", "de_layerwise[holdout]", HEURISTICS, H200),
     ("LeNet-300-100", "selection", "lenet300", "de_layerwise[random]", HEURISTICS, H200),
     ("LeNet-300-100", "selection", "lenet300", "de_layerwise[evopress]", HEURISTICS, H200),
-    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[finetune]", HEURISTICS, H200),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[finetune,trained-bn]", HEURISTICS, H200),
     ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[holdout]", HEURISTICS, H200),
-    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[random]", HEURISTICS, H200),
-    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[evopress]", HEURISTICS, H200),
-    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[finetune+margin]", HEURISTICS, H200),
-    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[full-finalists]", HEURISTICS, H200),
-    ("MobileNetV2", "selection_mbv2", "mobilenetv2", "de_layerwise[finetune]", HEURISTICS, H200),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[random,trained-bn]", HEURISTICS, H200),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[evopress,trained-bn]", HEURISTICS, H200),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[finetune+margin,trained-bn]", HEURISTICS, H200),
+    ("ResNet-20", "selection_resnet20", "resnet20", "de_layerwise[full-finalists,trained-bn]", HEURISTICS, H200),
+    ("MobileNetV2", "selection_mbv2", "mobilenetv2", "de_layerwise[finetune,trained-bn]", HEURISTICS, H200),
     ("ViT", "selection_vit", "vit", "de_layerwise[finetune]", HEURISTICS, H200),
     ("LeNet-300-100", "selection_lenet300_cpu", "lenet300", "de_layerwise[finetune]", HEURISTICS, CPU),
     ("LeNet-300-100", "selection_lenet300_cpu", "lenet300", "de_layerwise[random]", HEURISTICS, CPU),
-    ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[finetune]", HEURISTICS, CPU),
-    ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[random]", HEURISTICS, CPU),
-    ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[finetune+seeds]", HEURISTICS, CPU),
-    ("ResNet-20", "selection_resnet20_cpu_300", "resnet20", "de_layerwise[finetune]", HEURISTICS, CPU300),
-    ("ResNet-20", "selection_resnet20_cpu_300", "resnet20", "de_layerwise[finetune+seeds]", HEURISTICS, CPU300),
+    ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[finetune,trained-bn]", HEURISTICS, CPU),
+    ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[random,trained-bn]", HEURISTICS, CPU),
+    ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[finetune+seeds,trained-bn]", HEURISTICS, CPU),
+    ("ResNet-20", "selection_resnet20_cpu_300", "resnet20", "de_layerwise[finetune,trained-bn]", HEURISTICS, CPU300),
+    ("ResNet-20", "selection_resnet20_cpu_300", "resnet20", "de_layerwise[finetune+seeds,trained-bn]", HEURISTICS, CPU300),
+    ("MobileNetV2", "selection_mbv2_cpu", "mobilenetv2", "de_layerwise[finetune,trained-bn]", HEURISTICS, CPU),
     ("MobileNetV2", "selection_mbv2_cpu", "mobilenetv2", "de_layerwise[finetune]", HEURISTICS, CPU),
 ]
 

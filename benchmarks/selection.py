@@ -8,7 +8,8 @@ fine-tune for every method (the reference's ``FINETUNE`` recipe, cosine schedule
 * ``de_layerwise[holdout]``: the defaults (the search scores 500 validation images; its 4 best and
   every seed allocation are compared on the other 4,500);
 * ``de_layerwise[finetune]``: the same finalists each retrained for one epoch first
-  (``selection="finetune"``), their cost counted in the wall time.
+  (``selection="finetune"``), their cost counted in the wall time; ``[...,trained-bn]``: a variant with its
+  finalists scored on the BatchNorm statistics their retraining left (``finalist_adaptive_bn=False``).
 
 Paired differences over seeds (the seed drives the search and the fine-tune's batches) with 95%
 t-intervals. Results accumulate per (model, seed, method, sparsity) cell in ``<out>/cells.json``.
@@ -55,11 +56,16 @@ METHODS = {
     "de_layerwise[evopress]": ("de_layerwise", {"selection": "finetune", "finalist_epochs": 1,
                                                 "search_strategy": "evopress"}),
 }
+#: each short-fine-tune variant with its finalists scored on the BatchNorm statistics their retraining left
+#: (``finalist_adaptive_bn=False``) instead of statistics re-estimated as the search's (the default)
+METHODS.update({f"{m[:-1]},trained-bn]": (p, {**o, "finalist_adaptive_bn": False})
+                for m, (p, o) in list(METHODS.items()) if o.get("selection") == "finetune"})
 HEURISTICS = ["lamp", "global_magnitude", "erk"]
 #: (A, B) pairs reported besides each searched method against the best heuristic at the rung
 PAIRS = [("de_layerwise[finetune]", "de_layerwise[holdout]"), ("de_layerwise[full-finalists]", "de_layerwise[finetune]"),
          ("de_layerwise[finetune+margin]", "de_layerwise[finetune]"), ("de_layerwise[finetune+seeds]", "de_layerwise[finetune]"), ("de_layerwise[finetune]", "de_layerwise[random]"),
-         ("de_layerwise[finetune]", "de_layerwise[evopress]"), ("de_layerwise[evopress]", "de_layerwise[random]")]
+         ("de_layerwise[finetune]", "de_layerwise[evopress]"), ("de_layerwise[evopress]", "de_layerwise[random]"),
+         ("de_layerwise[finetune]", "de_layerwise[finetune,trained-bn]")]
 
 
 def make_finetune(name: str, data, epoch_steps: int, seed: int):

@@ -23,11 +23,13 @@ same seed and rung), each chosen by the same selection, ``de_layerwise[no fallba
 selection always by the short fine-tune's scores, ``selection_fallback=False``), ``de_layerwise[every seed]``
 (every seed allocation retrained as a finalist, not only the best one) and ``de_layerwise[look-ahead]`` (each
 finalist also scored one round further, ``selection_lookahead=True``). Cells (seed, method, rung) accumulate in
-``<out>/cells.json``: a rerun computes only the missing ones.
+``<out>/cells.json``: a rerun computes only the missing ones. ``--finalist-bn as-trained`` scores the
+default's retrained finalists on the BatchNorm statistics their retraining left (``finalist_adaptive_bn=False``;
+recorded in the protocol, so its cells never mix with the default's).
 
-    python benchmarks/unseen.py --seeds 0 1 2 3 4 5 6 7 8 9 --out benchmarks/results/unseen
+    python benchmarks/unseen.py --seeds 0 1 2 3 4 5 6 7 8 9   # benchmarks/results/unseen_bn
     python benchmarks/unseen.py --model vit --seeds 0 1 2 3 4 5 6 7 8 9 --out benchmarks/results/unseen_vit
-    python benchmarks/unseen.py --model mobilenet --seeds 0 1 2 3 4 5 6 7 8 9   # benchmarks/results/unseen_mobilenet
+    python benchmarks/unseen.py --model mobilenet --seeds 0 1 2 3 4 5 6 7 8 9   # benchmarks/results/unseen_mobilenet_bn
 """
 from __future__ import annotations
 
@@ -180,10 +182,10 @@ class DigitsMobileNet(nn.Module):
 #: needs AdamW's decoupled weight decay and a warm-up, here one-cycle, to train reliably on 1,097 images), the
 #: default results folder
 CNN_RECIPE = {"opt": "adam", "lr": 2e-3, "wd": 1e-4, "schedule": "cosine", "epochs": 60}
-MODELS = {"resnet": (DigitsResNet, CNN_RECIPE, "benchmarks/results/unseen"),
+MODELS = {"resnet": (DigitsResNet, CNN_RECIPE, "benchmarks/results/unseen_bn"),
           "vit": (DigitsViT, {"opt": "adamw", "lr": 8e-3, "wd": 0.05, "schedule": "onecycle", "epochs": 100},
                   "benchmarks/results/unseen_vit"),
-          "mobilenet": (DigitsMobileNet, CNN_RECIPE, "benchmarks/results/unseen_mobilenet")}
+          "mobilenet": (DigitsMobileNet, CNN_RECIPE, "benchmarks/results/unseen_mobilenet_bn")}
 
 
 def dense_model(data, seed: int, model_name: str = "resnet") -> nn.Module:
@@ -208,9 +210,11 @@ def dense_model(data, seed: int, model_name: str = "resnet") -> nn.Module:
     return model.eval()
 
 
-def run_cell(dense: nn.Module, data, method: str, sparsity: float, seed: int, max_evals: int | None = None) -> dict:
+def run_cell(dense: nn.Module, data, method: str, sparsity: float, seed: int, max_evals: int | None = None,
+             finalist_bn: str = "re-estimated") -> dict:
     """One method pruned from dense to ``sparsity`` as the module docstring's call does; test accuracy after.
-    ``max_evals``: the search's evaluations over all rounds (the equal-evaluations control)."""
+    ``max_evals``: the search's evaluations over all rounds (the equal-evaluations control); ``finalist_bn``
+    'as-trained': ``de_layerwise``'s finalists scored on the BatchNorm statistics their retraining left."""
     val_accuracy = make_evaluate(data.x_val, data.y_val)
     finetune = make_finetune(data.x_train, data.y_train, lr=PROTOCOL["lr_finetune"], batch_size=PROTOCOL["batch"])
     calib = [data.x_train[i:i + PROTOCOL["batch"]] for i in range(0, PROTOCOL["batch"] * PROTOCOL["calibration_batches"],
@@ -218,7 +222,8 @@ def run_cell(dense: nn.Module, data, method: str, sparsity: float, seed: int, ma
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     pruner, options = METHODS[method]
-    options = {**options, **({} if max_evals is None else {"max_evals": max_evals})}
+    options = {**options, **({} if max_evals is None else {"max_evals": max_evals}),
+               **({"finalist_adaptive_bn": False} if finalist_bn == "as-trained" and pruner == "de_layerwise" else {})}
     r = de_plugin.prune(copy.deepcopy(dense), pruner, evaluate=val_accuracy, finetune=finetune, sparsity=sparsity,
                         rounds=PROTOCOL["rounds"], finetune_epochs=PROTOCOL["finetune_epochs"],
                         recovery=PROTOCOL["recovery"], train_data=calib, seed=seed, progress=False, **options)
@@ -298,12 +303,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default="resnet", choices=list(MODELS))
     ap.add_argument("--out", default=None, help="default: the model's folder in MODELS")
+    ap.add_argument("--finalist-bn", default="re-estimated", choices=["re-estimated", "as-trained"],
+                    help="how de_layerwise's retrained finalists are scored: BatchNorm statistics re-estimated as the "
+                         "search's (the default), or as their short retraining left them (finalist_adaptive_bn=False); "
+                         "recorded in the protocol")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     cls, recipe, folder = MODELS[args.model]
     out = Path(args.out or folder)
-    cells = Cells(out / "cells.json", {**PROTOCOL, "model": cls.__name__, "dense": recipe})
+    cells = Cells(out / "cells.json", {**PROTOCOL, "model": cls.__name__, "dense": recipe, "finalist_bn": args.finalist_bn})
     for seed in args.seeds:
         data = load_digits_dataset(val_size=300, test_size=400, seed=seed)
         dense = None
@@ -316,8 +325,9 @@ def main(argv: list[str] | None = None) -> None:
                     check_dense(cells, seed, make_evaluate(data.x_test, data.y_test)(dense))
                 budget = None
                 if m == EQUAL_RANDOM:  # the default's own cell first: its evaluations are this control's budget
-                    budget = cells.run((seed, "de_layerwise", s), lambda: run_cell(dense, data, "de_layerwise", s, seed))["nfev"]
-                c = cells.run((seed, m, s), lambda: run_cell(dense, data, m, s, seed, budget))
+                    budget = cells.run((seed, "de_layerwise", s), lambda: run_cell(dense, data, "de_layerwise", s, seed,
+                                                                                 finalist_bn=args.finalist_bn))["nfev"]
+                c = cells.run((seed, m, s), lambda: run_cell(dense, data, m, s, seed, budget, args.finalist_bn))
                 print(f"seed {seed} {s:.2f} {m:18s} test {c['test']:.4f} ({c['wall_seconds']:.0f} s) "
                       f"chosen {c['chosen']}", flush=True)
     text, pairs = summary(cells, args.seeds, args.sparsities)

@@ -255,3 +255,38 @@ def test_de_channel_finalists_fall_back_when_the_retraining_lowers_every_one(res
     assert r.history[0]["q"] == best["q"] and [f[key] for f in fin].count(best[key]) == 1
     other = "score_after_short_finetune" if fallback else "search_score"
     assert max(fin, key=lambda f: f[other])["q"] != best["q"]  # the two measures pick different shapes
+
+
+def _bn_only_retraining(model, epochs):
+    """A "retraining" that changes no weight and leaves BatchNorm running statistics far from the data's, as the
+    statistics a few momentum updates on augmented batches leave behind do."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(3.0)
+                m.running_var.mul_(30.0)
+
+
+def test_layerwise_finalists_are_scored_with_the_batchnorm_statistics_the_search_used(resnet, images):
+    """With adaptive BN (BatchNorm + train_data), a finalist's score after the short retraining re-estimates the
+    statistics on the search's batches first: a retraining that changes no weight leaves every score as it was
+    before it (with the training's statistics the model scores near chance)."""
+    r = de_plugin.prune(resnet, "de_layerwise", val_data=images.val, train_data=images.batches,
+                        finetune=_bn_only_retraining, sparsity=0.8, rounds=1, finetune_epochs=1, population=8,
+                        generations=1, seed=0, finalists=2, recovery="none", progress=False)
+    retrained = [s for s in r.history[0]["de"]["selection"] if "score_after_short_finetune" in s]
+    assert len(retrained) >= 2
+    for s in retrained:
+        assert s["score_after_short_finetune"] == pytest.approx(s["score"], abs=1e-6)
+
+
+def test_channel_finalists_are_scored_with_the_batchnorm_statistics_the_search_used(resnet, images):
+    """de_channel's finalists alike: re-estimated statistics after the retraining, so a retraining that changes no
+    weight gives each finalist its search score again."""
+    r = de_plugin.prune(resnet, "de_channel", val_data=images.val, train_data=images.batches,
+                        finetune=_bn_only_retraining, macs=0.5, rounds=1, finetune_epochs=1, population=8,
+                        generations=1, seed=0, finalists=2, progress=False)
+    fin = r.history[0]["de"]["finalists"]
+    assert len(fin) >= 2
+    for f in fin:
+        assert f["score_after_short_finetune"] == pytest.approx(f["search_score"], abs=1e-6)

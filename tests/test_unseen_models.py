@@ -45,8 +45,9 @@ def test_equal_evaluations_control_gets_the_defaults_spend(tmp_path, monkeypatch
     the default spent there (not DE's nominal budget, which its stall stop leaves mostly unspent)."""
     calls = []
 
-    def fake_cell(dense, data, method, sparsity, seed, max_evals=None):
+    def fake_cell(dense, data, method, sparsity, seed, max_evals=None, finalist_bn=None):
         calls.append((method, sparsity, max_evals))
+        assert finalist_bn == "re-estimated"  # the default, for every cell
         return {"test": 0.5, "nfev": 300 + int(100 * sparsity) if max_evals is None else max_evals,
                 "wall_seconds": 0.0, "chosen": [None]}
 

@@ -71,6 +71,10 @@ class ChannelOptions(SearchOptions):
     selection_fallback: bool = Field(
         True, description="finalists: when the short retraining lowers every finalist's score (it has not recovered "
                           "them, so it ranks noise), choose by the search's scores before it instead")
+    finalist_adaptive_bn: bool = Field(
+        True, description="finalists, with adaptive BN on: re-estimate BatchNorm statistics on the search's batches "
+                          "before scoring a retrained finalist, as the search scored it; False: score with the running "
+                          "statistics the short retraining left (they lag its weights)")
     include_linear: bool = Field(False, description="also search the hidden units of Linear layers (MLP blocks)")
     unresolved: Literal["raise", "skip"] = "raise"
     adaptive_bn: Optional[bool] = Field(None, description="re-estimate BatchNorm before scoring; None: if the model has BN")
@@ -319,7 +323,8 @@ class DEChannel(Pruner):
             masks = self.space.masks(self.backend.scorer.candidate(q))
             apply_and_retrain(ctx.model, self.space, masks, capped(ctx.finetune, o.finalist_steps), short,
                               ctx.seed * 1000 + i, calib, None, self.name)
-        return RetrainedMeasure(ctx.model, retrain, ctx.score, o.finalist_epochs, o.finalist_steps)
+        return RetrainedMeasure(ctx.model, retrain, ctx.score, o.finalist_epochs, o.finalist_steps,
+                                calib=calib[:o.bn_batches] if calib and o.finalist_adaptive_bn else None)
 
     def _seeds(self, space: ChannelSpace, scorer: ChannelScorer, q_now: np.ndarray, budget: float) -> list[np.ndarray]:
         """Uniform ratio, previous shape, global L1 normalised per group (at a few depths)."""

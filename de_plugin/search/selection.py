@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..evaluation import check_score
+from ..evaluation.batchnorm import recalibrate_bn
 
 log = logging.getLogger("de_plugin")
 
@@ -70,11 +71,20 @@ class RetrainedMeasure:
     then. One saved copy of the weights and buffers serves every finalist. ``ahead(candidate)``, when given,
     scores the retrained model once more before it is restored (``selection_lookahead``); its scores are kept
     in ``.ahead`` by candidate.
+
+    ``calib``: when the search scored its candidates with adaptive BN, the retrained finalist's BatchNorm
+    statistics are re-estimated on the same batches before it is scored, so that its score compares with its
+    score before the retraining and with the other finalists'. The running statistics a short retraining leaves
+    lag its weights (momentum, augmented batches): on MobileNetV2 at 95% sparsity, LAMP's allocation after 25
+    steps scored 9.8% on the held-out images with them and 19.4% re-estimated (12.7% before the retraining), so
+    every finalist looked lowered by the retraining and the choice fell back to scores at chance.
     """
 
     def __init__(self, model: nn.Module, retrain: Callable[[np.ndarray], None], score: Callable[[], float],
-                 epochs: int, steps: Optional[int] = None, ahead: Optional[Callable[[np.ndarray], float]] = None):
+                 epochs: int, steps: Optional[int] = None, ahead: Optional[Callable[[np.ndarray], float]] = None,
+                 calib: Optional[list] = None):
         self.model, self.retrain, self.score, self.epochs, self.steps = model, retrain, score, int(epochs), steps
+        self.calib = list(calib) if calib else None
         self.saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.count, self.seconds = 0, 0.0
         self.look, self.ahead = ahead, {}
@@ -83,6 +93,8 @@ class RetrainedMeasure:
         t0 = time.perf_counter()
         try:
             self.retrain(candidate)
+            if self.calib:
+                recalibrate_bn(self.model, self.calib, len(self.calib))
             now = check_score(self.score())
             if self.look is not None:
                 self.ahead[tuple(int(v) for v in candidate)] = check_score(self.look(candidate))

@@ -122,6 +122,12 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
         True, description="selection='finetune': when the short fine-tune lowers every finalist's score (it has not "
                           "recovered them yet, so it ranks noise), choose by their held-out scores before it instead "
                           "(a warning says so); False: always by the scores after it")
+    # benchmarks/selection.py, MobileNetV2 at 95%: with the statistics a 25-step retraining leaves, every finalist
+    # scored below its score before it (LAMP 12.7% -> 9.8%; re-estimated: 19.4%) and the choice fell back to noise
+    finalist_adaptive_bn: bool = Field(
+        True, description="selection='finetune', with adaptive BN on: re-estimate BatchNorm statistics on the "
+                          "search's batches before scoring a retrained finalist, as the search scored it; False: "
+                          "score with the running statistics the short retraining left (they lag its weights)")
     # measured by benchmarks/unseen.py (three digits models, 10-20 seeds): level with the default at every rung but
     # one (MobileNet at 90%, 20 seeds: +2.10 pp [+0.10, +4.10]), it removed the one collapse seen (ViT at 95%: 74.5% ->
     # 87.0% test); off until more than one comparison of thirteen shows it ahead of the default
@@ -486,7 +492,8 @@ class DELayerwise(IterativePruner):
                            torch_seed=ctx.seed * 1000 + 1, ranks=self.magnitude_ranks(self._ranks[0]))
 
         measure = RetrainedMeasure(ctx.model, retrain, scorer.holdout_now if self.search_batches is not None
-                                   else ctx.score, o.finalist_epochs, o.finalist_steps, ahead)
+                                   else ctx.score, o.finalist_epochs, o.finalist_steps, ahead,
+                                   calib=scorer.calib if o.finalist_adaptive_bn else None)
         ranked = sorted(search.rescored, key=lambda k: -search.rescored[k])  # stable: ties keep the order
         top = ranked[:o.finalists]
         keys = {tuple(int(v) for v in c) for c in seeds}
