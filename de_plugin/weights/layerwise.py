@@ -116,8 +116,9 @@ class LayerwiseOptions(IterativeOptions, SearchOptions):
                                                 "retrained seed only when its score after the short fine-tune is "
                                                 "higher by more than this (score units: 0.005 = half a point of "
                                                 "accuracy); 0, the plain best")
-    # chosen by benchmarks/unseen.py (a digits CNN, 3 rounds): a short fine-tune too short to recover the finalists
-    # ranked noise; of the selection studies' stored cells it applies to one (MobileNetV2 at 90%, seed 2)
+    # chosen by benchmarks/unseen.py (a digits CNN, 3 rounds; finalists then scored on their trained BN statistics): a
+    # short fine-tune too short to recover the finalists ranked noise; with re-estimated statistics it applied in no
+    # MobileNetV2 cell of benchmarks/selection.py (on the trained ones: every cell)
     selection_fallback: bool = Field(
         True, description="selection='finetune': when the short fine-tune lowers every finalist's score (it has not "
                           "recovered them yet, so it ranks noise), choose by their held-out scores before it instead "
