@@ -137,10 +137,10 @@ def rows(rungs: list[float], levels: list[float]) -> list[dict[str, Any]]:
 #: unseen.py: a user's model and data no default was chosen on (label, folder, A, baselines, note, its rungs):
 #: the default and its look-ahead variant on each model
 UNSEEN = [(label, folder, a, ["lamp", "global_magnitude", "erk"], f", sklearn digits, 3 rounds, splicing for all{bn}", rungs)
-          for label, folder, rungs, bn in (("DigitsResNet", "unseen_bn", (0.8, 0.9, 0.95, 0.98), ""),
+          for label, folder, rungs, bn in (("DigitsResNet", "unseen_bn", (0.8, 0.9, 0.95, 0.98), ", second dense set"),
                                            ("DigitsResNet", "unseen", (0.8, 0.9, 0.95, 0.98), TRAINED_BN),
                                            ("DigitsViT", "unseen_vit", (0.8, 0.9, 0.95), ""),
-                                           ("DigitsMobileNet", "unseen_mobilenet_bn", (0.7, 0.8, 0.9), ""),
+                                           ("DigitsMobileNet", "unseen_mobilenet_bn", (0.7, 0.8, 0.9), ", second dense set"),
                                            ("DigitsMobileNet", "unseen_mobilenet", (0.7, 0.8, 0.9), TRAINED_BN))
           for a in ("de_layerwise", "de_layerwise[look-ahead]")]
 #: the same script on a second machine, whose float kernels train other dense weights from the same seeds: the
