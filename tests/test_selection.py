@@ -267,35 +267,29 @@ def _bn_only_retraining(model, epochs):
                 m.running_var.mul_(30.0)
 
 
+def _finalist_scores(pruner, model, images, reestimate):
+    """(score after the short retraining, score before it) of every retrained finalist of one round."""
+    kw = ({"sparsity": 0.8, "recovery": "none"} if pruner == "de_layerwise" else {"macs": 0.5})
+    r = de_plugin.prune(model, pruner, val_data=images.val, train_data=images.batches, finetune=_bn_only_retraining,
+                        rounds=1, finetune_epochs=1, population=8, generations=1, seed=0, finalists=2,
+                        finalist_adaptive_bn=reestimate, progress=False, **kw)
+    de = r.history[0]["de"]
+    if pruner == "de_layerwise":
+        return [(s["score_after_short_finetune"], s["score"]) for s in de["selection"] if "score_after_short_finetune" in s]
+    return [(f["score_after_short_finetune"], f["search_score"]) for f in de["finalists"]]
+
+
 @pytest.mark.parametrize("reestimate", [True, False])
-def test_layerwise_finalists_are_scored_with_the_batchnorm_statistics_the_search_used(resnet, images, reestimate):
+@pytest.mark.parametrize("pruner", ["de_layerwise", "de_channel"])
+def test_finalists_are_scored_with_the_batchnorm_statistics_the_search_used(resnet, images, pruner, reestimate):
     """With adaptive BN (BatchNorm + train_data), a finalist's score after the short retraining re-estimates the
-    statistics on the search's batches first: a retraining that changes no weight leaves every score as it was
-    before it. finalist_adaptive_bn=False scores on the statistics the retraining left (here: near chance)."""
-    r = de_plugin.prune(resnet, "de_layerwise", val_data=images.val, train_data=images.batches,
-                        finetune=_bn_only_retraining, sparsity=0.8, rounds=1, finetune_epochs=1, population=8,
-                        generations=1, seed=0, finalists=2, recovery="none", finalist_adaptive_bn=reestimate,
-                        progress=False)
-    retrained = [s for s in r.history[0]["de"]["selection"] if "score_after_short_finetune" in s]
-    assert len(retrained) >= 2
-    for s in retrained:
+    statistics on the search's batches first (both pruners: the shared RetrainedMeasure): a retraining that changes
+    no weight leaves every score as it was before it. finalist_adaptive_bn=False scores on the statistics the
+    retraining left (here: near chance)."""
+    scores = _finalist_scores(pruner, resnet, images, reestimate)
+    assert len(scores) >= 2
+    for after, before in scores:
         if reestimate:
-            assert s["score_after_short_finetune"] == pytest.approx(s["score"], abs=1e-6)
+            assert after == pytest.approx(before, abs=1e-6)
         else:
-            assert s["score_after_short_finetune"] < s["score"] - 0.2
-
-
-@pytest.mark.parametrize("reestimate", [True, False])
-def test_channel_finalists_are_scored_with_the_batchnorm_statistics_the_search_used(resnet, images, reestimate):
-    """de_channel's finalists alike: re-estimated statistics after the retraining, so a retraining that changes no
-    weight gives each finalist its search score again (finalist_adaptive_bn=False: the retraining's statistics)."""
-    r = de_plugin.prune(resnet, "de_channel", val_data=images.val, train_data=images.batches,
-                        finetune=_bn_only_retraining, macs=0.5, rounds=1, finetune_epochs=1, population=8,
-                        generations=1, seed=0, finalists=2, finalist_adaptive_bn=reestimate, progress=False)
-    fin = r.history[0]["de"]["finalists"]
-    assert len(fin) >= 2
-    for f in fin:
-        if reestimate:
-            assert f["score_after_short_finetune"] == pytest.approx(f["search_score"], abs=1e-6)
-        else:
-            assert f["score_after_short_finetune"] < f["search_score"] - 0.2
+            assert after < before - 0.2
