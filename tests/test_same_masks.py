@@ -36,7 +36,7 @@ EXPECTED = {
     "inc_search_config": "bedf4b7ea704c372",
     "inc_loop_targets": "9268340b6318f1d6",
     "inc_random_coarse": "26bf78c49a149747",
-    "de_layerwise_deep_defaults": "874074d02bf8a190",
+    "de_layerwise_deep_defaults": "0f1ebc8b3be7a247",
 }
 
 
