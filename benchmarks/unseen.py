@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
                 if m == EQUAL_RANDOM:  # the default's own cell first: its evaluations are this control's budget
                     budget = cells.run((seed, "de_layerwise", s), lambda: run_cell(dense, data, "de_layerwise", s, seed,
                                                                                  finalist_bn=args.finalist_bn))["nfev"]
-                c = cells.run((seed, m, s), lambda: run_cell(dense, data, m, s, seed, budget, args.finalist_bn))
+                c = cells.run((seed, m, s), lambda: run_cell(dense, data, m, s, seed, budget,
+                                                             finalist_bn=args.finalist_bn))
                 print(f"seed {seed} {s:.2f} {m:18s} test {c['test']:.4f} ({c['wall_seconds']:.0f} s) "
                       f"chosen {c['chosen']}", flush=True)
     text, pairs = summary(cells, args.seeds, args.sparsities)
