@@ -46,6 +46,14 @@ class Cells:
         self.cells: dict[str, Any] = data["cells"]
         self.computed = 0
 
+    @classmethod
+    def stored(cls, path: str | os.PathLike) -> "Cells":
+        """The cells a file holds, under the protocol it records: for re-making a summary without measuring."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no cells stored there; give the --out folder of a study that has run")
+        return cls(path, json.loads(path.read_text())["protocol"])
+
     @staticmethod
     def key(*parts: Any) -> str:
         return "|".join(str(p) for p in parts)
@@ -55,6 +63,11 @@ class Cells:
 
     def get(self, parts: tuple, default: Any = None) -> Any:
         return self.cells.get(self.key(*parts), default)
+
+    def parts(self) -> list[tuple[str, ...]]:
+        """Every stored cell's key, split back into its parts (as strings): what a summary of the whole study
+        covers, whichever run measured each cell."""
+        return [tuple(k.split("|")) for k in self.cells]
 
     def run(self, parts: tuple, compute: Callable[[], Any]) -> Any:
         """The cell's stored value, or ``compute()``'s, stored at once."""

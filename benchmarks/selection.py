@@ -96,6 +96,14 @@ def run_cell(name: str, ref, data, method: str, sparsity: float, seed: int, epoc
                            "after": s.get("score_after_short_finetune")} for s in de.get("selection", [])]}
 
 
+def stored(cells: Cells) -> tuple[list[str], list[int], list[float]]:
+    """The models, seeds and sparsities the file holds cells for: the summary covers the whole study, not the
+    share one run measured (runs over different seeds write to one file side by side)."""
+    parts = [p for p in cells.parts() if len(p) == 4]
+    return (list(dict.fromkeys(p[0] for p in parts)), sorted({int(p[1]) for p in parts}),
+            sorted({float(p[3]) for p in parts}))
+
+
 def table(cells: Cells, models: list[str], seeds: list[int], rungs: list[float]) -> str:
     lines = []
     for name in models:
@@ -125,6 +133,30 @@ def comparisons(got: dict, rungs: list[float]) -> list[tuple[str, str, float, di
     return out
 
 
+def protocol_of(args) -> dict:
+    """What every cell of one results file shares; a run under another protocol is refused (``Cells``)."""
+    protocol = {"epochs": args.epochs, "epoch_steps": args.epoch_steps, "finetune": refs.FINETUNE,
+                "references": {m: refs.identity(m) for m in args.models}}
+    if args.channels_last:
+        protocol["layout"] = "channels_last"
+    return protocol
+
+
+def run_model(cells: Cells, name: str, args) -> None:
+    """Every (seed, sparsity, method) cell of one model that the file does not hold yet."""
+    ref, _ = refs.load_reference(name)
+    if args.channels_last:
+        ref = ref.to(memory_format=torch.channels_last)
+    data = refs.load_data(name)
+    for seed in args.seeds:
+        for s in args.sparsities:
+            for m in args.methods:
+                c = cells.run((name, seed, m, s), lambda: run_cell(name, ref, data, m, s, seed, args.epochs,
+                                                                  args.epoch_steps))
+                print(f"{name} seed {seed} {s:.2f} {m:24s} test {c['test']:.4f} ({c['wall_seconds']:.0f} s, "
+                      f"chosen {c['chosen']})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=["lenet300"], choices=list(refs.RECIPES))
@@ -139,28 +171,18 @@ def main() -> None:
                          "1.5x faster on a CPU); recorded in the protocol, so cells of one layout are not mixed "
                          "with the other's")
     ap.add_argument("--out", default="benchmarks/results/selection")
+    ap.add_argument("--summary-only", action="store_true", help="re-make summary.md from --out's cells.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    protocol = {"epochs": args.epochs, "epoch_steps": args.epoch_steps, "finetune": refs.FINETUNE,
-                "references": {m: refs.identity(m) for m in args.models}}
-    if args.channels_last:
-        protocol["layout"] = "channels_last"
-    cells = Cells(out / "cells.json", protocol)
-    for name in args.models:
-        ref, _ = refs.load_reference(name)
-        if args.channels_last:
-            ref = ref.to(memory_format=torch.channels_last)
-        data = refs.load_data(name)
-        for seed in args.seeds:
-            for s in args.sparsities:
-                for m in args.methods:
-                    c = cells.run((name, seed, m, s), lambda: run_cell(name, ref, data, m, s, seed, args.epochs,
-                                                                      args.epoch_steps))
-                    print(f"{name} seed {seed} {s:.2f} {m:24s} test {c['test']:.4f} ({c['wall_seconds']:.0f} s, "
-                          f"chosen {c['chosen']})", flush=True)
-    text = table(cells, args.models, args.seeds, args.sparsities)
+    if args.summary_only:
+        cells = Cells.stored(out / "cells.json")
+    else:
+        cells = Cells(out / "cells.json", protocol_of(args))
+        for name in args.models:
+            run_model(cells, name, args)
+    text = table(cells, *stored(cells))
     print(text)
     (out / "summary.md").write_text(text + "\n")
 

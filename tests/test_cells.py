@@ -56,3 +56,22 @@ def test_runs_sharing_a_file_keep_each_others_cells(tmp_path):
     assert {k: on_disk.get(k) for k in [("m", 0, "lamp"), ("m", 1, "lamp"), ("m", 2, "lamp")]} == {
         ("m", 0, "lamp"): {"test": 0.9}, ("m", 1, "lamp"): {"test": 0.7}, ("m", 2, "lamp"): {"test": 0.8}}
     assert ("m", 2, "lamp") in a  # a learnt b's cell when it saved: it will not recompute it
+
+
+def test_the_selection_summary_covers_the_cells_of_every_run(tmp_path):
+    """benchmarks/selection.py: runs over different seeds share one file; the summary any of them writes (or
+    ``--summary-only``) covers every stored cell, not the seeds and rungs of the run that wrote it last."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("selection_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "selection.py")
+    selection = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(selection)
+    path = tmp_path / "cells.json"
+    a, b = Cells(path, {"epochs": 1}), Cells(path, {"epochs": 1})
+    a.run(("resnet20", 0, "lamp", 0.9), lambda: {"test": 0.9, "wall_seconds": 1.0})
+    b.run(("resnet20", 2, "lamp", 0.95), lambda: {"test": 0.8, "wall_seconds": 1.0})
+    whole = Cells.stored(path)
+    assert selection.stored(whole) == (["resnet20"], [0, 2], [0.9, 0.95])
+    assert "| lamp | 90.00 (1) | 80.00 (1) |" in selection.table(whole, *selection.stored(whole))
+    with pytest.raises(FileNotFoundError, match="no cells stored"):
+        Cells.stored(tmp_path / "none.json")
