@@ -229,7 +229,7 @@ class Allocator:
         self.nfev = self.rejected = self.skipped = self.images_saved = 0
         self.searched: Optional[int] = None  # candidates a non-DE search_strategy drew (its record)
         self.screened = 0  # candidates only screened (Screen), not scored in full
-        self.fell_back = False  # _rescore chose by the search's scores (a retraining lowered every finalist)
+        self.fell_back = False  # _rescore chose by the search's scores (a retraining raised no finalist's score)
 
     # ------------------------------------------------------------------ scoring
     def score_many(self, batch: list[np.ndarray], floors: Optional[list[Optional[float]]] = None) -> list[float]:
@@ -317,7 +317,7 @@ class Allocator:
         of ``include`` (the seeds, say), are re-scored with it and the best of those returned (their
         scores in :attr:`rescored`). ``screen``: EvoPress's multi-step selection (``search_strategy='evopress'``
         only); ``guide``: the estimate ``search_strategy='guided'`` ranks its moves by (required there).
-        ``fallback``: ``rescore`` retrains before scoring, on the search's data; when it lowered every
+        ``fallback``: ``rescore`` retrains before scoring, on the search's data; when it raised no
         finalist's score, choose by the search's scores instead (:func:`~de_plugin.search.selection.choose`)."""
         def evaluate_batch(xs, parents):
             counts = [space.project(x, budget) for x in xs]
@@ -451,7 +451,7 @@ class Allocator:
                  include: Sequence[np.ndarray] = (), fallback: bool = False) -> np.ndarray:
         """The best by ``rescore`` of the ``top`` first distinct candidates of ``ranked`` and of
         ``include`` (ties: the search's order, then ``include``'s); with ``fallback``, by the search's own
-        scores when ``rescore`` lowered every one of them (recorded in :attr:`fell_back`)."""
+        scores when ``rescore`` raised none of them (recorded in :attr:`fell_back`)."""
         picked: dict[tuple[int, ...], np.ndarray] = {}
         for c in ranked:
             picked.setdefault(tuple(int(v) for v in c), c)

@@ -123,7 +123,7 @@ def choose(scores: dict, seeds: set, margin: float = 0.0, before: Optional[dict]
     raised none of them (:func:`uninformative`), it has not reached the recovery it is meant to predict and its
     scores rank noise; the choice is then the best by ``before``, which holds the best seed."""
     if before is not None and uninformative(scores, before):
-        log.warning("the short fine-tune lowered every finalist's score (%s -> %s): too short to predict the "
+        log.warning("the short fine-tune raised no finalist's score (%s -> %s): too short to predict the "
                     "outcome; choosing by the scores before it. Raise finalist_epochs / finalist_steps to compare "
                     "the finalists after a retraining that recovers them",
                     ", ".join(f"{before[k]:.4f}" for k in scores), ", ".join(f"{v:.4f}" for v in scores.values()))

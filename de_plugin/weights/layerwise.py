@@ -482,7 +482,7 @@ class DELayerwise(IterativePruner):
         magnitude masks
         on the round's weights held through ``finalist_epochs`` of the user's ``finetune`` (the same seed for
         every finalist), then scored on the held-out images again; the best wins (ties: the held-out order), or,
-        when the retraining lowered every finalist's score (``selection_fallback``), the best before it.
+        when the retraining raised no finalist's score (``selection_fallback``), the best before it.
         ``ahead`` (``selection_lookahead``): each finalist also scored one round further, and that score added to
         the one it is chosen by."""
         ctx, o, scorer = self.ctx, self.options, self.backend.scorer
