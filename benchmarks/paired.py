@@ -178,6 +178,7 @@ SELECTIONS = [
     ("ResNet-20", "selection_resnet20_cpu", "resnet20", "de_layerwise[finetune+seeds,trained-bn]", HEURISTICS, CPU),
     ("ResNet-20", "selection_resnet20_cpu_300", "resnet20", "de_layerwise[finetune,trained-bn]", HEURISTICS, CPU300),
     ("ResNet-20", "selection_resnet20_cpu_300", "resnet20", "de_layerwise[finetune+seeds,trained-bn]", HEURISTICS, CPU300),
+    ("ResNet-20", "selection_resnet20_cpu_300", "resnet20", "de_layerwise[finetune]", HEURISTICS, CPU300),
     ("MobileNetV2", "selection_mbv2_cpu", "mobilenetv2", "de_layerwise[finetune,trained-bn]", HEURISTICS, CPU),
     ("MobileNetV2", "selection_mbv2_cpu", "mobilenetv2", "de_layerwise[finetune]", HEURISTICS, CPU),
 ]
