@@ -239,7 +239,7 @@ def summary(cells: Cells, seeds: list[int], rungs: list[float]) -> tuple[str, di
     """The mean table, and each rung's paired difference against its best heuristic (the one it leads least)."""
     got = {m: {s: {sd: c["test"] for sd in seeds if (c := cells.get((sd, m, s)))} for s in rungs} for m in METHODS}
     lines = ["| method | " + " | ".join(f"test @{s:.0%}" for s in rungs) + " |", "|---|" + "---|" * len(rungs)]
-    for m in METHODS:
+    for m in [m for m in METHODS if any(got[m].values())]:  # the methods this study measured
         lines.append(f"| {m} | " + " | ".join(
             f"{100 * sum(v.values()) / len(v):.2f} ({len(v)})" if (v := got[m][s]) else "n/a" for s in rungs) + " |")
     out: dict = {}
