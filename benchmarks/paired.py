@@ -92,6 +92,8 @@ CHANNELS = [  # (label, folder, model, A, B, what the "at" column adds)
     ("ResNet-20", "channel_converged_cpu", "resnet20", "de_channel", "tp_global", ", CPU reference"),
     ("ResNet-20", "channel_converged_cpu", "resnet20", "de_channel[finalists]", "l1_uniform", ", CPU reference" + TRAINED_BN),
     ("ResNet-20", "channel_converged_cpu", "resnet20", "de_channel[finalists]", "tp_global", ", CPU reference" + TRAINED_BN),
+    ("ResNet-20", "channel_converged_cpu_bn", "resnet20", "de_channel[finalists]", "l1_uniform", ", CPU reference"),
+    ("ResNet-20", "channel_converged_cpu_bn", "resnet20", "de_channel[finalists]", "tp_global", ", CPU reference"),
 ]
 
 
