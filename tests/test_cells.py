@@ -1,5 +1,4 @@
 """benchmarks/cells.py: a resumed study does not recompute a measured cell and refuses a changed protocol."""
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -7,14 +6,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from cells import Cells  # noqa: E402
-
-
-def _bench(name: str):
-    """A benchmark script loaded as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_resumed_cell_is_not_recomputed(tmp_path):
@@ -39,7 +30,7 @@ def test_channel_runs_sharing_a_folder_keep_each_others_cells(tmp_path):
     and keeps writing the cells it adds later through the references it holds."""
     import json
 
-    channel = _bench("channel")
+    import channel  # benchmarks/ is on the path above, as for `cells`
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"models": {"m": {"levels": {"0.5": {"l1": {"2": {"test": 0.8}}}}}}}))  # the other run
     mine = {"models": {"m": {"levels": {"0.5": {"l1": {"0": {"test": 0.9}}}}}}}
@@ -67,7 +58,7 @@ def test_runs_sharing_a_file_keep_each_others_cells(tmp_path):
 def test_the_selection_summary_covers_the_cells_of_every_run(tmp_path):
     """benchmarks/selection.py: runs over different seeds share one file; the summary any of them writes (or
     ``--summary-only``) covers every stored cell, not the seeds and rungs of the run that wrote it last."""
-    selection = _bench("selection")
+    import selection
     path = tmp_path / "cells.json"
     a, b = Cells(path, {"epochs": 1}), Cells(path, {"epochs": 1})
     a.run(("resnet20", 0, "lamp", 0.9), lambda: {"test": 0.9, "wall_seconds": 1.0})
